@@ -1,0 +1,130 @@
+"""The one generator interface every method implements, and the registry by name.
+
+Determinism contract: the sample with global index ``i`` depends only on ``(seed, i)``, the
+fitted state and the inputs, never on ``start``, ``n`` or a batch size. The writer relies on this
+to resume an interrupted run with exactly the samples it would have produced.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from anomalygen.errors import AnomalygenError
+from anomalygen.types import AnomalySample, DefectExample
+
+CONFIG_FILE = "generator.json"
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The random generator of sample ``index`` in a run seeded with ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence([seed, index]))
+
+
+class AnomalyGenerator(ABC):
+    """Learns from a few real defects (``fit``) and produces image+mask pairs (``generate``).
+
+    Subclasses set ``name`` and accept their options as constructor keyword arguments, which
+    ``config()`` returns so that ``save``/``load`` can rebuild the generator.
+    """
+
+    name: ClassVar[str]
+    needs_fit: ClassVar[bool] = True
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable options that rebuild this generator (learned state excluded)."""
+        return dict(self.options)
+
+    @abstractmethod
+    def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
+        """Learn from the few-shot training defects and the good images of one category."""
+
+    @abstractmethod
+    def generate(
+        self,
+        good: Sequence[np.ndarray],
+        n: int,
+        *,
+        masks: Sequence[np.ndarray] | None = None,
+        seed: int = 0,
+        start: int = 0,
+        defect_type: str | None = None,
+    ) -> Iterator[AnomalySample]:
+        """Yield samples ``start .. start+n-1`` built on the ``good`` images.
+
+        ``masks`` (optional) fixes where the anomaly goes: sample ``i`` uses ``masks[i % len]``.
+        ``defect_type`` restricts generation to one learned type; otherwise types cycle.
+        """
+
+    @property
+    def defect_types(self) -> list[str]:
+        """The defect types this generator can produce (after ``fit``)."""
+        return list(getattr(self, "_defect_types", []))
+
+    def save(self, directory: str | Path) -> None:
+        """Write the config (JSON) and learned state (``save_state``) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"method": self.name, "options": self.config(), "defect_types": self.defect_types}
+        (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
+        self.save_state(directory)
+
+    def save_state(self, directory: Path) -> None:
+        """Write learned state; model-free generators keep what ``fit`` extracted here."""
+
+    def load_state(self, directory: Path) -> None:
+        """Read what ``save_state`` wrote."""
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "AnomalyGenerator":
+        """Rebuild a saved generator (any method) from ``directory``."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise AnomalygenError(f"{config_path}: not a saved anomalygen model (no {CONFIG_FILE})")
+        payload = json.loads(config_path.read_text())
+        klass = get_method(payload["method"])
+        generator = klass(**payload["options"])
+        generator._defect_types = list(payload.get("defect_types", []))
+        generator.load_state(directory)
+        return generator
+
+
+# name -> "module:Class"; imported lazily so that model-free use never imports diffusers.
+METHODS: dict[str, str] = {
+    "cutpaste": "anomalygen.methods.cutpaste:CutPaste",
+    "croppaste": "anomalygen.methods.croppaste:CropPaste",
+    "draem": "anomalygen.methods.draem:DraemTexture",
+    "textual-inversion": "anomalygen.methods.textual_inversion:TextualInversionGenerator",
+    "anomalydiffusion": "anomalygen.methods.anomalydiffusion:AnomalyDiffusion",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Register a method by name: ``target`` is ``"package.module:ClassName"``."""
+    METHODS[name] = target
+
+
+def available_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> type[AnomalyGenerator]:
+    """The generator class registered under ``name``."""
+    if name not in METHODS:
+        raise AnomalygenError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    module_name, class_name = METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create(name: str, **options: Any) -> AnomalyGenerator:
+    return get_method(name)(**options)
