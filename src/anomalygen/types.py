@@ -25,6 +25,9 @@ class ImageRecord:
     defect_type: str = "good"
     mask_paths: tuple[Path, ...] = ()
     image_id: str = ""
+    # True when the mask files are label maps (VisA: a value per defect instance): any
+    # non-zero pixel is anomalous; otherwise masks must hold exactly the levels 0 and 1/255.
+    mask_labels: bool = False
 
     @property
     def is_good(self) -> bool:
