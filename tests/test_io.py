@@ -1,0 +1,169 @@
+"""The writer: atomic files, MVTec layout, manifest, resume after a kill, refusal, overwrite."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.io import MANIFEST, SampleWriter, atomic_write_text, read_manifest, save_png
+from anomalygen.types import AnomalySample
+from anomalygen.visualize import Section, grid, overlay, write_html
+
+RUN = {"method": "fake", "seed": 3, "config": {"a": 1}}
+
+
+def fake_sample(seed: int, index: int) -> AnomalySample:
+    rng = np.random.default_rng([seed, index])
+    image = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    mask = np.zeros((12, 16), bool)
+    mask[index % 10 : index % 10 + 2, 3:7] = True
+    return AnomalySample(image, mask, ["scratch", "hole"][index % 2], prompt=f"p{index}", meta={"i": index})
+
+
+def write_run(out, n: int, *, fail_after: int | None = None, run=RUN, overwrite=False) -> SampleWriter:
+    writer = SampleWriter(out, "cat", run, overwrite=overwrite)
+    for i in range(writer.done, n):
+        if fail_after is not None and i == fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        writer.add(fake_sample(run["seed"], i), source=f"good/{i}.png")
+    return writer
+
+
+def tree_bytes(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_and_manifest(tmp_path):
+    writer = write_run(tmp_path, 4)
+    root = tmp_path / "cat"
+    assert writer.done == 4
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == [
+        "ground_truth/hole/001_mask.png",
+        "ground_truth/hole/003_mask.png",
+        "ground_truth/scratch/000_mask.png",
+        "ground_truth/scratch/002_mask.png",
+        "test/hole/001.png",
+        "test/hole/003.png",
+        "test/scratch/000.png",
+        "test/scratch/002.png",
+    ]
+    entries = read_manifest(root / MANIFEST)
+    assert [e["index"] for e in entries] == [0, 1, 2, 3]
+    assert entries[1] == {
+        "index": 1,
+        "image": "test/hole/001.png",
+        "mask": "ground_truth/hole/001_mask.png",
+        "method": "fake",
+        "seed": 3,
+        "source": "good/1.png",
+        "defect_type": "hole",
+        "prompt": "p1",
+        "meta": {"i": 1},
+    }
+    mask = np.asarray(Image.open(root / entries[1]["mask"]))
+    assert set(np.unique(mask)) == {0, 255}
+    np.testing.assert_array_equal(mask > 0, fake_sample(3, 1).mask)
+    np.testing.assert_array_equal(np.asarray(Image.open(root / entries[1]["image"])), fake_sample(3, 1).image)
+    assert json.loads((root / "run.json").read_text()) == RUN
+
+
+@pytest.mark.parametrize("kill_at", [0, 1, 5])
+def test_resume_after_kill_is_byte_identical(tmp_path, kill_at):
+    write_run(tmp_path / "whole", 7)
+    with pytest.raises(KeyboardInterrupt):
+        write_run(tmp_path / "killed", 7, fail_after=kill_at)
+    assert SampleWriter(tmp_path / "killed", "cat", RUN).done == kill_at
+    write_run(tmp_path / "killed", 7)
+    assert tree_bytes(tmp_path / "killed") == tree_bytes(tmp_path / "whole")
+
+
+def test_resume_drops_torn_line_missing_files_and_partials(tmp_path):
+    write_run(tmp_path / "whole", 6)
+    write_run(tmp_path / "broken", 5)
+    root = tmp_path / "broken" / "cat"
+    (root / "test" / "scratch" / "004.png").unlink()  # sample 4 lost its image
+    with open(root / MANIFEST, "a") as handle:  # a torn append
+        handle.write('{"index": 5, "ima')
+    (root / "test" / "hole" / ".005.png.abc.partial").write_bytes(b"\x89PNG torn")
+    writer = SampleWriter(tmp_path / "broken", "cat", RUN)
+    assert writer.done == 4
+    assert not list(root.rglob("*.partial"))
+    write_run(tmp_path / "broken", 6)
+    assert tree_bytes(tmp_path / "broken") == tree_bytes(tmp_path / "whole")
+    assert len(read_manifest(root / MANIFEST)) == 6
+
+
+def test_complete_run_is_left_alone_and_extends(tmp_path):
+    write_run(tmp_path, 3)
+    before = tree_bytes(tmp_path)
+    assert write_run(tmp_path, 3).done == 3
+    assert tree_bytes(tmp_path) == before
+    assert write_run(tmp_path, 5).done == 5
+
+
+def test_different_run_refused_unless_overwrite(tmp_path):
+    write_run(tmp_path, 3)
+    other = {**RUN, "seed": 4}
+    with pytest.raises(AnomalygenError, match=r"different run \(seed: 3 there, 4 now\).*--overwrite"):
+        SampleWriter(tmp_path, "cat", other)
+    writer = write_run(tmp_path, 2, run=other, overwrite=True)
+    assert writer.done == 2
+    assert len(list((tmp_path / "cat").rglob("*.png"))) == 4
+    assert read_manifest(tmp_path / "cat" / MANIFEST)[0]["seed"] == 4
+
+
+def test_foreign_folder_is_never_written(tmp_path):
+    real = tmp_path / "cat" / "test" / "crack"
+    real.mkdir(parents=True)
+    (real / "000.png").write_bytes(b"real data")
+    for overwrite in (False, True):
+        with pytest.raises(AnomalygenError, match="did not write"):
+            SampleWriter(tmp_path, "cat", RUN, overwrite=overwrite)
+    assert (real / "000.png").read_bytes() == b"real data"
+
+
+def test_corrupt_manifest_middle_line_is_an_error(tmp_path):
+    atomic_write_text(tmp_path / MANIFEST, '{"index": 0}\nnot json\n{"index": 2}\n')
+    with pytest.raises(DataError, match="line 2"):
+        read_manifest(tmp_path / MANIFEST)
+
+
+def test_bad_defect_type_name(tmp_path):
+    writer = SampleWriter(tmp_path, "cat", RUN)
+    sample = fake_sample(0, 0)
+    sample.defect_type = "../escape"
+    with pytest.raises(AnomalygenError, match="folder name"):
+        writer.add(sample)
+    assert writer.done == 0
+
+
+def test_overlay_and_grid():
+    image = np.full((10, 10, 3), 100, np.uint8)
+    mask = np.zeros((10, 10), bool)
+    mask[2:7, 2:7] = True
+    out = overlay(image, mask, color=(255, 0, 0), alpha=0.5)
+    assert (out[~mask] == 100).all()
+    assert tuple(out[4, 4]) == (178, 50, 50)  # inside: 0.5 * 100 + 0.5 * colour
+    assert tuple(out[2, 2]) == (255, 0, 0)  # outline
+    picture = grid([[image, mask], [None, out]], ["good", "mask"], cell=20, pad=2)
+    assert picture.shape == (18 + 2 * 22 + 2, 2 * 22 + 2, 3)
+    assert (picture[18 + 2 + 5, 2 + 5] == 100).all()  # first cell, upscaled grey image
+
+
+def test_write_html_embeds_and_links(tmp_path):
+    image = np.zeros((4, 4, 3), np.uint8)
+    save_png(tmp_path / "pics" / "a.png", image)
+    sections = [
+        Section("Grid <1>", text="x & y", images=[("gen", image), ("file", tmp_path / "pics" / "a.png")]),
+        Section("Numbers", table=[{"metric": "IS", "value": 1.23456}]),
+    ]
+    page = write_html(tmp_path / "report.html", "Report", sections).read_text()
+    assert "data:image/png;base64," in page and "src='pics/a.png'" in page
+    assert "Grid &lt;1&gt;" in page and "x &amp; y" in page and "<td>1.235</td>" in page
+    linked = write_html(tmp_path / "linked.html", "R", sections[:1], embed=False).read_text()
+    assert "src='linked_files/s00_000.png'" in linked
+    assert (tmp_path / "linked_files" / "s00_000.png").is_file()
