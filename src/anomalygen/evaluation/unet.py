@@ -1,0 +1,64 @@
+"""The downstream segmentation network: DRAEM's discriminative sub-network (Zavrtanik et al.,
+ICCV 2021, Sec. 3.2, Fig. 3), a U-Net-like encoder-decoder with skip connections, and its focal loss.
+
+Six encoder levels with widths (b, 2b, 4b, 8b, 8b, 8b) for base width b (64 in the papers: 28.4 M
+parameters with 3 input channels), five bilinear up-sampling decoder stages that
+concatenate the matching encoder features, and a 2-class (normal / anomalous) output at full
+resolution. Input sides must be multiples of 32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+    )
+
+
+def _up(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+    )
+
+
+class DiscriminativeUNet(nn.Module):
+    """DRAEM's discriminative sub-network with ``in_channels`` inputs and ``out_channels`` classes."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 2, base: int = 64):
+        super().__init__()
+        widths = [base, 2 * base, 4 * base, 8 * base, 8 * base, 8 * base]
+        self.encoder = nn.ModuleList(
+            _double_conv(c_in, c_out) for c_in, c_out in zip([in_channels, *widths[:-1]], widths)
+        )
+        # Decoder stage k goes from level 5-k to 4-k: up-sample, then merge with that skip.
+        outs = [8 * base, 4 * base, 2 * base, base, base]
+        ins = [widths[-1], *outs[:-1]]
+        self.ups = nn.ModuleList(_up(c_in, c_out) for c_in, c_out in zip(ins, outs))
+        skips = widths[-2::-1]
+        self.merges = nn.ModuleList(_double_conv(c_out + skip, c_out) for c_out, skip in zip(outs, skips))
+        self.head = nn.Conv2d(base, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = []
+        for level, block in enumerate(self.encoder):
+            x = block(x if level == 0 else F.max_pool2d(x, 2))
+            features.append(x)
+        x = features.pop()
+        for up, merge in zip(self.ups, self.merges):
+            x = merge(torch.cat([up(x), features.pop()], dim=1))
+        return self.head(x)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Softmax focal loss FL(p_t) = -(1 - p_t)^gamma log p_t (Lin et al., ICCV 2017, Eq. 5), mean
+    over pixels; ``logits`` (N, C, H, W), ``target`` (N, H, W) class indices. DRAEM uses gamma = 2.
+    """
+    log_p = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None].long()).squeeze(1)
+    return (-(1.0 - log_p.exp()).pow(gamma) * log_p).mean()
