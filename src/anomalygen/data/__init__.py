@@ -1,0 +1,33 @@
+"""Datasets: readers (MVTec AD, MVTec LOCO, VisA, generic folder), the paper split, image and
+mask I/O with validation, dataset summaries, and a procedural demo dataset (``data.demo``)."""
+
+from anomalygen.data.images import (
+    IMAGE_SUFFIXES,
+    check_record,
+    image_size,
+    load_defect,
+    load_defects,
+    load_goods,
+    load_image,
+    load_mask,
+)
+from anomalygen.data.info import dataset_info
+from anomalygen.data.readers import CategoryData, list_categories, load_category, load_folder
+from anomalygen.data.split import paper_split
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "CategoryData",
+    "check_record",
+    "dataset_info",
+    "image_size",
+    "list_categories",
+    "load_category",
+    "load_defect",
+    "load_defects",
+    "load_folder",
+    "load_goods",
+    "load_image",
+    "load_mask",
+    "paper_split",
+]
