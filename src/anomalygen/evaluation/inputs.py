@@ -1,0 +1,68 @@
+"""What evaluation reads: generated pairs, the real few-shot training defects and the real test split.
+
+Everything comes through ``anomalygen.data`` so that any folder in MVTec layout (ours or another
+tool's) is evaluated the same way. Arrays are resized here once, to the size each metric needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rich.progress import track
+
+from anomalygen.data import load_category, load_defect, load_goods, paper_split
+from anomalygen.errors import DataError
+from anomalygen.types import DefectExample
+
+
+@dataclass
+class EvaluationData:
+    """The generated defects (by type), the real train/test split and the real good images."""
+
+    category: str
+    generated: dict[str, list[DefectExample]]
+    train_defects: dict[str, list[DefectExample]]
+    test_defects: dict[str, list[DefectExample]]
+    train_good: list[np.ndarray]
+    test_good: list[np.ndarray]
+
+
+def _load(records, what: str) -> list[DefectExample]:
+    return [load_defect(record) for record in track(records, description=f"Loading {what}", transient=True)]
+
+
+def load_evaluation_data(generated: str | Path, data: str | Path, category: str | None = None) -> EvaluationData:
+    """Read the generated folder (``require_good=False``) and the real category it was made from.
+
+    The real defects are split by ``paper_split``: the first third of each type are the few-shot
+    training defects (IC-LPIPS cluster centres), the remaining two thirds the test defects.
+    """
+    real = load_category(data, category)
+    # The writer puts a run in OUT/<category>/; a bare category folder is accepted too.
+    in_root = (Path(generated) / real.name).is_dir()
+    made = load_category(generated, real.name if in_root else None, require_good=False)
+    if not made.defects:
+        raise DataError(made.root, "no generated defect images (expected test/<type>/*.png with ground_truth masks)")
+    train, test = paper_split(real.defects)
+    return EvaluationData(
+        category=real.name,
+        generated={t: _load(r, f"generated {t}") for t, r in made.defects.items()},
+        train_defects={t: _load(r, f"train {t}") for t, r in train.items()},
+        test_defects={t: _load(r, f"test {t}") for t, r in test.items()},
+        train_good=load_goods(real.train_good),
+        test_good=load_goods(real.test_good),
+    )
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Area-resample an RGB uint8 image to ``size`` x ``size``."""
+    interpolation = cv2.INTER_AREA if min(image.shape[:2]) >= size else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resample a bool mask to ``size`` x ``size``."""
+    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)

@@ -1,0 +1,104 @@
+"""Downstream U-Net / ResNet protocol and the evaluate report, on a tiny dataset written here."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalygen.evaluation.classification import ClassificationConfig
+from anomalygen.evaluation.localization import LocalizationConfig
+from anomalygen.evaluation.run import evaluate
+from anomalygen.evaluation.unet import DiscriminativeUNet, focal_loss
+
+torch.set_num_threads(1)
+TYPES = ("hole", "stain")
+
+
+def _pair(rng, kind, size=64):
+    image = (120 + rng.normal(0, 12, (size, size, 1))).clip(0, 255).repeat(3, 2).astype(np.uint8)
+    mask = np.zeros((size, size), bool)
+    if kind != "good":
+        y, x = rng.integers(8, size - 16, 2)
+        mask[y : y + 10, x : x + 10] = True
+        image[mask] = (20, 20, 20) if kind == "hole" else (200, 160, 40)
+    return image, mask
+
+
+def _write(root, sub, index, image, mask=None):
+    (root / "test" / sub).mkdir(parents=True, exist_ok=True) if sub != "train" else None
+    folder = root / ("train/good" if sub == "train" else f"test/{sub}")
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / f"{index:03d}.png")
+    if mask is not None:
+        (root / "ground_truth" / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "ground_truth" / sub / f"{index:03d}_mask.png")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A real category (8 train/good, 4 test/good, 6 per type) and a generated folder (8 per type)."""
+    base = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    real, made = base / "data" / "tiles", base / "out" / "tiles"
+    for i in range(8):
+        _write(real, "train", i, _pair(rng, "good")[0])
+    for i in range(4):
+        _write(real, "good", i, _pair(rng, "good")[0])
+    for kind in TYPES:
+        for i in range(6):
+            _write(real, kind, i, *_pair(rng, kind))
+        for i in range(8):
+            _write(made, kind, i, *_pair(rng, kind))
+    return base / "data", base / "out"
+
+
+def test_unet_shapes_and_papers_width():
+    assert DiscriminativeUNet(base=8)(torch.zeros(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+    assert sum(p.numel() for p in DiscriminativeUNet(base=64).parameters()) == pytest.approx(28.37e6, rel=1e-3)
+
+
+def test_focal_loss_reduces_to_cross_entropy_and_down_weights_easy_pixels():
+    logits = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    target = (torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(1)) > 0.5).long()
+    assert focal_loss(logits, target, gamma=0) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, target)))
+    assert focal_loss(logits, target, gamma=2) < focal_loss(logits, target, gamma=0)
+
+
+def test_evaluate_writes_report_with_both_protocols(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    data, out = tiny
+    report = evaluate(
+        out, data, category="tiles", out=tmp_path / "report", device="cpu",
+        localization=LocalizationConfig(epochs=2, samples_per_epoch=8, resolution=64, base=8, batch_size=4),
+        classification=ClassificationConfig(epochs=1, resolution=64, batch_size=8),
+    )
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert saved["generated_counts"] == {"hole": 8, "stain": 8}
+    assert saved["real_split"]["test_defects"] == {"hole": 4, "stain": 4}  # paper split: 2 train, 4 test
+    # Offline without weights: IS and IC-LPIPS are skipped with visible notes, not a crash.
+    assert "skipped" in saved["inception_score"] and "skipped" in saved["ic_lpips"]
+    assert any("Inception Score skipped" in note for note in saved["notes"]) and "Inception Score skipped" in html
+    loc = saved["localization"]
+    assert len(loc["history"]) == 2 and loc["clean"]["epoch"] == 2
+    for key, value in loc["clean"].items():
+        if key != "epoch":
+            assert 0.0 <= value <= 1.0 and loc["paper"][key] >= value
+    assert loc["test_images"] == {"good": 4, "hole": 4, "stain": 4}
+    cls = saved["classification"]
+    assert cls["classes"] == ["hole", "stain"] and cls["weights"].startswith("random")
+    assert np.sum(cls["confusion_matrix"]) == 8  # every test defect counted
+    assert cls["accuracy"] == pytest.approx(np.trace(cls["confusion_matrix"]) / 8)
+    assert "paper (best epoch per metric on the test set)" in html and "clean (last epoch)" in html
+    assert report["files"] == [str(tmp_path / "report" / "report.json"), str(tmp_path / "report" / "report.html")]
+
+
+def test_evaluate_is_seeded_and_clean_only_trains_without_test_selection(tiny, tmp_path):
+    data, out = tiny
+    config = dict(epochs=2, samples_per_epoch=8, resolution=64, base=8, batch_size=4, protocol="clean")
+    first = evaluate(out, data, category="tiles", metrics=["localization"], out=tmp_path / "a", device="cpu", localization=LocalizationConfig(**config))
+    second = evaluate(out, data, category="tiles", metrics=["localization"], out=tmp_path / "b", device="cpu", localization=LocalizationConfig(**config))
+    assert "paper" not in first["localization"] and len(first["localization"]["history"]) == 1
+    assert first["localization"]["clean"] == second["localization"]["clean"]
