@@ -1,0 +1,111 @@
+"""The generation loop shared by the model-free generators (CutPaste, Crop-Paste, DRAEM).
+
+Sample ``i`` draws everything from ``sample_rng(seed, i)``: first the good image, then what the
+method needs. The foreground mode (``"auto"`` resolved once per call over all good images by
+``masks.is_object``) decides where anomalies may go.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from anomalygen.errors import AnomalygenError
+from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resolve_mode
+from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.types import AnomalySample, DefectExample
+
+
+def as_rgb(image: np.ndarray, what: str) -> np.ndarray:
+    """``image`` as a contiguous (H, W, 3) uint8 array; grayscale (H, W) or (H, W, 1) is repeated."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise AnomalygenError(f"{what}: expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise AnomalygenError(f"{what}: expected an (H, W, 3) image, got shape {image.shape}")
+    return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
+
+
+def fit_mask(mask: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
+    """A user mask as bool (H, W) of ``shape`` (resized nearest-neighbour if needed); never empty."""
+    mask = np.asarray(mask).astype(bool)
+    if mask.ndim == 3:
+        mask = mask.any(axis=2)
+    if mask.shape != shape:
+        mask = cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+    if not mask.any():
+        raise AnomalygenError(f"{what}: the mask is empty (no anomalous pixel)")
+    return mask
+
+
+class ModelFreeGenerator(AnomalyGenerator):
+    """An ``AnomalyGenerator`` that builds each sample from one good image with hand-made rules.
+
+    Subclasses implement ``_anomaly`` and may override ``_label`` and ``fit``.
+    Option ``foreground``: ``"auto"`` (decide by ``is_object``), ``"object"`` or ``"texture"``.
+    """
+
+    needs_fit = False
+
+    def __init__(self, foreground: str = "auto", **options: Any):
+        if foreground not in FOREGROUND_MODES:
+            raise AnomalygenError(f"foreground {foreground!r} unknown; use one of {', '.join(FOREGROUND_MODES)}")
+        super().__init__(foreground=foreground, **options)
+
+    def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
+        """Nothing to learn: the anomalies come from rules, not from the training defects."""
+
+    def _label(self, index: int, rng: np.random.Generator, defect_type: str | None) -> str:
+        """The defect type of sample ``index``: the requested one, else the learned types in turn."""
+        if defect_type is not None:
+            return defect_type
+        return self.defect_types[index % len(self.defect_types)]
+
+    @abstractmethod
+    def _anomaly(
+        self,
+        image: np.ndarray,
+        foreground: np.ndarray,
+        mask: np.ndarray | None,
+        label: str,
+        rng: np.random.Generator,
+        good: Sequence[np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Return (anomalous image, its bool mask, meta) for one good ``image``; ``mask`` (if
+        given) is where the anomaly must go; ``foreground`` where it may go."""
+
+    def generate(
+        self,
+        good: Sequence[np.ndarray],
+        n: int,
+        *,
+        masks: Sequence[np.ndarray] | None = None,
+        seed: int = 0,
+        start: int = 0,
+        defect_type: str | None = None,
+    ) -> Iterator[AnomalySample]:
+        if len(good) == 0:
+            raise AnomalygenError(f"{self.name}: no good images to build anomalies on")
+        if masks is not None and len(masks) == 0:
+            raise AnomalygenError(f"{self.name}: an empty list of masks was given")
+        if not self.defect_types:
+            raise AnomalygenError(f"{self.name}: no defect types; call fit() with training defects first")
+        mode = resolve_mode(self.options["foreground"], good)
+        foregrounds: dict[int, np.ndarray] = {}
+        for i in range(start, start + n):
+            rng = sample_rng(seed, i)
+            source = int(rng.integers(len(good)))
+            image = as_rgb(good[source], f"good image {source}")
+            if source not in foregrounds:
+                foregrounds[source] = foreground_mask(image, mode)
+            mask = None if masks is None else fit_mask(masks[i % len(masks)], image.shape[:2], f"mask {i % len(masks)}")
+            label = self._label(i, rng, defect_type)
+            out, out_mask, meta = self._anomaly(image, foregrounds[source], mask, label, rng, good)
+            meta = {"source_index": source, "foreground": mode, **meta}
+            yield AnomalySample(image=out, mask=out_mask, defect_type=label, prompt=None, meta=meta)
