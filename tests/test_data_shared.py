@@ -39,3 +39,12 @@ def test_grid_subset_info(shared_data):
     assert (info["train_good"], info["test_good"]) == (7, 3)
     assert info["defects"] == {"bent": 3, "broken": 2, "glue": 2, "metal_contamination": 2, "thread": 2}
     assert info["image_sizes"] == {"512x512": 21} and info["problems"] == []
+
+
+def test_magnetic_tile_problems_found(shared_data):
+    """Four 'uneven' masks in magnetic_tile are empty: skip_bad drops them and says which."""
+    data = load_category(shared_data, "magnetic_tile", skip_bad=True)
+    assert len(data.defects["uneven"]) == 99
+    assert [p.split("/")[-1] for p in data.problems] == [
+        f"{i}_mask.png: mask is all zero (no anomalous pixel)" for i in ("050", "053", "066", "067")
+    ]
