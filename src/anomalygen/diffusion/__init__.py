@@ -1,0 +1,43 @@
+"""The shared diffusion core: every diffusion method plugs its own idea into these hooks.
+
+It knows no paper. Import the submodules directly (they import diffusers; the package root does
+not, so model-free use stays light).
+
+``backbone``
+    ``load_backbone(model=None, device=None, dtype="fp32") -> Backbone`` with ``.unet .vae
+    .text_encoder .tokenizer .scheduler_config .device .dtype .vae_scale_factor .latent_channels
+    .label .untrained .noise_scheduler()``. ``model``: hub id, local diffusers folder or ``"tiny"``;
+    default ``$ANOMALYGEN_MODEL`` else SD 1.5. Missing weights -> ``ModelNotFoundError`` saying
+    what to download and how to point at it. Components are frozen (``requires_grad=False``).
+``tiny``
+    The test preset: random UNet/VAE/CLIP (latent downsampling 2, text dim 32) + a locally
+    built CLIP BPE tokenizer (``write_tokenizer_files``, ``tiny_tokenizer``).
+``conditioning``
+    ``PromptEncoder(text_encoder, tokenizer, {"<name>": k})(prompts, {"<name>": (k,D) or (B,k,D)})
+    -> EncodedPrompts(hidden_states (B,77,D), positions {name: [[token positions] per row]})``:
+    vectors replace the placeholder's k input embeddings (gradients flow); ``word_embedding(word)``
+    for initialisation. Extra tokens may also be concatenated to ``hidden_states`` directly.
+``attention``
+    ``install_hooks(unet, factory, layers=None)`` with ``layers = select_layers(unet, kinds=("self",
+    "cross"), blocks=("down","mid","up"), levels=None)`` (``AttnLayer.name/block/level/kind``);
+    ``factory(layer) -> [hooks]``; ``remove_hooks(unet)``. Hooks (``nn.Module``, state on the object):
+    ``LogitReweight`` (``.weights`` (B,1,h,w) latent map, ``.positions`` per row: logits of those
+    tokens × weight per pixel), ``JointAttention(group_size)``, ``ReferenceKV(dim, gate_init)``
+    (``.mode`` "record"/"inject"/"off", ``.targets``), ``AttentionRecorder`` (``.maps``). Subclass
+    ``AttentionHook`` for new ones. SDPA is kept unless a hook needs logits/probabilities.
+``sampling``
+    ``sample_latents(backbone, cond, generators, latent_size=, sampler="ddim"|"dpm++",
+    num_inference_steps=, eta=, guidance_scale=, uncond_hidden_states=, known_latents=, mask=,
+    callback=)`` (blended latent diffusion when ``known_latents`` and ``mask`` are given;
+    ``callback(StepState)`` before each UNet call may change ``.latents``/
+    ``.encoder_hidden_states`` or hook state); ``blended_generate(backbone, cond, good, masks,
+    generators, resolution=, final_paste=True, **sampling) -> uint8 images``;
+    ``sample_generators(seed, indices)`` (sample i depends on (seed, i) only); ``encode_images``,
+    ``decode_latents`` (chunked), ``latent_mask``, ``to_tensor``, ``to_uint8``, ``paste``,
+    ``make_scheduler``.
+``train``
+    ``train(modules, loss_fn, config, validate=None) -> TrainResult``: one accelerate loop for
+    "these parameters, this loss" with bf16, gradient accumulation, ``max_steps`` + wall-time
+    budget, safetensors+JSON checkpoints of the trainable state, exact resume, validation grids,
+    CSV (+ TensorBoard) loss log; ``load_trainable(path)``.
+"""

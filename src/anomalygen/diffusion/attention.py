@@ -1,0 +1,289 @@
+"""Attention-processor hooks for diffusers UNets, installed on chosen layers.
+
+``install_hooks(unet, factory, where=...)`` replaces the processor of every attention layer that
+``where`` selects (by block ``down|mid|up``, level = downsampling power of 2 from the latent
+resolution, kind ``self|cross``) with a ``HookedAttnProcessor`` running the hooks ``factory(layer)``
+returns. Hooks are ``nn.Module``s (so learned ones train and save with the UNet's state):
+
+- ``LogitReweight`` (a): multiply the pre-softmax cross-attention logits of chosen token positions
+  by a per-pixel weight map (the map is resized to each layer's resolution by area averaging);
+- ``JointAttention`` (b): each element of a group of consecutive batch elements attends to the keys
+  and values of the whole group;
+- ``ReferenceKV`` (c): in ``record`` mode store each layer's K/V source from a reference pass; in
+  ``inject`` mode compute K/V from ``(1 - a)·h + a·MLP(h_ref)`` with a learnable gate ``a``;
+- ``AttentionRecorder`` (d): keep the attention probabilities (mean over heads) per layer.
+
+The processor uses ``F.scaled_dot_product_attention`` unless a hook needs the logits or the
+probabilities (a, d); then it computes ``softmax(QKᵀ·scale)`` explicitly (Vaswani et al. 2017, Eq. 1).
+All hook state (weight maps, token positions, recorded tensors, modes) lives on the hook objects,
+so a per-step sampling callback can change it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+
+def expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """Tile a per-sample tensor over a batch that stacks copies (e.g. ``[uncond; cond]`` for CFG)."""
+    if tensor.shape[0] == batch:
+        return tensor
+    if batch % tensor.shape[0]:
+        raise ValueError(f"batch {batch} is not a multiple of the hook's {tensor.shape[0]} samples")
+    return tensor.repeat(batch // tensor.shape[0], *([1] * (tensor.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class AttnLayer:
+    """Where an attention layer sits in the UNet."""
+
+    name: str  # e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    block: str  # "down" | "mid" | "up"
+    level: int  # latent downsampling power of 2 (0 = full latent resolution)
+    kind: str  # "self" | "cross"
+    module: Attention
+
+
+def attention_layers(unet: nn.Module) -> list[AttnLayer]:
+    """Every attention layer of a ``UNet2DConditionModel`` with its block, level and kind."""
+    depth = len(unet.config.block_out_channels)
+    layers = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        head = name.split(".")
+        block = head[0].removesuffix("_blocks").removesuffix("_block")
+        index = int(head[1]) if block in ("down", "up") else depth - 1
+        level = {"down": index, "up": depth - 1 - index, "mid": depth - 1}[block]
+        layers.append(AttnLayer(name, block, level, "cross" if module.is_cross_attention else "self", module))
+    return layers
+
+
+def select_layers(
+    unet: nn.Module,
+    *,
+    kinds: Iterable[str] = ("self", "cross"),
+    blocks: Iterable[str] = ("down", "mid", "up"),
+    levels: Iterable[int] | None = None,
+) -> list[AttnLayer]:
+    """The attention layers of the given kinds, blocks and levels (``None`` = all levels)."""
+    kinds, blocks = set(kinds), set(blocks)
+    levels = None if levels is None else set(levels)
+    return [l for l in attention_layers(unet) if l.kind in kinds and l.block in blocks and (levels is None or l.level in levels)]
+
+
+class AttentionHook(nn.Module):
+    """A no-op hook; subclasses override the stage they change."""
+
+    needs_logits = False
+
+    def context(self, layer: str, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The K/V source (``hidden`` itself for self-attention), shape (B, S, C)."""
+        return context
+
+    def keys_values(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values, shape (B, heads, S, d)."""
+        return key, value
+
+    def logits(self, layer: str, logits: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax logits, shape (B, heads, N, S); only called when ``needs_logits``."""
+        return logits
+
+    def probabilities(self, layer: str, probs: torch.Tensor) -> None:
+        """Observe the attention probabilities (B, heads, N, S); only called when ``needs_logits``."""
+
+
+class HookedAttnProcessor(AttnProcessor2_0, nn.Module):
+    """diffusers' SDPA processor with hook points; the explicit path runs only when a hook needs it."""
+
+    def __init__(self, layer: str, hooks: Iterable[AttentionHook]):
+        AttnProcessor2_0.__init__(self)
+        nn.Module.__init__(self)
+        self.layer = layer
+        self.hooks = nn.ModuleList(hooks)
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None:
+            raise NotImplementedError("hooked attention supports the SD-style attention layers only")
+        residual = hidden_states
+        spatial = hidden_states.dim() == 4
+        if spatial:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attn.norm_cross and encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        for hook in self.hooks:
+            context = hook.context(self.layer, hidden_states, context)
+        heads = attn.heads
+
+        def split(x):
+            return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(context)), split(attn.to_v(context))
+        for hook in self.hooks:
+            key, value = hook.keys_values(self.layer, key, value)
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch).view(batch, heads, -1, key.shape[2])
+        if any(hook.needs_logits for hook in self.hooks):
+            logits = query @ key.transpose(-1, -2) * attn.scale
+            if mask is not None:
+                logits = logits + mask
+            for hook in self.hooks:
+                logits = hook.logits(self.layer, logits)
+            probs = logits.softmax(dim=-1)
+            for hook in self.hooks:
+                hook.probabilities(self.layer, probs)
+            out = probs.to(value.dtype) @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1]).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if spatial:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def install_hooks(
+    unet: nn.Module,
+    factory: Callable[[AttnLayer], Iterable[AttentionHook]],
+    layers: Iterable[AttnLayer] | None = None,
+) -> dict[str, HookedAttnProcessor]:
+    """Give each selected layer (default: all) a ``HookedAttnProcessor`` with ``factory(layer)``'s hooks.
+
+    Returns the installed processors by layer name. ``remove_hooks`` restores plain SDPA.
+    """
+    installed = {}
+    for layer in attention_layers(unet) if layers is None else layers:
+        processor = HookedAttnProcessor(layer.name, factory(layer))
+        processor.to(device=unet.device)
+        layer.module.set_processor(processor)
+        installed[layer.name] = processor
+    return installed
+
+
+def remove_hooks(unet: nn.Module) -> None:
+    """Back to diffusers' default SDPA processor on every layer."""
+    for layer in attention_layers(unet):
+        layer.module.set_processor(AttnProcessor2_0())
+        layer.module._modules.pop("processor", None)
+
+
+def _per_pixel(weights: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Area-resize a (B, 1, H, W) map to a layer with ``tokens`` pixels of the same aspect: (B, tokens)."""
+    height, width = weights.shape[-2:]
+    factor = math.sqrt(height * width / tokens)
+    size = (round(height / factor), round(width / factor))
+    return F.adaptive_avg_pool2d(weights.float(), size).flatten(1)
+
+
+class LogitReweight(AttentionHook):
+    """(a) ``logits[b, :, p, s] *= W[b, p]`` for token positions ``s`` in ``positions[b]``.
+
+    ``weights`` is a (B, 1, H, W) map at latent resolution (``None`` = off); set both attributes
+    from a sampling callback to change them per step.
+    """
+
+    needs_logits = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: torch.Tensor | None = None
+        self.positions: list[list[int]] = []
+
+    def logits(self, layer, logits):
+        if self.weights is None:
+            return logits
+        batch, _, pixels, tokens = logits.shape
+        weight = expand_batch(_per_pixel(self.weights, pixels), batch).to(logits.dtype)
+        selected = torch.zeros(len(self.positions), tokens, dtype=torch.bool, device=logits.device)
+        for row, cols in enumerate(self.positions):
+            selected[row, cols] = True
+        selected = expand_batch(selected, batch)
+        factor = torch.where(selected[:, None, :], weight[:, :, None], torch.ones_like(weight[:, :, None]))
+        return logits * factor[:, None]
+
+
+class JointAttention(AttentionHook):
+    """(b) Consecutive groups of ``group_size`` batch elements share keys and values.
+
+    Element ``i`` of group ``g`` attends to ``concat_j K[g·size + j]`` over the sequence axis.
+    """
+
+    def __init__(self, group_size: int = 2) -> None:
+        super().__init__()
+        self.group_size = group_size
+
+    def keys_values(self, layer, key, value):
+        size = self.group_size
+        if size == 1:
+            return key, value
+
+        def joint(x):
+            b, heads, s, d = x.shape
+            grouped = x.view(b // size, size, heads, s, d).transpose(1, 2).reshape(b // size, heads, size * s, d)
+            return grouped.repeat_interleave(size, dim=0)
+
+        return joint(key), joint(value)
+
+
+class ReferenceKV(AttentionHook):
+    """(c) Gated K/V from a reference pass: ``(1 - a)·h + a·MLP(h_ref)`` as the K/V source.
+
+    ``mode = "record"`` stores this layer's K/V source; ``"inject"`` mixes the stored one into the
+    batch rows where ``targets`` (bool, per sample; ``None`` = all) is True; ``"off"`` passes.
+    The MLP starts as the identity and the gate ``a`` at ``gate_init``; both are trainable.
+    """
+
+    def __init__(self, dim: int, gate_init: float = 0.01) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.mode = "off"
+        self.stored: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
+
+    def mix(self, hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """The gated mix for every row."""
+        projected = reference + self.mlp(reference)  # residual MLP: identity at initialisation
+        return (1 - self.gate) * hidden + self.gate * projected.to(hidden.dtype)
+
+    def context(self, layer, hidden, context):
+        if self.mode == "record":
+            self.stored = context.detach() if not torch.is_grad_enabled() else context
+            return context
+        if self.mode != "inject":
+            return context
+        if self.stored is None:
+            raise RuntimeError(f"{layer}: ReferenceKV in inject mode before a reference pass was recorded")
+        mixed = self.mix(context, expand_batch(self.stored, context.shape[0]))
+        if self.targets is None:
+            return mixed
+        targets = expand_batch(self.targets.to(context.device), context.shape[0])
+        return torch.where(targets[:, None, None], mixed, context)
+
+
+class AttentionRecorder(AttentionHook):
+    """(d) Keeps ``maps[layer]``: the attention probabilities averaged over heads, (B, N, S)."""
+
+    needs_logits = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maps: dict[str, torch.Tensor] = {}
+
+    def probabilities(self, layer, probs):
+        self.maps[layer] = probs.mean(dim=1).detach()

@@ -1,0 +1,212 @@
+"""Latent sampling: DDIM / DPM-Solver++ (diffusers schedulers), CFG, blended latent diffusion.
+
+Blended latent diffusion (Avrahami, Fried & Lischinski, "Blended Latent Diffusion", SIGGRAPH
+2023, Alg. 1): after every denoising step the latent keeps the model's values inside the mask and
+takes the known image's latent noised to the new timestep outside it,
+``z ← m ⊙ z + (1 − m) ⊙ q(z_known, t)``; at the last step the known latent is used clean.
+Classifier-free guidance (Ho & Salimans 2022, Eq. 6): ``ε = ε_u + s·(ε_c − ε_u)``.
+
+Every random draw of sample ``i`` comes from its own ``torch.Generator`` (``sample_generators``), so
+sample ``i`` is the same whatever the batch it is drawn in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from anomalygen.diffusion.backbone import Backbone
+from anomalygen.methods.base import sample_rng
+
+SAMPLERS = ("ddim", "dpm++")
+
+
+def make_scheduler(scheduler_config: dict, sampler: str = "ddim"):
+    """A fresh diffusers scheduler: ``"ddim"`` (Song et al. 2021) or ``"dpm++"`` (Lu et al. 2022, 2nd order)."""
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(scheduler_config)
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+
+
+def sample_generators(seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One torch generator per global sample index, seeded from ``sample_rng(seed, i)``."""
+    return [
+        torch.Generator(device=device).manual_seed(int(sample_rng(seed, int(i)).integers(0, 2**63 - 1))) for i in indices
+    ]
+
+
+@dataclass
+class StepState:
+    """What a per-step callback sees and may change (the sampler reads the fields back)."""
+
+    index: int
+    timestep: torch.Tensor
+    latents: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    known_latents: torch.Tensor | None
+    mask: torch.Tensor | None  # (B, 1, h, w) at latent resolution, 1 = generate
+
+
+def _scale(images: torch.Tensor) -> torch.Tensor:
+    return images * 2 - 1
+
+
+@torch.no_grad()
+def encode_images(backbone: Backbone, images: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> scaled VAE latents (the posterior mean, deterministic)."""
+    vae = backbone.vae
+    parts = [
+        vae.encode(_scale(chunk).to(backbone.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        for chunk in images.split(chunk_size)
+    ]
+    return torch.cat(parts).float()
+
+
+@torch.no_grad()
+def decode_latents(backbone: Backbone, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+    """Scaled latents -> (B, 3, H, W) images in [0, 1], decoded ``chunk_size`` at a time."""
+    vae = backbone.vae
+    parts = [
+        vae.decode(chunk.to(backbone.device, vae.dtype) / vae.config.scaling_factor).sample.float()
+        for chunk in latents.split(chunk_size)
+    ]
+    return ((torch.cat(parts) + 1) / 2).clamp(0, 1)
+
+
+def latent_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, H, W) pixel masks -> (B, 1, h, w) latent masks: a latent pixel is editable if any of its pixels is."""
+    return (F.adaptive_max_pool2d(masks.float(), size) > 0.5).float()
+
+
+@torch.no_grad()
+def sample_latents(
+    backbone: Backbone,
+    encoder_hidden_states: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    latent_size: tuple[int, int],
+    sampler: str = "ddim",
+    num_inference_steps: int = 50,
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    uncond_hidden_states: torch.Tensor | None = None,
+    known_latents: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    callback: Callable[[StepState], None] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Denoise from per-sample Gaussian noise; blended with ``known_latents`` outside ``mask`` if given.
+
+    ``mask`` is (B, 1, h, w) at latent resolution (1 = generate). With ``guidance_scale > 1`` the
+    UNet sees ``[uncond; cond]``. ``callback(state)`` runs before each UNet call and may change the
+    latents, the conditioning or attention hooks' state.
+    """
+    device, dtype = backbone.device, backbone.unet.dtype
+    batch = encoder_hidden_states.shape[0]
+    if len(generators) != batch:
+        raise ValueError(f"{len(generators)} generators for a batch of {batch}")
+    scheduler = make_scheduler(backbone.scheduler_config, sampler)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    shape = (batch, backbone.latent_channels, *latent_size)
+    latents = randn_tensor(shape, generator=list(generators), device=torch.device("cpu")).to(device) * scheduler.init_noise_sigma
+    blending = known_latents is not None and mask is not None
+    if blending:
+        known_latents, mask = known_latents.to(device), mask.to(device)
+    guided = guidance_scale > 1.0
+    timesteps = scheduler.timesteps
+    iterator = range(len(timesteps))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"{sampler} sampling", leave=False)
+    for i in iterator:
+        t = timesteps[i]
+        state = StepState(i, t, latents, encoder_hidden_states, known_latents, mask)
+        if callback is not None:
+            callback(state)
+        latents, encoder_hidden_states = state.latents, state.encoder_hidden_states
+        model_in = scheduler.scale_model_input(latents, t)
+        context = encoder_hidden_states
+        if guided:
+            model_in = torch.cat([model_in, model_in])
+            context = torch.cat([uncond_hidden_states.expand_as(encoder_hidden_states), encoder_hidden_states])
+        noise_pred = backbone.unet(model_in.to(dtype), t, encoder_hidden_states=context.to(device, dtype)).sample.float()
+        if guided:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (cond - uncond)
+        if sampler == "ddim" and eta > 0:
+            # diffusers draws the DDIM variance noise on the latents' device; draw it on CPU per sample
+            noise = randn_tensor(latents.shape, generator=list(generators), device=torch.device("cpu")).to(device)
+            latents = scheduler.step(noise_pred, t, latents, eta=eta, variance_noise=noise).prev_sample
+        else:
+            latents = scheduler.step(noise_pred, t, latents).prev_sample
+        if blending:
+            if i + 1 < len(timesteps):
+                noise = randn_tensor(latents.shape, generator=list(generators), device=torch.device("cpu")).to(device)
+                background = scheduler.add_noise(known_latents, noise, timesteps[i + 1 : i + 2])
+            else:
+                background = known_latents
+            latents = mask * latents + (1 - mask) * background
+    return latents
+
+
+def to_tensor(images: Sequence[np.ndarray], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> (B, 3, H, W) float in [0, 1], bilinearly resized to ``size``."""
+    batch = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]).float() / 255
+    if size is not None and tuple(batch.shape[-2:]) != tuple(size):
+        batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return batch
+
+
+def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """(B, 3, H, W) in [0, 1] -> list of uint8 (H, W, 3)."""
+    return list((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+
+
+def paste(generated: np.ndarray, good: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Final paste: generated pixels inside ``mask``, the good image's pixels everywhere else."""
+    return np.where(mask[..., None], generated, good)
+
+
+def blended_generate(
+    backbone: Backbone,
+    encoder_hidden_states: torch.Tensor,
+    good: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    generators: Sequence[torch.Generator],
+    *,
+    resolution: int,
+    final_paste: bool = True,
+    decode_chunk: int = 8,
+    **sampling,
+) -> list[np.ndarray]:
+    """Generate inside each mask on its good image (blended latent diffusion), at ``resolution``.
+
+    Returns uint8 images at each good image's own size; with ``final_paste`` the pixels outside
+    the mask are exactly the good image's. ``sampling`` goes to ``sample_latents``.
+    """
+    size = (resolution, resolution)
+    factor = backbone.vae_scale_factor
+    latent_size = (resolution // factor, resolution // factor)
+    known = encode_images(backbone, to_tensor(good, size))
+    mask_t = torch.stack([torch.from_numpy(np.asarray(m, dtype=bool)) for m in masks])[:, None].float()
+    mask_t = F.interpolate(mask_t, size=size, mode="nearest")
+    latents = sample_latents(
+        backbone, encoder_hidden_states, generators, latent_size=latent_size, known_latents=known,
+        mask=latent_mask(mask_t, latent_size), **sampling,
+    )
+    images = decode_latents(backbone, latents, decode_chunk)
+    out = []
+    for image, original, mask in zip(images, good, masks):
+        h, w = original.shape[:2]
+        resized = to_uint8(F.interpolate(image[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False))[0]
+        out.append(paste(resized, original, np.asarray(mask, dtype=bool)) if final_paste else resized)
+    return out

@@ -1,0 +1,135 @@
+"""The ``tiny`` preset: small, randomly initialised SD-style components for tests and smoke runs.
+
+Nothing is downloaded. The CLIP BPE tokenizer is built locally: a vocabulary made of the
+byte-level alphabet (as in CLIP/GPT-2), the merges that spell a few hundred words used in
+prompts, and CLIP's start/end tokens. Output made with this preset is untrained noise and is
+labelled so (``Backbone.untrained``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TINY_WORDS = (
+    "a an the of with and in on photo picture image close up view vfx sks defect defective anomaly "
+    "anomalous damaged damage broken break crack cracked scratch scratched hole holes stain spot dirt "
+    "dent bent cut fray frayed glue contamination metal thread color colour print poke squeeze "
+    "blowhole uneven rough missing misplaced surface texture object tile magnetic hazelnut grid "
+    "carpet leather wood bottle cable capsule pill screw toothbrush transistor zipper metal_nut "
+    "good normal industrial product background foreground mask white black small large one two"
+).split()
+TINY_SIZES = {"text_dim": 32, "text_layers": 2, "text_heads": 4, "unet_channels": (32, 64), "vae_channels": (32, 64)}
+SCALED_LINEAR_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's / GPT-2's reversible byte -> printable unicode map (Radford et al. 2019)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def write_tokenizer_files(directory: Path, words: tuple[str, ...] | list[str] = TINY_WORDS) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of a small CLIP BPE tokenizer into ``directory``.
+
+    Every word is spelled by left-to-right merges ending in the end-of-word marker ``</w>``;
+    any other text still tokenizes, character by character, through the byte alphabet.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: list[str] = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    known = set(vocab)
+    for word in dict.fromkeys(words):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            rule = f"{symbols[0]} {symbols[1]}"
+            if merged not in known:
+                known.add(merged)
+                vocab.append(merged)
+                merges.append(rule)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return directory
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_dir() -> Path:
+    return write_tokenizer_files(Path(tempfile.mkdtemp(prefix="anomalygen-tiny-tokenizer-")))
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over the locally written tiny vocabulary (77 tokens, like SD's)."""
+    directory = _tokenizer_dir()
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+
+
+def tiny_components(seed: int = 0) -> dict:
+    """Randomly initialised UNet, VAE (4 latent channels, downsampling 2, no attention) and CLIP text encoder."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    dim = TINY_SIZES["text_dim"]
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            hidden_size=dim,
+            intermediate_size=2 * dim,
+            num_hidden_layers=TINY_SIZES["text_layers"],
+            num_attention_heads=TINY_SIZES["text_heads"],
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet_channels = TINY_SIZES["unet_channels"]
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae_channels = TINY_SIZES["vae_channels"]
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        block_out_channels=vae_channels,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        mid_block_add_attention=False,  # convolutions only: the decoder is local, so blending is testable
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler_config": dict(SCALED_LINEAR_SCHEDULE)}
