@@ -194,3 +194,24 @@ def test_feathered_blend_is_soft_inside_and_exact_outside():
     image, patch = np.zeros((20, 20, 3), np.uint8), np.full((20, 20, 3), 200, np.uint8)
     out = blend(image, patch, alpha)
     assert out[10, 10, 0] == 200 and 0 < out[5, 10, 0] < 100 and not out[~mask].any()
+
+
+@pytest.mark.parametrize(("category", "mode"), [("fabric", "texture"), ("nut", "object")])
+def test_demo_categories(demo_root, category, mode):
+    from anomalygen.data import load_category, load_defects, load_goods, paper_split
+
+    data = load_category(demo_root, category)
+    train, _ = paper_split(data.defects)
+    training = load_defects([r for records in train.values() for r in records])
+    good = load_goods(data.train_good, limit=6)
+    for method in METHODS:
+        generator = create(method)
+        generator.fit(training, good)
+        for s in generator.generate(good, 3, seed=1):
+            assert s.meta["foreground"] == mode and s.mask.any()
+            assert not ((s.image != good[s.meta["source_index"]]).any(axis=2) & ~s.mask).any()
+    assert create("croppaste").defect_types == []
+    fitted_types = sorted({d.defect_type for d in training})
+    croppaste = create("croppaste")
+    croppaste.fit(training, good)
+    assert sorted(croppaste.defect_types) == fitted_types

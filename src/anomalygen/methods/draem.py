@@ -7,7 +7,7 @@ with ``M`` a thresholded Perlin-noise mask (times the object foreground for obje
 as CAGen does), ``A`` an anomaly source image augmented by 3 random ops, and the opacity
 ``beta ~ U(beta_range)``. The anomaly source is ``texture``: ``"skimage"`` (scikit-image's bundled
 CC0 textures brick, grass, gravel; the paper uses DTD), ``"good"`` (another good image of the
-category) or a folder of images.
+category) or a folder of images. On grayscale good images the anomaly is made grayscale too.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def load_textures(source: str) -> list[tuple[str, np.ndarray]]:
     if not files:
         raise DataError(folder, "texture folder holds no PNG/JPG/BMP/TIFF image")
     return [(path.name, load_image(path)) for path in files]
+
+
+def _is_gray(image: np.ndarray) -> bool:
+    """True for an RGB image whose three channels are equal (a grayscale category)."""
+    return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
 
 
 class DraemTexture(ModelFreeGenerator):
@@ -84,6 +89,8 @@ class DraemTexture(ModelFreeGenerator):
                                threshold=self.options["threshold"], foreground=None if foreground.all() else foreground)
         name, source = self._source(shape, rng, good)
         source, ops = rand_augment(source, rng, self.options["ops"])
+        if _is_gray(image):
+            source = np.repeat(cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
         beta = float(rng.uniform(*self.options["beta"]))
         out = blend(image, source, mask.astype(np.float32) * beta)
         return out, mask, {"texture": name, "ops": ops, "beta": round(beta, 4)}
