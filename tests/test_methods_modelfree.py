@@ -215,3 +215,18 @@ def test_demo_categories(demo_root, category, mode):
     croppaste = create("croppaste")
     croppaste.fit(training, good)
     assert sorted(croppaste.defect_types) == fitted_types
+
+
+def test_photometric_ops_are_seeded_and_bounded():
+    from anomalygen.methods.photometric import RAND_AUGMENT_OPS, color_jitter, rand_augment
+
+    image = textures(1)[0]
+    a, names = rand_augment(image, np.random.default_rng(4))
+    b, _ = rand_augment(image, np.random.default_rng(4))
+    assert np.array_equal(a, b) and len(set(names)) == 3 and a.shape == image.shape and a.dtype == np.uint8
+    for op in RAND_AUGMENT_OPS:
+        out = op(image, np.random.default_rng(0))
+        assert out.shape == image.shape and out.dtype == np.uint8
+    jittered = color_jitter(image, np.random.default_rng(0))
+    assert 0 < np.abs(jittered.astype(int) - image).mean() < 20
+    assert np.array_equal(color_jitter(image, np.random.default_rng(0), 0, 0, 0, 0), image)

@@ -14,7 +14,10 @@ from PIL import Image, ImageEnhance, ImageOps
 
 
 def _hue_saturation(image: np.ndarray, hue: float, saturation: float) -> np.ndarray:
-    """Shift hue by ``hue`` turns and scale saturation by ``saturation`` (HSV, 8-bit full range)."""
+    """Shift hue by ``hue`` turns and scale saturation by ``saturation`` (HSV, 8-bit full range);
+    the identity (no lossy HSV round trip) for ``hue == 0`` and ``saturation == 1``."""
+    if hue == 0 and saturation == 1:
+        return image
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
     hsv[..., 0] = (hsv[..., 0] + hue * 256) % 256
     hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
