@@ -9,12 +9,16 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
+from anomalygen import pipeline
 from anomalygen.errors import AnomalygenError
+from anomalygen.methods.base import available_methods
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 datasets_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
@@ -34,6 +38,114 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def generate(
+    data: Path = typer.Option(..., "--data", help="Dataset root or category folder (MVTec AD / LOCO / VisA / folder)."),
+    out: Path = typer.Option(..., "--out", help="Output root; samples go to OUT/<category>/."),
+    num: int = typer.Option(..., "--num", help="Number of samples in the finished output."),
+    method: Optional[str] = typer.Option(None, "--method", help="Method name (see `anomalygen methods`)."),
+    category: Optional[str] = typer.Option(None, "--category", help="Category under a dataset root."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A fitted model (from `anomalygen fit`)."),
+    defect_type: Optional[str] = typer.Option(None, "--defect-type", help="Generate only this defect type."),
+    settings: list[str] = typer.Option([], "--set", help="Method option key=value (value parsed as JSON)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing output of a different run."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
+) -> None:
+    """Generate NUM defect image + mask pairs; re-running resumes an interrupted run."""
+    result = pipeline.generate(
+        method, data, out, num, category=category, seed=seed, checkpoint=checkpoint,
+        defect_type=defect_type, options=pipeline.parse_settings(settings), overwrite=overwrite,
+        skip_bad=skip_bad, warn=_warn, console=console,
+    )
+    console.print(f"{result.method}: {result.total} samples in {result.out} ({result.written} new)", highlight=False)
+
+
+@app.command()
+@user_errors
+def fit(
+    method: str = typer.Option(..., "--method", help="Method name (see `anomalygen methods`)."),
+    data: Path = typer.Option(..., "--data", help="Dataset root or category folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to save the fitted model in."),
+    category: Optional[str] = typer.Option(None, "--category"),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model: hub id or local folder."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop training after MINUTES."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
+    settings: list[str] = typer.Option([], "--set", help="Method option key=value (value parsed as JSON)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
+) -> None:
+    """Fit METHOD on the paper split's training images of a category and save the model."""
+    given = {"model": model, "max_steps": max_steps, "device": device,
+             "time_budget_s": None if time_budget is None else time_budget * 60}
+    options = {key: value for key, value in given.items() if value is not None}
+    options.update(pipeline.parse_settings(settings))
+    saved = pipeline.fit(method, data, out, category=category, options=options, skip_bad=skip_bad, warn=_warn)
+    console.print(f"{method}: model saved in {saved}", highlight=False)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("anomalygen-demo"), "--out", help="Folder for the demo data, samples and index.html."),
+    methods: list[str] = typer.Option([], "--methods", help="Methods to run (repeat or comma-separate); default: the model-free ones."),
+    num: int = typer.Option(6, "--num", help="Samples per method and category."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Build the demo dataset, run the methods on it and write an HTML page of sample grids."""
+    from anomalygen.demo import run_demo
+
+    chosen = [name for entry in methods for name in entry.split(",") if name] or None
+    page = run_demo(out, chosen, num=num, seed=seed, console=console, warn=_warn)
+    console.print(f"open {page}", highlight=False)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the registered generation methods."""
+    for name in available_methods():
+        typer.echo(name)
+
+
+@datasets_app.command("info")
+@user_errors
+def datasets_info(
+    root: Path = typer.Argument(..., help="Dataset root or category folder."),
+    category: Optional[str] = typer.Option(None, "--category"),
+) -> None:
+    """Counts per split and defect type, image sizes and problems found."""
+    from anomalygen.data import dataset_info
+
+    info = dataset_info(root, category)
+    output = Console()
+    output.print(info_table(info))
+    for name, summary in info["categories"].items():
+        for problem in summary["problems"]:
+            output.print(f"[yellow]problem[/yellow] ({name}): {problem}", highlight=False, soft_wrap=True)
+
+
+def info_table(info: dict[str, Any]) -> Table:
+    """A rich table of ``dataset_info``: one row per category and split / defect type."""
+    table = Table(title=f"dataset {info['root']}")
+    for column in ("category", "layout", "split / type", "images", "image sizes (WxH: n)", "problems"):
+        table.add_column(column, justify="right" if column in ("images", "problems") else "left")
+    for name, summary in info["categories"].items():
+        sizes = ", ".join(f"{size}: {n}" for size, n in list(summary["image_sizes"].items())[:3])
+        groups = {"train/good": summary["train_good"], "test/good": summary["test_good"]}
+        groups.update({f"test/{t}": n for t, n in summary["defects"].items()})
+        for row, (group, count) in enumerate(groups.items()):
+            first = row == 0
+            table.add_row(name if first else "", summary["layout"] if first else "", group, str(count),
+                          sizes if first else "", str(len(summary["problems"])) if first else "")
+        table.add_section()
+    return table
 
 
 if __name__ == "__main__":

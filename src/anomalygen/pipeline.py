@@ -1,0 +1,165 @@
+"""Load a category -> paper split -> fit a generator -> write samples: the work behind the CLI.
+
+``generate`` fits a generator on the generator-training third of each defect type (the paper
+split, ``anomalygen.data.paper_split``) plus ``train/good`` — or loads a fitted one from a
+checkpoint — and writes ``num`` samples built on the ``train/good`` images with
+``anomalygen.io.SampleWriter`` (resumable). ``fit`` does the same fitting and saves the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from anomalygen.data import CategoryData, load_category, load_defects, load_goods, paper_split
+from anomalygen.errors import AnomalygenError
+from anomalygen.io import SampleWriter
+from anomalygen.methods.base import AnomalyGenerator, create
+
+Warn = Callable[[str], None]
+
+
+@dataclass
+class GenerateResult:
+    """What a ``generate`` call left on disk: ``out/<category>`` holds ``total`` samples."""
+
+    out: Path
+    category: str
+    method: str
+    written: int
+    total: int
+
+
+def parse_settings(pairs: Iterable[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` from ``--set`` as a dict; each value is parsed as JSON when it is JSON
+    (``3`` -> int, ``0.5`` -> float, ``true``, ``[1,2]``), otherwise kept as a string."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise AnomalygenError(f"--set {pair!r}: expected key=value")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value
+    return settings
+
+
+def build(method: str, options: Mapping[str, Any]) -> AnomalyGenerator:
+    """``create(method, **options)``, with a wrong option reported as a user error."""
+    try:
+        return create(method, **options)
+    except TypeError as error:
+        raise AnomalygenError(f"method {method!r} does not accept these options {dict(options)}: {error}") from error
+
+
+def load_training(
+    data: str | Path, category: str | None = None, *, skip_bad: bool = False, warn: Warn | None = None
+) -> tuple[CategoryData, list, list]:
+    """The category, its paper-split training defects and its ``train/good`` images.
+
+    With ``skip_bad`` every file is checked first; each bad one is passed to ``warn`` and left out.
+    """
+    category_data = load_category(data, category, skip_bad=skip_bad)
+    for problem in category_data.problems:
+        if warn is not None:
+            warn(f"skipped {problem}")
+    train, _ = paper_split(category_data.defects)
+    defects = load_defects([record for records in train.values() for record in records], skip_bad=skip_bad)
+    goods = load_goods(category_data.train_good)
+    if not goods:
+        raise AnomalygenError(f"{category_data.root}: no usable train/good images to build samples on")
+    return category_data, defects, goods
+
+
+def fit(
+    method: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    category: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    skip_bad: bool = False,
+    warn: Warn | None = None,
+) -> Path:
+    """Fit ``create(method, **options)`` on the training split of a category and save it to ``out``."""
+    generator = build(method, options or {})
+    _, defects, goods = load_training(data, category, skip_bad=skip_bad, warn=warn)
+    generator.fit(defects, goods)
+    generator.save(out)
+    return Path(out)
+
+
+def generate(
+    method: str | None,
+    data: str | Path,
+    out: str | Path,
+    num: int,
+    *,
+    category: str | None = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    defect_type: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    warn: Warn | None = None,
+    console: Console | None = None,
+) -> GenerateResult:
+    """Write ``num`` samples of ``method`` (or of the model at ``checkpoint``) for one category.
+
+    Resumes an interrupted run of the same command; see ``anomalygen.io`` for the guarantees.
+    """
+    if num < 1:
+        raise AnomalygenError(f"--num must be at least 1, got {num}")
+    if checkpoint is not None:
+        generator = AnomalyGenerator.load(checkpoint)
+        if options:
+            raise AnomalygenError("--set cannot change a model loaded with --checkpoint; fit a new one")
+        if method is not None and method != generator.name:
+            raise AnomalygenError(f"{checkpoint}: holds a {generator.name!r} model, not {method!r}")
+    elif method is None:
+        raise AnomalygenError("give --method (or --checkpoint with a fitted model)")
+    else:
+        generator = build(method, options or {})
+    category_data, defects, goods = load_training(data, category, skip_bad=skip_bad, warn=warn)
+    run = {
+        "method": generator.name,
+        "seed": seed,
+        "config": generator.config(),
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "data": str(category_data.root.resolve()),
+        "category": category_data.name,
+        "defect_type": defect_type,
+    }
+    if checkpoint is None:
+        generator.fit(defects, goods)
+    writer = SampleWriter(out, category_data.name, run, overwrite=overwrite)
+    start = writer.done
+    if start < num:
+        samples = generator.generate(goods, num - start, seed=seed, start=start, defect_type=defect_type)
+        with _progress(console) as progress:
+            task = progress.add_task(f"{generator.name} {category_data.name}", total=num, completed=start)
+            for sample in samples:
+                index = sample.meta.get("source_index")
+                writer.add(sample, source=None if index is None else category_data.train_good[index].path)
+                progress.advance(task)
+    return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done)
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        transient=False,
+    )
