@@ -118,7 +118,9 @@ def test_ellipses_on_foreground_with_expected_area():
     _, disc = disc_image(0)
     areas = []
     for s in range(20):
-        m = ellipse_mask(disc.shape, np.random.default_rng(s), count=(1, 1), area=(0.01, 0.02), foreground=disc)
+        m = ellipse_mask(
+            disc.shape, np.random.default_rng(s), count=(1, 1), area=(0.01, 0.02), foreground=disc
+        )
         assert m.dtype == bool and m.any()
         areas.append(m.mean())
     # one ellipse of 1-2 % of the image, a little less when cut by the border

@@ -64,8 +64,13 @@ def fitted(method, good, **options):
 
 
 def same(a, b):
-    return all(np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask)
-               and x.defect_type == y.defect_type and x.meta == y.meta for x, y in zip(a, b, strict=True))
+    return all(
+        np.array_equal(x.image, y.image)
+        and np.array_equal(x.mask, y.mask)
+        and x.defect_type == y.defect_type
+        and x.meta == y.meta
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -92,7 +97,7 @@ def test_same_seed_same_bytes_resume_and_other_seed(method):
     assert same(full, list(generator.generate(good, 6, seed=7)))
     assert same(full[4:], list(generator.generate(good, 2, seed=7, start=4)))
     other = list(generator.generate(good, 6, seed=8))
-    assert not any(np.array_equal(a.image, b.image) for a, b in zip(full, other))
+    assert not any(np.array_equal(a.image, b.image) for a, b in zip(full, other, strict=True))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -141,7 +146,9 @@ def test_cutpaste_variants_and_labels():
     areas = [s.mask.mean() for s in cycled[::2]]
     assert all(0.015 <= a <= 0.16 for a in areas)
     scars = list(generator.generate(good, 3, defect_type="scar"))
-    assert all(s.defect_type == "scar" and s.meta["variant"] == "scar" and s.mask.mean() < 0.05 for s in scars)
+    assert all(
+        s.defect_type == "scar" and s.meta["variant"] == "scar" and s.mask.mean() < 0.05 for s in scars
+    )
     labelled = list(generator.generate(good, 4, defect_type="cutpaste"))
     assert {s.defect_type for s in labelled} == {"cutpaste"}
     with pytest.raises(AnomalygenError, match="variants"):
@@ -170,17 +177,19 @@ def test_croppaste_keeps_types_and_loads_without_training_data(tmp_path):
 def test_draem_beta_texture_sources_and_errors(tmp_path):
     good = textures()
     samples = list(create("draem", beta=[0.5, 0.5]).generate(good, 3, seed=0))
-    assert all(s.defect_type == "draem" and s.meta["beta"] == 0.5 and len(s.meta["ops"]) == 3 for s in samples)
+    assert all(
+        s.defect_type == "draem" and s.meta["beta"] == 0.5 and len(s.meta["ops"]) == 3 for s in samples
+    )
     assert {s.meta["texture"] for s in create("draem").generate(good, 12)} <= {"brick", "grass", "gravel"}
-    own = list(create("draem", texture="good").generate(good, 2, defect_type="stain"))
+    own = list(create("draem", texture_source="good").generate(good, 2, defect_type="stain"))
     assert all(s.meta["texture"].startswith("good:") and s.defect_type == "stain" for s in own)
     folder = tmp_path / "tex"
     folder.mkdir()
     cv2.imwrite(str(folder / "a.png"), textures(1, (30, 30))[0])
-    from_folder = list(create("draem", texture=str(folder)).generate(good, 2))
+    from_folder = list(create("draem", texture_source=str(folder)).generate(good, 2))
     assert all(s.meta["texture"] == "a.png" for s in from_folder)
     with pytest.raises(DataError, match="not found"):
-        list(create("draem", texture=str(tmp_path / "missing")).generate(good, 1))
+        list(create("draem", texture_source=str(tmp_path / "missing")).generate(good, 1))
     with pytest.raises(AnomalygenError, match="no good images"):
         list(create("draem").generate([], 1))
 

@@ -5,7 +5,13 @@ Masks are bool arrays of shape (H, W); every function takes its randomness from 
 """
 
 from anomalygen.masks.augment import augment_mask
-from anomalygen.masks.foreground import FOREGROUND_MODES, foreground_mask, is_object, object_mask, resolve_mode
+from anomalygen.masks.foreground import (
+    FOREGROUND_MODES,
+    foreground_mask,
+    is_object,
+    object_mask,
+    resolve_mode,
+)
 from anomalygen.masks.perlin import perlin_mask, perlin_noise
 from anomalygen.masks.shapes import brush_mask, ellipse_mask
 

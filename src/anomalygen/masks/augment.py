@@ -49,10 +49,13 @@ def augment_mask(
         ys, xs = np.nonzero(m)
         cy, cx = ys.mean(), xs.mean()
         pick = rng.integers(0, len(fy))
-        matrix = cv2.getRotationMatrix2D((cx, cy), rng.uniform(-rotate, rotate), rng.uniform(*scale) * size_ratio)
+        matrix = cv2.getRotationMatrix2D(
+            (cx, cy), rng.uniform(-rotate, rotate), rng.uniform(*scale) * size_ratio
+        )
         matrix[:, 2] += (fx[pick] - cx, fy[pick] - cy)
-        warped = cv2.warpAffine(m.astype(np.uint8), matrix, (shape[1], shape[0]),
-                                flags=cv2.INTER_NEAREST).astype(bool)
+        warped = cv2.warpAffine(
+            m.astype(np.uint8), matrix, (shape[1], shape[0]), flags=cv2.INTER_NEAREST
+        ).astype(bool)
         total = warped.sum()
         inside = (warped & foreground).sum() / total if total else 0.0
         if inside > best_inside:

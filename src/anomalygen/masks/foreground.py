@@ -59,7 +59,9 @@ def object_mask(image: np.ndarray, *, min_contrast: float = 12.0, radius: int | 
     return labels == largest
 
 
-def looks_like_object(image: np.ndarray, *, border_std: float = 10.0, coverage: tuple[float, float] = (0.01, 0.9)) -> bool:
+def looks_like_object(
+    image: np.ndarray, *, border_std: float = 10.0, coverage: tuple[float, float] = (0.01, 0.9)
+) -> bool:
     """True when the border is plain (per-channel std below ``border_std``) and an object mask
     covering a fraction of the image within ``coverage`` stands out from it."""
     if _border(image, 4).std(axis=0).max() > border_std:

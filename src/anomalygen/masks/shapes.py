@@ -61,7 +61,9 @@ def brush_mask(
     return canvas.astype(bool)
 
 
-def _centres(shape: tuple[int, int], rng: np.random.Generator, k: int, foreground: np.ndarray | None) -> list[tuple[float, float]]:
+def _centres(
+    shape: tuple[int, int], rng: np.random.Generator, k: int, foreground: np.ndarray | None
+) -> list[tuple[float, float]]:
     """``k`` random points, uniform over ``foreground`` pixels (or the whole image)."""
     if foreground is None or not foreground.any():
         return [(rng.uniform(0, shape[0] - 1), rng.uniform(0, shape[1] - 1)) for _ in range(k)]

@@ -48,7 +48,9 @@ def place(
     return canvas, canvas_alpha
 
 
-def rotate_patch(patch: np.ndarray, alpha: np.ndarray, degrees: float, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def rotate_patch(
+    patch: np.ndarray, alpha: np.ndarray, degrees: float, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Rotate and scale a patch and its alpha about their centre onto a canvas that holds the
     whole result (no corner is cut off); the new corners get alpha 0."""
     h, w = alpha.shape
@@ -57,8 +59,14 @@ def rotate_patch(patch: np.ndarray, alpha: np.ndarray, degrees: float, scale: fl
     nw, nh = max(1, int(np.ceil(h * sin + w * cos))), max(1, int(np.ceil(h * cos + w * sin)))
     matrix[:, 2] += (nw / 2 - w / 2, nh / 2 - h / 2)
     out = cv2.warpAffine(patch, matrix, (nw, nh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    out_alpha = cv2.warpAffine(alpha.astype(np.float32), matrix, (nw, nh), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    out_alpha = cv2.warpAffine(
+        alpha.astype(np.float32),
+        matrix,
+        (nw, nh),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
     out_alpha[out_alpha < 0.5 / 255] = 0
     return out, out_alpha
 

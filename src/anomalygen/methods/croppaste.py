@@ -73,8 +73,15 @@ class CropPaste(ModelFreeGenerator):
         min_area: int = 16,
         foreground: str = "auto",
     ):
-        super().__init__(foreground=foreground, flip=flip, rotate=rotate, scale=list(scale), jitter=jitter,
-                         feather=feather, min_area=min_area)
+        super().__init__(
+            foreground=foreground,
+            flip=flip,
+            rotate=rotate,
+            scale=list(scale),
+            jitter=jitter,
+            feather=feather,
+            min_area=min_area,
+        )
         self._crops: list[Crop] = []
 
     def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
@@ -82,17 +89,22 @@ class CropPaste(ModelFreeGenerator):
         if len(defects) == 0:
             raise AnomalygenError("croppaste: fit needs at least one training defect with a mask")
         self._crops = [
-            crop for k, d in enumerate(defects)
+            crop
+            for k, d in enumerate(defects)
             for crop in extract_crops(d, self.options["min_area"], str(d.source or f"training defect {k}"))
         ]
         self._defect_types = list(dict.fromkeys(c.defect_type for c in self._crops))
 
     def _label(self, index: int, rng: np.random.Generator, defect_type: str | None) -> str:
         if defect_type is not None and defect_type not in self.defect_types:
-            raise AnomalygenError(f"croppaste: defect type {defect_type!r} not learned; have {', '.join(self.defect_types)}")
+            raise AnomalygenError(
+                f"croppaste: defect type {defect_type!r} not learned; have {', '.join(self.defect_types)}"
+            )
         return super()._label(index, rng, defect_type)
 
-    def _augment(self, crop: Crop, shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _augment(
+        self, crop: Crop, shape: tuple[int, int], rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Flip, colour-jitter, rotate U(-rotate, rotate) and scale U(scale) x size ratio a crop;
         returns the patch and its hard mask."""
         patch, mask = crop.image, crop.mask
@@ -107,13 +119,17 @@ class CropPaste(ModelFreeGenerator):
         scale = rng.uniform(*self.options["scale"]) * size_ratio
         scale = min(scale, 0.9 * shape[0] / patch.shape[0], 0.9 * shape[1] / patch.shape[1])
         rotate = self.options["rotate"]
-        patch, alpha = rotate_patch(patch, np.ascontiguousarray(mask, dtype=np.float32), rng.uniform(-rotate, rotate), scale)
+        patch, alpha = rotate_patch(
+            patch, np.ascontiguousarray(mask, dtype=np.float32), rng.uniform(-rotate, rotate), scale
+        )
         hard = alpha >= 0.5
         if not hard.any():
             hard = alpha >= alpha.max()
         return patch, hard
 
-    def _anomaly(self, image, foreground, mask, label, rng, good) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _anomaly(
+        self, image, foreground, mask, label, rng, good
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         h, w = image.shape[:2]
         choices = [k for k, c in enumerate(self._crops) if c.defect_type == label]
         k = choices[int(rng.integers(len(choices)))]
@@ -140,8 +156,14 @@ class CropPaste(ModelFreeGenerator):
         for k, crop in enumerate(self._crops):
             Image.fromarray(crop.image).save(crops_dir / f"{k:04d}.png")
             Image.fromarray(crop.mask.astype(np.uint8) * 255).save(crops_dir / f"{k:04d}_mask.png")
-            entries.append({"image": f"crops/{k:04d}.png", "mask": f"crops/{k:04d}_mask.png",
-                            "defect_type": crop.defect_type, "source_shape": list(crop.source_shape)})
+            entries.append(
+                {
+                    "image": f"crops/{k:04d}.png",
+                    "mask": f"crops/{k:04d}_mask.png",
+                    "defect_type": crop.defect_type,
+                    "source_shape": list(crop.source_shape),
+                }
+            )
         (directory / CROPS_FILE).write_text(json.dumps(entries, indent=2))
 
     def load_state(self, directory: Path) -> None:

@@ -46,9 +46,15 @@ class CutPaste(ModelFreeGenerator):
         if not variants or unknown:
             raise AnomalygenError(f"cutpaste variants {variants} invalid; choose from {', '.join(VARIANTS)}")
         super().__init__(
-            foreground=foreground, variants=variants, area=list(area), aspect=aspect,
-            scar_width=list(scar_width), scar_length=list(scar_length), scar_rotation=scar_rotation,
-            reference_size=reference_size, jitter=jitter,
+            foreground=foreground,
+            variants=variants,
+            area=list(area),
+            aspect=aspect,
+            scar_width=list(scar_width),
+            scar_length=list(scar_length),
+            scar_rotation=scar_rotation,
+            reference_size=reference_size,
+            jitter=jitter,
         )
         self._defect_types = variants
 
@@ -78,7 +84,9 @@ class CutPaste(ModelFreeGenerator):
         patch, alpha = rotate_patch(patch, np.ones((ph, pw), np.float32), angle)
         return patch, (alpha >= 0.5).astype(np.float32)
 
-    def _anomaly(self, image, foreground, mask, label, rng, good) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _anomaly(
+        self, image, foreground, mask, label, rng, good
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         h, w = image.shape[:2]
         variants = self.options["variants"]
         variant = label if label in VARIANTS else variants[int(rng.integers(len(variants)))]
@@ -86,7 +94,9 @@ class CutPaste(ModelFreeGenerator):
             ys, xs = np.nonzero(mask)
             top, left = ys.min(), xs.min()
             patch = self._cut(image, rng, ys.max() - top + 1, xs.max() - left + 1)
-            canvas, alpha = place((h, w), patch, mask[top : ys.max() + 1, left : xs.max() + 1].astype(np.float32), top, left)
+            canvas, alpha = place(
+                (h, w), patch, mask[top : ys.max() + 1, left : xs.max() + 1].astype(np.float32), top, left
+            )
             return blend(image, canvas, alpha), mask, {"variant": "mask"}
         if variant == "patch":
             ph, pw = self._patch_size((h, w), rng)

@@ -5,9 +5,9 @@ reconstruction embedding for surface anomaly detection", Sec. 3.3, Eq. 1):
 
 with ``M`` a thresholded Perlin-noise mask (times the object foreground for object categories,
 as CAGen does), ``A`` an anomaly source image augmented by 3 random ops, and the opacity
-``beta ~ U(beta_range)``. The anomaly source is ``texture``: ``"skimage"`` (scikit-image's bundled
-CC0 textures brick, grass, gravel; the paper uses DTD), ``"good"`` (another good image of the
-category) or a folder of images. On grayscale good images the anomaly is made grayscale too.
+``beta ~ U(beta_range)``. The anomaly source is ``texture_source``: ``"skimage"`` (scikit-image's
+bundled CC0 textures brick, grass, gravel; the paper uses DTD), ``"good"`` (another good image
+of the category) or a folder of images. On grayscale good images the anomaly is made grayscale too.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class DraemTexture(ModelFreeGenerator):
 
     def __init__(
         self,
-        texture: str = "skimage",
+        texture_source: str = "skimage",
         beta: Sequence[float] = (0.1, 1.0),
         ops: int = 3,
         threshold: float = 0.5,
@@ -64,29 +64,46 @@ class DraemTexture(ModelFreeGenerator):
         max_exp: int = 6,
         foreground: str = "auto",
     ):
-        super().__init__(foreground=foreground, texture=str(texture), beta=list(beta), ops=ops,
-                         threshold=threshold, min_exp=min_exp, max_exp=max_exp)
+        super().__init__(
+            foreground=foreground,
+            texture_source=str(texture_source),
+            beta=list(beta),
+            ops=ops,
+            threshold=threshold,
+            min_exp=min_exp,
+            max_exp=max_exp,
+        )
         self._defect_types = ["draem"]
         self._textures: list[tuple[str, np.ndarray]] | None = None
 
-    def _source(self, shape: tuple[int, int], rng: np.random.Generator, good: Sequence[np.ndarray]) -> tuple[str, np.ndarray]:
+    def _source(
+        self, shape: tuple[int, int], rng: np.random.Generator, good: Sequence[np.ndarray]
+    ) -> tuple[str, np.ndarray]:
         """The anomaly source image ``A`` (name, RGB resized to ``shape``)."""
-        if self.options["texture"] == "good":
+        if self.options["texture_source"] == "good":
             k = int(rng.integers(len(good)))
             name, image = f"good:{k}", as_rgb(good[k], f"good image {k}")
         else:
             if self._textures is None:
-                self._textures = load_textures(self.options["texture"])
+                self._textures = load_textures(self.options["texture_source"])
             name, image = self._textures[int(rng.integers(len(self._textures)))]
         if image.shape[:2] != shape:
             image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
         return name, image
 
-    def _anomaly(self, image, foreground, mask, label, rng, good) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _anomaly(
+        self, image, foreground, mask, label, rng, good
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         shape = image.shape[:2]
         if mask is None:
-            mask = perlin_mask(shape, rng, min_exp=self.options["min_exp"], max_exp=self.options["max_exp"],
-                               threshold=self.options["threshold"], foreground=None if foreground.all() else foreground)
+            mask = perlin_mask(
+                shape,
+                rng,
+                min_exp=self.options["min_exp"],
+                max_exp=self.options["max_exp"],
+                threshold=self.options["threshold"],
+                foreground=None if foreground.all() else foreground,
+            )
         name, source = self._source(shape, rng, good)
         source, ops = rand_augment(source, rng, self.options["ops"])
         if _is_gray(image):

@@ -38,7 +38,9 @@ def fit_mask(mask: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
     if mask.ndim == 3:
         mask = mask.any(axis=2)
     if mask.shape != shape:
-        mask = cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+        mask = cv2.resize(
+            mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST
+        ).astype(bool)
     if not mask.any():
         raise AnomalygenError(f"{what}: the mask is empty (no anomalous pixel)")
     return mask
@@ -55,7 +57,9 @@ class ModelFreeGenerator(AnomalyGenerator):
 
     def __init__(self, foreground: str = "auto", **options: Any):
         if foreground not in FOREGROUND_MODES:
-            raise AnomalygenError(f"foreground {foreground!r} unknown; use one of {', '.join(FOREGROUND_MODES)}")
+            raise AnomalygenError(
+                f"foreground {foreground!r} unknown; use one of {', '.join(FOREGROUND_MODES)}"
+            )
         super().__init__(foreground=foreground, **options)
 
     def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
@@ -104,7 +108,11 @@ class ModelFreeGenerator(AnomalyGenerator):
             image = as_rgb(good[source], f"good image {source}")
             if source not in foregrounds:
                 foregrounds[source] = foreground_mask(image, mode)
-            mask = None if masks is None else fit_mask(masks[i % len(masks)], image.shape[:2], f"mask {i % len(masks)}")
+            mask = (
+                None
+                if masks is None
+                else fit_mask(masks[i % len(masks)], image.shape[:2], f"mask {i % len(masks)}")
+            )
             label = self._label(i, rng, defect_type)
             out, out_mask, meta = self._anomaly(image, foregrounds[source], mask, label, rng, good)
             meta = {"source_index": source, "foreground": mode, **meta}

@@ -37,7 +37,9 @@ def color_jitter(
     pil = Image.fromarray(image)
     pil = ImageEnhance.Brightness(pil).enhance(rng.uniform(1 - brightness, 1 + brightness))
     pil = ImageEnhance.Contrast(pil).enhance(rng.uniform(1 - contrast, 1 + contrast))
-    return _hue_saturation(np.asarray(pil), rng.uniform(-hue, hue), rng.uniform(1 - saturation, 1 + saturation))
+    return _hue_saturation(
+        np.asarray(pil), rng.uniform(-hue, hue), rng.uniform(1 - saturation, 1 + saturation)
+    )
 
 
 def _gamma(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -83,8 +85,18 @@ def _rotate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.warpAffine(image, matrix, (w, h), borderMode=cv2.BORDER_REFLECT)
 
 
-RAND_AUGMENT_OPS = (_gamma, _brightness, _sharpness, _hue, _solarize, _posterize, _invert,
-                    _autocontrast, _equalize, _rotate)
+RAND_AUGMENT_OPS = (
+    _gamma,
+    _brightness,
+    _sharpness,
+    _hue,
+    _solarize,
+    _posterize,
+    _invert,
+    _autocontrast,
+    _equalize,
+    _rotate,
+)
 
 
 def rand_augment(image: np.ndarray, rng: np.random.Generator, k: int = 3) -> tuple[np.ndarray, list[str]]:
