@@ -28,19 +28,24 @@ class EvaluationData:
     test_defects: dict[str, list[DefectExample]]
     train_good: list[np.ndarray]
     test_good: list[np.ndarray]
+    problems: list[str]
 
 
 def _load(records, what: str) -> list[DefectExample]:
     return [load_defect(record) for record in track(records, description=f"Loading {what}", transient=True)]
 
 
-def load_evaluation_data(generated: str | Path, data: str | Path, category: str | None = None) -> EvaluationData:
+def load_evaluation_data(
+    generated: str | Path, data: str | Path, category: str | None = None, skip_bad: bool = False
+) -> EvaluationData:
     """Read the generated folder (``require_good=False``) and the real category it was made from.
 
     The real defects are split by ``paper_split``: the first third of each type are the few-shot
     training defects (IC-LPIPS cluster centres), the remaining two thirds the test defects.
+    ``skip_bad`` leaves out bad real files (e.g. all-zero masks) before the split and lists them
+    in ``problems``.
     """
-    real = load_category(data, category)
+    real = load_category(data, category, skip_bad=skip_bad)
     # The writer puts a run in OUT/<category>/; a bare category folder is accepted too.
     in_root = (Path(generated) / real.name).is_dir()
     made = load_category(generated, real.name if in_root else None, require_good=False)
@@ -54,6 +59,7 @@ def load_evaluation_data(generated: str | Path, data: str | Path, category: str 
         test_defects={t: _load(r, f"test {t}") for t, r in test.items()},
         train_good=load_goods(real.train_good),
         test_good=load_goods(real.test_good),
+        problems=list(real.problems),
     )
 
 

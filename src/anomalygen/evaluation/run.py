@@ -48,11 +48,13 @@ def evaluate(
     lpips_model: torch.nn.Module | None = None,
     lpips_size: int = 256,
     seed: int = 0,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the generated folder against the real category; writes report.json + report.html.
 
     ``out`` defaults to the generated category folder. ``inception_extractor`` / ``lpips_model``
-    replace the pretrained networks (tests use random-weight ones).
+    replace the pretrained networks (tests use random-weight ones). ``skip_bad`` leaves out bad
+    real files (noted in the report) instead of stopping at the first.
     """
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
@@ -62,7 +64,7 @@ def evaluate(
         raise AnomalygenError(f"unknown protocol {localization.protocol!r}; choose from {', '.join(PROTOCOLS)}")
     classification = classification or ClassificationConfig(seed=seed)
     torch_device = pick_device(device)
-    inputs = load_evaluation_data(generated, data, category)
+    inputs = load_evaluation_data(generated, data, category, skip_bad=skip_bad)
     report: dict[str, Any] = {
         "category": inputs.category,
         "generated": str(generated),
@@ -73,7 +75,7 @@ def evaluate(
         "real_split": {"train_defects": {t: len(v) for t, v in inputs.train_defects.items()},
                        "test_defects": {t: len(v) for t, v in inputs.test_defects.items()},
                        "train_good": len(inputs.train_good), "test_good": len(inputs.test_good)},
-        "notes": [],
+        "notes": [f"skipped bad real file: {problem}" for problem in inputs.problems],
     }
     by_type = {t: [e.image for e in v] for t, v in inputs.generated.items()}
     if "is" in metrics:

@@ -1,0 +1,136 @@
+"""``anomalygen benchmark``: for each method, generate then evaluate, then one comparison table laid
+out like the seed papers' tables (rows = categories / defect types, columns = methods).
+
+Every method generates ``num_per_type`` samples for each real defect type (``defect_type=t``), so
+that all methods are evaluated on the same types; methods that do not model defect types
+(cutpaste, draem) only carry the label. Each type is one resumable writer run under
+``OUT/<method>/runs/<type>/``; ``OUT/<method>/<category>/`` links them into one MVTec-layout
+folder that ``evaluate`` reads, and holds that method's report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from anomalygen import pipeline
+from anomalygen.data import list_categories, load_category
+from anomalygen.evaluation.report import LOCALIZATION_KEYS
+from anomalygen.evaluation.run import evaluate
+from anomalygen.io import atomic_write_text
+from anomalygen.visualize import Section, write_html
+
+
+def _categories(data: Path, category: str | None) -> list[str]:
+    if category:
+        return [category]
+    return list_categories(data) or [load_category(data, require_good=False).name]
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        return
+    os.symlink(os.path.relpath(target, link.parent), link, target_is_directory=True)
+
+
+def generate_per_type(
+    method: str, data: Path, out: Path, category: str, num_per_type: int, seed: int, skip_bad: bool = False
+) -> Path:
+    """Write ``num_per_type`` samples of every real defect type; return the merged category folder."""
+    real = load_category(data, category, skip_bad=skip_bad)
+    merged = out / method / real.name
+    for defect_type in real.defect_types:
+        run = out / method / "runs" / defect_type
+        result = pipeline.generate(method, data, run, num_per_type, category=category, seed=seed,
+                                   defect_type=defect_type, skip_bad=skip_bad)
+        for part in ("test", "ground_truth"):
+            _link(result.out / part / defect_type, merged / part / defect_type)
+    return merged
+
+
+def benchmark(
+    data: str | Path,
+    methods: Sequence[str],
+    out: str | Path,
+    *,
+    category: str | None = None,
+    num_per_type: int = 500,
+    seed: int = 0,
+    skip_bad: bool = False,
+    **evaluate_options: Any,
+) -> dict[str, Any]:
+    """Generate + evaluate every method on every category; write ``comparison.md`` / ``.html``."""
+    data, out = Path(data), Path(out)
+    reports: dict[str, dict[str, dict[str, Any]]] = {}
+    timings: dict[str, float] = {}
+    for method in methods:
+        started = time.perf_counter()
+        for name in _categories(data, category):
+            merged = generate_per_type(method, data, out, name, num_per_type, seed, skip_bad)
+            reports.setdefault(name, {})[method] = evaluate(merged.parent, data, category=name, out=merged, seed=seed,
+                                                           skip_bad=skip_bad, **evaluate_options)
+        timings[method] = time.perf_counter() - started
+    tables = comparison_tables(reports, list(methods))
+    header = (f"Data: {data}; {num_per_type} generated samples per defect type; seed {seed}. "
+              f"Wall time per method (generate + evaluate): " + ", ".join(f"{m} {t:.0f} s" for m, t in timings.items()))
+    notes = sorted({note for by_method in reports.values() for report in by_method.values() for note in report["notes"]})
+    atomic_write_text(out / "comparison.md", f"# anomalygen benchmark\n\n{header}\n\n" + "".join(f"- {n}\n" for n in notes)
+                      + "\n" + "\n\n".join(f"## {title}\n\n{markdown_table(rows)}" for title, rows in tables.items()) + "\n")
+    write_html(out / "comparison.html", "anomalygen benchmark", [Section("Setup", header + " " + " ".join(notes))] +
+               [Section(title, table=rows) for title, rows in tables.items()])
+    return {"reports": reports, "tables": tables, "timings_s": timings}
+
+
+def _value(section: dict[str, Any], *keys: str) -> Any:
+    """``section[k1][k2]...``; "skipped" where the metric was skipped (see the notes), "—" if absent."""
+    for key in keys:
+        if isinstance(section, dict) and "skipped" in section:
+            return "skipped"
+        if not isinstance(section, dict) or key not in section:
+            return "—"
+        section = section[key]
+    return section
+
+
+def comparison_tables(reports: dict[str, dict[str, dict[str, Any]]], methods: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The papers' layout: rows = category / defect type (+ mean), columns = methods."""
+    quality, classification, localization = [], [], []
+    for name, by_method in reports.items():
+        types = sorted({t for report in by_method.values() for t in report["generated_counts"]})
+        for t in [*types, "mean"]:
+            label = {"category": name, "defect type": t}
+            if t == "mean":
+                quality.append({**label, **{f"{m} IS": _value(by_method[m], "inception_score", "mean") for m in methods},
+                                **{f"{m} IC-LPIPS": _value(by_method[m], "ic_lpips", "mean") for m in methods}})
+                classification.append({**label, **{m: _value(by_method[m], "classification", "accuracy") for m in methods}})
+                continue
+            quality.append({**label, **{f"{m} IS": _value(by_method[m], "inception_score", "per_type", t) for m in methods},
+                            **{f"{m} IC-LPIPS": _value(by_method[m], "ic_lpips", "per_type", t) for m in methods}})
+            classification.append({**label, **{m: _value(by_method[m], "classification", "per_class_accuracy", t) for m in methods}})
+        for protocol in ("clean", "paper"):
+            for key in LOCALIZATION_KEYS:
+                localization.append({"category": name, "protocol": protocol, "metric": key,
+                                     **{m: _value(by_method[m], "localization", protocol, key) for m in methods}})
+    return {
+        "Downstream localisation (U-Net; clean = last epoch, paper = best epoch per metric on the test set)": localization,
+        "Downstream classification accuracy (ResNet-34; mean = over all test images)": classification,
+        "Generation quality (IS higher = better, IC-LPIPS higher = more diverse)": quality,
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A GitHub-flavoured Markdown table; floats with 3 decimals."""
+    if not rows:
+        return "(no rows)"
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
