@@ -5,7 +5,7 @@ Layouts (``layout="auto"`` tells them apart):
 - ``mvtec``: ``train/good``, ``test/good``, ``test/<type>/NNN.png``, masks
   ``ground_truth/<type>/NNN_mask.png`` or named exactly like the image (``NNN.png``).
 - ``loco``: as ``mvtec`` but ``ground_truth/<type>/NNN/000.png, 001.png, ...`` (the union is
-  the mask).
+  the mask); ``validation/good`` is not read.
 - ``visa``: a dataset root holding ``split_csv/1cls.csv`` (columns object, split, label, image,
   mask; paths relative to the root); anomalies form one defect type, ``anomaly``.
 - ``folder``: ``good/``, ``defect/`` and ``mask/`` under the category folder (masks named like
