@@ -152,6 +152,9 @@ def test_overlay_and_grid():
     picture = grid([[image, mask], [None, out]], ["good", "mask"], cell=20, pad=2)
     assert picture.shape == (18 + 2 * 22 + 2, 2 * 22 + 2, 3)
     assert (picture[18 + 2 + 5, 2 + 5] == 100).all()  # first cell, upscaled grey image
+    labelled = grid([[image], [image]], row_labels=["a/b", "c"], cell=20, pad=2)
+    assert labelled.shape == (2 * 22 + 2, 6 * 3 + 2 + 22 + 2, 3)
+    assert (labelled[2:20, :20] < 128).any()  # the label's dark pixels
 
 
 def test_write_html_embeds_and_links(tmp_path):

@@ -45,8 +45,8 @@ def run_demo(
             for entry in read_manifest(result.out / MANIFEST)[:num]:
                 rows.append(sample_row(result.out, entry))
                 captions.append(f"{category}/{entry['defect_type']}")
-        picture = grid(rows, COLUMNS)
-        text = f"{num} samples per category, seed {seed}; rows: " + ", ".join(captions)
+        picture = grid(rows, COLUMNS, row_labels=captions, cell=192)
+        text = f"{num} samples per category, seed {seed}."
         sections.append(Section(method, text=text, images=[(f"{method}: {' | '.join(COLUMNS)}", picture)]))
     return write_html(out / "index.html", "anomalygen demo", sections)
 

@@ -37,33 +37,37 @@ def grid(
     rows: Sequence[Sequence[np.ndarray | None]],
     labels: Sequence[str] | None = None,
     *,
+    row_labels: Sequence[str] | None = None,
     cell: int = 128,
     pad: int = 4,
     background: int = 255,
 ) -> np.ndarray:
     """One RGB image of ``rows`` of images, each fitted into a ``cell``×``cell`` square.
 
-    ``labels`` (optional) head the columns. ``None`` entries leave a cell empty; masks (2-D bool)
-    are shown white on black.
+    ``labels`` (optional) head the columns, ``row_labels`` (optional) stand left of the rows.
+    ``None`` entries leave a cell empty; masks (2-D bool) are shown white on black.
     """
     if not rows:
         raise ValueError("grid needs at least one row")
     columns = max(len(row) for row in rows)
     header = 18 if labels else 0
+    left = 6 * max(len(str(label)) for label in row_labels) + pad if row_labels else 0
     height = header + len(rows) * (cell + pad) + pad
-    width = columns * (cell + pad) + pad
+    width = left + columns * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), (background,) * 3)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     for column, label in enumerate(labels or []):
-        draw.text((pad + column * (cell + pad), 2), str(label)[: cell // 6], fill=(0, 0, 0), font=font)
+        draw.text((left + pad + column * (cell + pad), 2), str(label)[: cell // 6], fill=(0, 0, 0), font=font)
+    for row, label in enumerate(row_labels or []):
+        draw.text((pad, header + pad + row * (cell + pad) + cell // 2 - 6), str(label), fill=(0, 0, 0), font=font)
     for r, row in enumerate(rows):
         for c, item in enumerate(row):
             if item is None:
                 continue
             tile = Image.fromarray(_rgb(item))
             tile.thumbnail((cell, cell), Image.Resampling.BILINEAR)
-            x = pad + c * (cell + pad) + (cell - tile.width) // 2
+            x = left + pad + c * (cell + pad) + (cell - tile.width) // 2
             y = header + pad + r * (cell + pad) + (cell - tile.height) // 2
             canvas.paste(tile, (x, y))
     return np.asarray(canvas)
