@@ -136,3 +136,14 @@ def test_load_goods_limit(tmp_path):
     goods = load_goods(records, limit=2)
     assert len(goods) == 2 and np.array_equal(goods[1], RGB + 1)
     assert len(load_goods(records)) == 4
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_sixteen_bit_rgb(tmp_path, suffix):
+    import cv2
+
+    deep = np.random.default_rng(1).integers(0, 65536, (6, 7, 3)).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / f"d{suffix}"), deep[..., ::-1])
+    image = load_image(tmp_path / f"d{suffix}")
+    assert image.dtype == np.uint8 and image.shape == (6, 7, 3)
+    assert np.abs(image.astype(int) - deep / 257).max() <= 1
