@@ -102,3 +102,20 @@ def test_evaluate_is_seeded_and_clean_only_trains_without_test_selection(tiny, t
     second = evaluate(out, data, category="tiles", metrics=["localization"], out=tmp_path / "b", device="cpu", localization=LocalizationConfig(**config))
     assert "paper" not in first["localization"] and len(first["localization"]["history"]) == 1
     assert first["localization"]["clean"] == second["localization"]["clean"]
+
+
+def test_evaluate_command(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from anomalygen.cli import app
+
+    data, out = tiny
+    common = ["evaluate", "--generated", str(out), "--data", str(data), "--category", "tiles", "--device", "cpu"]
+    bad = CliRunner().invoke(app, [*common, "--metrics", "is,bogus"])
+    assert bad.exit_code == 2 and "unknown metric(s) bogus" in bad.output
+    ok = CliRunner().invoke(app, [*common, "--metrics", "localization", "--protocol", "clean", "--epochs", "1",
+                                  "--samples-per-epoch", "4", "--resolution", "64", "--base", "8",
+                                  "--report-dir", str(tmp_path / "r")])
+    assert ok.exit_code == 0, ok.output
+    report = (tmp_path / "r" / "report.json").read_text()
+    assert '"protocol": "clean"' in report and '"epochs": 1' in report

@@ -148,5 +148,111 @@ def info_table(info: dict[str, Any]) -> Table:
     return table
 
 
+def _evaluation_options(
+    metrics: str, protocol: str, device: Optional[str], epochs: int, samples_per_epoch: int, resolution: int,
+    base: int, batch_size: int, eval_every: int, cls_epochs: int, inception_weights: Optional[Path], lpips_net: str,
+    seed: int, skip_bad: bool,
+) -> dict[str, Any]:
+    from anomalygen.evaluation.classification import ClassificationConfig
+    from anomalygen.evaluation.localization import LocalizationConfig
+
+    return {
+        "metrics": [name.strip() for name in metrics.split(",") if name.strip()],
+        "device": device,
+        "localization": LocalizationConfig(epochs=epochs, samples_per_epoch=samples_per_epoch, resolution=resolution,
+                                           base=base, batch_size=batch_size, protocol=protocol, eval_every=eval_every,
+                                           seed=seed),
+        "classification": ClassificationConfig(epochs=cls_epochs, resolution=resolution, seed=seed),
+        "inception_weights": None if inception_weights is None else str(inception_weights),
+        "lpips_net": lpips_net,
+        "skip_bad": skip_bad,
+    }
+
+
+EVAL_OPTIONS = {
+    "metrics": typer.Option("is,ic-lpips,localization,classification", "--metrics", help="Comma-separated metrics."),
+    "protocol": typer.Option("both", "--protocol", help="paper (best test epoch), clean (last epoch) or both."),
+    "device": typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
+    "epochs": typer.Option(200, "--epochs", help="U-Net epochs (papers: 200)."),
+    "samples_per_epoch": typer.Option(500, "--samples-per-epoch", help="U-Net samples per epoch (papers: 500)."),
+    "resolution": typer.Option(256, "--resolution", help="U-Net / ResNet input size in px (multiple of 32)."),
+    "base": typer.Option(64, "--base", help="U-Net base width (papers: 64)."),
+    "batch_size": typer.Option(8, "--batch-size", help="U-Net batch size."),
+    "eval_every": typer.Option(1, "--eval-every", help="paper protocol: test every N epochs (official: 1)."),
+    "cls_epochs": typer.Option(30, "--cls-epochs", help="ResNet-34 epochs (papers: 30)."),
+    "inception_weights": typer.Option(None, "--inception-weights", help="Inception weights file (else env / torch hub cache)."),
+    "lpips_net": typer.Option("vgg", "--lpips-net", help="IC-LPIPS backbone: vgg or alex."),
+    "seed": typer.Option(0, "--seed"),
+    "skip_bad": typer.Option(False, "--skip-bad", help="Warn about bad real files (e.g. empty masks) and leave them out."),
+}
+
+
+@app.command()
+@user_errors
+def evaluate(
+    generated: Path = typer.Option(..., "--generated", help="Generated output root (OUT/<category>/test/<type>/...)."),
+    data: Path = typer.Option(..., "--data", help="The real dataset root or category folder."),
+    category: Optional[str] = typer.Option(None, "--category"),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where to write report.json/html (default OUT/<category>)."),
+    metrics: str = EVAL_OPTIONS["metrics"],
+    protocol: str = EVAL_OPTIONS["protocol"],
+    device: Optional[str] = EVAL_OPTIONS["device"],
+    epochs: int = EVAL_OPTIONS["epochs"],
+    samples_per_epoch: int = EVAL_OPTIONS["samples_per_epoch"],
+    resolution: int = EVAL_OPTIONS["resolution"],
+    base: int = EVAL_OPTIONS["base"],
+    batch_size: int = EVAL_OPTIONS["batch_size"],
+    eval_every: int = EVAL_OPTIONS["eval_every"],
+    cls_epochs: int = EVAL_OPTIONS["cls_epochs"],
+    inception_weights: Optional[Path] = EVAL_OPTIONS["inception_weights"],
+    lpips_net: str = EVAL_OPTIONS["lpips_net"],
+    seed: int = EVAL_OPTIONS["seed"],
+    skip_bad: bool = EVAL_OPTIONS["skip_bad"],
+) -> None:
+    """Evaluate generated defects: IS, IC-LPIPS, downstream U-Net localisation, ResNet-34 classification."""
+    from anomalygen.evaluation.run import evaluate as run_evaluation
+
+    options = _evaluation_options(metrics, protocol, device, epochs, samples_per_epoch, resolution, base,
+                                  batch_size, eval_every, cls_epochs, inception_weights, lpips_net, seed, skip_bad)
+    report = run_evaluation(generated, data, category=category, out=report_dir, seed=seed, **options)
+    for note in report["notes"]:
+        _warn(note)
+    console.print(f"report: {' and '.join(report['files'])}", highlight=False)
+
+
+@app.command()
+@user_errors
+def benchmark(
+    data: Path = typer.Option(..., "--data", help="The real dataset root or category folder."),
+    methods: str = typer.Option("cutpaste,croppaste,draem", "--methods", help="Comma-separated method names."),
+    out: Path = typer.Option(..., "--out", help="Benchmark folder (samples, reports, comparison.md/html)."),
+    category: Optional[str] = typer.Option(None, "--category", help="One category (default: every category)."),
+    num_per_type: int = typer.Option(500, "--num-per-type", help="Generated samples per defect type (papers: 500)."),
+    metrics: str = EVAL_OPTIONS["metrics"],
+    protocol: str = EVAL_OPTIONS["protocol"],
+    device: Optional[str] = EVAL_OPTIONS["device"],
+    epochs: int = EVAL_OPTIONS["epochs"],
+    samples_per_epoch: int = EVAL_OPTIONS["samples_per_epoch"],
+    resolution: int = EVAL_OPTIONS["resolution"],
+    base: int = EVAL_OPTIONS["base"],
+    batch_size: int = EVAL_OPTIONS["batch_size"],
+    eval_every: int = EVAL_OPTIONS["eval_every"],
+    cls_epochs: int = EVAL_OPTIONS["cls_epochs"],
+    inception_weights: Optional[Path] = EVAL_OPTIONS["inception_weights"],
+    lpips_net: str = EVAL_OPTIONS["lpips_net"],
+    seed: int = EVAL_OPTIONS["seed"],
+    skip_bad: bool = EVAL_OPTIONS["skip_bad"],
+) -> None:
+    """Generate with each method, evaluate each, and write one comparison table (Markdown + HTML)."""
+    from anomalygen.benchmark import benchmark as run_benchmark
+
+    options = _evaluation_options(metrics, protocol, device, epochs, samples_per_epoch, resolution, base,
+                                  batch_size, eval_every, cls_epochs, inception_weights, lpips_net, seed, skip_bad)
+    chosen = [name.strip() for name in methods.split(",") if name.strip()]
+    result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, seed=seed, **options)
+    console.print(f"comparison: {out / 'comparison.md'} ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
+                  highlight=False)
+
+
 if __name__ == "__main__":
     app()
