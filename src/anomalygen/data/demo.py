@@ -142,7 +142,9 @@ def fabric_hole(good: np.ndarray, region: np.ndarray, rng: np.random.Generator) 
     fringe = rim & (rng.random(rim.shape) > 0.35)
     image = good.astype(np.float32) / 255
     backing = 0.07 + 0.03 * _noise(rng, size, (1.5, 1.5))[..., None]
-    image = np.where(inside[..., None], backing, image)
+    loose = sum(_curve(rng, size, _pick(rng, inside), rng.uniform(0.03, 0.08) * size, 1) for _ in range(2))
+    thread = image[rim].mean(axis=0) * np.clip(loose, 0, 1)[..., None]
+    image = np.where(inside[..., None], np.maximum(backing, thread), image)  # dark, crossed by loose threads
     image = np.where(fringe[..., None], image * 0.55 + 0.35, image)
     return _finish(good, image, (inside | fringe) & region)
 
