@@ -82,6 +82,10 @@ def test_require_good(tmp_path):
         load_category(out)
     data = load_category(out, require_good=False)
     assert (data.train_good, data.test_good, list(data.defects)) == ([], [], ["crack"])
+    (out / "train/good").mkdir(parents=True)
+    (out / "train/good/notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"generated/train/good: no images"):
+        load_category(out)
 
 
 def test_missing_mask_raises_or_is_skipped(tmp_path):

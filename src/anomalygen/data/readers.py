@@ -118,7 +118,10 @@ def _read_mvtec(root: Path, loco: bool, require_good: bool, problems: list[str] 
         records = _defect_records(type_dir, type_dir.name, finder, problems)
         if records:
             defects[type_dir.name] = records
-    return _goods(root / "train" / "good"), _goods(root / "test" / "good"), defects
+    train = _goods(root / "train" / "good")
+    if require_good and not train:
+        raise DataError(root / "train" / "good", "no images (PNG, JPG, BMP or TIFF) in this folder")
+    return train, _goods(root / "test" / "good"), defects
 
 
 def _visa_rows(dataset_root: Path) -> list[dict[str, str]]:
