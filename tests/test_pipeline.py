@@ -124,3 +124,25 @@ def test_bad_num_and_missing_method(tmp_path, tiny_root):
         pipeline.generate("fake", tiny_root, tmp_path, 0)
     with pytest.raises(AnomalygenError, match="give --method"):
         pipeline.generate(None, tiny_root, tmp_path, 1)
+
+
+@pytest.mark.parametrize("method", ["cutpaste", "croppaste", "draem"])
+def test_model_free_kill_between_image_and_mask_then_resume(tmp_path, tiny_root, method, monkeypatch):
+    import anomalygen.io
+
+    whole = pipeline.generate(method, tiny_root, tmp_path / "whole", 4, seed=3)
+    real_save = anomalygen.io.save_png
+
+    def killed_at_third_mask(path, array):
+        if path.name == "002_mask.png":
+            raise KeyboardInterrupt("simulated kill")
+        real_save(path, array)
+
+    monkeypatch.setattr(anomalygen.io, "save_png", killed_at_third_mask)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.generate(method, tiny_root, tmp_path / "killed", 4, seed=3)
+    monkeypatch.setattr(anomalygen.io, "save_png", real_save)
+    assert len(read_manifest(tmp_path / "killed" / "nut" / MANIFEST)) == 2
+    resumed = pipeline.generate(method, tiny_root, tmp_path / "killed", 4, seed=3)
+    assert (resumed.written, resumed.total) == (2, 4)
+    assert tree_bytes(resumed.out) == tree_bytes(whole.out)

@@ -148,7 +148,7 @@ def generate(
             task = progress.add_task(f"{generator.name} {category_data.name}", total=num, completed=start)
             for sample in samples:
                 index = sample.meta.get("source_index")
-                writer.add(sample, source=None if index is None else category_data.train_good[index].path)
+                writer.add(sample, source=None if index is None else category_data.train_good[index].path.resolve())
                 progress.advance(task)
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done)
 
