@@ -12,8 +12,8 @@ from torchvision.transforms.v2 import functional as TF
 
 def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (H, W, 3) and bool (H, W) -> float image (3, H, W) in [-1, 1], mask (1, H, W)."""
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
-    return img, torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+    img = torch.tensor(np.asarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+    return img, torch.tensor(np.asarray(mask)).float()[None]
 
 
 def crop_box(mask: torch.Tensor, rng: np.random.Generator,

@@ -1,0 +1,404 @@
+"""AnomalyDiffusion (Hu et al., "AnomalyDiffusion: Few-Shot Anomaly Image Generation with
+Diffusion Model", AAAI 2024) as an ``AnomalyGenerator`` on the shared diffusion core.
+
+fit: per defect type an anomaly embedding e_a (k tokens) and one spatial encoder E per category
+are learned with the masked diffusion loss (Eqs. 4-6), the diffusion model frozen; with
+``mask_source="learned"`` a mask embedding e_m (k' tokens) per type is learned too (Eq. 9).
+generate: a mask (given, sampled from e_m and filtered, or an augmented training mask), then
+blended latent diffusion of the good image conditioned on {e_a, E(m)} with Adaptive Attention
+Re-weighting (Eqs. 7-8) at every step; the good image is pasted back outside the mask.
+
+The ablation switches ``spatial_embedding``, ``masked_loss`` and ``aar`` are the rows of the
+paper's Table 4.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from anomalygen.diffusion.attention import LogitReweight, install_hooks, remove_hooks, select_layers
+from anomalygen.diffusion.backbone import Backbone, load_backbone
+from anomalygen.diffusion.conditioning import PromptEncoder
+from anomalygen.diffusion.sampling import (
+    StepState, blended_generate, decode_latents, encode_images, sample_generators, sample_latents, to_tensor,
+)
+from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.masks import augment_mask
+from anomalygen.methods.anomalydiffusion.aar import AAR_VARIANTS, latent_weights, paper_weights
+from anomalygen.methods.anomalydiffusion.augment import augment_pair
+from anomalygen.methods.anomalydiffusion.embedding import TypeTokens
+from anomalygen.methods.anomalydiffusion.loss import latent_mask, masked_diffusion_loss
+from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize
+from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, SpatialEncoder
+from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.types import AnomalySample, DefectExample
+
+ANOMALY, SPATIAL, MASK = "<anomaly>", "<spatial>", "<mask>"
+STATE_FILE = "anomalydiffusion.safetensors"
+META_FILE = "anomalydiffusion.json"
+MASK_DIR = "training_masks"
+
+DEFAULTS: dict[str, Any] = {
+    "model": None,  # hub id, local diffusers folder or "tiny"; None = $ANOMALYGEN_MODEL or SD 1.5
+    "max_steps": 2000,
+    "time_budget_s": None,
+    "device": None,
+    "mixed_precision": "no",
+    "resolution": 256,
+    "batch_size": 4,
+    "lr": None,  # None = 5e-3 × batch_size, as the official code scales it
+    "seed": 0,
+    "num_anomaly_tokens": 8,  # k (paper; the official code uses 4)
+    "num_spatial_tokens": 4,  # n
+    "spatial_encoder": None,  # "resnet50" | "tiny"; None = "tiny" for the tiny model, else "resnet50"
+    "init_word": "defect",
+    "aar": "latent",  # "latent" (official code) | "paper" (Eq. 7) | "off"
+    "aar_dilation_scale": 8,
+    "masked_loss": True,
+    "spatial_embedding": True,
+    "mask_source": "learned",  # "learned" (Eq. 9) | "augment" (augmented training masks)
+    "mask_tokens": 4,  # k'
+    "sampler": "ddim",
+    "num_inference_steps": 200,
+    "eta": 1.0,
+    "guidance_scale": 1.0,
+    "mask_sampler": "ddim",
+    "mask_inference_steps": 100,
+    "mask_guidance_scale": 5.0,
+    "mask_threshold": 0.8,
+    "mask_tries": 8,
+    "generate_batch_size": 8,
+}
+
+
+class AnomalyDiffusion(AnomalyGenerator):
+    """Few-shot anomaly image + mask generation with spatial anomaly embeddings and AAR."""
+
+    name = "anomalydiffusion"
+
+    def __init__(self, **options: Any):
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise AnomalygenError(f"anomalydiffusion: unknown option(s) {unknown}; known: {sorted(DEFAULTS)}")
+        super().__init__(**options)
+        self.opt = {**DEFAULTS, **options}
+        if self.opt["aar"] not in AAR_VARIANTS:
+            raise AnomalygenError(f"anomalydiffusion: aar must be one of {AAR_VARIANTS}, got {self.opt['aar']!r}")
+        if self.opt["mask_source"] not in ("learned", "augment"):
+            raise AnomalygenError(f"anomalydiffusion: mask_source must be 'learned' or 'augment', got {self.opt['mask_source']!r}")
+        self._backbone: Backbone | None = None
+        self._defect_types: list[str] = []
+        self.training_masks: dict[str, list[np.ndarray]] = {}
+        self.mask_stats: dict[str, MaskStats] = {}
+        self.loss_log: list[float] = []
+
+    # ----------------------------------------------------------------- components
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.opt["model"], device=self.opt["device"],
+                                           dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
+        return self._backbone
+
+    def _build(self, types: list[str]) -> None:
+        """Prompt encoder, e_a, e_m and E for ``types`` (all on the backbone's device, fp32)."""
+        backbone, opt = self.backbone, self.opt
+        counts = {ANOMALY: opt["num_anomaly_tokens"], SPATIAL: opt["num_spatial_tokens"], MASK: opt["mask_tokens"]}
+        self.prompts = PromptEncoder(backbone.text_encoder, backbone.tokenizer, counts)
+        init = self.prompts.word_embedding(opt["init_word"]).float()
+        self.anomaly_tokens = TypeTokens(types, opt["num_anomaly_tokens"], init).to(backbone.device)
+        self.mask_tokens = TypeTokens(types, opt["mask_tokens"], init).to(backbone.device)
+        preset = opt["spatial_encoder"] or ("tiny" if backbone.untrained else "resnet50")
+        if preset not in PRESETS:
+            raise AnomalygenError(f"anomalydiffusion: spatial_encoder must be one of {sorted(PRESETS)}, got {preset!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(opt["seed"])
+            self.spatial_encoder = SpatialEncoder.from_preset(
+                preset, opt["num_spatial_tokens"], self.prompts.embedding_dim).to(backbone.device)
+        self._defect_types = list(types)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        params = [self.anomaly_tokens.tokens]
+        if self.opt["spatial_embedding"]:
+            params += list(self.spatial_encoder.parameters())
+        if self.opt["mask_source"] == "learned":
+            params.append(self.mask_tokens.tokens)
+        return params
+
+    def condition(self, type_indices: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """e = {e_a, E(m)} through the text encoder (Eq. 4): (B, 77, D) cross-attention context.
+
+        ``masks`` (B, 1, H, W) in {0, 1}; without the spatial embedding (ablation) only e_a."""
+        vectors = {ANOMALY: self.anomaly_tokens(type_indices)}
+        prompt = ANOMALY
+        if self.opt["spatial_embedding"]:
+            vectors[SPATIAL] = self.spatial_encoder(masks.to(self.backbone.device))
+            prompt = f"{ANOMALY} {SPATIAL}"
+        return self.prompts([prompt] * len(type_indices), vectors)
+
+    # ----------------------------------------------------------------- training
+    def _noised(self, latents: torch.Tensor, generator: torch.Generator):
+        scheduler = self.backbone.noise_scheduler()
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        timesteps = torch.randint(0, self.backbone.num_train_timesteps, (latents.shape[0],), generator=generator)
+        return scheduler.add_noise(latents, noise, timesteps.to(latents.device)), noise, timesteps.to(latents.device)
+
+    def _eps(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        unet = self.backbone.unet
+        return unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=context.to(unet.dtype)).sample.float()
+
+    def training_loss(self, defects: Sequence[DefectExample], type_indices: list[int],
+                      rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
+        """One batch: masked diffusion loss of the SAE (Eqs. 5-6) + mask textual inversion (Eq. 9).
+
+        The two objectives train disjoint parameters, so summing them equals training them apart.
+        """
+        size = self.opt["resolution"]
+        picks = rng.integers(0, len(defects), self.opt["batch_size"])
+        pairs = [augment_pair(defects[p].image, defects[p].mask, rng, size) for p in picks]
+        images = torch.stack([p[0] for p in pairs])
+        masks = torch.stack([p[1] for p in pairs])
+        types = torch.tensor([type_indices[p] for p in picks], device=self.backbone.device)
+        latents = encode_images(self.backbone, (images + 1) / 2)
+        noisy, noise, timesteps = self._noised(latents, generator)
+        context = self.condition(types, masks).hidden_states
+        eps = self._eps(noisy, timesteps, context)
+        weight = latent_mask(masks, tuple(latents.shape[-2:])).to(eps.device)
+        loss = masked_diffusion_loss(eps, noise, weight if self.opt["masked_loss"] else torch.ones_like(weight))
+        if self.opt["mask_source"] == "learned":
+            mask_latents = encode_images(self.backbone, masks.expand(-1, 3, -1, -1))
+            noisy, noise, timesteps = self._noised(mask_latents, generator)
+            context = self.prompts([MASK] * len(types), {MASK: self.mask_tokens(types)}).hidden_states
+            loss = loss + F.mse_loss(self._eps(noisy, timesteps, context), noise)
+        return loss
+
+    def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
+        if not defects:
+            raise DataError(None, "anomalydiffusion needs at least one training defect image with its mask")
+        types = sorted({d.defect_type for d in defects})
+        self._build(types)
+        index = {t: i for i, t in enumerate(types)}
+        type_indices = [index[d.defect_type] for d in defects]
+        size = self.opt["resolution"]
+        self.training_masks = {t: [d.mask for d in defects if d.defect_type == t] for t in types}
+        self.mask_stats = {t: MaskStats.from_masks([_resize_mask(m, (size, size)) for m in ms])
+                           for t, ms in self.training_masks.items()}
+        self.loss_log = self._train(defects, type_indices)
+
+    def _train(self, defects: Sequence[DefectExample], type_indices: list[int]) -> list[float]:
+        """Adam (lr 5e-3 × batch by default, as the official code) on e_a, E and e_m for
+        ``max_steps`` steps or until ``time_budget_s`` runs out; returns the loss per step."""
+        opt = self.opt
+        optimizer = torch.optim.Adam(self._trainable(), lr=opt["lr"] or 5e-3 * opt["batch_size"])
+        rng = np.random.default_rng(np.random.SeedSequence([opt["seed"], 0]))
+        generator = torch.Generator().manual_seed(int(opt["seed"]))
+        deadline = None if opt["time_budget_s"] is None else time.monotonic() + float(opt["time_budget_s"])
+        log = []
+        for _ in tqdm(range(int(opt["max_steps"])), desc="anomalydiffusion fit", leave=False):
+            loss = self.training_loss(defects, type_indices, rng, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            log.append(float(loss))
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        return log
+
+    # ----------------------------------------------------------------- masks
+    def _sample_masks(self, type_indices: list[int], seeds: list[np.random.SeedSequence]) -> list[np.ndarray | None]:
+        """Masks from e_m (Eq. 9): guided DDIM from noise, decode, threshold; None where rejected."""
+        backbone, opt = self.backbone, self.opt
+        size = opt["resolution"]
+        factor = backbone.vae_scale_factor
+        types = torch.tensor(type_indices, device=backbone.device)
+        with torch.no_grad():
+            context = self.prompts([MASK] * len(types), {MASK: self.mask_tokens(types)}).hidden_states
+            uncond = self.prompts([""]).hidden_states
+            generators = [torch.Generator().manual_seed(int(s.generate_state(1)[0])) for s in seeds]
+            latents = sample_latents(
+                backbone, context, generators, latent_size=(size // factor, size // factor),
+                sampler=opt["mask_sampler"], num_inference_steps=opt["mask_inference_steps"],
+                guidance_scale=opt["mask_guidance_scale"], uncond_hidden_states=uncond)
+            masks = binarize(decode_latents(backbone, latents) * 2 - 1, opt["mask_threshold"]).cpu().numpy()
+        out: list[np.ndarray | None] = []
+        for mask, t in zip(masks, type_indices):
+            out.append(None if self.mask_stats[self._defect_types[t]].rejection(mask) else mask)
+        return out
+
+    def _augmented_mask(self, defect_type: str, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+        masks = self.training_masks[defect_type]
+        return augment_mask(masks[int(rng.integers(len(masks)))], rng, shape=shape)
+
+    def _masks_for(self, indices: list[int], types: list[int], good_shapes: list[tuple[int, int]],
+                   seed: int) -> tuple[list[np.ndarray], list[str]]:
+        """Learned masks with rejection (up to ``mask_tries`` draws each, then an augmented
+        training mask), or augmented training masks, at each good image's size."""
+        result: dict[int, tuple[np.ndarray, str]] = {}
+        if self.opt["mask_source"] == "learned":
+            pending = list(range(len(indices)))
+            for attempt in range(self.opt["mask_tries"]):
+                if not pending:
+                    break
+                seeds = [np.random.SeedSequence([seed, indices[j], 1, attempt]) for j in pending]
+                sampled = self._sample_masks([types[j] for j in pending], seeds)
+                for j, mask in zip(pending, sampled):
+                    if mask is not None:
+                        result[j] = (_resize_mask(mask, good_shapes[j]), f"learned (draw {attempt + 1})")
+                pending = [j for j in pending if j not in result]
+        for j in range(len(indices)):
+            if j not in result:
+                rng = np.random.default_rng(np.random.SeedSequence([seed, indices[j], 2]))
+                source = "augment" if self.opt["mask_source"] == "augment" else "augment (learned masks rejected)"
+                result[j] = (self._augmented_mask(self._defect_types[types[j]], rng, good_shapes[j]), source)
+        return [result[j][0] for j in range(len(indices))], [result[j][1] for j in range(len(indices))]
+
+    # ----------------------------------------------------------------- generation
+    def _aar_callback(self, hook: LogitReweight, good: torch.Tensor, masks: torch.Tensor):
+        """Per-step AAR (Eqs. 7-8): set the hook's weight map before each UNet call."""
+        opt, backbone = self.opt, self.backbone
+        if opt["aar"] == "latent":
+            def callback(state: StepState) -> None:
+                hook.weights = latent_weights(state.latents, state.known_latents, state.mask, int(state.timestep),
+                                              scale=opt["aar_dilation_scale"],
+                                              num_train_timesteps=backbone.num_train_timesteps)[:, None]
+            return callback, None
+        # paper: x̂0 of the previous step (the UNet's ε recorded by a forward hook), decoded
+        scheduler = backbone.noise_scheduler()
+        previous: dict[str, torch.Tensor] = {}
+
+        def record(module, inputs, output):
+            eps = output.sample.float()
+            if eps.shape[0] == 2 * good.shape[0]:
+                uncond, cond = eps.chunk(2)
+                eps = uncond + opt["guidance_scale"] * (cond - uncond)
+            previous["eps"] = eps
+
+        def callback(state: StepState) -> None:
+            if "eps" in previous:
+                alpha = scheduler.alphas_cumprod[int(previous["t"])].to(state.latents.device)
+                x0 = (previous["latents"] - (1 - alpha).sqrt() * previous["eps"]) / alpha.sqrt()
+                hook.weights = paper_weights(decode_latents(backbone, x0), good, masks)[:, None]
+            previous["latents"], previous["t"] = state.latents.float(), state.timestep
+
+        return callback, backbone.unet.register_forward_hook(record)
+
+    def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
+                 seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
+        if not self._defect_types or not hasattr(self, "anomaly_tokens"):
+            raise AnomalygenError("anomalydiffusion: call fit() or load a fitted model before generate()")
+        if not good:
+            raise DataError(None, "anomalydiffusion.generate needs at least one good image")
+        if defect_type is not None:
+            self.anomaly_tokens.index(defect_type)
+        chunk = max(1, int(self.opt["generate_batch_size"]))
+        for first in range(start, start + n, chunk):
+            yield from self._generate_batch(good, list(range(first, min(first + chunk, start + n))),
+                                            masks, seed, defect_type)
+
+    def _generate_batch(self, good, indices, given_masks, seed, defect_type) -> list[AnomalySample]:
+        opt, backbone = self.opt, self.backbone
+        types, sources = [], []
+        for i in indices:
+            rng = sample_rng(seed, i)
+            name = defect_type or self._defect_types[i % len(self._defect_types)]
+            types.append(self._defect_types.index(name))
+            sources.append(int(rng.integers(len(good))))
+        images = [np.asarray(good[s]) for s in sources]
+        if given_masks is not None:
+            chosen = [np.asarray(given_masks[i % len(given_masks)], bool) for i in indices]
+            masks = [m if m.shape == im.shape[:2] else _resize_mask(m, im.shape[:2]) for m, im in zip(chosen, images)]
+            mask_sources = ["given"] * len(indices)
+        else:
+            masks, mask_sources = self._masks_for(indices, types, [im.shape[:2] for im in images], seed)
+        size = opt["resolution"]
+        square = torch.stack([torch.from_numpy(_resize_mask(m, (size, size))) for m in masks])[:, None].float()
+        sampling = dict(sampler=opt["sampler"], num_inference_steps=opt["num_inference_steps"], eta=opt["eta"],
+                        guidance_scale=opt["guidance_scale"], progress=len(indices) > 1)
+        handle = None
+        if opt["aar"] != "off":
+            hook = LogitReweight()
+            install_hooks(backbone.unet, lambda layer: [hook], select_layers(backbone.unet, kinds=("cross",)))
+            sampling["callback"], handle = self._aar_callback(
+                hook, to_tensor(images, (size, size)).to(backbone.device), square.to(backbone.device))
+        try:
+            with torch.no_grad():
+                encoded = self.condition(torch.tensor(types, device=backbone.device), square)
+                if opt["aar"] != "off":
+                    hook.positions = encoded.positions[ANOMALY]
+                if opt["guidance_scale"] > 1:
+                    sampling["uncond_hidden_states"] = self.prompts([""]).hidden_states
+                outputs = blended_generate(backbone, encoded.hidden_states, images, masks,
+                                           sample_generators(seed, indices), resolution=size, **sampling)
+        finally:
+            if handle is not None:
+                handle.remove()
+            if opt["aar"] != "off":
+                remove_hooks(backbone.unet)
+        return [
+            AnomalySample(image=out, mask=mask, defect_type=self._defect_types[t], prompt=None,
+                          meta={"source_index": src, "mask_source": ms, "aar": opt["aar"], "model": backbone.label})
+            for out, mask, t, src, ms in zip(outputs, masks, types, sources, mask_sources)
+        ]
+
+    # ----------------------------------------------------------------- persistence
+    def save_state(self, directory: Path) -> None:
+        tensors = {"anomaly_tokens": self.anomaly_tokens.tokens.detach().cpu().contiguous(),
+                   "mask_tokens": self.mask_tokens.tokens.detach().cpu().contiguous()}
+        tensors.update({f"spatial_encoder.{k}": v.detach().cpu().contiguous()
+                        for k, v in self.spatial_encoder.state_dict().items()})
+        save_file(tensors, str(directory / STATE_FILE))
+        meta = {"defect_types": self._defect_types, "mask_stats": {t: s.to_json() for t, s in self.mask_stats.items()},
+                "training_masks": {}, "loss_log": self.loss_log}
+        for t, ms in self.training_masks.items():
+            folder = directory / MASK_DIR / f"{self._defect_types.index(t):03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            names = []
+            for j, m in enumerate(ms):
+                cv2.imwrite(str(folder / f"{j:03d}.png"), m.astype(np.uint8) * 255)
+                names.append(f"{MASK_DIR}/{folder.name}/{j:03d}.png")
+            meta["training_masks"][t] = names
+        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+
+    def load_state(self, directory: Path) -> None:
+        state_path, meta_path = directory / STATE_FILE, directory / META_FILE
+        for path in (state_path, meta_path):
+            if not path.is_file():
+                raise DataError(path, "missing: not a fitted anomalydiffusion model folder")
+        meta = json.loads(meta_path.read_text())
+        self._build(meta["defect_types"])
+        tensors = load_file(str(state_path), device=str(self.backbone.device))
+        with torch.no_grad():
+            self.anomaly_tokens.tokens.copy_(tensors.pop("anomaly_tokens"))
+            self.mask_tokens.tokens.copy_(tensors.pop("mask_tokens"))
+        prefix = "spatial_encoder."
+        self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
+        self.mask_stats = {t: MaskStats(**s) for t, s in meta["mask_stats"].items()}
+        self.training_masks = {}
+        for t, names in meta["training_masks"].items():
+            masks = []
+            for name in names:
+                image = cv2.imread(str(directory / name), cv2.IMREAD_GRAYSCALE)
+                if image is None:
+                    raise DataError(directory / name, "unreadable training mask of the fitted model")
+                masks.append(image > 127)
+            self.training_masks[t] = masks
+        self.loss_log = list(meta.get("loss_log", []))
+
+
+def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a bool mask to ``shape`` (H, W)."""
+    if mask.shape == tuple(shape):
+        return np.asarray(mask, bool)
+    return cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+
