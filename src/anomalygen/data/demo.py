@@ -14,6 +14,7 @@ Every defect changes the good image only inside its mask, and visibly everywhere
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,9 +39,17 @@ def _field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     return field / (field.std() + 1e-6)
 
 
+@functools.lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (y, x) as float32 (H, W) arrays, shared read-only."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    y.flags.writeable = x.flags.writeable = False
+    return y, x
+
+
 def _lighting(rng: np.random.Generator, size: int) -> np.ndarray:
     """A global gain times a linear gradient in a random direction, as (H, W, 1)."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    y, x = (c / size - 0.5 for c in _grid(size))
     gx, gy = (float(g) for g in rng.uniform(-0.2, 0.2, 2))
     return (rng.uniform(0.85, 1.12) * (1 + gx * x + gy * y))[..., None]
 
@@ -178,7 +187,7 @@ def render_nut(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
 
     Returns the image and the nut's face (where defects may go).
     """
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    y, x = _grid(size)
     cx, cy = (size / 2 + float(d) * size for d in rng.uniform(-0.07, 0.07, 2))
     radius = size * rng.uniform(0.3, 0.33)
     turn = rng.uniform(0, np.pi / 3)
@@ -198,15 +207,14 @@ def render_nut(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
 
     dx, dy = x - cx, y - cy
     r = np.hypot(dx, dy)
-    phi = np.arctan2(dy, dx)
-    towards_light = np.cos(phi - light)
+    towards_light = (dx * np.cos(light) + dy * np.sin(light)) / np.maximum(r, 1e-3)  # cos(angle to light)
     machining = 0.025 * np.sin(2 * np.pi * r / 2.5 + 0.8 * _noise(rng, size, (2.0, 2.0)))
     metal = 0.6 + 0.08 * ((dx * np.cos(light) + dy * np.sin(light)) / radius) + machining
     chamfer_start = radius * 0.84
     chamfer = np.clip((r - chamfer_start) / 2, 0, 1)
     metal = metal * (1 - chamfer) + chamfer * (0.5 + 0.22 * towards_light)
     bore, thread_start = radius * 0.45, radius * 0.33
-    threads = 0.22 + 0.07 * np.sin(2 * np.pi * (r + 0.3 * phi) / (0.035 * radius)) - 0.1 * towards_light
+    threads = 0.22 + 0.07 * np.sin(2 * np.pi * r / (0.035 * radius)) - 0.1 * towards_light
     in_bore = np.clip(bore - r + 0.5, 0, 1)
     through = np.clip(thread_start - r + 0.5, 0, 1)
     metal = metal * (1 - in_bore) + in_bore * (threads * (1 - through) + 0.6 * background.mean() * through)
