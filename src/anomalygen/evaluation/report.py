@@ -40,16 +40,15 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], size: int = 320, marg
     return np.asarray(canvas)
 
 
-def sample_grid(generated: dict[str, list[DefectExample]], per_type: int = 4) -> np.ndarray:
-    """Rows of (image, overlay) pairs: the first ``per_type`` generated samples of each type."""
-    rows = []
-    for examples in generated.values():
+def sample_grids(generated: dict[str, list[DefectExample]], per_type: int = 4) -> list[tuple[str, np.ndarray]]:
+    """One captioned grid per defect type: (image, mask overlay) of its first ``per_type`` samples."""
+    grids = []
+    for defect_type, examples in generated.items():
         row: list[np.ndarray] = []
         for example in examples[:per_type]:
             row += [example.image, overlay(example.image, example.mask)]
-        rows.append(row)
-    labels = ["image", "mask overlay"] * per_type
-    return grid(rows, labels)
+        grids.append((defect_type, grid([row], ["image", "mask overlay"] * len(examples[:per_type]))))
+    return grids
 
 
 def _per_type_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -96,6 +95,6 @@ def write_report(report: dict[str, Any], out: Path, generated: dict[str, list[De
     if "confusion_matrix" in cls:
         rows = [{"true \\ predicted": t, **dict(zip(cls["classes"], row))} for t, row in zip(cls["classes"], cls["confusion_matrix"])]
         sections.append(Section("Classification confusion matrix", f"ResNet-34 weights: {cls['weights']}", table=rows))
-    sections.append(Section("Generated samples", images=[("first samples of each type", sample_grid(generated))]))
+    sections.append(Section("Generated samples (first of each defect type)", images=sample_grids(generated)))
     html_path = write_html(out / "report.html", f"anomalygen evaluation: {report['category']}", sections)
     return json_path, html_path
