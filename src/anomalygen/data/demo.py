@@ -270,10 +270,11 @@ CATEGORIES: dict[str, tuple[Render, dict[str, Defect]]] = {
 
 def _apply(defect: Defect, good: np.ndarray, region: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Draw the defect again (same ``rng`` stream) until it covers at least 1/2000 of the image."""
-    while True:
+    for _ in range(100):
         image, mask = defect(good, region, rng)
         if mask.sum() >= mask.size / 2000:
             return image, mask
+    raise ValueError(f"could not place a {defect.__name__} defect of at least {mask.size // 2000} pixels")
 
 
 def render_pair(category: str, defect_type: str, seed: int, size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -308,6 +309,8 @@ def make_demo_dataset(
     defect type with ``NNN_mask.png`` masks (0/255). Image ``i`` of a split depends only on
     ``(seed, category, split, i)``.
     """
+    if size < 64:
+        raise ValueError(f"demo images need size >= 64, got {size}")
     root = Path(out_dir)
     jobs = []
     for c, category in enumerate(categories):
