@@ -26,7 +26,7 @@ def toy_data(seed=0):
         mask = np.zeros((40, 48), bool)
         mask[10 + i:20 + i, 12:30] = True
         defects.append(DefectExample(image, mask, ["crack", "hole"][i % 2]))
-    good = [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    good = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(40, 48, 3), (36, 52, 3), (40, 48, 3)]]
     return defects, good
 
 

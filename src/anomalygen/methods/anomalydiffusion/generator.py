@@ -321,6 +321,25 @@ class AnomalyDiffusion(AnomalyGenerator):
             mask_sources = ["given"] * len(indices)
         else:
             masks, mask_sources = self._masks_for(indices, types, [im.shape[:2] for im in images], seed)
+        outputs: list[np.ndarray | None] = [None] * len(indices)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for j, image in enumerate(images):  # the core batches images of one size
+            by_shape.setdefault(image.shape, []).append(j)
+        for group in by_shape.values():
+            made = self._sample_images([images[j] for j in group], [masks[j] for j in group],
+                                       [types[j] for j in group], [indices[j] for j in group], seed)
+            for j, image in zip(group, made):
+                outputs[j] = image
+        return [
+            AnomalySample(image=out, mask=mask, defect_type=self._defect_types[t], prompt=None,
+                          meta={"source_index": src, "mask_source": ms, "aar": opt["aar"], "model": backbone.label})
+            for out, mask, t, src, ms in zip(outputs, masks, types, sources, mask_sources)
+        ]
+
+    def _sample_images(self, images: list[np.ndarray], masks: list[np.ndarray], types: list[int],
+                       indices: list[int], seed: int) -> list[np.ndarray]:
+        """Blended latent diffusion of same-size good images conditioned on {e_a, E(m)}, with AAR."""
+        opt, backbone = self.opt, self.backbone
         size = opt["resolution"]
         square = torch.stack([torch.from_numpy(_resize_mask(m, (size, size))) for m in masks])[:, None].float()
         sampling = dict(sampler=opt["sampler"], num_inference_steps=opt["num_inference_steps"], eta=opt["eta"],
@@ -338,18 +357,13 @@ class AnomalyDiffusion(AnomalyGenerator):
                     hook.positions = encoded.positions[ANOMALY]
                 if opt["guidance_scale"] > 1:
                     sampling["uncond_hidden_states"] = self.prompts([""]).hidden_states
-                outputs = blended_generate(backbone, encoded.hidden_states, images, masks,
-                                           sample_generators(seed, indices), resolution=size, **sampling)
+                return blended_generate(backbone, encoded.hidden_states, images, masks,
+                                        sample_generators(seed, indices), resolution=size, **sampling)
         finally:
             if handle is not None:
                 handle.remove()
             if opt["aar"] != "off":
                 remove_hooks(backbone.unet)
-        return [
-            AnomalySample(image=out, mask=mask, defect_type=self._defect_types[t], prompt=None,
-                          meta={"source_index": src, "mask_source": ms, "aar": opt["aar"], "model": backbone.label})
-            for out, mask, t, src, ms in zip(outputs, masks, types, sources, mask_sources)
-        ]
 
     # ----------------------------------------------------------------- persistence
     def save_state(self, directory: Path) -> None:
