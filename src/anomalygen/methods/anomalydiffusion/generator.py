@@ -210,7 +210,7 @@ class AnomalyDiffusion(AnomalyGenerator):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            log.append(float(loss))
+            log.append(float(loss.detach()))
             if deadline is not None and time.monotonic() > deadline:
                 break
         return log

@@ -1,0 +1,142 @@
+"""AnomalyDiffusion speed with full-size Stable-Diffusion-1.5-architecture components (random weights).
+
+Measures, per dtype: training steps/s of the spatial anomaly embedding + mask embedding (one
+``training_loss`` + backward + Adam step, batch ``--train-batch``, 256 px), sampling images/s
+with each AAR variant (``off`` / ``latent`` / ``paper``; DDIM ``--steps`` steps, eta 1, no CFG, batch
+``--batch``, given masks), mask sampling images/s (DDIM 100, CFG 5), and peak GPU memory of each
+phase. Weights are random (no download): the timings are those of the real architecture.
+
+    PYTHONPATH=src python benchmarks/anomalydiffusion_speed.py --out results.json
+
+Without a CUDA device it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from anomalygen.diffusion.backbone import Backbone, resolve_dtype
+from anomalygen.diffusion.tiny import SCALED_LINEAR_SCHEDULE, tiny_tokenizer
+from anomalygen.methods.anomalydiffusion import AnomalyDiffusion
+from anomalygen.methods.anomalydiffusion.mask_model import MaskStats
+from anomalygen.types import DefectExample
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def sd15_backbone(device: torch.device, dtype: torch.dtype) -> Backbone:
+    """SD-1.5-shaped UNet (860 M), VAE (84 M) and CLIP ViT-L text encoder (123 M), random init."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+    for module in (unet, vae, text):
+        module.requires_grad_(False).eval().to(dtype)
+    return Backbone(unet, vae, text, tiny_tokenizer(), dict(SCALED_LINEAR_SCHEDULE), "sd15-architecture-random",
+                    device=device, dtype=dtype)
+
+
+def synthetic_data(n: int, size: int = 256, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    defects = []
+    for i in range(n):
+        mask = np.zeros((size, size), bool)
+        y, x = rng.integers(20, size - 80, 2)
+        mask[y:y + rng.integers(10, 60), x:x + rng.integers(10, 60)] = True
+        defects.append(DefectExample(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), mask, ["crack", "hole"][i % 2]))
+    good = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(8)]
+    return defects, good
+
+
+def timed(function, device):
+    """(result, seconds, peak GPU memory in GiB; 0 on CPU)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = function()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+
+
+def bench(dtype_name: str, args, device: torch.device) -> dict:
+    dtype = resolve_dtype(dtype_name)
+    defects, good = synthetic_data(12)
+    generator = AnomalyDiffusion(resolution=256, batch_size=args.train_batch, max_steps=2, num_inference_steps=args.steps,
+                                 generate_batch_size=args.batch, mixed_precision=dtype_name, spatial_encoder="resnet50")
+    generator._backbone = sd15_backbone(device, dtype)
+    generator.fit(defects, good)  # builds E (ResNet-50 + FPN), e_a, e_m; two warm-up steps
+    type_indices = [generator.defect_types.index(d.defect_type) for d in defects]
+    generator.opt["max_steps"] = args.train_steps
+    _, seconds, memory = timed(lambda: generator._train(defects, type_indices), device)
+    result = {"dtype": dtype_name, "train_batch": args.train_batch,
+              "train_steps_per_s": args.train_steps / seconds, "train_peak_gib": memory}
+    masks = [d.mask for d in defects[: args.batch]]
+    generator.opt["num_inference_steps"] = 3
+    list(generator.generate(good, args.batch, masks=masks))  # warm-up
+    generator.opt["num_inference_steps"] = args.steps
+    for variant in ("off", "latent", "paper"):
+        generator.opt["aar"] = variant
+        _, seconds, memory = timed(lambda: list(generator.generate(good, args.batch, masks=masks)), device)
+        result[f"sample_{variant}_images_per_s"] = args.batch / seconds
+        result[f"sample_{variant}_peak_gib"] = memory
+    generator.mask_stats = {t: MaskStats(0.0, 1.0, 1.0, tolerance=1e9, border_floor=1.0) for t in generator.defect_types}
+    seeds = [np.random.SeedSequence([0, i]) for i in range(args.batch)]
+    _, seconds, memory = timed(lambda: generator._sample_masks([i % 2 for i in range(args.batch)], seeds), device)
+    result.update({"mask_images_per_s": args.batch / seconds, "mask_peak_gib": memory})
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--batch", type=int, default=8, help="sampling batch (official: 8)")
+    parser.add_argument("--steps", type=int, default=200, help="DDIM steps (official: 200)")
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (very slow at full size)")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: nothing measured (this benchmark needs a GPU)")
+        return 0
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results = {"device": name, "torch": torch.__version__, "runs": []}
+    for dtype_name in args.dtypes:
+        results["runs"].append(bench(dtype_name, args, device))
+        print(json.dumps(results["runs"][-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
