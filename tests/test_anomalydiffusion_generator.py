@@ -50,6 +50,12 @@ def test_fit_learns_and_generates_pairs_that_keep_the_good_image(fitted):
     generator, good = fitted
     assert generator.defect_types == ["crack", "hole"]
     assert len(generator.loss_log) == 2 and all(np.isfinite(generator.loss_log))
+    init = generator.prompts.word_embedding("defect")
+    assert not torch.allclose(generator.anomaly_tokens.tokens[0, 0], init)  # e_a trained
+    assert not torch.allclose(generator.mask_tokens.tokens[0, 0], init)  # e_m trained
+    fresh = AnomalyDiffusion(**FAST)
+    fresh._build(["crack", "hole"])
+    assert not torch.equal(fresh.spatial_encoder.heads[0].weight, generator.spatial_encoder.heads[0].weight)
     samples = list(generator.generate(good, 3, seed=1))
     assert [s.defect_type for s in samples] == ["crack", "hole", "crack"]
     for sample in samples:

@@ -10,8 +10,10 @@ tokens there, so that the whole mask gets filled. Two variants:
   latent and the good latent inside a mask dilated with t, 1/d normalised to mean 1 over the
   dilated mask and clamped to [1, 1.5].
 
-Eq. 8 multiplies W onto the cross-attention of the anomaly-token positions only
-(``diffusion.attention`` applies it per layer, resized to the layer's resolution).
+Eq. 8 multiplies W onto the cross-attention of the anomaly-token positions only. Both variants
+are applied to the pre-softmax logits, as the official code does (``diffusion.attention``'s
+``LogitReweight``, W area-resized to each layer's resolution). The official code also blends with
+the dilated mask; here blending uses the mask itself and only the weights see the dilation.
 """
 
 from __future__ import annotations
