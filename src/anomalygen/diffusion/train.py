@@ -1,0 +1,195 @@
+"""One training loop for "these parameters, this loss", on accelerate.
+
+Serves learned embeddings, small encoders, LoRA (peft) and ControlNet alike: the caller passes the
+trainable modules and a ``loss_fn(modules, step, generator) -> scalar``. bf16/fp16 autocast,
+gradient accumulation, ``max_steps`` and a wall-time budget, checkpoints of the trainable state
+only (``trainable.safetensors`` + ``state.json``, with optimizer / lr scheduler / RNG state for an
+exact resume), validation grids, a CSV loss log (TensorBoard too when installed). Under
+``accelerate launch`` on several GPUs the modules are wrapped for DDP without code changes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    time_budget_s: float | None = None
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_accumulation: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    checkpoint_every: int = 500
+    validate_every: int = 0
+    seed: int = 0
+    device: str | None = None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    last_loss: float
+    stopped_by: str  # "max_steps" | "time_budget"
+
+
+def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``{"module.param": tensor}`` of every parameter with ``requires_grad``."""
+    return {
+        f"{name}.{pname}": p.detach().float().cpu().contiguous()
+        for name, module in modules.items()
+        for pname, p in module.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable(modules: dict[str, nn.Module], path: str | Path) -> None:
+    """Copy a ``trainable.safetensors`` (or a checkpoint folder holding one) into ``modules``."""
+    path = Path(path)
+    tensors = load_file(str(path / "trainable.safetensors" if path.is_dir() else path))
+    for name, module in modules.items():
+        params = dict(module.named_parameters())
+        for key, value in tensors.items():
+            if key.startswith(name + "."):
+                target = params[key[len(name) + 1 :]]
+                with torch.no_grad():
+                    target.copy_(value.to(target.device, target.dtype))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint (its ``state.json`` is written last)."""
+    done = sorted((out_dir / CHECKPOINTS).glob("step-*/state.json"))
+    return done[-1].parent if done else None
+
+
+def _save_grid(images: list[np.ndarray], path: Path) -> None:
+    from PIL import Image
+
+    columns = min(len(images), 4)
+    rows = -(-len(images) // columns)
+    h, w = images[0].shape[:2]
+    grid = np.zeros((rows * h, columns * w, 3), np.uint8)
+    for i, image in enumerate(images):
+        grid[(i // columns) * h : (i // columns + 1) * h, (i % columns) * w : (i % columns + 1) * w] = image
+    Image.fromarray(grid).save(path)
+
+
+def train(
+    modules: dict[str, nn.Module],
+    loss_fn: Callable[[dict[str, nn.Module], int, torch.Generator], torch.Tensor],
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    validate: Callable[[int], list[np.ndarray]] | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Minimise ``loss_fn`` over the trainable parameters of ``modules``; resume from ``out_dir``.
+
+    ``loss_fn(modules, step, generator)`` must draw all its randomness from ``generator`` (its
+    state is checkpointed), so a run killed and resumed equals an uninterrupted one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accumulation, cpu=cpu)
+    names = list(modules)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps)
+    prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
+    modules = dict(zip(names, prepared[: len(names)]))
+    optimizer, scheduler = prepared[len(names) :]
+    generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        load_trainable({n: accelerator.unwrap_model(m) for n, m in modules.items()}, checkpoint)
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        rng = load_file(str(checkpoint / "rng.safetensors"))
+        generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        step = json.loads((checkpoint / "state.json").read_text())["step"]
+    log_path = out_dir / "loss.csv"
+    new_log = not log_path.exists() or step == 0
+    log_file = log_path.open("w" if new_log else "a", newline="")
+    log = csv.writer(log_file)
+    if new_log:
+        log.writerow(["step", "loss", "lr", "elapsed_s"])
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(out_dir / "tensorboard")) if accelerator.is_main_process else None
+    except ImportError:
+        board = None
+
+    def save_checkpoint() -> None:
+        if not accelerator.is_main_process:
+            return
+        final = out_dir / CHECKPOINTS / f"step-{step:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state({n: accelerator.unwrap_model(m) for n, m in modules.items()}), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_file({"generator": generator.get_state(), "torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config)}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    start = time.monotonic()
+    loss_value, stopped_by = float("nan"), "max_steps"
+    progress = tqdm(total=config.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
+    while step < config.max_steps:
+        if config.time_budget_s is not None and time.monotonic() - start > config.time_budget_s:
+            stopped_by = "time_budget"
+            break
+        for _ in range(config.grad_accumulation):
+            with accelerator.accumulate(*modules.values()), accelerator.autocast():
+                loss = loss_fn(modules, step, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+        step += 1
+        loss_value = float(loss.detach())
+        log.writerow([step, f"{loss_value:.6g}", f"{scheduler.get_last_lr()[0]:.6g}", f"{time.monotonic() - start:.2f}"])
+        if board is not None:
+            board.add_scalar("loss", loss_value, step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            save_checkpoint()
+        if validate is not None and config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
+            (out_dir / "validation").mkdir(exist_ok=True)
+            _save_grid(validate(step), out_dir / "validation" / f"step-{step:07d}.png")
+    progress.close()
+    if latest_checkpoint(out_dir) is None or json.loads((latest_checkpoint(out_dir) / "state.json").read_text())["step"] != step:
+        save_checkpoint()
+    log_file.close()
+    if board is not None:
+        board.close()
+    return TrainResult(step, loss_value, stopped_by)
