@@ -1,0 +1,163 @@
+"""Textual inversion per defect type + blended latent sampling: the first method on the core.
+
+Learns one token embedding per defect type (Gal et al., "An Image is Worth One Word", ICLR 2023,
+Eq. 2: ``v* = argmin_v E‖ε − ε_θ(z_t, t, c_θ("a photo of S*"))‖²``) on the few-shot defect
+images, with the UNet, VAE and text encoder frozen. Generation writes the type's token into the
+prompt and denoises inside a mask on a good image by blended latent diffusion, pasting the good
+pixels back outside the mask. It is the "no components" row of AnomalyDiffusion's ablation.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from anomalygen.diffusion.backbone import load_backbone
+from anomalygen.diffusion.conditioning import PromptEncoder
+from anomalygen.diffusion.sampling import blended_generate, encode_images, sample_generators, to_tensor
+from anomalygen.diffusion.train import TrainConfig, train
+from anomalygen.errors import AnomalygenError
+from anomalygen.masks import augment_mask
+from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.types import AnomalySample, DefectExample
+
+TOKEN = "<defect>"
+DEFAULTS: dict[str, Any] = {
+    "model": None, "max_steps": 1000, "time_budget_s": None, "device": None, "mixed_precision": "no",
+    "resolution": 512, "batch_size": 4, "lr": 5e-3, "num_inference_steps": 50, "sampler": "ddim", "eta": 0.0,
+    "guidance_scale": 1.0, "prompt": "a photo of {}", "init_word": "defect", "checkpoint_every": 500,
+    "work_dir": None, "seed": 0,
+}
+
+
+class TypeEmbeddings(nn.Module):
+    """One learnable input embedding per defect type."""
+
+    def __init__(self, count: int, dim: int):
+        super().__init__()
+        self.vectors = nn.Parameter(torch.zeros(count, dim))
+
+
+class TextualInversionGenerator(AnomalyGenerator):
+    name = "textual-inversion"
+
+    def __init__(self, **options: Any):
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise AnomalygenError(f"textual-inversion: unknown options {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
+        super().__init__(**{**DEFAULTS, **options})
+        self._backbone = None
+        self._encoder: PromptEncoder | None = None
+        self.embeddings: TypeEmbeddings | None = None
+        self.train_masks: dict[str, np.ndarray] = {}
+
+    def _setup(self):
+        if self._backbone is None:
+            o = self.options
+            self._backbone = load_backbone(o["model"], device=o["device"])
+            self._encoder = PromptEncoder(self._backbone.text_encoder, self._backbone.tokenizer, {TOKEN: 1})
+        return self._backbone, self._encoder
+
+    def _prompt(self) -> str:
+        return self.options["prompt"].format(TOKEN)
+
+    def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
+        if not defects:
+            raise AnomalygenError("textual-inversion: no defect images to learn from")
+        o = self.options
+        backbone, encoder = self._setup()
+        self._defect_types = sorted({d.defect_type for d in defects})
+        size = (o["resolution"], o["resolution"])
+        latents = encode_images(backbone, to_tensor([d.image for d in defects], size))
+        labels = torch.tensor([self._defect_types.index(d.defect_type) for d in defects])
+        self.train_masks = {
+            t: np.stack([F.interpolate(torch.from_numpy(d.mask)[None, None].float(), size=size)[0, 0].numpy() > 0.5
+                         for d in defects if d.defect_type == t])
+            for t in self._defect_types
+        }
+        self.embeddings = TypeEmbeddings(len(self._defect_types), encoder.embedding_dim).to(backbone.device)
+        with torch.no_grad():
+            self.embeddings.vectors.copy_(encoder.word_embedding(o["init_word"]).expand_as(self.embeddings.vectors))
+        noise_scheduler = backbone.noise_scheduler()
+        prompt = self._prompt()
+
+        def loss_fn(modules, step, generator):
+            """Textual inversion, Gal et al. 2023, Eq. 2 (ε-prediction MSE)."""
+            index = torch.randint(len(defects), (o["batch_size"],), generator=generator)
+            z0 = latents[index].to(backbone.device)
+            noise = torch.randn(z0.shape, generator=generator).to(backbone.device)
+            t = torch.randint(0, backbone.num_train_timesteps, (len(index),), generator=generator).to(backbone.device)
+            vectors = modules["embeddings"].vectors[labels[index].to(backbone.device)][:, None]
+            context = encoder([prompt] * len(index), {TOKEN: vectors}).hidden_states
+            pred = backbone.unet(noise_scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=context).sample
+            return F.mse_loss(pred.float(), noise)
+
+        config = TrainConfig(
+            max_steps=o["max_steps"], time_budget_s=o["time_budget_s"], lr=o["lr"], mixed_precision=o["mixed_precision"],
+            checkpoint_every=o["checkpoint_every"], seed=o["seed"], device=o["device"], max_grad_norm=None,
+        )
+        work_dir = o["work_dir"] or tempfile.mkdtemp(prefix="anomalygen-ti-")
+        train({"embeddings": self.embeddings}, loss_fn, config, work_dir)
+
+    def save_state(self, directory: Path) -> None:
+        if self.embeddings is None:
+            raise AnomalygenError("textual-inversion: nothing to save, call fit first")
+        save_file({"vectors": self.embeddings.vectors.detach().cpu().contiguous()}, str(directory / "embeddings.safetensors"))
+        save_file({t: torch.from_numpy(m.astype(np.uint8)) for t, m in self.train_masks.items()}, str(directory / "masks.safetensors"))
+
+    def load_state(self, directory: Path) -> None:
+        path = directory / "embeddings.safetensors"
+        if not path.is_file():
+            raise AnomalygenError(f"{path}: missing; not a fitted textual-inversion model")
+        vectors = load_file(str(path))["vectors"]
+        self.embeddings = TypeEmbeddings(*vectors.shape)
+        with torch.no_grad():
+            self.embeddings.vectors.copy_(vectors)
+        self.train_masks = {t: m.numpy().astype(bool) for t, m in load_file(str(directory / "masks.safetensors")).items()}
+
+    def _mask(self, defect_type: str, shape: tuple[int, int], index: int, seed: int) -> np.ndarray:
+        """An augmented real training mask of this type (flip/rotate/scale/shift), from ``(seed, index)``."""
+        rng = sample_rng(seed, index)
+        masks = self.train_masks[defect_type]
+        return augment_mask(masks[rng.integers(len(masks))], rng, shape=shape)
+
+    def generate(self, good, n, *, masks=None, seed=0, start=0, defect_type=None) -> Iterator[AnomalySample]:
+        if self.embeddings is None:
+            raise AnomalygenError("textual-inversion: not fitted (call fit or load a saved model)")
+        if defect_type is not None and defect_type not in self._defect_types:
+            raise AnomalygenError(f"textual-inversion: unknown defect type {defect_type!r}; learned: {', '.join(self._defect_types)}")
+        if not good:
+            raise AnomalygenError("textual-inversion: no good images to generate on")
+        o = self.options
+        backbone, encoder = self._setup()
+        vectors = self.embeddings.vectors.to(backbone.device)
+        prompt = self._prompt()
+        uncond = encoder([""]).hidden_states if o["guidance_scale"] > 1 else None
+        indices = list(range(start, start + n))
+        for first in range(0, n, o["batch_size"]):
+            batch = indices[first : first + o["batch_size"]]
+            types = [defect_type or self._defect_types[i % len(self._defect_types)] for i in batch]
+            images = [good[i % len(good)] for i in batch]
+            batch_masks = [
+                np.asarray(masks[i % len(masks)], bool) if masks else self._mask(t, im.shape[:2], i, seed)
+                for i, t, im in zip(batch, types, images)
+            ]
+            rows = torch.stack([vectors[self._defect_types.index(t)] for t in types])[:, None]
+            with torch.no_grad():
+                context = encoder([prompt] * len(batch), {TOKEN: rows}).hidden_states
+            outputs = blended_generate(
+                backbone, context, images, batch_masks, sample_generators(seed, batch), resolution=o["resolution"],
+                sampler=o["sampler"], num_inference_steps=o["num_inference_steps"], eta=o["eta"],
+                guidance_scale=o["guidance_scale"], uncond_hidden_states=uncond,
+            )
+            for i, image, mask, t in zip(batch, outputs, batch_masks, types):
+                yield AnomalySample(image, mask, t, prompt=o["prompt"].format(f"<{t}>"),
+                                    meta={"index": i, "model": backbone.label, "untrained": backbone.untrained})
