@@ -47,3 +47,21 @@ def test_fit_save_load_generate_round_trip(tmp_path):
     given[5:15, 5:15] = True
     fixed = list(loaded.generate(good, 2, masks=[given], seed=1, defect_type="hole"))
     assert all(np.array_equal(s.mask, given) and s.defect_type == "hole" for s in fixed)
+
+
+def test_cli_fit_then_generate_on_demo_data(demo_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from anomalygen.cli import app
+
+    runner = CliRunner()
+    fitted = runner.invoke(app, ["fit", "--method", "textual-inversion", "--data", str(demo_root), "--category", "nut",
+                                 "--out", str(tmp_path / "model"), "--model", "tiny", "--max-steps", "2", "--device", "cpu",
+                                 "--set", "resolution=32", "--set", "batch_size=2", "--set", "num_inference_steps=2",
+                                 "--set", "checkpoint_every=0", "--set", f"work_dir=\"{tmp_path / 'work'}\""])
+    assert fitted.exit_code == 0, fitted.output
+    made = runner.invoke(app, ["generate", "--method", "textual-inversion", "--checkpoint", str(tmp_path / "model"),
+                               "--data", str(demo_root), "--category", "nut", "--out", str(tmp_path / "out"), "--num", "3"])
+    assert made.exit_code == 0, made.output
+    assert len(list((tmp_path / "out" / "nut" / "test").glob("*/*.png"))) == 3
+    assert len(list((tmp_path / "out" / "nut" / "ground_truth").glob("*/*_mask.png"))) == 3

@@ -160,7 +160,7 @@ def sample_latents(
 
 def to_tensor(images: Sequence[np.ndarray], size: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 (H, W, 3) images -> (B, 3, H, W) float in [0, 1], bilinearly resized to ``size``."""
-    batch = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]).float() / 255
+    batch = torch.stack([torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1) for im in images]).float() / 255
     if size is not None and tuple(batch.shape[-2:]) != tuple(size):
         batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
     return batch

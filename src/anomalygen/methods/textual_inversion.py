@@ -78,11 +78,12 @@ class TextualInversionGenerator(AnomalyGenerator):
         size = (o["resolution"], o["resolution"])
         latents = encode_images(backbone, to_tensor([d.image for d in defects], size))
         labels = torch.tensor([self._defect_types.index(d.defect_type) for d in defects])
-        self.train_masks = {
-            t: np.stack([F.interpolate(torch.from_numpy(d.mask)[None, None].float(), size=size)[0, 0].numpy() > 0.5
-                         for d in defects if d.defect_type == t])
-            for t in self._defect_types
-        }
+        self.train_masks = {}
+        for t in self._defect_types:
+            kept = [d.mask for d in defects if d.defect_type == t and d.mask.any()]
+            if kept:  # max-pooled so that small defects survive the resize
+                resized = F.adaptive_max_pool2d(torch.from_numpy(np.stack([np.asarray(m, bool) for m in kept]))[:, None].float(), size)
+                self.train_masks[t] = resized[:, 0].numpy() > 0.5
         self.embeddings = TypeEmbeddings(len(self._defect_types), encoder.embedding_dim).to(backbone.device)
         with torch.no_grad():
             self.embeddings.vectors.copy_(encoder.word_embedding(o["init_word"]).expand_as(self.embeddings.vectors))
@@ -126,6 +127,8 @@ class TextualInversionGenerator(AnomalyGenerator):
     def _mask(self, defect_type: str, shape: tuple[int, int], index: int, seed: int) -> np.ndarray:
         """An augmented real training mask of this type (flip/rotate/scale/shift), from ``(seed, index)``."""
         rng = sample_rng(seed, index)
+        if defect_type not in self.train_masks:
+            raise AnomalygenError(f"textual-inversion: no non-empty training mask of type {defect_type!r}; give masks to generate at")
         masks = self.train_masks[defect_type]
         return augment_mask(masks[rng.integers(len(masks))], rng, shape=shape)
 
