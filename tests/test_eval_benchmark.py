@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from anomalygen.benchmark import benchmark, markdown_table
+from anomalygen.benchmark import benchmark, markdown_table, method_options
 from anomalygen.evaluation.classification import ClassificationConfig
 from anomalygen.evaluation.localization import LocalizationConfig
+from anomalygen.methods.croppaste import CropPaste
 
 torch.set_num_threads(1)
 
@@ -16,8 +17,17 @@ def test_markdown_table_layout():
     assert markdown_table([{"a": 0.12345, "b": "x"}, {"a": 1}]) == "| a | b |\n|---|---|\n| 0.123 | x |\n| 1 |  |"
 
 
+def test_method_options_global_and_per_method():
+    settings = {"seed": 3, "anomalydiffusion.model": "tiny", "anomalydiffusion.seed": 4, "draem.opacity": 0.5}
+    assert method_options(settings, "anomalydiffusion") == {"seed": 4, "model": "tiny"}
+    assert method_options(settings, "cutpaste") == {"seed": 3}
+
+
 def test_benchmark_two_methods_on_demo_fabric(demo_root, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    fits = []
+    original_fit = CropPaste.fit
+    monkeypatch.setattr(CropPaste, "fit", lambda self, *a: (fits.append(1), original_fit(self, *a))[1])
     result = benchmark(
         demo_root, ["croppaste", "cutpaste"], tmp_path / "bench", category="fabric", num_per_type=4,
         metrics=["localization", "classification"], device="cpu",
@@ -39,8 +49,27 @@ def test_benchmark_two_methods_on_demo_fabric(demo_root, tmp_path, monkeypatch):
     assert {row["protocol"] for row in loc} == {"clean", "paper"}
     assert all(0.0 <= row["croppaste"] <= 1.0 for row in loc)
     assert (tmp_path / "bench" / "comparison.html").is_file()
+    # A learning method is fitted once per category (not once per defect type) and saved.
+    assert len(fits) == 1
+    assert (tmp_path / "bench" / "croppaste" / "models" / "fabric" / "generator.json").is_file()
     # Re-running resumes the finished writer runs instead of refusing them.
     again = benchmark(demo_root, ["croppaste"], tmp_path / "bench", category="fabric", num_per_type=4,
                       metrics=["localization"], device="cpu",
                       localization=LocalizationConfig(epochs=1, samples_per_epoch=4, resolution=64, base=8, batch_size=4))
     assert again["reports"]["fabric"]["croppaste"]["generated_counts"] == {t: 4 for t in types}
+    assert len(fits) == 1  # the saved model is reused: no training on a re-run
+
+
+def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(demo_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    settings = {"anomalydiffusion.model": "tiny", "anomalydiffusion.device": "cpu", "anomalydiffusion.resolution": 32,
+                "anomalydiffusion.batch_size": 2, "anomalydiffusion.max_steps": 2,
+                "anomalydiffusion.num_inference_steps": 2, "anomalydiffusion.mask_source": "augment"}
+    result = benchmark(demo_root, ["anomalydiffusion"], tmp_path / "bench", category="nut", num_per_type=2,
+                       metrics=["localization"], device="cpu", settings=settings,
+                       localization=LocalizationConfig(epochs=1, samples_per_epoch=2, resolution=32, base=4, batch_size=2))
+    model = json.loads((tmp_path / "bench" / "anomalydiffusion" / "models" / "nut" / "generator.json").read_text())
+    assert model["options"]["model"] == "tiny" and model["options"]["max_steps"] == 2
+    report = result["reports"]["nut"]["anomalydiffusion"]
+    assert set(report["generated_counts"].values()) == {2}
+    assert "anomalydiffusion" in (tmp_path / "bench" / "comparison.md").read_text()

@@ -3,16 +3,18 @@ out like the seed papers' tables (rows = categories / defect types, columns = me
 
 Every method generates ``num_per_type`` samples for each real defect type (``defect_type=t``), so
 that all methods are evaluated on the same types; methods that do not model defect types
-(cutpaste, draem) only carry the label. Each type is one resumable writer run under
-``OUT/<method>/runs/<type>/``; ``OUT/<method>/<category>/`` links them into one MVTec-layout
-folder that ``evaluate`` reads, and holds that method's report.
+(cutpaste, draem) only carry the label. A method that learns (``needs_fit``) is fitted once per
+category and saved to ``OUT/<method>/models/<category>/``; a re-run loads it instead of training
+again. Each type is one resumable writer run under ``OUT/<method>/runs/<type>/``;
+``OUT/<method>/<category>/`` links them into one MVTec-layout folder that ``evaluate`` reads, and
+holds that method's report.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from anomalygen.data import list_categories, load_category
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
 from anomalygen.evaluation.run import evaluate
 from anomalygen.io import atomic_write_text
+from anomalygen.methods.base import CONFIG_FILE, get_method
 from anomalygen.visualize import Section, write_html
 
 
@@ -37,16 +40,36 @@ def _link(target: Path, link: Path) -> None:
     os.symlink(os.path.relpath(target, link.parent), link, target_is_directory=True)
 
 
+def method_options(settings: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The options of ``method`` from ``--set`` pairs: ``key`` applies to every method,
+    ``method.key`` to that method only (and wins over ``key``)."""
+    options = {key: value for key, value in settings.items() if "." not in key}
+    prefix = f"{method}."
+    options.update({key[len(prefix):]: value for key, value in settings.items() if key.startswith(prefix)})
+    return options
+
+
 def generate_per_type(
-    method: str, data: Path, out: Path, category: str, num_per_type: int, seed: int, skip_bad: bool = False
+    method: str, data: Path, out: Path, category: str, num_per_type: int, seed: int, skip_bad: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``num_per_type`` samples of every real defect type; return the merged category folder."""
+    """Write ``num_per_type`` samples of every real defect type; return the merged category folder.
+
+    A method that learns is fitted once (``OUT/<method>/models/<category>``) and every type is
+    generated from that model; a saved model is reused, so a re-run does not train again.
+    """
     real = load_category(data, category, skip_bad=skip_bad)
     merged = out / method / real.name
+    checkpoint = None
+    if get_method(method).needs_fit:
+        checkpoint = out / method / "models" / real.name
+        if not (checkpoint / CONFIG_FILE).is_file():
+            pipeline.fit(method, data, checkpoint, category=category, options=options, skip_bad=skip_bad)
     for defect_type in real.defect_types:
         run = out / method / "runs" / defect_type
-        result = pipeline.generate(method, data, run, num_per_type, category=category, seed=seed,
-                                   defect_type=defect_type, skip_bad=skip_bad)
+        result = pipeline.generate(None if checkpoint else method, data, run, num_per_type, category=category,
+                                   seed=seed, checkpoint=checkpoint, defect_type=defect_type,
+                                   options=None if checkpoint else options, skip_bad=skip_bad)
         for part in ("test", "ground_truth"):
             _link(result.out / part / defect_type, merged / part / defect_type)
     return merged
@@ -61,16 +84,21 @@ def benchmark(
     num_per_type: int = 500,
     seed: int = 0,
     skip_bad: bool = False,
+    settings: Mapping[str, Any] | None = None,
     **evaluate_options: Any,
 ) -> dict[str, Any]:
-    """Generate + evaluate every method on every category; write ``comparison.md`` / ``.html``."""
+    """Generate + evaluate every method on every category; write ``comparison.md`` / ``.html``.
+
+    ``settings`` are method options (see ``method_options``), e.g. ``{"anomalydiffusion.model": "tiny"}``.
+    """
     data, out = Path(data), Path(out)
     reports: dict[str, dict[str, dict[str, Any]]] = {}
     timings: dict[str, float] = {}
     for method in methods:
         started = time.perf_counter()
         for name in _categories(data, category):
-            merged = generate_per_type(method, data, out, name, num_per_type, seed, skip_bad)
+            merged = generate_per_type(method, data, out, name, num_per_type, seed, skip_bad,
+                                       method_options(settings or {}, method))
             reports.setdefault(name, {})[method] = evaluate(merged.parent, data, category=name, out=merged, seed=seed,
                                                            skip_bad=skip_bad, **evaluate_options)
         timings[method] = time.perf_counter() - started

@@ -242,6 +242,8 @@ def benchmark(
     lpips_net: str = EVAL_OPTIONS["lpips_net"],
     seed: int = EVAL_OPTIONS["seed"],
     skip_bad: bool = EVAL_OPTIONS["skip_bad"],
+    settings: list[str] = typer.Option([], "--set", help="Method option key=value for every method, or "
+                                       "METHOD.key=value for one (e.g. anomalydiffusion.model=tiny)."),
 ) -> None:
     """Generate with each method, evaluate each, and write one comparison table (Markdown + HTML)."""
     from anomalygen.benchmark import benchmark as run_benchmark
@@ -249,7 +251,8 @@ def benchmark(
     options = _evaluation_options(metrics, protocol, device, epochs, samples_per_epoch, resolution, base,
                                   batch_size, eval_every, cls_epochs, inception_weights, lpips_net, seed, skip_bad)
     chosen = [name.strip() for name in methods.split(",") if name.strip()]
-    result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, seed=seed, **options)
+    result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, seed=seed,
+                           settings=pipeline.parse_settings(settings), **options)
     console.print(f"comparison: {out / 'comparison.md'} ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
                   highlight=False)
 

@@ -138,11 +138,11 @@ def generate(
         "category": category_data.name,
         "defect_type": defect_type,
     }
-    if checkpoint is None:
-        generator.fit(defects, goods)
     writer = SampleWriter(out, category_data.name, run, overwrite=overwrite)
     start = writer.done
     if start < num:
+        if checkpoint is None:
+            generator.fit(defects, goods)
         samples = generator.generate(goods, num - start, seed=seed, start=start, defect_type=defect_type)
         with _progress(console) as progress:
             task = progress.add_task(f"{generator.name} {category_data.name}", total=num, completed=start)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from anomalygen.errors import AnomalygenError
+from anomalygen.io import atomic_write_text
 from anomalygen.types import AnomalySample, DefectExample
 
 CONFIG_FILE = "generator.json"
@@ -71,12 +72,16 @@ class AnomalyGenerator(ABC):
         return list(getattr(self, "_defect_types", []))
 
     def save(self, directory: str | Path) -> None:
-        """Write the config (JSON) and learned state (``save_state``) into ``directory``."""
+        """Write the learned state (``save_state``), then the config (JSON) into ``directory``.
+
+        The config is written last and atomically, so a folder with ``generator.json`` holds a
+        complete model even if an earlier save was killed half-way.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        payload = {"method": self.name, "options": self.config(), "defect_types": self.defect_types}
-        (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
         self.save_state(directory)
+        payload = {"method": self.name, "options": self.config(), "defect_types": self.defect_types}
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2))
 
     def save_state(self, directory: Path) -> None:
         """Write learned state; model-free generators keep what ``fit`` extracted here."""
