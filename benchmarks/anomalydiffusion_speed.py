@@ -3,8 +3,8 @@
 Measures, per dtype: training steps/s of the spatial anomaly embedding + mask embedding (one
 ``training_loss`` + backward + Adam step, batch ``--train-batch``, 256 px), sampling images/s
 with each AAR variant (``off`` / ``latent`` / ``paper``; DDIM ``--steps`` steps, eta 1, no CFG, batch
-``--batch``, given masks), mask sampling images/s (DDIM 100, CFG 5), and peak GPU memory of each
-phase. Weights are random (no download): the timings are those of the real architecture.
+``--batch``, given masks), mask sampling images/s (DDIM ``--mask-steps``, CFG 5), and peak GPU
+memory of each phase. Weights are random (no download): the timings are those of the real architecture.
 
     PYTHONPATH=src python benchmarks/anomalydiffusion_speed.py --out results.json
 
@@ -104,6 +104,7 @@ def bench(dtype_name: str, args, device: torch.device) -> dict:
         _, seconds, memory = timed(lambda: list(generator.generate(good, args.batch, masks=masks)), device)
         result[f"sample_{variant}_images_per_s"] = args.batch / seconds
         result[f"sample_{variant}_peak_gib"] = memory
+    generator.opt["mask_inference_steps"] = args.mask_steps
     generator.mask_stats = {t: MaskStats(0.0, 1.0, 1.0, tolerance=1e9, border_floor=1.0) for t in generator.defect_types}
     seeds = [np.random.SeedSequence([0, i]) for i in range(args.batch)]
     _, seconds, memory = timed(lambda: generator._sample_masks([i % 2 for i in range(args.batch)], seeds), device)
@@ -116,6 +117,7 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=8, help="sampling batch (official: 8)")
     parser.add_argument("--steps", type=int, default=200, help="DDIM steps (official: 200)")
+    parser.add_argument("--mask-steps", type=int, default=100, help="mask DDIM steps (official: 100)")
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--out", default=None, help="write the results as JSON here")

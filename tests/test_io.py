@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -69,6 +70,10 @@ def test_layout_and_manifest(tmp_path):
     np.testing.assert_array_equal(mask > 0, fake_sample(3, 1).mask)
     np.testing.assert_array_equal(np.asarray(Image.open(root / entries[1]["image"])), fake_sample(3, 1).image)
     assert json.loads((root / "run.json").read_text()) == RUN
+    # Atomic writes keep the permissions a plain open() gives (not mkstemp's private 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in root.rglob("*") if p.is_file()} == {0o666 & ~umask}
 
 
 @pytest.mark.parametrize("kill_at", [0, 1, 5])

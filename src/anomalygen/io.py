@@ -34,6 +34,9 @@ from anomalygen.types import AnomalySample
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
 TMP_SUFFIX = ".partial"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp's own 0600 would hide outputs from other users
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -46,6 +49,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
