@@ -66,6 +66,25 @@ def test_fit_learns_and_generates_pairs_that_keep_the_good_image(fitted):
         assert not np.array_equal(sample.image[sample.mask], source[sample.mask])
 
 
+def test_fit_runs_on_the_core_trainer_and_resumes_exactly(tmp_path):
+    """Training goes through ``diffusion.train``: checkpoints + loss.csv in ``work_dir``; a fit
+    stopped after 2 steps and re-run to 3 equals an uninterrupted 3-step fit."""
+    defects, good = toy_data()
+    options = {**FAST, "mask_source": "augment", "checkpoint_every": 1}
+    stopped = AnomalyDiffusion(**options, work_dir=str(tmp_path / "w"))
+    stopped.fit(defects, good)
+    assert (tmp_path / "w" / "loss.csv").is_file() and (tmp_path / "w" / "checkpoints" / "step-0000002").is_dir()
+    resumed = AnomalyDiffusion(**{**options, "max_steps": 3}, work_dir=str(tmp_path / "w"))
+    resumed.fit(defects, good)
+    straight = AnomalyDiffusion(**{**options, "max_steps": 3})
+    straight.fit(defects, good)
+    assert resumed.loss_log[:2] == stopped.loss_log and len(resumed.loss_log) == 3
+    assert resumed.loss_log == pytest.approx(straight.loss_log, rel=1e-5)
+    torch.testing.assert_close(resumed.anomaly_tokens.tokens, straight.anomaly_tokens.tokens)
+    for a, b in zip(resumed.spatial_encoder.parameters(), straight.spatial_encoder.parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_save_load_generate_is_deterministic(fitted, tmp_path):
     generator, good = fitted
     generator.save(tmp_path / "model")

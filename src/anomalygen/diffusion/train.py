@@ -13,9 +13,11 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,18 @@ class TrainResult:
     step: int
     last_loss: float
     stopped_by: str  # "max_steps" | "time_budget"
+    losses: list[float] = field(default_factory=list)  # every step's loss, resumed runs included
+
+
+@contextmanager
+def work_directory(path: str | Path | None) -> Iterator[Path]:
+    """``path`` when given (kept: its checkpoints let a re-run resume), else a temporary folder
+    that is removed when the block ends."""
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="anomalygen-train-") as tmp:
+        yield Path(tmp)
 
 
 def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -192,4 +206,6 @@ def train(
     log_file.close()
     if board is not None:
         board.close()
-    return TrainResult(step, loss_value, stopped_by)
+    with log_path.open(newline="") as handle:
+        losses = [float(row["loss"]) for row in csv.DictReader(handle)]
+    return TrainResult(step, loss_value, stopped_by, losses)

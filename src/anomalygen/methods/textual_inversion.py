@@ -9,7 +9,6 @@ pixels back outside the mask. It is the "no components" row of AnomalyDiffusion'
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from torch import nn
 from anomalygen.diffusion.backbone import load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import blended_generate, encode_images, sample_generators, to_tensor
-from anomalygen.diffusion.train import TrainConfig, train
+from anomalygen.diffusion.train import TrainConfig, train, work_directory
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import augment_mask
 from anomalygen.methods.base import AnomalyGenerator, sample_rng
@@ -105,8 +104,8 @@ class TextualInversionGenerator(AnomalyGenerator):
             max_steps=o["max_steps"], time_budget_s=o["time_budget_s"], lr=o["lr"], mixed_precision=o["mixed_precision"],
             checkpoint_every=o["checkpoint_every"], seed=o["seed"], device=o["device"], max_grad_norm=None,
         )
-        work_dir = o["work_dir"] or tempfile.mkdtemp(prefix="anomalygen-ti-")
-        train({"embeddings": self.embeddings}, loss_fn, config, work_dir)
+        with work_directory(o["work_dir"]) as work_dir:
+            train({"embeddings": self.embeddings}, loss_fn, config, work_dir)
 
     def save_state(self, directory: Path) -> None:
         if self.embeddings is None:

@@ -15,7 +15,6 @@ paper's Table 4.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from anomalygen.diffusion.attention import LogitReweight, install_hooks, remove_hooks, select_layers
 from anomalygen.diffusion.backbone import Backbone, load_backbone
@@ -33,6 +31,7 @@ from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import (
     StepState, blended_generate, decode_latents, encode_images, sample_generators, sample_latents, to_tensor,
 )
+from anomalygen.diffusion.train import TrainConfig, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.masks import augment_mask
 from anomalygen.methods.anomalydiffusion.aar import AAR_VARIANTS, latent_weights, paper_weights
@@ -79,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
     "mask_threshold": 0.8,
     "mask_tries": 8,
     "generate_batch_size": 8,
+    "checkpoint_every": 500,
+    "work_dir": None,  # keep training checkpoints here (a re-run resumes); None = a temporary folder
 }
 
 
@@ -127,14 +128,6 @@ class AnomalyDiffusion(AnomalyGenerator):
             self.spatial_encoder = SpatialEncoder.from_preset(
                 preset, opt["num_spatial_tokens"], self.prompts.embedding_dim).to(backbone.device)
         self._defect_types = list(types)
-
-    def _trainable(self) -> list[torch.nn.Parameter]:
-        params = [self.anomaly_tokens.tokens]
-        if self.opt["spatial_embedding"]:
-            params += list(self.spatial_encoder.parameters())
-        if self.opt["mask_source"] == "learned":
-            params.append(self.mask_tokens.tokens)
-        return params
 
     def condition(self, type_indices: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """e = {e_a, E(m)} through the text encoder (Eq. 4): (B, 77, D) cross-attention context.
@@ -196,24 +189,32 @@ class AnomalyDiffusion(AnomalyGenerator):
                            for t, ms in self.training_masks.items()}
         self.loss_log = self._train(defects, type_indices)
 
+    def _trainable(self) -> dict[str, torch.nn.Module]:
+        """What Eq. 6 (and Eq. 9 for learned masks) trains: e_a, E (unless ablated) and e_m."""
+        modules: dict[str, torch.nn.Module] = {"anomaly_tokens": self.anomaly_tokens}
+        if self.opt["spatial_embedding"]:
+            modules["spatial_encoder"] = self.spatial_encoder
+        if self.opt["mask_source"] == "learned":
+            modules["mask_tokens"] = self.mask_tokens
+        return modules
+
     def _train(self, defects: Sequence[DefectExample], type_indices: list[int]) -> list[float]:
-        """Adam (lr 5e-3 × batch by default, as the official code) on e_a, E and e_m for
-        ``max_steps`` steps or until ``time_budget_s`` runs out; returns the loss per step."""
+        """The core's training loop (``diffusion.train``): Adam (lr 5e-3 × batch by default, as the
+        official code) for ``max_steps`` steps or until ``time_budget_s`` runs out; checkpoints in
+        ``work_dir`` (a re-run resumes there). Returns the loss of every step."""
         opt = self.opt
-        optimizer = torch.optim.Adam(self._trainable(), lr=opt["lr"] or 5e-3 * opt["batch_size"])
-        rng = np.random.default_rng(np.random.SeedSequence([opt["seed"], 0]))
-        generator = torch.Generator().manual_seed(int(opt["seed"]))
-        deadline = None if opt["time_budget_s"] is None else time.monotonic() + float(opt["time_budget_s"])
-        log = []
-        for _ in tqdm(range(int(opt["max_steps"])), desc="anomalydiffusion fit", leave=False):
-            loss = self.training_loss(defects, type_indices, rng, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            log.append(float(loss.detach()))
-            if deadline is not None and time.monotonic() > deadline:
-                break
-        return log
+
+        def loss_fn(modules: dict[str, torch.nn.Module], step: int, generator: torch.Generator) -> torch.Tensor:
+            rng = np.random.default_rng(np.random.SeedSequence([opt["seed"], 0, step]))  # augmentation of this step
+            return self.training_loss(defects, type_indices, rng, generator)
+
+        config = TrainConfig(
+            max_steps=int(opt["max_steps"]), time_budget_s=opt["time_budget_s"], lr=opt["lr"] or 5e-3 * opt["batch_size"],
+            mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"], seed=opt["seed"],
+            device=opt["device"], max_grad_norm=None,
+        )
+        with work_directory(opt["work_dir"]) as work_dir:
+            return train(self._trainable(), loss_fn, config, work_dir).losses
 
     # ----------------------------------------------------------------- masks
     def _sample_masks(self, type_indices: list[int], seeds: list[np.random.SeedSequence]) -> list[np.ndarray | None]:
