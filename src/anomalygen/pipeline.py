@@ -145,7 +145,8 @@ def generate(
             generator.fit(defects, goods)
         samples = generator.generate(goods, num - start, seed=seed, start=start, defect_type=defect_type)
         with _progress(console) as progress:
-            task = progress.add_task(f"{generator.name} {category_data.name}", total=num, completed=start)
+            label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
+            task = progress.add_task(label, total=num, completed=start)
             for sample in samples:
                 index = sample.meta.get("source_index")
                 writer.add(sample, source=None if index is None else category_data.train_good[index].path.resolve())
