@@ -42,6 +42,8 @@ def test_benchmark_two_methods_on_demo_fabric(demo_root, tmp_path, monkeypatch):
         assert sum(map(sum, report["classification"]["confusion_matrix"])) == 18
     markdown = (tmp_path / "bench" / "comparison.md").read_text()
     assert "| category | defect type | croppaste | cutpaste |" in markdown
+    assert "U-Net: 1 epochs × 4 samples, 64 px, base 8, batch 4 (papers: 200 × 500, 256 px, base 64)" in markdown
+    assert "ResNet-34: 1 epochs, 64 px, random init" in markdown
     tables = result["tables"]
     accuracy = next(rows for title, rows in tables.items() if title.startswith("Downstream classification"))
     assert [row["defect type"] for row in accuracy] == [*types, "mean"]

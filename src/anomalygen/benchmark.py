@@ -102,15 +102,37 @@ def benchmark(
             reports.setdefault(name, {})[method] = evaluate(merged.parent, data, category=name, out=merged, seed=seed,
                                                            skip_bad=skip_bad, **evaluate_options)
         timings[method] = time.perf_counter() - started
-    tables = comparison_tables(reports, list(methods))
     header = (f"Data: {data}; {num_per_type} generated samples per defect type; seed {seed}. "
               f"Wall time per method (generate + evaluate): " + ", ".join(f"{m} {t:.0f} s" for m, t in timings.items()))
+    tables = write_comparison(out, reports, list(methods), header)
+    return {"reports": reports, "tables": tables, "timings_s": timings}
+
+
+def protocol_line(reports: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """How the downstream models were trained (all reports share it), next to the papers' settings."""
+    report = next((r for by_method in reports.values() for r in by_method.values()), {})
+    loc, cls = report.get("localization", {}).get("config"), report.get("classification", {}).get("config")
+    parts = []
+    if loc:
+        parts.append(f"U-Net: {loc['epochs']} epochs × {loc['samples_per_epoch']} samples, {loc['resolution']} px, "
+                     f"base {loc['base']}, batch {loc['batch_size']} (papers: 200 × 500, 256 px, base 64).")
+    if cls:
+        parts.append(f"ResNet-34: {cls['epochs']} epochs, {cls['resolution']} px, {report['classification']['weights']} "
+                     f"(papers: 30 epochs, 256 px, ImageNet weights).")
+    return " ".join(parts)
+
+
+def write_comparison(out: Path, reports: dict[str, dict[str, dict[str, Any]]], methods: list[str],
+                     header: str) -> dict[str, list[dict[str, Any]]]:
+    """``OUT/comparison.md`` and ``.html``: the setup, the reports' notes, then the tables."""
+    tables = comparison_tables(reports, methods)
+    header = f"{header} {protocol_line(reports)}".strip()
     notes = sorted({note for by_method in reports.values() for report in by_method.values() for note in report["notes"]})
     atomic_write_text(out / "comparison.md", f"# anomalygen benchmark\n\n{header}\n\n" + "".join(f"- {n}\n" for n in notes)
                       + "\n" + "\n\n".join(f"## {title}\n\n{markdown_table(rows)}" for title, rows in tables.items()) + "\n")
     write_html(out / "comparison.html", "anomalygen benchmark", [Section("Setup", header + " " + " ".join(notes))] +
                [Section(title, table=rows) for title, rows in tables.items()])
-    return {"reports": reports, "tables": tables, "timings_s": timings}
+    return tables
 
 
 def _value(section: dict[str, Any], *keys: str) -> Any:
