@@ -103,7 +103,7 @@ def benchmark(
                                                            skip_bad=skip_bad, **evaluate_options)
         timings[method] = time.perf_counter() - started
     header = (f"Data: {data}; {num_per_type} generated samples per defect type; seed {seed}. "
-              f"Wall time per method (generate + evaluate): " + ", ".join(f"{m} {t:.0f} s" for m, t in timings.items()))
+              f"Wall time per method (generate + evaluate): " + ", ".join(f"{m} {t:.0f} s" for m, t in timings.items()) + ".")
     tables = write_comparison(out, reports, list(methods), header)
     return {"reports": reports, "tables": tables, "timings_s": timings}
 
