@@ -54,6 +54,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     rows = list(csv.DictReader((tmp_path / "whole" / "loss.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert result.losses == [float(r["loss"]) for r in rows] and len(result.losses) == 8
     assert (tmp_path / "whole" / "validation" / "step-0000008.png").is_file()
     fresh = _modules()
     load_trainable(fresh, latest_checkpoint(tmp_path / "whole"))
@@ -62,6 +63,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_time_budget_stops_and_checkpoints(tmp_path):
-    result = train(_modules(), _loss(), TrainConfig(max_steps=10**6, time_budget_s=0.5, checkpoint_every=0, device="cpu"), tmp_path)
+    config = TrainConfig(max_steps=10**6, time_budget_s=0.5, checkpoint_every=0, device="cpu", mixed_precision="fp32")
+    result = train(_modules(), _loss(), config, tmp_path)
     assert result.stopped_by == "time_budget" and 0 < result.step < 10**6
     assert latest_checkpoint(tmp_path).name == f"step-{result.step:07d}"

@@ -41,7 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_accumulation: int = 1
     max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    mixed_precision: str = "no"  # "no" (or "fp32") | "bf16" | "fp16"
     checkpoint_every: int = 500
     validate_every: int = 0
     seed: int = 0
@@ -125,7 +125,8 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accumulation, cpu=cpu)
+    precision = "no" if config.mixed_precision == "fp32" else config.mixed_precision
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accumulation, cpu=cpu)
     names = list(modules)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
