@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from anomalygen.benchmark import benchmark, markdown_table, method_options
+from anomalygen.errors import AnomalygenError
 from anomalygen.evaluation.classification import ClassificationConfig
 from anomalygen.evaluation.localization import LocalizationConfig
 from anomalygen.methods.croppaste import CropPaste
@@ -60,6 +61,9 @@ def test_benchmark_two_methods_on_demo_fabric(demo_root, tmp_path, monkeypatch):
                       localization=LocalizationConfig(epochs=1, samples_per_epoch=4, resolution=64, base=8, batch_size=4))
     assert again["reports"]["fabric"]["croppaste"]["generated_counts"] == {t: 4 for t in types}
     assert len(fits) == 1  # the saved model is reused: no training on a re-run
+    with pytest.raises(AnomalygenError, match="fitted with other options"):
+        benchmark(demo_root, ["croppaste"], tmp_path / "bench", category="fabric", num_per_type=4,
+                  metrics=["localization"], settings={"croppaste.feather": 5.0})
 
 
 def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(demo_root, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ holds that method's report.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 from anomalygen import pipeline
 from anomalygen.data import list_categories, load_category
+from anomalygen.errors import AnomalygenError
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
 from anomalygen.evaluation.run import evaluate
 from anomalygen.io import atomic_write_text
@@ -63,8 +65,12 @@ def generate_per_type(
     checkpoint = None
     if get_method(method).needs_fit:
         checkpoint = out / method / "models" / real.name
-        if not (checkpoint / CONFIG_FILE).is_file():
+        saved = checkpoint / CONFIG_FILE
+        if not saved.is_file():
             pipeline.fit(method, data, checkpoint, category=category, options=options, skip_bad=skip_bad)
+        elif json.loads(saved.read_text())["options"] != pipeline.build(method, options or {}).config():
+            raise AnomalygenError(f"{checkpoint}: a {method} model fitted with other options; delete it or "
+                                  f"benchmark into another --out")
     for defect_type in real.defect_types:
         run = out / method / "runs" / defect_type
         result = pipeline.generate(None if checkpoint else method, data, run, num_per_type, category=category,
