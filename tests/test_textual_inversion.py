@@ -1,5 +1,7 @@
 """textual-inversion: fit -> save -> load -> generate, deterministic, good image kept outside the mask."""
 
+import json
+
 import numpy as np
 import torch
 
@@ -43,6 +45,7 @@ def test_fit_save_load_generate_round_trip(tmp_path):
         assert sample.image.shape == image.shape and sample.mask.shape == image.shape[:2] and sample.mask.any()
         assert np.array_equal(sample.image[~sample.mask], image[~sample.mask])
         assert sample.meta["untrained"]
+        assert sample.meta["source_index"] == sample.meta["index"] % len(good)  # the writer records the good image
     given = np.zeros((40, 40), bool)
     given[5:15, 5:15] = True
     fixed = list(loaded.generate(good, 2, masks=[given], seed=1, defect_type="hole"))
@@ -65,3 +68,5 @@ def test_cli_fit_then_generate_on_demo_data(demo_root, tmp_path):
     assert made.exit_code == 0, made.output
     assert len(list((tmp_path / "out" / "nut" / "test").glob("*/*.png"))) == 3
     assert len(list((tmp_path / "out" / "nut" / "ground_truth").glob("*/*_mask.png"))) == 3
+    entries = [json.loads(line) for line in (tmp_path / "out" / "nut" / "manifest.jsonl").read_text().splitlines()]
+    assert all(entry["source"] and entry["source"].endswith(".png") for entry in entries)

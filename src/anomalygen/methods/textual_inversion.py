@@ -162,4 +162,5 @@ class TextualInversionGenerator(AnomalyGenerator):
             )
             for i, image, mask, t in zip(batch, outputs, batch_masks, types):
                 yield AnomalySample(image, mask, t, prompt=o["prompt"].format(f"<{t}>"),
-                                    meta={"index": i, "model": backbone.label, "untrained": backbone.untrained})
+                                    meta={"index": i, "source_index": i % len(good), "model": backbone.label,
+                                          "untrained": backbone.untrained})
