@@ -1,0 +1,68 @@
+"""The robustness harness: run the real CLI in a subprocess and check what a user would see.
+
+``run_cli(*args)`` runs ``python -m anomalygen.cli ARGS``; ``assert_user_error(result, *fragments)``
+checks exit code 2, no traceback, one ``error:`` line naming every fragment (a path or an option);
+``snapshot(root)`` / ``assert_unchanged(before, root)`` prove nothing outside the output folder (and
+nothing written before) changed, byte for byte, mode and symlink targets included.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+CASES: list[str] = []  # names of the harness cases run in this session (for the counts in the note)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(*args, cwd: str | Path | None = None, env: dict | None = None, timeout: float = 300) -> CliResult:
+    """``anomalygen ARGS`` in a fresh interpreter (no ANSI colours, wide console)."""
+    environment = {**os.environ, "NO_COLOR": "1", "COLUMNS": "400", "TERM": "dumb", **(env or {})}
+    done = subprocess.run([sys.executable, "-m", "anomalygen.cli", *map(str, args)], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def assert_user_error(result: CliResult, *fragments: str) -> str:
+    """Exit 2, no traceback, exactly one ``error:`` line on stderr holding every fragment."""
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.output}"
+    assert "Traceback" not in result.output, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert str(fragment) in errors[0], f"{fragment!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def snapshot(root: str | Path) -> dict[str, tuple]:
+    """Every entry under ``root``: files by (mode, bytes), symlinks by target, folders by mode."""
+    root = Path(root)
+    state: dict[str, tuple] = {}
+    for path in sorted(root.rglob("*")):
+        key = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            state[key] = ("link", os.readlink(path))
+        elif path.is_dir():
+            state[key] = ("dir", path.stat().st_mode)
+        elif path.is_file():
+            state[key] = ("file", path.stat().st_mode, path.read_bytes())
+    return state
+
+
+def assert_unchanged(before: dict[str, tuple], root: str | Path) -> None:
+    after = snapshot(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"changed under {root}: {changed[:10]}"
