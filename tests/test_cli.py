@@ -131,7 +131,7 @@ def test_fit_and_generate_from_checkpoint(tmp_path, data, fake_method):
     assert '"max_steps": 10' in (model / "generator.json").read_text()
     result = invoke("generate", "--checkpoint", model, "--data", data / "nut", "--out", tmp_path / "o", "--num", 2)
     assert result.exit_code == 0, result.output
-    mask = np.asarray(Image.open(tmp_path / "o/nut/ground_truth/dent/000_mask.png")) > 0
+    mask = np.asarray(Image.open(tmp_path / "o/nut/ground_truth/dent/000000_mask.png")) > 0
     assert mask.sum() == 3 * 8
 
 

@@ -26,12 +26,17 @@ def fake_sample(seed: int, index: int) -> AnomalySample:
 
 
 def write_run(out, n: int, *, fail_after: int | None = None, run=RUN, overwrite=False) -> SampleWriter:
-    writer = SampleWriter(out, "cat", run, overwrite=overwrite)
-    for i in range(writer.done, n):
-        if fail_after is not None and i == fail_after:
-            raise KeyboardInterrupt("simulated kill")
-        writer.add(fake_sample(run["seed"], i), source=f"good/{i}.png")
+    with SampleWriter(out, "cat", run, overwrite=overwrite) as writer:
+        for i in range(writer.done, n):
+            if fail_after is not None and i == fail_after:
+                raise KeyboardInterrupt("simulated kill")
+            writer.add(fake_sample(run["seed"], i), source=f"good/{i}.png")
     return writer
+
+
+def done(out, run=RUN) -> int:
+    with SampleWriter(out, "cat", run) as writer:
+        return writer.done
 
 
 def tree_bytes(root) -> dict[str, bytes]:
@@ -43,21 +48,21 @@ def test_layout_and_manifest(tmp_path):
     root = tmp_path / "cat"
     assert writer.done == 4
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == [
-        "ground_truth/hole/001_mask.png",
-        "ground_truth/hole/003_mask.png",
-        "ground_truth/scratch/000_mask.png",
-        "ground_truth/scratch/002_mask.png",
-        "test/hole/001.png",
-        "test/hole/003.png",
-        "test/scratch/000.png",
-        "test/scratch/002.png",
+        "ground_truth/hole/000001_mask.png",
+        "ground_truth/hole/000003_mask.png",
+        "ground_truth/scratch/000000_mask.png",
+        "ground_truth/scratch/000002_mask.png",
+        "test/hole/000001.png",
+        "test/hole/000003.png",
+        "test/scratch/000000.png",
+        "test/scratch/000002.png",
     ]
     entries = read_manifest(root / MANIFEST)
     assert [e["index"] for e in entries] == [0, 1, 2, 3]
     assert entries[1] == {
         "index": 1,
-        "image": "test/hole/001.png",
-        "mask": "ground_truth/hole/001_mask.png",
+        "image": "test/hole/000001.png",
+        "mask": "ground_truth/hole/000001_mask.png",
         "method": "fake",
         "seed": 3,
         "source": "good/1.png",
@@ -81,7 +86,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, kill_at):
     write_run(tmp_path / "whole", 7)
     with pytest.raises(KeyboardInterrupt):
         write_run(tmp_path / "killed", 7, fail_after=kill_at)
-    assert SampleWriter(tmp_path / "killed", "cat", RUN).done == kill_at
+    assert done(tmp_path / "killed") == kill_at
     write_run(tmp_path / "killed", 7)
     assert tree_bytes(tmp_path / "killed") == tree_bytes(tmp_path / "whole")
 
@@ -90,12 +95,11 @@ def test_resume_drops_torn_line_missing_files_and_partials(tmp_path):
     write_run(tmp_path / "whole", 6)
     write_run(tmp_path / "broken", 5)
     root = tmp_path / "broken" / "cat"
-    (root / "test" / "scratch" / "004.png").unlink()  # sample 4 lost its image
+    (root / "test" / "scratch" / "000004.png").unlink()  # sample 4 lost its image
     with open(root / MANIFEST, "a") as handle:  # a torn append
         handle.write('{"index": 5, "ima')
-    (root / "test" / "hole" / ".005.png.abc.partial").write_bytes(b"\x89PNG torn")
-    writer = SampleWriter(tmp_path / "broken", "cat", RUN)
-    assert writer.done == 4
+    (root / "test" / "hole" / ".000005.png.abc.partial").write_bytes(b"\x89PNG torn")
+    assert done(tmp_path / "broken") == 4
     assert not list(root.rglob("*.partial"))
     write_run(tmp_path / "broken", 6)
     assert tree_bytes(tmp_path / "broken") == tree_bytes(tmp_path / "whole")
@@ -133,15 +137,14 @@ def test_foreign_folder_is_never_written(tmp_path):
 
 def test_corrupt_manifest_middle_line_is_an_error(tmp_path):
     atomic_write_text(tmp_path / MANIFEST, '{"index": 0}\nnot json\n{"index": 2}\n')
-    with pytest.raises(DataError, match="line 2"):
+    with pytest.raises(DataError, match="corrupt \\(line 2 is not valid JSON"):
         read_manifest(tmp_path / MANIFEST)
 
 
 def test_bad_defect_type_name(tmp_path):
-    writer = SampleWriter(tmp_path, "cat", RUN)
     sample = fake_sample(0, 0)
     sample.defect_type = "../escape"
-    with pytest.raises(AnomalygenError, match="folder name"):
+    with SampleWriter(tmp_path, "cat", RUN) as writer, pytest.raises(AnomalygenError, match="folder name"):
         writer.add(sample)
     assert writer.done == 0
 

@@ -70,8 +70,8 @@ def test_generate_fits_on_the_train_third_and_writes(tmp_path, tiny_root, fake_m
     entries = read_manifest(result.out / MANIFEST)
     assert [e["defect_type"] for e in entries] == ["dent", "scratch", "stain", "dent", "scratch"]
     assert all(e["source"].startswith(str(tiny_root / "train" / "good")) for e in entries)
-    assert (result.out / "test" / "stain" / "002.png").is_file()
-    assert (result.out / "ground_truth" / "stain" / "002_mask.png").is_file()
+    assert (result.out / "test" / "stain" / "000002.png").is_file()
+    assert (result.out / "ground_truth" / "stain" / "000002_mask.png").is_file()
 
 
 def test_generate_resumes_after_kill_byte_identical(tmp_path, tiny_root, fake_method):
@@ -91,7 +91,7 @@ def test_other_options_refused_then_overwritten(tmp_path, tiny_root, fake_method
         pipeline.generate("fake", tiny_root, tmp_path, 2, options={"size": 6})
     result = pipeline.generate("fake", tiny_root, tmp_path, 3, options={"size": 6}, overwrite=True)
     assert result.written == 3
-    mask = load_image(result.out / "ground_truth/dent/000_mask.png")[..., 0]
+    mask = load_image(result.out / "ground_truth/dent/000000_mask.png")[..., 0]
     assert (mask > 0).sum() == 6 * 8
 
 
@@ -120,8 +120,10 @@ def test_parse_settings():
 
 
 def test_bad_num_and_missing_method(tmp_path, tiny_root):
-    with pytest.raises(AnomalygenError, match="at least 1"):
-        pipeline.generate("fake", tiny_root, tmp_path, 0)
+    for num in (0, -3, 10**6 + 1, 10**20):
+        with pytest.raises(AnomalygenError, match=f"--num {num}: give a number of samples from 1 to 1000000"):
+            pipeline.generate("fake", tiny_root, tmp_path, num)
+    assert not list(tmp_path.iterdir())
     with pytest.raises(AnomalygenError, match="give --method"):
         pipeline.generate(None, tiny_root, tmp_path, 1)
 
@@ -134,7 +136,7 @@ def test_model_free_kill_between_image_and_mask_then_resume(tmp_path, tiny_root,
     real_save = anomalygen.io.save_png
 
     def killed_at_third_mask(path, array):
-        if path.name == "002_mask.png":
+        if path.name == "000002_mask.png":
             raise KeyboardInterrupt("simulated kill")
         real_save(path, array)
 

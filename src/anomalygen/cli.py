@@ -7,17 +7,21 @@ act on (``AnomalygenError``) print as one line and exit with code 2, without a t
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from anomalygen import pipeline
 from anomalygen.errors import AnomalygenError
+from anomalygen.io import os_error
 from anomalygen.methods.base import available_methods
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
@@ -27,17 +31,37 @@ console = Console(stderr=True)
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ``AnomalygenError`` into one red line on stderr and exit code 2."""
+    """Errors as one red line on stderr, never a traceback.
+
+    ``AnomalygenError`` and OS errors (disk full, permission denied, ...: ``anomalygen.io.os_error``)
+    exit 2; Ctrl-C exits 130 with a hint that re-running resumes; any other exception is a bug:
+    one "internal error" line, exit 1, and the traceback only with ``ANOMALYGEN_DEBUG=1``.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except AnomalygenError as error:
-            console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            _error(str(error), 2)
+        except OSError as error:
+            _error(str(os_error(error)), 2)
+        except KeyboardInterrupt:
+            _error("interrupted; run the same command again to resume", 130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as error:
+            if os.environ.get("ANOMALYGEN_DEBUG"):
+                raise
+            _error(f"internal error ({type(error).__name__}: {error}); this is a bug, please report it; "
+                   "set ANOMALYGEN_DEBUG=1 for the traceback", 1)
 
     return wrapper
+
+
+def _error(message: str, code: int) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 def _warn(message: str) -> None:

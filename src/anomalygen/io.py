@@ -2,26 +2,41 @@
 
 Output of one run, for one category::
 
-    OUT/<category>/test/<type>/NNN.png               generated image (NNN = global sample index)
-    OUT/<category>/ground_truth/<type>/NNN_mask.png  its mask, 0/255
-    OUT/<category>/manifest.jsonl                    one JSON line per finished sample
-    OUT/<category>/run.json                          what made the run (method, seed, config, ...)
+    OUT/<category>/test/<type>/NNNNNN.png               generated image (NNNNNN = global sample index)
+    OUT/<category>/ground_truth/<type>/NNNNNN_mask.png  its mask, 0/255
+    OUT/<category>/manifest.jsonl                       one JSON line per finished sample
+    OUT/<category>/run.json                             what made the run (method, seed, config, ...)
+    OUT/<category>/.anomalygen.lock                     locked while a run writes (empty when none does)
 
 A sample counts only once its image, its mask and its manifest line exist, written in that
 order; image and mask are written atomically (temporary file in the same folder, fsync,
 ``os.replace``). After a kill, the next run reads the manifest, drops a torn last line and any
 sample whose files are gone, and continues at ``start = done``: generators make sample ``i`` from
 ``(seed, i)`` alone, so the resumed output is byte-identical to an uninterrupted one.
+
+Names have six digits for any count (sorted names pair images and masks, as anomalib expects); a
+folder written with the old three-digit names (``000.png``) keeps them when it is resumed. The
+writer refuses a symbolic link anywhere inside ``OUT/<category>`` (it would write outside), a
+folder another process is writing (``folder_lock``) and a manifest line that is not exactly what
+it would have written for that index (tampered or corrupt).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import os
+import re
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +48,107 @@ from anomalygen.types import AnomalySample
 
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
+LOCK_FILE = ".anomalygen.lock"
 TMP_SUFFIX = ".partial"
+NAME_WIDTH = 6  # sample names 000000.png ... 999999.png
+LEGACY_WIDTH = 3  # names of folders written before: 000.png ... 999.png, 1000.png, ...
+MAX_SAMPLES = 10**NAME_WIDTH
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp's own 0600 would hide outputs from other users
+
+_OS_PROBLEMS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "already exists",
+    errno.ENOENT: "not found",
+    errno.ELOOP: "is a symbolic link (refused) or a link loop",
+    errno.ENAMETOOLONG: "name too long",
+    errno.EIO: "input/output error (failing disk or network file system?)",
+    errno.EMFILE: "too many open files",
+}
+
+
+def os_problem(error: OSError) -> str:
+    """What an OS error means, in a few words ("disk full", "permission denied", ...)."""
+    return _OS_PROBLEMS.get(error.errno, error.strerror or str(error))
+
+
+def os_error(error: OSError, path: str | Path | None = None) -> DataError:
+    """The one-line user error for an OS error: ``PATH: problem``; when a file stands where a
+    folder is needed, the path named is that file."""
+    path = path if path is not None else error.filename
+    if path is None:
+        return DataError(None, os_problem(error))
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        path = Path(path)
+        for candidate in [*reversed(path.parents), path]:
+            if candidate.exists() and not candidate.is_dir():
+                return DataError(candidate, "not a folder (a file is in the way)")
+    return DataError(path, os_problem(error))
+
+
+_HELD: set[Path] = set()  # folders this process holds locked (a nested lock on one of them is a no-op)
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold ``folder`` (created if needed) for this process while the block runs.
+
+    A second process that asks for the same folder gets an ``AnomalygenError`` naming the holder
+    (pid, host, command, start time). The lock is ``flock`` on ``folder/.anomalygen.lock``: the
+    kernel releases it when its process ends in any way (kill -9 included), so a stale lock file
+    never blocks a later run. ``what`` names the job in the holder's record ("generate", "fit").
+    """
+    folder = Path(folder)
+    key = folder.resolve()
+    if key in _HELD:
+        yield
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as error:
+        raise os_error(error) from error
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AnomalygenError(
+                f"{folder}: in use by {_holder(fd)}; wait for it to finish (or stop it), then re-run"
+            ) from None
+        record = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+                  "command": shlex.join(sys.argv)[:500]}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError as error:
+            raise os_error(error, folder / LOCK_FILE) from error
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+            with suppress(OSError):  # emptying the record is cosmetic; the lock goes with the descriptor
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, from the record its holder wrote."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0))
+        return (f"another anomalygen {record['what']} (pid {record['pid']} on {record['host']}, "
+                f"started {record['started']}: {record['command']})")
+    except (OSError, ValueError, TypeError, KeyError):
+        return "another anomalygen process"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -103,11 +215,14 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if number == len(lines) - 1:
                 break
-            raise DataError(path, f"line {number} is not valid JSON (the manifest is corrupt)")
+            raise DataError(path, f"corrupt (line {number} is not valid JSON)")
+        if not isinstance(entry, dict):
+            raise DataError(path, f"corrupt (line {number} is not a JSON object)")
+        entries.append(entry)
     return entries
 
 
@@ -121,33 +236,60 @@ class SampleWriter:
 
     ``run`` describes what makes the samples (method, seed, generator config, data, ...). An
     existing output made with a different ``run`` is refused unless ``overwrite=True``, which
-    deletes it and starts over. ``done`` is the number of samples already complete.
+    deletes it and starts over. ``done`` is the number of samples already complete. The folder
+    stays locked until ``close()`` (or the end of a ``with`` block). OS errors come out as
+    ``DataError`` naming the file.
     """
 
     def __init__(self, out: str | Path, category: str, run: Mapping[str, Any], *, overwrite: bool = False):
         self.root = Path(out) / category
         self.run = _normalise(dict(run))
         self.manifest_path = self.root / MANIFEST
+        self._stack = ExitStack()
+        try:
+            self._open(overwrite)
+        except OSError as error:
+            self.close()
+            raise os_error(error) from error
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
+        for folder in (self.root.parent, self.root):
+            if folder.exists() and not folder.is_dir():
+                raise DataError(folder, "not a folder (a file is in the way)")
+        self._refuse_links()
         run_path = self.root / RUN_FILE
-        if not run_path.is_file():
-            if any((self.root / name).exists() for name in ("test", "ground_truth", MANIFEST)):
-                raise AnomalygenError(
-                    f"{self.root}: holds files anomalygen did not write (no {RUN_FILE}); choose another --out"
-                )
-        elif overwrite:
-            self._clear()
-        else:
-            previous = json.loads(run_path.read_text())
-            if previous != self.run:
-                raise AnomalygenError(
-                    f"{self.root}: holds the output of a different run ({_difference(previous, self.run)}); "
-                    "use --overwrite to replace it or choose another --out"
-                )
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not run_path.is_file() and any((self.root / name).exists() for name in ("test", "ground_truth", MANIFEST)):
+            raise AnomalygenError(f"{self.root}: holds files anomalygen did not write (no {RUN_FILE}); choose another --out")
+        self._stack.enter_context(folder_lock(self.root, "generate"))
+        self._refuse_links()  # again, now that no other anomalygen process can change the folder
+        if run_path.is_file():
+            if overwrite:
+                self._clear()
+            else:
+                previous = _read_run(run_path)
+                if previous != self.run:
+                    raise AnomalygenError(
+                        f"{self.root}: holds the output of a different run ({_difference(previous, self.run)}); "
+                        "use --overwrite to replace it or choose another --out"
+                    )
         self._remove_partials()
+        self.width = LEGACY_WIDTH if _has_legacy_names(self.root) else NAME_WIDTH
         if not run_path.is_file():
             atomic_write_text(run_path, json.dumps(self.run, indent=2, sort_keys=True))
         self.entries = self._recover()
+
+    def __enter__(self) -> "SampleWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        self._stack.close()
 
     @property
     def done(self) -> int:
@@ -156,24 +298,22 @@ class SampleWriter:
     def paths(self, index: int, defect_type: str) -> tuple[Path, Path]:
         """Relative image and mask paths of sample ``index``."""
         _check_type_name(defect_type)
-        return (
-            Path("test") / defect_type / f"{index:03d}.png",
-            Path("ground_truth") / defect_type / f"{index:03d}_mask.png",
-        )
+        name = f"{index:0{self.width}d}"
+        return Path("test") / defect_type / f"{name}.png", Path("ground_truth") / defect_type / f"{name}_mask.png"
 
     def add(self, sample: AnomalySample, *, source: str | Path | None = None, index: int | None = None) -> dict[str, Any]:
         """Write sample number ``done`` (image, mask, then its manifest line) and return the line."""
         index = self.done if index is None else index
         if index != self.done:
             raise AnomalygenError(f"{self.manifest_path}: sample {index} written out of order (expected {self.done})")
+        if index >= MAX_SAMPLES:
+            raise AnomalygenError(f"{self.root}: at most {MAX_SAMPLES} samples fit in one folder")
         mask = np.asarray(sample.mask, dtype=bool)
         if mask.shape != sample.image.shape[:2]:
             raise AnomalygenError(
                 f"sample {index}: mask shape {mask.shape} does not match image shape {sample.image.shape[:2]}"
             )
         image_rel, mask_rel = self.paths(index, sample.defect_type)
-        save_png(self.root / image_rel, sample.image)
-        save_png(self.root / mask_rel, mask)
         entry = {
             "index": index,
             "image": image_rel.as_posix(),
@@ -185,21 +325,45 @@ class SampleWriter:
             "prompt": sample.prompt,
             "meta": _normalise(sample.meta),
         }
-        with open(self.manifest_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            save_png(self.root / image_rel, sample.image)
+            save_png(self.root / mask_rel, mask)
+            with open(self.manifest_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry, sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise DataError(
+                self.root,
+                f"{os_problem(error)} after {index} samples"
+                + ("" if full else f" (writing {error.filename or self.manifest_path})")
+                + f"; {'free space' if full else 'fix that'} and re-run to resume",
+            ) from error
         self.entries.append(entry)
         return entry
 
     def _recover(self) -> list[dict[str, Any]]:
-        """The valid prefix of the manifest: consecutive indices whose image and mask exist."""
+        """The valid prefix of the manifest: consecutive indices whose image and mask exist.
+
+        A complete line that names other files than the writer would have written for its index
+        is refused as corrupt: it never counts as a finished sample, and it is never read.
+        """
         entries = read_manifest(self.manifest_path)
         valid = []
         for position, entry in enumerate(entries):
-            if entry.get("index") != position or not all(
-                (self.root / entry.get(key, "")).is_file() for key in ("image", "mask")
-            ):
+            if entry.get("index") != position:
+                break
+            try:
+                expected = [p.as_posix() for p in self.paths(position, entry.get("defect_type"))]
+            except (AnomalygenError, TypeError):
+                raise DataError(self.manifest_path, f"corrupt (sample {position}: defect_type "
+                                                    f"{entry.get('defect_type')!r} is not a folder name)") from None
+            for key, path in zip(("image", "mask"), expected):
+                if entry.get(key) != path:
+                    raise DataError(self.manifest_path,
+                                    f"corrupt (sample {position}: {key} {entry.get(key)!r}, expected {path!r})")
+            if not all((self.root / path).is_file() for path in expected):
                 break
             valid.append(entry)
         if len(valid) != len(entries) or _has_torn_tail(self.manifest_path):
@@ -207,16 +371,57 @@ class SampleWriter:
             atomic_write_text(self.manifest_path, text)
         return valid
 
+    def _refuse_links(self) -> None:
+        link = _first_link(self.root)
+        if link is not None:
+            raise DataError(link, f"is a symbolic link (to {os.readlink(link)}); anomalygen never writes through "
+                                  "links inside its output folder: replace it with a real folder or choose another --out")
+
     def _remove_partials(self) -> None:
         """Delete temporary files a killed run left behind (never a finished file)."""
         for tmp in self.root.rglob(f".*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
 
     def _clear(self) -> None:
+        """Delete the previous run's files (a failure is an error, not stale samples left behind)."""
         for name in ("test", "ground_truth"):
-            shutil.rmtree(self.root / name, ignore_errors=True)
+            if (self.root / name).exists():
+                shutil.rmtree(self.root / name)
         for name in (MANIFEST, RUN_FILE):
             (self.root / name).unlink(missing_ok=True)
+
+
+def _read_run(path: Path) -> dict[str, Any]:
+    try:
+        run = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(path, f"corrupt (not valid JSON: {error}); use --overwrite to start over") from None
+    if not isinstance(run, dict):
+        raise DataError(path, "corrupt (not a JSON object); use --overwrite to start over")
+    return run
+
+
+def _first_link(path: Path) -> Path | None:
+    """``path`` itself or the first symbolic link found under it (links are never followed)."""
+    if path.is_symlink():
+        return path
+    if not path.is_dir():
+        return None
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                return Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                found = _first_link(Path(entry.path))
+                if found is not None:
+                    return found
+    return None
+
+
+def _has_legacy_names(root: Path) -> bool:
+    """Whether ``root`` holds samples with the three-digit names of earlier versions (``000.png``)."""
+    pattern = re.compile(r"\d{%d}\.png" % LEGACY_WIDTH)
+    return any(pattern.fullmatch(p.name) for p in root.glob("test/*/*.png"))
 
 
 def _has_torn_tail(path: Path) -> bool:

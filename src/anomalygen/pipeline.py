@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from anomalygen.data import CategoryData, load_category, load_defects, load_goods, paper_split
 from anomalygen.errors import AnomalygenError
-from anomalygen.io import SampleWriter
+from anomalygen.io import MAX_SAMPLES, SampleWriter, folder_lock
 from anomalygen.methods.base import AnomalyGenerator, create
 
 Warn = Callable[[str], None]
@@ -90,9 +90,10 @@ def fit(
 ) -> Path:
     """Fit ``create(method, **options)`` on the training split of a category and save it to ``out``."""
     generator = build(method, options or {})
-    _, defects, goods = load_training(data, category, skip_bad=skip_bad, warn=warn)
-    generator.fit(defects, goods)
-    generator.save(out)
+    with folder_lock(out, "fit"):  # refuses a file in the way, an unwritable place or a second fit, before fitting
+        _, defects, goods = load_training(data, category, skip_bad=skip_bad, warn=warn)
+        generator.fit(defects, goods)
+        generator.save(out)
     return Path(out)
 
 
@@ -116,8 +117,8 @@ def generate(
 
     Resumes an interrupted run of the same command; see ``anomalygen.io`` for the guarantees.
     """
-    if num < 1:
-        raise AnomalygenError(f"--num must be at least 1, got {num}")
+    if not 1 <= num <= MAX_SAMPLES:
+        raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
     if checkpoint is not None:
         generator = AnomalyGenerator.load(checkpoint)
         if options:
@@ -138,19 +139,25 @@ def generate(
         "category": category_data.name,
         "defect_type": defect_type,
     }
-    writer = SampleWriter(out, category_data.name, run, overwrite=overwrite)
-    start = writer.done
-    if start < num:
-        if checkpoint is None:
-            generator.fit(defects, goods)
-        samples = generator.generate(goods, num - start, seed=seed, start=start, defect_type=defect_type)
-        with _progress(console) as progress:
-            label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
-            task = progress.add_task(label, total=num, completed=start)
-            for sample in samples:
-                index = sample.meta.get("source_index")
-                writer.add(sample, source=None if index is None else category_data.train_good[index].path.resolve())
-                progress.advance(task)
+    with SampleWriter(out, category_data.name, run, overwrite=overwrite) as writer:
+        start = writer.done
+        if start > num:
+            raise AnomalygenError(
+                f"{writer.root}: holds {start} samples, more than --num {num}; give --num {start} or more to keep "
+                f"them, or add --overwrite to start over with {num}"
+            )
+        if start < num:
+            if checkpoint is None:
+                generator.fit(defects, goods)
+            samples = generator.generate(goods, num - start, seed=seed, start=start, defect_type=defect_type)
+            with _progress(console) as progress:
+                label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
+                task = progress.add_task(label, total=num, completed=start)
+                for sample in samples:
+                    index = sample.meta.get("source_index")
+                    source = None if index is None else category_data.train_good[index].path.resolve()
+                    writer.add(sample, source=source)
+                    progress.advance(task)
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done)
 
 
