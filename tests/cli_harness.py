@@ -28,10 +28,23 @@ class CliResult:
         return self.stdout + self.stderr
 
 
-def run_cli(*args, cwd: str | Path | None = None, env: dict | None = None, timeout: float = 300) -> CliResult:
-    """``anomalygen ARGS`` in a fresh interpreter (no ANSI colours, wide console)."""
-    environment = {**os.environ, "NO_COLOR": "1", "COLUMNS": "400", "TERM": "dumb", **(env or {})}
-    done = subprocess.run([sys.executable, "-m", "anomalygen.cli", *map(str, args)], cwd=cwd, env=environment,
+def cli_command(*args, fault: str | None = None) -> list[str]:
+    """The argv of ``anomalygen ARGS`` (through ``cli_faults`` when a simulated OS fault is given)."""
+    if fault is None:
+        return [sys.executable, "-m", "anomalygen.cli", *map(str, args)]
+    return [sys.executable, str(Path(__file__).with_name("cli_faults.py")), *map(str, args)]
+
+
+def cli_env(env: dict | None = None, fault: str | None = None) -> dict:
+    """The environment of a CLI subprocess: no ANSI colours, a wide console, the fault if any."""
+    return {**os.environ, "NO_COLOR": "1", "COLUMNS": "400", "TERM": "dumb", **(env or {}),
+            **({"ANOMALYGEN_TEST_FAULT": fault} if fault else {})}
+
+
+def run_cli(*args, cwd: str | Path | None = None, env: dict | None = None, timeout: float = 300,
+            fault: str | None = None) -> CliResult:
+    """``anomalygen ARGS`` in a fresh interpreter; ``fault``: a simulated OS fault (see ``cli_faults``)."""
+    done = subprocess.run(cli_command(*args, fault=fault), cwd=cwd, env=cli_env(env, fault),
                           capture_output=True, text=True, timeout=timeout)
     return CliResult(done.returncode, done.stdout, done.stderr)
 
@@ -66,3 +79,15 @@ def assert_unchanged(before: dict[str, tuple], root: str | Path) -> None:
     after = snapshot(root)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"changed under {root}: {changed[:10]}"
+
+
+def assert_kept(before: dict[str, tuple], root: str | Path, *, appended: tuple[str, ...] = ()) -> None:
+    """Everything under ``root`` in ``before`` is still there, byte for byte (new files may have
+    been added); the files named in ``appended`` may only have grown at their end."""
+    after = snapshot(root)
+    def grown(key: str) -> bool:
+        old, new = before[key], after.get(key, ())
+        return key in appended and old[0] == "file" and new[:2] == old[:2] and new[2].startswith(old[2])
+
+    lost = sorted(k for k, v in before.items() if after.get(k) != v and not grown(k))
+    assert not lost, f"changed or lost under {root}: {lost[:10]}"
