@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.io import MANIFEST, SampleWriter, atomic_write_text, read_manifest, save_png
+from anomalygen.io import (
+    LOCK_FILE,
+    MANIFEST,
+    MAX_SAMPLES,
+    NAME_WIDTH,
+    SampleWriter,
+    atomic_write_text,
+    folder_lock,
+    os_error,
+    read_manifest,
+    save_png,
+)
 from anomalygen.types import AnomalySample
 from anomalygen.visualize import Section, grid, overlay, write_html
 
@@ -178,3 +198,124 @@ def test_write_html_embeds_and_links(tmp_path):
     linked = write_html(tmp_path / "linked.html", "R", sections[:1], embed=False).read_text()
     assert "src='linked_files/s00_000.png'" in linked
     assert (tmp_path / "linked_files" / "s00_000.png").is_file()
+
+
+@given(st.integers(0, MAX_SAMPLES - 1), st.integers(0, MAX_SAMPLES - 1))
+def test_sample_names_sort_like_their_indices(a, b):
+    """anomalib pairs images and masks by sorted name: names must sort as the indices do, at any count."""
+    writer = object.__new__(SampleWriter)  # paths() needs only the name width
+    writer.width = NAME_WIDTH
+    (image_a, mask_a), (image_b, mask_b) = writer.paths(a, "t"), writer.paths(b, "t")
+    assert (image_a.name < image_b.name) == (a < b) == (mask_a.name < mask_b.name)
+    assert mask_a.name == image_a.stem + "_mask.png"
+
+
+def _to_legacy_names(root):
+    """Rename a run's files to the three-digit names of earlier versions, as they would have written it."""
+    lines = []
+    for entry in read_manifest(root / MANIFEST):
+        for key in ("image", "mask"):
+            old = entry[key].replace(f"{entry['index']:06d}", f"{entry['index']:03d}")
+            (root / entry[key]).rename(root / old)
+            entry[key] = old
+        lines.append(json.dumps(entry, sort_keys=True) + "\n")
+    atomic_write_text(root / MANIFEST, "".join(lines))
+
+
+def test_legacy_three_digit_folder_keeps_its_names(tmp_path):
+    write_run(tmp_path / "whole", 5)
+    _to_legacy_names(tmp_path / "whole" / "cat")
+    write_run(tmp_path / "old", 3)
+    _to_legacy_names(tmp_path / "old" / "cat")
+    assert write_run(tmp_path / "old", 5).done == 5  # resumed: 003.png, 004.png
+    assert tree_bytes(tmp_path / "old") == tree_bytes(tmp_path / "whole")
+    assert (tmp_path / "old" / "cat" / "test" / "hole" / "003.png").is_file()
+    assert write_run(tmp_path / "new", 1).paths(7, "hole")[0].name == "000007.png"
+
+
+def _lock_from_another_process(folder) -> subprocess.CompletedProcess:
+    code = "import sys; from anomalygen.io import folder_lock\nwith folder_lock(sys.argv[1], 'fit'): print('got it')"
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+
+
+def test_folder_lock_refuses_a_second_process_and_frees_on_exit(tmp_path):
+    with folder_lock(tmp_path / "w", "generate"):
+        with folder_lock(tmp_path / "w", "generate"):  # nested in one process: no-op
+            pass
+        other = _lock_from_another_process(tmp_path / "w")
+        assert other.returncode != 0 and "got it" not in other.stdout
+        assert f"{tmp_path / 'w'}: in use by another anomalygen generate (pid {os.getpid()} on " in other.stderr
+        assert socket.gethostname() in other.stderr
+    assert (tmp_path / "w" / LOCK_FILE).read_bytes() == b""
+    assert _lock_from_another_process(tmp_path / "w").stdout == "got it\n"
+
+
+def test_folder_lock_survives_kill_9(tmp_path):
+    """flock dies with its process: a holder killed with SIGKILL leaves a record but no lock."""
+    code = "import sys, time; from anomalygen.io import folder_lock\nwith folder_lock(sys.argv[1], 'fit'):\n print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    assert f"pid {holder.pid}" in _lock_from_another_process(tmp_path).stderr
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert b'"pid"' in (tmp_path / LOCK_FILE).read_bytes()  # the stale record
+    assert _lock_from_another_process(tmp_path).stdout == "got it\n"
+
+
+def test_writer_refuses_links_inside_its_folder(tmp_path):
+    write_run(tmp_path / "out", 2)
+    outside = tmp_path / "outside"
+    (tmp_path / "out" / "cat" / "test").rename(outside)
+    (tmp_path / "out" / "cat" / "test").symlink_to(outside)
+    before = tree_bytes(outside)
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match=r"cat/test: is a symbolic link \(to .*outside\)"):
+            write_run(tmp_path / "out", 3, overwrite=overwrite)
+    assert tree_bytes(outside) == before
+
+
+def test_failed_clear_out_is_an_error(tmp_path, monkeypatch):
+    write_run(tmp_path, 2)
+    monkeypatch.setattr(shutil, "rmtree", lambda path: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))))
+    with pytest.raises(DataError, match="cat/test: permission denied"):
+        SampleWriter(tmp_path, "cat", {**RUN, "seed": 9}, overwrite=True)
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('[1, 2]', "line 1 is not a JSON object"),
+    ('"text"', "line 1 is not a JSON object"),
+    (None, "sample 0: image None, expected 'test/scratch/000000.png'"),
+    ("../../../etc/passwd", "sample 0: image '../../../etc/passwd'"),
+])
+def test_tampered_manifest_line_is_corrupt(tmp_path, line, problem):
+    write_run(tmp_path, 2)
+    manifest = tmp_path / "cat" / MANIFEST
+    entries = manifest.read_text().splitlines()
+    first = json.loads(entries[0])
+    entries[0] = line if line in ('[1, 2]', '"text"') else json.dumps({**first, "image": line})
+    manifest.write_text("\n".join(entries) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{manifest}: corrupt ({problem}")):
+        SampleWriter(tmp_path, "cat", RUN)
+
+
+def test_disk_full_names_the_count_and_keeps_what_was_written(tmp_path, monkeypatch):
+    import anomalygen.io
+
+    write_run(tmp_path, 2)
+    before = tree_bytes(tmp_path)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(anomalygen.io, "atomic_write_bytes", full)
+    with pytest.raises(DataError, match=r"cat: disk full after 2 samples; free space and re-run to resume"):
+        write_run(tmp_path, 3)
+    assert tree_bytes(tmp_path) == before
+
+
+def test_os_error_names_the_file_in_the_way(tmp_path):
+    (tmp_path / "f").write_text("x")
+    error = FileNotFoundError(errno.ENOTDIR, "Not a directory", str(tmp_path / "f" / "a" / "b"))
+    assert str(os_error(error)) == f"{tmp_path / 'f'}: not a folder (a file is in the way)"
+    assert str(os_error(OSError(errno.EROFS, "x", "/p"))) == "/p: read-only file system"
+    assert str(os_error(OSError(errno.ENOSPC, "x"))) == "disk full"
