@@ -276,7 +276,11 @@ def test_writer_refuses_links_inside_its_folder(tmp_path):
 
 def test_failed_clear_out_is_an_error(tmp_path, monkeypatch):
     write_run(tmp_path, 2)
-    monkeypatch.setattr(shutil, "rmtree", lambda path: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))))
+    def rmtree(path, ignore_errors=False):  # a folder that cannot be deleted; ignore_errors hides it
+        if not ignore_errors:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
     with pytest.raises(DataError, match="cat/test: permission denied"):
         SampleWriter(tmp_path, "cat", {**RUN, "seed": 9}, overwrite=True)
 
