@@ -1,7 +1,9 @@
 """kill -9 at random moments: a killed `generate`, re-run, ends byte-identical to an uninterrupted run;
 two processes on one folder never both write it.
 
-A few kills run in CI; set ANOMALYGEN_KILLS=50 for more (ANOMALYGEN_KILL_SEED picks the moments).
+A few kills of a model-free run in CI; set ANOMALYGEN_KILLS=50 for more, which also runs the kill loop
+on a fitted tiny textual-inversion model (a minute or more: torch imports dominate each restart).
+ANOMALYGEN_KILL_SEED picks the moments.
 """
 
 from __future__ import annotations
@@ -42,10 +44,28 @@ def kill_loop(args: list, kills: int, rng: random.Random, duration: float) -> li
     return left
 
 
-@pytest.mark.parametrize("method", ["croppaste"])
-def test_generate_killed_at_random_moments_ends_identical(tmp_path, method):
+def _croppaste(tmp_path: Path, data: Path) -> list:
+    return ["--method", "croppaste", "--num", 30]
+
+
+def _textual_inversion(tmp_path: Path, data: Path) -> list:
+    """A fitted tiny textual-inversion model (random-init backbone, 32 px, 2 denoising steps)."""
+    from anomalygen import pipeline
+
+    options = {"model": "tiny", "device": "cpu", "resolution": 32, "max_steps": 2, "batch_size": 2,
+               "num_inference_steps": 2, "checkpoint_every": 0}
+    model = pipeline.fit("textual-inversion", data, tmp_path / "model", category="nut", options=options)
+    return ["--checkpoint", model, "--num", 8]
+
+
+SLOW = pytest.mark.skipif("ANOMALYGEN_KILLS" not in os.environ, reason="set ANOMALYGEN_KILLS to run it")
+
+
+@pytest.mark.parametrize("setup", [_croppaste, pytest.param(_textual_inversion, marks=SLOW)],
+                         ids=["croppaste", "textual-inversion-tiny"])
+def test_generate_killed_at_random_moments_ends_identical(tmp_path, setup):
     data = make_tiny_dataset(tmp_path / "data")
-    base = ["generate", "--method", method, "--data", data, "--category", "nut", "--num", 30, "--seed", 1]
+    base = ["generate", "--data", data, "--category", "nut", "--seed", 1, *setup(tmp_path, data)]
     started = time.monotonic()
     assert run_cli(*base, "--out", tmp_path / "whole").returncode == 0
     duration = time.monotonic() - started
