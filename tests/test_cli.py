@@ -157,3 +157,18 @@ def test_demo_page(tmp_path, fake_method, monkeypatch):
     shutil.rmtree(tmp_path / "samples/fake/nut/test")  # a re-run repairs lost samples
     assert invoke("demo", "--out", tmp_path, "--methods", "fake", "--num", 2).exit_code == 0
     assert len(list((tmp_path / "samples/fake/nut/test").rglob("*.png"))) == 2
+
+
+def test_ctrl_c_and_internal_errors_are_one_line(tmp_path, data, monkeypatch):
+    from anomalygen import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "generate", interrupted)
+    result = invoke("generate", "--method", "fake", "--data", data, "--out", tmp_path, "--num", 1)
+    assert result.exit_code == 130 and result.stderr == "error: interrupted; run the same command again to resume\n"
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: {}["missing"])
+    result = invoke("generate", "--method", "fake", "--data", data, "--out", tmp_path, "--num", 1)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: internal error (KeyError: 'missing'); this is a bug")

@@ -106,6 +106,15 @@ def test_fit_then_generate_from_checkpoint(tmp_path, tiny_root, fake_method):
         pipeline.generate(None, tiny_root, tmp_path / "x", 1, checkpoint=tmp_path)
 
 
+def test_num_below_what_the_folder_holds_is_refused(tmp_path, tiny_root, fake_method):
+    pipeline.generate("fake", tiny_root, tmp_path, 3)
+    before = tree_bytes(tmp_path)
+    with pytest.raises(AnomalygenError, match=r"nut: holds 3 samples, more than --num 2; give --num 3 or more .* --overwrite"):
+        pipeline.generate("fake", tiny_root, tmp_path, 2)
+    assert tree_bytes(tmp_path) == before
+    assert pipeline.generate("fake", tiny_root, tmp_path, 2, overwrite=True).total == 2
+
+
 def test_defect_type_option(tmp_path, tiny_root, fake_method):
     result = pipeline.generate("fake", tiny_root, tmp_path, 3, defect_type="stain")
     assert {e["defect_type"] for e in read_manifest(result.out / MANIFEST)} == {"stain"}
