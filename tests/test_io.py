@@ -252,7 +252,8 @@ def test_folder_lock_refuses_a_second_process_and_frees_on_exit(tmp_path):
 
 def test_folder_lock_survives_kill_9(tmp_path):
     """flock dies with its process: a holder killed with SIGKILL leaves a record but no lock."""
-    code = "import sys, time; from anomalygen.io import folder_lock\nwith folder_lock(sys.argv[1], 'fit'):\n print('held', flush=True); time.sleep(60)"
+    code = ("import sys, time; from anomalygen.io import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'fit'):\n print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     assert f"pid {holder.pid}" in _lock_from_another_process(tmp_path).stderr

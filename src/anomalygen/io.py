@@ -259,12 +259,11 @@ class SampleWriter:
         for folder in (self.root.parent, self.root):
             if folder.exists() and not folder.is_dir():
                 raise DataError(folder, "not a folder (a file is in the way)")
-        self._refuse_links()
+        self._refuse_links()  # before the lock file is created: OUT/<category> itself may be a link
         run_path = self.root / RUN_FILE
         if not run_path.is_file() and any((self.root / name).exists() for name in ("test", "ground_truth", MANIFEST)):
             raise AnomalygenError(f"{self.root}: holds files anomalygen did not write (no {RUN_FILE}); choose another --out")
         self._stack.enter_context(folder_lock(self.root, "generate"))
-        self._refuse_links()  # again, now that no other anomalygen process can change the folder
         if run_path.is_file():
             if overwrite:
                 self._clear()
