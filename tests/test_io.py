@@ -255,10 +255,12 @@ def test_folder_lock_survives_kill_9(tmp_path):
     code = ("import sys, time; from anomalygen.io import folder_lock\n"
             "with folder_lock(sys.argv[1], 'fit'):\n print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"
-    assert f"pid {holder.pid}" in _lock_from_another_process(tmp_path).stderr
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert f"pid {holder.pid}" in _lock_from_another_process(tmp_path).stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
     assert b'"pid"' in (tmp_path / LOCK_FILE).read_bytes()  # the stale record
     assert _lock_from_another_process(tmp_path).stdout == "got it\n"
 
