@@ -26,8 +26,8 @@ SEED = int(os.environ.get("ANOMALYGEN_KILL_SEED", "0"))
 
 
 def kill_loop(args: list, kills: int, rng: random.Random) -> list[int]:
-    """Start ``anomalygen ARGS`` and SIGKILL it at a random moment, ``kills`` times (or until a run
-    finishes); return the number of finished samples each kill left.
+    """Start ``anomalygen ARGS`` and SIGKILL it at a random moment, ``kills`` times (or until every
+    sample is written); return the number of finished samples each kill left.
 
     A moment is a sample number k still to write (or "during start-up") and a delay: the kill comes
     that long after the manifest reaches k lines, so it lands anywhere inside the writing of sample
@@ -38,6 +38,8 @@ def kill_loop(args: list, kills: int, rng: random.Random) -> list[int]:
     left: list[int] = []
     while len(left) < kills:
         done = len(read_manifest(out / "nut" / MANIFEST))
+        if done == num:
+            return left  # every sample is written: the next run only checks
         process = subprocess.Popen(cli_command(*args), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         target = rng.randrange(done - 1, num)
         if target < done:

@@ -159,6 +159,8 @@ CASES = [
     Case("out-disk-full", lambda w: (w.generate("--num", 6), [str(w.nut), "disk full after 5 samples",
                                                              "free space and re-run to resume"]), fault="enospc:4"),
     Case("fit-out-is-a-file", lambda w: (w.fit(_file(w.root / "model")), [str(w.root / "model"), "not a folder"])),
+    Case("demo-out-is-a-file", lambda w: (["demo", "--out", _file(w.root / "d"), "--methods", METHOD, "--num", 1],
+                                          [str(w.root / "d"), "not a folder"])),
     Case("fit-out-permission-denied", lambda w: (w.fit(w.root / "model"), [str(w.root / "model"), "permission denied"]),
          fault="deny:EACCES:{root}/model"),
     # 5: a folder in use
@@ -214,7 +216,7 @@ def test_case_is_one_clear_line_and_damages_nothing(world, case):
 def test_case_count():
     """Every defect category of the issue has cases (a guard against losing some in a refactor)."""
     prefixes = {case.name.split("-")[0] for case in CASES}
-    assert {"data", "option", "num", "link", "out", "fit", "lock", "run", "manifest"} <= prefixes
+    assert {"data", "option", "num", "link", "out", "fit", "demo", "lock", "run", "manifest"} <= prefixes
     assert len(CASES) >= 35
 
 
