@@ -29,9 +29,9 @@ def kill_loop(args: list, kills: int, rng: random.Random) -> list[int]:
     """Start ``anomalygen ARGS`` and SIGKILL it at a random moment, ``kills`` times (or until every
     sample is written); return the number of finished samples each kill left.
 
-    A moment is a sample number k still to write (or "during start-up") and a delay: the kill comes
-    that long after the manifest reaches k lines, so it lands anywhere inside the writing of sample
-    k (its image, its mask or its manifest line), not mostly in the imports.
+    A moment is a manifest length k this process will reach (or "during start-up") and a delay: the
+    kill comes that long after the manifest has k lines, so it lands anywhere in the writing of the
+    next sample (its image, its mask or its manifest line) or in the exit, not mostly in the imports.
     """
     out = Path(args[args.index("--out") + 1])
     num = int(args[args.index("--num") + 1])
@@ -41,9 +41,9 @@ def kill_loop(args: list, kills: int, rng: random.Random) -> list[int]:
         if done == num:
             return left  # every sample is written: the next run only checks
         process = subprocess.Popen(cli_command(*args), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        target = rng.randrange(done - 1, num)
-        if target < done:
-            time.sleep(rng.uniform(0.0, 1.5))
+        target = rng.randint(done, num)
+        if target == done:
+            time.sleep(rng.uniform(0.0, 3.0))
         else:
             while process.poll() is None and len(read_manifest(out / "nut" / MANIFEST)) < target:
                 time.sleep(0.002)
