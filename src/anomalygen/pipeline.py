@@ -88,10 +88,14 @@ def fit(
     skip_bad: bool = False,
     warn: Warn | None = None,
 ) -> Path:
-    """Fit ``create(method, **options)`` on the training split of a category and save it to ``out``."""
+    """Fit ``create(method, **options)`` on the training split of a category and save it to ``out``.
+
+    ``out`` is locked (``anomalygen.io.folder_lock``) before fitting: a file in the way, a place
+    that cannot be written or a second fit into it is refused before any training time is spent.
+    """
     generator = build(method, options or {})
-    with folder_lock(out, "fit"):  # refuses a file in the way, an unwritable place or a second fit, before fitting
-        _, defects, goods = load_training(data, category, skip_bad=skip_bad, warn=warn)
+    _, defects, goods = load_training(data, category, skip_bad=skip_bad, warn=warn)
+    with folder_lock(out, "fit"):
         generator.fit(defects, goods)
         generator.save(out)
     return Path(out)
