@@ -25,7 +25,8 @@ from skimage import measure
 from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.methods.blending import blend, feather_alpha, place, random_point, rotate_patch
-from anomalygen.methods.modelfree import ModelFreeGenerator, as_rgb, fit_mask
+from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, as_rgb, fit_mask
+from anomalygen.methods.options import Bool, Float, Int, OptionSpec, Range
 from anomalygen.methods.photometric import color_jitter
 from anomalygen.types import DefectExample
 
@@ -63,25 +64,18 @@ class CropPaste(ModelFreeGenerator):
     name = "croppaste"
     needs_fit = True
 
-    def __init__(
-        self,
-        flip: bool = True,
-        rotate: float = 180.0,
-        scale: Sequence[float] = (0.8, 1.2),
-        jitter: float = 0.1,
-        feather: float = 3.0,
-        min_area: int = 16,
-        foreground: str = "auto",
-    ):
-        super().__init__(
-            foreground=foreground,
-            flip=flip,
-            rotate=rotate,
-            scale=list(scale),
-            jitter=jitter,
-            feather=feather,
-            min_area=min_area,
-        )
+    OPTIONS = OptionSpec(
+        flip=Bool(True),
+        rotate=Float(180.0, 0, 180),  # degrees
+        scale=Range([0.8, 1.2], 0, low_open=True),
+        jitter=Float(0.1, 0, 1),
+        feather=Float(3.0, 0),  # px; 0 = hard edge
+        min_area=Int(16, 1),  # px of a mask component to be a crop
+        foreground=FOREGROUND,
+    )
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
         self._crops: list[Crop] = []
 
     def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:

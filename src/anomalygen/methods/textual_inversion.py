@@ -26,15 +26,19 @@ from anomalygen.diffusion.train import TrainConfig, train, work_directory
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import augment_mask
 from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.methods.options import Float, Int, OptionSpec, Text, diffusion_options
 from anomalygen.types import AnomalySample, DefectExample
 
 TOKEN = "<defect>"
-DEFAULTS: dict[str, Any] = {
-    "model": None, "max_steps": 1000, "time_budget_s": None, "device": None, "mixed_precision": "no",
-    "resolution": 512, "batch_size": 4, "lr": 5e-3, "num_inference_steps": 50, "sampler": "ddim", "eta": 0.0,
-    "guidance_scale": 1.0, "prompt": "a photo of {}", "init_word": "defect", "checkpoint_every": 500,
-    "work_dir": None, "seed": 0,
-}
+OPTIONS = OptionSpec(
+    **diffusion_options(),
+    max_steps=Int(1000, 1),
+    resolution=Int(512, 8),
+    lr=Float(5e-3, 0, low_open=True),
+    num_inference_steps=Int(50, 1),
+    eta=Float(0.0, 0, 1),
+    prompt=Text("a photo of {}", contains="{}"),
+)
 
 
 class TypeEmbeddings(nn.Module):
@@ -49,10 +53,7 @@ class TextualInversionGenerator(AnomalyGenerator):
     name = "textual-inversion"
 
     def __init__(self, **options: Any):
-        unknown = set(options) - set(DEFAULTS)
-        if unknown:
-            raise AnomalygenError(f"textual-inversion: unknown options {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
-        super().__init__(**{**DEFAULTS, **options})
+        super().__init__(**OPTIONS.validate(self.name, options))
         self._backbone = None
         self._encoder: PromptEncoder | None = None
         self.embeddings: TypeEmbeddings | None = None
