@@ -24,6 +24,7 @@ from skimage import measure
 
 from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.methods.base import malformed_as_corrupt, model_path, read_json
 from anomalygen.methods.blending import blend, feather_alpha, place, random_point, rotate_patch
 from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, as_rgb, fit_mask
 from anomalygen.methods.options import Bool, Float, Int, OptionSpec, Range
@@ -162,11 +163,13 @@ class CropPaste(ModelFreeGenerator):
 
     def load_state(self, directory: Path) -> None:
         path = directory / CROPS_FILE
-        if not path.is_file():
-            raise DataError(path, "missing: the saved croppaste model has no crops")
         self._crops = []
-        for entry in json.loads(path.read_text()):
-            image = load_image(directory / entry["image"])
-            mask = load_image(directory / entry["mask"])[..., 0] > 127
-            self._crops.append(Crop(image, mask, entry["defect_type"], tuple(entry["source_shape"])))
+        for entry in read_json(path, list):
+            with malformed_as_corrupt(path):
+                image = load_image(model_path(directory, entry["image"], path))
+                mask = load_image(model_path(directory, entry["mask"], path))[..., 0] > 127
+                height, width = (int(v) for v in entry["source_shape"])
+                if not isinstance(entry["defect_type"], str) or mask.shape != image.shape[:2] or min(height, width) < 1:
+                    raise ValueError(f"crop {entry['image']}: bad defect_type, mask size or source_shape")
+            self._crops.append(Crop(image, mask, entry["defect_type"], (height, width)))
         self._defect_types = list(dict.fromkeys(c.defect_type for c in self._crops))

@@ -40,7 +40,7 @@ from anomalygen.methods.anomalydiffusion.embedding import TypeTokens
 from anomalygen.methods.anomalydiffusion.loss import latent_mask, masked_diffusion_loss
 from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, SpatialEncoder
-from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_json, sample_rng
 from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, diffusion_options
 from anomalygen.types import AnomalySample, DefectExample
 
@@ -372,25 +372,33 @@ class AnomalyDiffusion(AnomalyGenerator):
         for path in (state_path, meta_path):
             if not path.is_file():
                 raise DataError(path, "missing: not a fitted anomalydiffusion model folder")
-        meta = json.loads(meta_path.read_text())
-        self._build(meta["defect_types"])
-        tensors = load_file(str(state_path), device=str(self.backbone.device))
-        with torch.no_grad():
-            self.anomaly_tokens.tokens.copy_(tensors.pop("anomaly_tokens"))
-            self.mask_tokens.tokens.copy_(tensors.pop("mask_tokens"))
-        prefix = "spatial_encoder."
-        self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
-        self.mask_stats = {t: MaskStats(**s) for t, s in meta["mask_stats"].items()}
+        meta = read_json(meta_path)
+        with malformed_as_corrupt(meta_path):
+            types = meta["defect_types"]
+            if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+                raise TypeError(f"defect_types must be a non-empty list of names, got {types!r}")
+            mask_stats = {t: MaskStats(**{k: float(v) for k, v in meta["mask_stats"][t].items()}) for t in types}
+            mask_files = {t: [model_path(directory, name, meta_path) for name in meta["training_masks"][t]] for t in types}
+            loss_log = [float(v) for v in meta.get("loss_log", [])]
+        self._build(types)
+        with malformed_as_corrupt(state_path):
+            tensors = load_file(str(state_path), device=str(self.backbone.device))
+            with torch.no_grad():
+                self.anomaly_tokens.tokens.copy_(tensors.pop("anomaly_tokens"))
+                self.mask_tokens.tokens.copy_(tensors.pop("mask_tokens"))
+            prefix = "spatial_encoder."
+            self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
+        self.mask_stats = mask_stats
         self.training_masks = {}
-        for t, names in meta["training_masks"].items():
+        for t, paths in mask_files.items():
             masks = []
-            for name in names:
-                image = cv2.imread(str(directory / name), cv2.IMREAD_GRAYSCALE)
+            for path in paths:
+                image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
                 if image is None:
-                    raise DataError(directory / name, "unreadable training mask of the fitted model")
+                    raise DataError(path, "unreadable training mask of the fitted model")
                 masks.append(image > 127)
             self.training_masks[t] = masks
-        self.loss_log = list(meta.get("loss_log", []))
+        self.loss_log = loss_log
 
 
 def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
