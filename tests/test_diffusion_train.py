@@ -99,7 +99,7 @@ def test_resume_truncates_the_log_to_the_checkpoint(tmp_path):
     state = legacy / "checkpoints" / "step-0000003" / "state.json"
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "log"}))
     lines = (legacy / "loss.csv").read_text().splitlines()
-    (legacy / "loss.csv").write_text("\n".join(lines[1:]) + "\n4,0.12")
+    (legacy / "loss.csv").write_text("\n".join(lines[1:] + lines[2:4] + ["oops"]) + "\n4,0.12")  # resumed rows again
     result = train(_modules(), _loss(), CONFIG, legacy)
     assert _log_without_elapsed(legacy / "loss.csv") == _log_without_elapsed(tmp_path / "whole" / "loss.csv")
     assert len(result.losses) == 8

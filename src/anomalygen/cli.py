@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from anomalygen import pipeline
@@ -34,7 +35,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except AnomalygenError as error:
-            console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
     return wrapper

@@ -138,15 +138,15 @@ def _log_rows(log_path: Path, checkpoint: Path | None, state: dict) -> list[list
         return []
     if "log" in state:
         return state["log"]
-    rows = []
+    by_step = {}  # the last row of each step: older versions appended resumed steps again
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     for row in csv.reader(io.StringIO(text)):
         try:
-            if len(row) == len(LOG_HEADER) and 0 < int(row[0]) <= state["step"] and all(float(v) == float(v) for v in row[1:]):
-                rows.append(row)
+            if len(row) == len(LOG_HEADER) and 0 < int(row[0]) <= state["step"] and [float(v) for v in row[1:]]:
+                by_step[int(row[0])] = row
         except ValueError:
             continue
-    return rows
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _save_grid(images: list[np.ndarray], path: Path) -> None:
