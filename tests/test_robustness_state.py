@@ -7,6 +7,7 @@ run, nothing written to the output folder.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -85,8 +86,8 @@ TAMPER_CASES: dict[str, tuple[str, str, Callable[[Path, Path], None]]] = {
     "crops-json-missing-mask": ("croppaste", "crops.json", lambda m, d: _edit_json(m / "crops.json", lambda v: v[0].pop("mask"))),
     "crops-json-source-shape": ("croppaste", "crops.json",
                                 lambda m, d: _edit_json(m / "crops.json", lambda v: v[0].update(source_shape="big"))),
-    "crops-json-parent-path": ("croppaste", "crops.json",
-                               lambda m, d: _edit_json(m / "crops.json", lambda v: v[0].update(image="../data/fabric/train/good/000.png"))),
+    "crops-json-parent-path": ("croppaste", "crops.json", lambda m, d: _edit_json(  # an image that exists
+        m / "crops.json", lambda v: v[0].update(image=os.path.relpath(d / "fabric" / "train" / "good" / "000.png", m)))),
     "crops-json-absolute-path": ("croppaste", "crops.json", lambda m, d: _edit_json(
         m / "crops.json", lambda v: v[0].update(image=str(d / "fabric" / "train" / "good" / "000.png")))),
     "crops-json-dotted-path": ("croppaste", "crops.json",
