@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_text
+from anomalygen.methods.options import OptionSpec
 from anomalygen.types import AnomalySample, DefectExample
 
 CONFIG_FILE = "generator.json"
@@ -77,12 +78,14 @@ def model_path(directory: Path, name: Any, recorded_in: Path) -> Path:
 class AnomalyGenerator(ABC):
     """Learns from a few real defects (``fit``) and produces image+mask pairs (``generate``).
 
-    Subclasses set ``name`` and accept their options as constructor keyword arguments, which
-    ``config()`` returns so that ``save``/``load`` can rebuild the generator.
+    Subclasses set ``name`` and ``OPTIONS`` and accept their options as constructor keyword
+    arguments, checked against ``OPTIONS`` before anything is written; ``config()`` returns them so
+    that ``save``/``load`` can rebuild the generator.
     """
 
     name: ClassVar[str]
     needs_fit: ClassVar[bool] = True
+    OPTIONS: ClassVar[OptionSpec]  # the options the constructor accepts (methods.options)
 
     def __init__(self, **options: Any):
         self.options = options

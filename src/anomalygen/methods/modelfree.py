@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import cv2
 import numpy as np
@@ -17,7 +17,7 @@ import numpy as np
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resolve_mode
 from anomalygen.methods.base import AnomalyGenerator, sample_rng
-from anomalygen.methods.options import Choice, OptionSpec
+from anomalygen.methods.options import Choice
 from anomalygen.types import AnomalySample, DefectExample
 
 # Where anomalies may go: "auto" (decide by ``is_object``), "object" or "texture".
@@ -58,8 +58,6 @@ class ModelFreeGenerator(AnomalyGenerator):
     """
 
     needs_fit = False
-
-    OPTIONS: ClassVar[OptionSpec]
 
     def __init__(self, **options: Any):
         super().__init__(**self.OPTIONS.validate(self.name, options))

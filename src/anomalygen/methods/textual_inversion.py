@@ -30,15 +30,6 @@ from anomalygen.methods.options import Float, Int, OptionSpec, Text, diffusion_o
 from anomalygen.types import AnomalySample, DefectExample
 
 TOKEN = "<defect>"
-OPTIONS = OptionSpec(
-    **diffusion_options(),
-    max_steps=Int(1000, 1),
-    resolution=Int(512, 8),
-    lr=Float(5e-3, 0, low_open=True),
-    num_inference_steps=Int(50, 1),
-    eta=Float(0.0, 0, 1),
-    prompt=Text("a photo of {}", contains="{}"),
-)
 
 
 class TypeEmbeddings(nn.Module):
@@ -52,8 +43,18 @@ class TypeEmbeddings(nn.Module):
 class TextualInversionGenerator(AnomalyGenerator):
     name = "textual-inversion"
 
+    OPTIONS = OptionSpec(
+        **diffusion_options(),
+        max_steps=Int(1000, 1),
+        resolution=Int(512, 8),
+        lr=Float(5e-3, 0, low_open=True),
+        num_inference_steps=Int(50, 1),
+        eta=Float(0.0, 0, 1),
+        prompt=Text("a photo of {}", contains="{}"),
+    )
+
     def __init__(self, **options: Any):
-        super().__init__(**OPTIONS.validate(self.name, options))
+        super().__init__(**self.OPTIONS.validate(self.name, options))
         self._backbone = None
         self._encoder: PromptEncoder | None = None
         self.embeddings: TypeEmbeddings | None = None

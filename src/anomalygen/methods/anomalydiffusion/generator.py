@@ -49,38 +49,38 @@ STATE_FILE = "anomalydiffusion.safetensors"
 META_FILE = "anomalydiffusion.json"
 MASK_DIR = "training_masks"
 
-OPTIONS = OptionSpec(
-    **diffusion_options(),
-    max_steps=Int(2000, 1),
-    resolution=Int(256, 8),
-    lr=Float(None, 0, low_open=True, optional=True),  # None = 5e-3 × batch_size, as the official code scales it
-    num_anomaly_tokens=Int(8, 1),  # k (paper; the official code uses 4)
-    num_spatial_tokens=Int(4, 1),  # n
-    spatial_encoder=Choice(None, sorted(PRESETS), optional=True),  # None = "tiny" for the tiny model, else "resnet50"
-    aar=Choice("latent", AAR_VARIANTS),  # "latent" (official code) | "paper" (Eq. 7) | "off"
-    aar_dilation_scale=Int(8, 1),
-    masked_loss=Bool(True),
-    spatial_embedding=Bool(True),
-    mask_source=Choice("learned", ("learned", "augment")),  # "learned" (Eq. 9) | "augment" (augmented training masks)
-    mask_tokens=Int(4, 1),  # k'
-    num_inference_steps=Int(200, 1),
-    eta=Float(1.0, 0, 1),
-    mask_sampler=Choice("ddim", SAMPLERS),
-    mask_inference_steps=Int(100, 1),
-    mask_guidance_scale=Float(5.0, 0),
-    mask_threshold=Float(0.8, 0, 1),
-    mask_tries=Int(8, 0),
-    generate_batch_size=Int(8, 1),
-)
-
 
 class AnomalyDiffusion(AnomalyGenerator):
     """Few-shot anomaly image + mask generation with spatial anomaly embeddings and AAR."""
 
     name = "anomalydiffusion"
 
+    OPTIONS = OptionSpec(
+        **diffusion_options(),
+        max_steps=Int(2000, 1),
+        resolution=Int(256, 8),
+        lr=Float(None, 0, low_open=True, optional=True),  # None = 5e-3 × batch_size, as the official code scales it
+        num_anomaly_tokens=Int(8, 1),  # k (paper; the official code uses 4)
+        num_spatial_tokens=Int(4, 1),  # n
+        spatial_encoder=Choice(None, sorted(PRESETS), optional=True),  # None = "tiny" for the tiny model, else "resnet50"
+        aar=Choice("latent", AAR_VARIANTS),  # "latent" (official code) | "paper" (Eq. 7) | "off"
+        aar_dilation_scale=Int(8, 1),
+        masked_loss=Bool(True),
+        spatial_embedding=Bool(True),
+        mask_source=Choice("learned", ("learned", "augment")),  # "learned" (Eq. 9) | "augment" (augmented training masks)
+        mask_tokens=Int(4, 1),  # k'
+        num_inference_steps=Int(200, 1),
+        eta=Float(1.0, 0, 1),
+        mask_sampler=Choice("ddim", SAMPLERS),
+        mask_inference_steps=Int(100, 1),
+        mask_guidance_scale=Float(5.0, 0),
+        mask_threshold=Float(0.8, 0, 1),
+        mask_tries=Int(8, 0),
+        generate_batch_size=Int(8, 1),
+    )
+
     def __init__(self, **options: Any):
-        self.opt = OPTIONS.validate(self.name, options)
+        self.opt = self.OPTIONS.validate(self.name, options)
         super().__init__(**options)
         self._backbone: Backbone | None = None
         self._defect_types: list[str] = []
