@@ -3,7 +3,7 @@
 A method declares ``OPTIONS = OptionSpec(name=Int(3, low=1), ...)``; adding an option is one line.
 ``OPTIONS.validate(method, given)`` refuses unknown names and values of the wrong type, out of range
 or not among the choices with one line naming the option (and its CLI flag, where it has one) and
-what is allowed, before anything is written. Values are returned as given (JSON-ready), so a
+what is allowed, before anything is written. Values are returned as given (tuples as lists), so a
 method's ``config()`` and the ``run.json`` it feeds do not change.
 """
 
