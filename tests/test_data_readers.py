@@ -182,3 +182,30 @@ def test_generic_folder(tmp_path):
     _mask(category / "mask/b.png")
     data = load_category(category)
     assert (data.name, data.layout, len(data.train_good), len(data.defects["defect"])) == ("part", "folder", 1, 1)
+
+
+@pytest.mark.parametrize("stray", [".ipynb_checkpoints", "notes", "000"])
+def test_a_stray_mask_subfolder_does_not_make_loco(tmp_path, stray):
+    """A hidden folder, a folder naming no image, even one folder named like an image among flat
+    masks: still MVTec AD, every mask found; `datasets info` says why."""
+    category = _mvtec(tmp_path)
+    (category / "ground_truth" / "crack" / stray).mkdir()
+    (category / "test" / ".ipynb_checkpoints").mkdir()  # a hidden folder is no defect type either
+    data = load_category(category)
+    assert data.layout == "mvtec" and data.defect_types == ["crack", "hole"]
+    assert len(data.defects["crack"]) == 3 and len(data.defects["hole"]) == 2
+    info = dataset_info(category)["categories"]["widget"]
+    assert info["layout"] == "mvtec" and not info["problems"]
+    assert info["layout_reason"].startswith(f"{int(stray == '000')} defect images with a mask folder")
+    assert "5 with a mask file" in info["layout_reason"]
+
+
+def test_datasets_info_prints_why_a_layout_was_chosen(tmp_path):
+    from typer.testing import CliRunner
+
+    from anomalygen.cli import app
+
+    category = _mvtec(tmp_path)
+    result = CliRunner().invoke(app, ["datasets", "info", str(category)])
+    assert result.exit_code == 0, result.output
+    assert "layout (widget): mvtec, because 0 defect images with a mask folder" in result.output

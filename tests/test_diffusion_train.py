@@ -1,6 +1,8 @@
 """Train, kill, resume: the same result as an uninterrupted run; logs, checkpoints, validation grids."""
 
 import csv
+import json
+import os
 
 import numpy as np
 import pytest
@@ -67,3 +69,58 @@ def test_time_budget_stops_and_checkpoints(tmp_path):
     result = train(_modules(), _loss(), config, tmp_path)
     assert result.stopped_by == "time_budget" and 0 < result.step < 10**6
     assert latest_checkpoint(tmp_path).name == f"step-{result.step:07d}"
+
+
+def _log_without_elapsed(path):
+    return [row[:3] for row in csv.reader(path.open(newline=""))]
+
+
+def test_resume_truncates_the_log_to_the_checkpoint(tmp_path):
+    """Rows written after the last checkpoint by a killed run are dropped, not duplicated; a torn,
+    header-less log of an older version is repaired from what parses."""
+    train(_modules(), _loss(), CONFIG, tmp_path / "whole")
+    log = tmp_path / "resumed" / "loss.csv"
+    seen = []
+
+    def watching(modules, step, generator):  # what a reader (or a kill) sees while training
+        seen.append([r[0] for r in csv.reader(log.open())])
+        return _loss(kill_at=5)(modules, step, generator)
+
+    with pytest.raises(Killed):
+        train(_modules(), watching, CONFIG, tmp_path / "resumed")
+    assert seen[-1] == ["step", "1", "2", "3", "4", "5"]  # flushed every step
+    train(_modules(), _loss(), CONFIG, tmp_path / "resumed")
+    assert _log_without_elapsed(log) == _log_without_elapsed(tmp_path / "whole" / "loss.csv")
+
+    # a checkpoint without log rows (older version) and a header-less log with a torn last line
+    legacy = tmp_path / "legacy"
+    with pytest.raises(Killed):
+        train(_modules(), _loss(kill_at=5), CONFIG, legacy)
+    state = legacy / "checkpoints" / "step-0000003" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "log"}))
+    lines = (legacy / "loss.csv").read_text().splitlines()
+    (legacy / "loss.csv").write_text("\n".join(lines[1:] + lines[2:4] + ["oops"]) + "\n4,0.12")  # resumed rows again
+    result = train(_modules(), _loss(), CONFIG, legacy)
+    assert _log_without_elapsed(legacy / "loss.csv") == _log_without_elapsed(tmp_path / "whole" / "loss.csv")
+    assert len(result.losses) == 8
+
+
+def test_elapsed_continues_and_a_tmp_checkpoint_is_not_resumed(tmp_path):
+    with pytest.raises(Killed):
+        train(_modules(), _loss(kill_at=5), CONFIG, tmp_path)
+    torn = tmp_path / "checkpoints" / "step-0000006.tmp"
+    torn.mkdir()
+    (torn / "state.json").write_text("{")  # a save killed while writing
+    train(_modules(), _loss(), CONFIG, tmp_path)
+    elapsed = [float(r["elapsed_s"]) for r in csv.DictReader((tmp_path / "loss.csv").open())]
+    assert elapsed == sorted(elapsed)
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    from anomalygen.diffusion.train import locked
+    from anomalygen.errors import AnomalygenError
+
+    with locked(tmp_path):
+        with pytest.raises(AnomalygenError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
+            train(_modules(), _loss(), CONFIG, tmp_path)
+    assert train(_modules(), _loss(), CONFIG, tmp_path).step == 8  # released: the next run goes

@@ -7,6 +7,8 @@ import json
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.methods import create
@@ -239,3 +241,45 @@ def test_photometric_ops_are_seeded_and_bounded():
     jittered = color_jitter(image, np.random.default_rng(0))
     assert 0 < np.abs(jittered.astype(int) - image).mean() < 20
     assert np.array_equal(color_jitter(image, np.random.default_rng(0), 0, 0, 0, 0), image)
+
+
+@pytest.mark.parametrize("name", ["cutpaste", "croppaste", "draem", "textual-inversion", "anomalydiffusion"])
+def test_every_method_declares_its_options_and_saved_configs_rebuild(name):
+    """Defaults pass their own checks; a config survives JSON and rebuilds the same generator."""
+    import json
+
+    from anomalygen.methods.base import get_method
+
+    spec = get_method(name).OPTIONS
+    assert spec.validate(name, spec.defaults()) == spec.defaults()
+    config = create(name).config()
+    assert create(name, **json.loads(json.dumps(config))).config() == config
+    with pytest.raises(AnomalygenError, match=rf"^{name}: unknown option\(s\) colour; known: "):
+        create(name, colour="red")
+
+
+@given(low=st.floats(-2, 2) | st.just(float("nan")), high=st.floats(-2, 2))
+def test_range_option_accepts_exactly_ordered_pairs_within_bounds(low, high):
+    from anomalygen.methods.options import OptionSpec, Range
+
+    spec = OptionSpec(r=Range([0, 1], 0, 1))
+    valid = 0 <= low <= high <= 1
+    try:
+        assert spec.validate("m", {"r": [low, high]})["r"] == [low, high]
+        assert valid
+    except AnomalygenError as error:
+        assert not valid
+        assert str(error).startswith("m: option r (--set r=...) got [")
+
+
+def test_int_and_device_options_name_what_is_allowed():
+    from anomalygen.methods.options import Device, Int, OptionSpec
+
+    spec = OptionSpec(n=Int(1, 1), device=Device())
+    for value in (True, 1.5, "3", 0):
+        with pytest.raises(AnomalygenError, match=r"option n \(--set n=\.\.\.\) got .*; allowed: an integer >= 1$"):
+            spec.validate("m", {"n": value})
+    for device in ("quantum", "cuda:99", "", 3):
+        with pytest.raises(AnomalygenError, match=r"option device \(--device or --set device=\.\.\.\) got .*allowed: auto or a torch device available here \(cpu"):
+            spec.validate("m", {"device": device})
+    assert spec.validate("m", {"device": "cpu", "n": 2}) == {"n": 2, "device": "cpu"}

@@ -151,6 +151,7 @@ def datasets_info(
     output = Console()
     output.print(info_table(info))
     for name, summary in info["categories"].items():
+        output.print(f"layout ({name}): {summary['layout']}, because {summary['layout_reason']}", highlight=False, soft_wrap=True)
         for problem in summary["problems"]:
             output.print(f"[yellow]problem[/yellow] ({name}): {problem}", highlight=False, soft_wrap=True)
 

@@ -17,6 +17,7 @@ def _category_info(root: Path, category: str | None) -> tuple[str, dict[str, Any
     return data.name, {
         "root": str(data.root),
         "layout": data.layout,
+        "layout_reason": data.layout_reason,
         "train_good": len(data.train_good),
         "test_good": len(data.test_good),
         "defects": {t: len(rs) for t, rs in data.defects.items()},
@@ -27,7 +28,7 @@ def _category_info(root: Path, category: str | None) -> tuple[str, dict[str, Any
 
 def dataset_info(root: str | Path, category: str | None = None) -> dict[str, Any]:
     """Validate every file of one category (or of every category under a dataset root) and
-    summarise: ``{"root", "categories": {name: {layout, train_good, test_good, defects:
+    summarise: ``{"root", "categories": {name: {layout, layout_reason, train_good, test_good, defects:
     {type: n}, image_sizes: {"WxH": n}, problems: ["path: problem", ...]}}}``.
     """
     root = Path(root)

@@ -5,7 +5,10 @@ Layouts (``layout="auto"`` tells them apart):
 - ``mvtec``: ``train/good``, ``test/good``, ``test/<type>/NNN.png``, masks
   ``ground_truth/<type>/NNN_mask.png`` or named exactly like the image (``NNN.png``).
 - ``loco``: as ``mvtec`` but ``ground_truth/<type>/NNN/000.png, 001.png, ...`` (the union is
-  the mask); ``validation/good`` is not read.
+  the mask); ``validation/good`` is not read. Chosen only when more defect images have such a
+  folder than a flat mask file: a stray sub-folder does not turn a category into LOCO.
+
+Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, ...) are ignored everywhere.
 - ``visa``: a dataset root holding ``split_csv/1cls.csv`` (columns object, split, label, image,
   mask; paths relative to the root); anomalies form one defect type, ``anomaly``.
 - ``folder``: ``good/``, ``defect/`` and ``mask/`` under the category folder (masks named like
@@ -43,6 +46,7 @@ class CategoryData:
     test_good: list[ImageRecord]
     defects: dict[str, list[ImageRecord]]
     problems: list[str] = field(default_factory=list)
+    layout_reason: str = ""  # why ``layout="auto"`` chose this layout
 
     @property
     def defect_types(self) -> list[str]:
@@ -54,8 +58,19 @@ def id_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name))
 
 
+def _visible(folder: Path) -> list[Path]:
+    """The entries of ``folder`` that are not hidden (no leading dot)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: id_key(p.stem))
+    return sorted((p for p in _visible(folder) if is_image_file(p)), key=lambda p: id_key(p.stem))
+
+
+def _defect_dirs(root: Path) -> list[Path]:
+    """``test/<type>`` folders (not ``good``), by name."""
+    test = root / "test"
+    return sorted((d for d in _visible(test) if d.is_dir() and d.name != "good"), key=lambda d: d.name) if test.is_dir() else []
 
 
 def _sorted_records(records: Iterable[ImageRecord]) -> list[ImageRecord]:
@@ -112,7 +127,7 @@ def _read_mvtec(root: Path, loco: bool, require_good: bool, problems: list[str] 
         _require_dir(root / "train" / "good", "an MVTec category needs train/good")
     _require_dir(root / "test", "an MVTec category needs test/<defect type>")
     defects = {}
-    for type_dir in sorted((d for d in (root / "test").iterdir() if d.is_dir() and d.name != "good"), key=lambda d: d.name):
+    for type_dir in _defect_dirs(root):
         mask_dir = root / "ground_truth" / type_dir.name
         finder = _loco_mask_finder(mask_dir) if loco else _flat_mask_finder(mask_dir)
         records = _defect_records(type_dir, type_dir.name, finder, problems)
@@ -162,17 +177,38 @@ def _read_visa(dataset_root: Path, category: str, require_good: bool, problems: 
     return _sorted_records(train), _sorted_records(test), ({"anomaly": _sorted_records(anomalies)} if anomalies else {})
 
 
+def _mask_layout(folder: Path) -> tuple[str, str]:
+    """``loco`` when more defect images have a mask folder ``ground_truth/<type>/<stem>/`` than a
+    flat mask file, else ``mvtec``; with the counts that decided it."""
+    nested = flat = 0
+    for type_dir in _defect_dirs(folder):
+        mask_dir = folder / "ground_truth" / type_dir.name
+        if not mask_dir.is_dir():
+            continue
+        entries = _visible(mask_dir)
+        folders = {p.name for p in entries if p.is_dir()}
+        files = {p.stem for p in entries if is_image_file(p)}
+        for image in _images(type_dir):
+            nested += image.stem in folders
+            flat += image.stem in files or f"{image.stem}_mask" in files
+    counts = f"{nested} defect images with a mask folder ground_truth/<type>/<image>/, {flat} with a mask file"
+    return ("loco", counts) if nested > flat else ("mvtec", counts)
+
+
+def detect_layout(folder: Path) -> tuple[str | None, str]:
+    """The layout of a category folder (None if ``folder`` is not one) and why it was chosen."""
+    if (folder / "Data" / "Images").is_dir() and (folder.parent / VISA_CSV).is_file():
+        return "visa", f"Data/Images/ next to {VISA_CSV}"
+    if (folder / "train").is_dir() or (folder / "test").is_dir():
+        return _mask_layout(folder)
+    if (folder / "good").is_dir() and (folder / "defect").is_dir():
+        return "folder", "good/ and defect/ folders"
+    return None, "no train/, test/, good/ + defect/ or VisA folders"
+
+
 def category_layout(folder: Path) -> str | None:
     """The layout of a category folder, or None if ``folder`` is not one."""
-    if (folder / "Data" / "Images").is_dir() and (folder.parent / VISA_CSV).is_file():
-        return "visa"
-    if (folder / "train").is_dir() or (folder / "test").is_dir():
-        gt = folder / "ground_truth"
-        nested = gt.is_dir() and any(sub.is_dir() for t in gt.iterdir() if t.is_dir() for sub in t.iterdir())
-        return "loco" if nested else "mvtec"
-    if (folder / "good").is_dir() and (folder / "defect").is_dir():
-        return "folder"
-    return None
+    return detect_layout(folder)[0]
 
 
 def list_categories(root: str | Path) -> list[str]:
@@ -182,7 +218,7 @@ def list_categories(root: str | Path) -> list[str]:
         return sorted({row["object"] for row in _visa_rows(root)})
     if not root.is_dir():
         return []
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and category_layout(d))
+    return sorted(d.name for d in _visible(root) if d.is_dir() and category_layout(d))
 
 
 def _resolve(root: Path, category: str | None) -> tuple[Path, str | None]:
@@ -227,8 +263,10 @@ def load_category(
     if layout not in LAYOUTS:
         raise DataError(None, f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     folder, visa_object = _resolve(Path(root), category)
+    reason = "given"
     if layout == "auto":
-        layout = category_layout(folder) or "mvtec"
+        detected, reason = detect_layout(folder)
+        layout = detected or "mvtec"
     problems: list[str] | None = [] if skip_bad else None
     if layout == "visa":
         if visa_object is None:
@@ -236,11 +274,11 @@ def load_category(
         train, test, defects = _read_visa(folder.parent, visa_object, require_good, problems)
     elif layout == "folder":
         data = load_folder(folder / "good", folder / "defect", folder / "mask", skip_bad=skip_bad)
-        data.name, data.root = folder.name, folder
+        data.name, data.root, data.layout_reason = folder.name, folder, reason
         return data
     else:
         train, test, defects = _read_mvtec(folder, layout == "loco", require_good, problems)
-    data = CategoryData(folder.name, folder, layout, train, test, defects)
+    data = CategoryData(folder.name, folder, layout, train, test, defects, layout_reason=reason)
     if skip_bad:
         _drop_bad(data, problems)
     return data

@@ -6,17 +6,27 @@ gradient accumulation, ``max_steps`` and a wall-time budget, checkpoints of the 
 only (``trainable.safetensors`` + ``state.json``, with optimizer / lr scheduler / RNG state for an
 exact resume), validation grids, a CSV loss log (TensorBoard too when installed). Under
 ``accelerate launch`` on several GPUs the modules are wrapped for DDP without code changes.
+
+Kill-safety: ``loss.csv`` is flushed every step and each checkpoint also holds the log rows up to
+its step; a resumed run rewrites ``loss.csv`` from them (dropping rows after the checkpoint and a
+torn last line), so a run killed at any moment and re-run ends with the same weights and the same
+log as an uninterrupted one, except ``elapsed_s`` (wall time, summed over the runs). ``out_dir``
+is locked (``train.lock``, ``fcntl.flock``) while a run uses it.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import io
 import json
+import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +38,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from anomalygen.errors import AnomalygenError
+from anomalygen.io import atomic_write_text
+
 CHECKPOINTS = "checkpoints"
+LOG_FILE = "loss.csv"
+LOG_HEADER = ["step", "loss", "lr", "elapsed_s"]
+LOCK_FILE = "train.lock"
 
 
 @dataclass
@@ -91,9 +107,46 @@ def load_trainable(modules: dict[str, nn.Module], path: str | Path) -> None:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint (its ``state.json`` is written last)."""
-    done = sorted((out_dir / CHECKPOINTS).glob("step-*/state.json"))
+    """The newest complete checkpoint (its ``state.json`` is written last; ``.tmp`` folders are not)."""
+    done = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*/state.json") if re.fullmatch(r"step-\d+", p.parent.name))
     return done[-1].parent if done else None
+
+
+@contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir/train.lock`` (released by the OS when the process dies, so a stale file
+    never blocks); a second run on the same folder is refused, naming the holder's pid."""
+    path = out_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise AnomalygenError(f"{out_dir}: in use by another training run (pid {holder}); wait for it or use another work_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _log_rows(log_path: Path, checkpoint: Path | None, state: dict) -> list[list[str]]:
+    """The log rows up to the checkpoint's step: from the checkpoint, else (a checkpoint of an
+    older version) the rows of ``loss.csv`` that parse, header-less or torn files included."""
+    if checkpoint is None:
+        return []
+    if "log" in state:
+        return state["log"]
+    by_step = {}  # the last row of each step: older versions appended resumed steps again
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    for row in csv.reader(io.StringIO(text)):
+        try:
+            if len(row) == len(LOG_HEADER) and 0 < int(row[0]) <= state["step"] and [float(v) for v in row[1:]]:
+                by_step[int(row[0])] = row
+        except ValueError:
+            continue
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _save_grid(images: list[np.ndarray], path: Path) -> None:
@@ -127,6 +180,11 @@ def train(
     cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
     precision = "no" if config.mixed_precision == "fp32" else config.mixed_precision
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accumulation, cpu=cpu)
+    with locked(out_dir) if accelerator.is_main_process else nullcontext():
+        return _train(accelerator, modules, loss_fn, config, out_dir, validate, resume)
+
+
+def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> TrainResult:
     names = list(modules)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -135,7 +193,7 @@ def train(
     modules = dict(zip(names, prepared[: len(names)]))
     optimizer, scheduler = prepared[len(names) :]
     generator = torch.Generator().manual_seed(config.seed)
-    step = 0
+    step, state = 0, {}
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
         load_trainable({n: accelerator.unwrap_model(m) for n, m in modules.items()}, checkpoint)
@@ -144,13 +202,18 @@ def train(
         rng = load_file(str(checkpoint / "rng.safetensors"))
         generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
-        step = json.loads((checkpoint / "state.json").read_text())["step"]
-    log_path = out_dir / "loss.csv"
-    new_log = not log_path.exists() or step == 0
-    log_file = log_path.open("w" if new_log else "a", newline="")
-    log = csv.writer(log_file)
-    if new_log:
-        log.writerow(["step", "loss", "lr", "elapsed_s"])
+        state = json.loads((checkpoint / "state.json").read_text())
+        step = state["step"]
+    log_path = out_dir / LOG_FILE
+    rows = _log_rows(log_path, checkpoint, state)
+    log_file = None
+    if accelerator.is_main_process:
+        text = io.StringIO()
+        csv.writer(text).writerows([LOG_HEADER, *rows])
+        atomic_write_text(log_path, text.getvalue())
+        log_file = log_path.open("a", newline="")
+        log = csv.writer(log_file)
+    elapsed_before = float(rows[-1][3]) if rows else 0.0
     try:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -169,7 +232,7 @@ def train(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_file({"generator": generator.get_state(), "torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config)}, indent=2))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config), "log": rows}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
 
@@ -191,7 +254,11 @@ def train(
                 optimizer.zero_grad()
         step += 1
         loss_value = float(loss.detach())
-        log.writerow([step, f"{loss_value:.6g}", f"{scheduler.get_last_lr()[0]:.6g}", f"{time.monotonic() - start:.2f}"])
+        rows.append([str(step), f"{loss_value:.6g}", f"{scheduler.get_last_lr()[0]:.6g}",
+                     f"{elapsed_before + time.monotonic() - start:.2f}"])
+        if log_file is not None:
+            log.writerow(rows[-1])
+            log_file.flush()  # a kill loses at most the row of the step being trained
         if board is not None:
             board.add_scalar("loss", loss_value, step)
         progress.update(1)
@@ -204,9 +271,8 @@ def train(
     progress.close()
     if latest_checkpoint(out_dir) is None or json.loads((latest_checkpoint(out_dir) / "state.json").read_text())["step"] != step:
         save_checkpoint()
-    log_file.close()
+    if log_file is not None:
+        log_file.close()
     if board is not None:
         board.close()
-    with log_path.open(newline="") as handle:
-        losses = [float(row["loss"]) for row in csv.DictReader(handle)]
-    return TrainResult(step, loss_value, stopped_by, losses)
+    return TrainResult(step, loss_value, stopped_by, [float(row[1]) for row in rows])

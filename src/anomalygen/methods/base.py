@@ -11,13 +11,16 @@ import importlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import numpy as np
+from safetensors import SafetensorError
 
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_text
+from anomalygen.methods.options import OptionSpec
 from anomalygen.types import AnomalySample, DefectExample
 
 CONFIG_FILE = "generator.json"
@@ -28,15 +31,61 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
 
 
+def corrupt(path: Path, what: str) -> DataError:
+    """``PATH: corrupt (what)``: a saved model file that was damaged or tampered with."""
+    return DataError(path, f"corrupt ({what})")
+
+
+def read_json(path: Path, kind: type = dict) -> Any:
+    """The JSON value of a saved model file, which must be a ``kind`` (dict or list)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, "missing: not a complete saved model") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise corrupt(path, f"not valid JSON: {error}") from None
+    if not isinstance(value, kind):
+        raise corrupt(path, f"expected a JSON {'object' if kind is dict else 'array'}, got {type(value).__name__}")
+    return value
+
+
+@contextmanager
+def malformed_as_corrupt(path: Path) -> Iterator[None]:
+    """Turn a missing key or a value of the wrong type or shape met while reading the content of
+    ``path`` into ``PATH: corrupt (...)``."""
+    try:
+        yield
+    except KeyError as error:
+        raise corrupt(path, f"missing {error}") from None
+    except (TypeError, ValueError, IndexError, AttributeError, RuntimeError, SafetensorError) as error:
+        raise corrupt(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+
+
+def model_path(directory: Path, name: Any, recorded_in: Path) -> Path:
+    """``directory/name`` for a path ``name`` recorded in a saved model file; only canonical
+    relative paths that stay inside ``directory`` (symlinks resolved) are accepted."""
+    if not isinstance(name, str) or not name:
+        raise corrupt(recorded_in, f"path {name!r} is not a file name")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in name or pure.as_posix() != name:
+        raise corrupt(recorded_in, f"path {name!r} is not a relative path inside the model folder")
+    path = directory / pure
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise corrupt(recorded_in, f"path {name!r} leads outside the model folder")
+    return path
+
+
 class AnomalyGenerator(ABC):
     """Learns from a few real defects (``fit``) and produces image+mask pairs (``generate``).
 
-    Subclasses set ``name`` and accept their options as constructor keyword arguments, which
-    ``config()`` returns so that ``save``/``load`` can rebuild the generator.
+    Subclasses set ``name`` and ``OPTIONS`` and accept their options as constructor keyword
+    arguments, checked against ``OPTIONS`` before anything is written; ``config()`` returns them so
+    that ``save``/``load`` can rebuild the generator.
     """
 
     name: ClassVar[str]
     needs_fit: ClassVar[bool] = True
+    OPTIONS: ClassVar[OptionSpec]  # the options the constructor accepts (methods.options)
 
     def __init__(self, **options: Any):
         self.options = options
@@ -96,10 +145,19 @@ class AnomalyGenerator(ABC):
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
             raise AnomalygenError(f"{config_path}: not a saved anomalygen model (no {CONFIG_FILE})")
-        payload = json.loads(config_path.read_text())
-        klass = get_method(payload["method"])
-        generator = klass(**payload["options"])
-        generator._defect_types = list(payload.get("defect_types", []))
+        payload = read_json(config_path)
+        try:
+            with malformed_as_corrupt(config_path):
+                klass = get_method(payload["method"])
+                generator = klass(**payload["options"])
+                types = payload.get("defect_types", [])
+                if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+                    raise TypeError(f"defect_types must be a list of names, got {types!r}")
+        except DataError:
+            raise
+        except AnomalygenError as error:  # an unknown method or an invalid option
+            raise corrupt(config_path, str(error)) from None
+        generator._defect_types = list(types)
         generator.load_state(directory)
         return generator
 

@@ -24,8 +24,10 @@ from skimage import measure
 
 from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.methods.base import malformed_as_corrupt, model_path, read_json
 from anomalygen.methods.blending import blend, feather_alpha, place, random_point, rotate_patch
-from anomalygen.methods.modelfree import ModelFreeGenerator, as_rgb, fit_mask
+from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, as_rgb, fit_mask
+from anomalygen.methods.options import Bool, Float, Int, OptionSpec, Range
 from anomalygen.methods.photometric import color_jitter
 from anomalygen.types import DefectExample
 
@@ -63,25 +65,18 @@ class CropPaste(ModelFreeGenerator):
     name = "croppaste"
     needs_fit = True
 
-    def __init__(
-        self,
-        flip: bool = True,
-        rotate: float = 180.0,
-        scale: Sequence[float] = (0.8, 1.2),
-        jitter: float = 0.1,
-        feather: float = 3.0,
-        min_area: int = 16,
-        foreground: str = "auto",
-    ):
-        super().__init__(
-            foreground=foreground,
-            flip=flip,
-            rotate=rotate,
-            scale=list(scale),
-            jitter=jitter,
-            feather=feather,
-            min_area=min_area,
-        )
+    OPTIONS = OptionSpec(
+        flip=Bool(True),
+        rotate=Float(180.0, 0, 180),  # degrees
+        scale=Range([0.8, 1.2], 0, low_open=True),
+        jitter=Float(0.1, 0, 1),
+        feather=Float(3.0, 0),  # px; 0 = hard edge
+        min_area=Int(16, 1),  # px of a mask component to be a crop
+        foreground=FOREGROUND,
+    )
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
         self._crops: list[Crop] = []
 
     def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
@@ -168,11 +163,13 @@ class CropPaste(ModelFreeGenerator):
 
     def load_state(self, directory: Path) -> None:
         path = directory / CROPS_FILE
-        if not path.is_file():
-            raise DataError(path, "missing: the saved croppaste model has no crops")
         self._crops = []
-        for entry in json.loads(path.read_text()):
-            image = load_image(directory / entry["image"])
-            mask = load_image(directory / entry["mask"])[..., 0] > 127
-            self._crops.append(Crop(image, mask, entry["defect_type"], tuple(entry["source_shape"])))
+        for entry in read_json(path, list):
+            with malformed_as_corrupt(path):
+                image = load_image(model_path(directory, entry["image"], path))
+                mask = load_image(model_path(directory, entry["mask"], path))[..., 0] > 127
+                height, width = (int(v) for v in entry["source_shape"])
+                if not isinstance(entry["defect_type"], str) or mask.shape != image.shape[:2] or min(height, width) < 1:
+                    raise ValueError(f"crop {entry['image']}: bad defect_type, mask size or source_shape")
+            self._crops.append(Crop(image, mask, entry["defect_type"], (height, width)))
         self._defect_types = list(dict.fromkeys(c.defect_type for c in self._crops))

@@ -10,14 +10,13 @@ Pastes are centred on a foreground pixel, cuts are taken anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from anomalygen.errors import AnomalygenError
 from anomalygen.methods.blending import blend, place, random_point, rotate_patch
-from anomalygen.methods.modelfree import ModelFreeGenerator
+from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator
+from anomalygen.methods.options import Float, Int, OptionSpec, Range, Subset
 from anomalygen.methods.photometric import color_jitter
 
 VARIANTS = ("patch", "scar")
@@ -29,34 +28,21 @@ class CutPaste(ModelFreeGenerator):
 
     name = "cutpaste"
 
-    def __init__(
-        self,
-        variants: Sequence[str] = VARIANTS,
-        area: Sequence[float] = (0.02, 0.15),
-        aspect: float = 0.3,
-        scar_width: Sequence[float] = (2, 16),
-        scar_length: Sequence[float] = (10, 25),
-        scar_rotation: float = 45.0,
-        reference_size: int = 256,
-        jitter: float = 0.1,
-        foreground: str = "auto",
-    ):
-        variants = list(variants)
-        unknown = [v for v in variants if v not in VARIANTS]
-        if not variants or unknown:
-            raise AnomalygenError(f"cutpaste variants {variants} invalid; choose from {', '.join(VARIANTS)}")
-        super().__init__(
-            foreground=foreground,
-            variants=variants,
-            area=list(area),
-            aspect=aspect,
-            scar_width=list(scar_width),
-            scar_length=list(scar_length),
-            scar_rotation=scar_rotation,
-            reference_size=reference_size,
-            jitter=jitter,
-        )
-        self._defect_types = variants
+    OPTIONS = OptionSpec(
+        variants=Subset(list(VARIANTS), VARIANTS),
+        area=Range([0.02, 0.15], 0, 1, low_open=True),  # patch area / image area
+        aspect=Float(0.3, 0, 1, low_open=True),
+        scar_width=Range([2, 16], 0, low_open=True),  # px at reference_size
+        scar_length=Range([10, 25], 0, low_open=True),
+        scar_rotation=Float(45.0, 0, 180),  # degrees
+        reference_size=Int(256, 1),
+        jitter=Float(0.1, 0, 1),
+        foreground=FOREGROUND,
+    )
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self._defect_types = list(self.options["variants"])
 
     def _cut(self, image: np.ndarray, rng: np.random.Generator, ph: int, pw: int) -> np.ndarray:
         """A colour-jittered ``ph`` x ``pw`` patch from a random location of ``image``."""

@@ -23,8 +23,9 @@ from anomalygen.data.images import is_image_file, load_image
 from anomalygen.errors import DataError
 from anomalygen.masks import perlin_mask
 from anomalygen.methods.blending import blend
-from anomalygen.methods.modelfree import ModelFreeGenerator, as_rgb
-from anomalygen.methods.photometric import rand_augment
+from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, as_rgb
+from anomalygen.methods.options import Float, Int, OptionSpec, Range, Text, require
+from anomalygen.methods.photometric import RAND_AUGMENT_OPS, rand_augment
 
 SKIMAGE_TEXTURES = ("brick", "grass", "gravel")
 
@@ -54,25 +55,20 @@ class DraemTexture(ModelFreeGenerator):
 
     name = "draem"
 
-    def __init__(
-        self,
-        texture_source: str = "skimage",
-        beta: Sequence[float] = (0.1, 1.0),
-        ops: int = 3,
-        threshold: float = 0.5,
-        min_exp: int = 0,
-        max_exp: int = 6,
-        foreground: str = "auto",
-    ):
-        super().__init__(
-            foreground=foreground,
-            texture_source=str(texture_source),
-            beta=list(beta),
-            ops=ops,
-            threshold=threshold,
-            min_exp=min_exp,
-            max_exp=max_exp,
-        )
+    OPTIONS = OptionSpec(
+        texture_source=Text("skimage"),  # "skimage", "good" or a folder of images
+        beta=Range([0.1, 1.0], 0, 1),  # opacity U(beta)
+        ops=Int(3, 0, len(RAND_AUGMENT_OPS)),
+        threshold=Float(0.5, 0, 1),  # Perlin noise > threshold
+        min_exp=Int(0, 0, 10),  # lattice 2^k cells, k ~ U{min_exp, .., max_exp - 1}
+        max_exp=Int(6, 1, 10),
+        foreground=FOREGROUND,
+    )
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        require(self.options["min_exp"] < self.options["max_exp"], self.name,
+                f"option min_exp ({self.options['min_exp']}) must be smaller than max_exp ({self.options['max_exp']})")
         self._defect_types = ["draem"]
         self._textures: list[tuple[str, np.ndarray]] | None = None
 

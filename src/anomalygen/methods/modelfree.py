@@ -17,7 +17,11 @@ import numpy as np
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resolve_mode
 from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.methods.options import Choice
 from anomalygen.types import AnomalySample, DefectExample
+
+# Where anomalies may go: "auto" (decide by ``is_object``), "object" or "texture".
+FOREGROUND = Choice("auto", FOREGROUND_MODES)
 
 
 def as_rgb(image: np.ndarray, what: str) -> np.ndarray:
@@ -49,18 +53,14 @@ def fit_mask(mask: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
 class ModelFreeGenerator(AnomalyGenerator):
     """An ``AnomalyGenerator`` that builds each sample from one good image with hand-made rules.
 
-    Subclasses implement ``_anomaly`` and may override ``_label`` and ``fit``.
-    Option ``foreground``: ``"auto"`` (decide by ``is_object``), ``"object"`` or ``"texture"``.
+    Subclasses declare ``OPTIONS`` (with ``foreground=FOREGROUND``), implement ``_anomaly`` and may
+    override ``_label`` and ``fit``.
     """
 
     needs_fit = False
 
-    def __init__(self, foreground: str = "auto", **options: Any):
-        if foreground not in FOREGROUND_MODES:
-            raise AnomalygenError(
-                f"foreground {foreground!r} unknown; use one of {', '.join(FOREGROUND_MODES)}"
-            )
-        super().__init__(foreground=foreground, **options)
+    def __init__(self, **options: Any):
+        super().__init__(**self.OPTIONS.validate(self.name, options))
 
     def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
         """Nothing to learn: the anomalies come from rules, not from the training defects."""

@@ -25,16 +25,11 @@ from anomalygen.diffusion.sampling import blended_generate, encode_images, sampl
 from anomalygen.diffusion.train import TrainConfig, train, work_directory
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import augment_mask
-from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, sample_rng
+from anomalygen.methods.options import Float, Int, OptionSpec, Text, diffusion_options
 from anomalygen.types import AnomalySample, DefectExample
 
 TOKEN = "<defect>"
-DEFAULTS: dict[str, Any] = {
-    "model": None, "max_steps": 1000, "time_budget_s": None, "device": None, "mixed_precision": "no",
-    "resolution": 512, "batch_size": 4, "lr": 5e-3, "num_inference_steps": 50, "sampler": "ddim", "eta": 0.0,
-    "guidance_scale": 1.0, "prompt": "a photo of {}", "init_word": "defect", "checkpoint_every": 500,
-    "work_dir": None, "seed": 0,
-}
 
 
 class TypeEmbeddings(nn.Module):
@@ -48,11 +43,18 @@ class TypeEmbeddings(nn.Module):
 class TextualInversionGenerator(AnomalyGenerator):
     name = "textual-inversion"
 
+    OPTIONS = OptionSpec(
+        **diffusion_options(),
+        max_steps=Int(1000, 1),
+        resolution=Int(512, 8),
+        lr=Float(5e-3, 0, low_open=True),
+        num_inference_steps=Int(50, 1),
+        eta=Float(0.0, 0, 1),
+        prompt=Text("a photo of {}", contains="{}"),
+    )
+
     def __init__(self, **options: Any):
-        unknown = set(options) - set(DEFAULTS)
-        if unknown:
-            raise AnomalygenError(f"textual-inversion: unknown options {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
-        super().__init__(**{**DEFAULTS, **options})
+        super().__init__(**self.OPTIONS.validate(self.name, options))
         self._backbone = None
         self._encoder: PromptEncoder | None = None
         self.embeddings: TypeEmbeddings | None = None
@@ -114,14 +116,19 @@ class TextualInversionGenerator(AnomalyGenerator):
         save_file({t: torch.from_numpy(m.astype(np.uint8)) for t, m in self.train_masks.items()}, str(directory / "masks.safetensors"))
 
     def load_state(self, directory: Path) -> None:
-        path = directory / "embeddings.safetensors"
-        if not path.is_file():
-            raise AnomalygenError(f"{path}: missing; not a fitted textual-inversion model")
-        vectors = load_file(str(path))["vectors"]
+        path, masks_path = directory / "embeddings.safetensors", directory / "masks.safetensors"
+        for file in (path, masks_path):
+            if not file.is_file():
+                raise AnomalygenError(f"{file}: missing; not a fitted textual-inversion model")
+        with malformed_as_corrupt(path):
+            vectors = load_file(str(path))["vectors"]
+            if vectors.ndim != 2 or len(vectors) != len(self._defect_types):
+                raise ValueError(f"{len(self._defect_types)} defect types but embeddings of shape {tuple(vectors.shape)}")
         self.embeddings = TypeEmbeddings(*vectors.shape)
         with torch.no_grad():
             self.embeddings.vectors.copy_(vectors)
-        self.train_masks = {t: m.numpy().astype(bool) for t, m in load_file(str(directory / "masks.safetensors")).items()}
+        with malformed_as_corrupt(masks_path):
+            self.train_masks = {t: m.numpy().astype(bool) for t, m in load_file(str(masks_path)).items()}
 
     def _mask(self, defect_type: str, shape: tuple[int, int], index: int, seed: int) -> np.ndarray:
         """An augmented real training mask of this type (flip/rotate/scale/shift), from ``(seed, index)``."""

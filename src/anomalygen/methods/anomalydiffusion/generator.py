@@ -29,7 +29,7 @@ from anomalygen.diffusion.attention import LogitReweight, install_hooks, remove_
 from anomalygen.diffusion.backbone import Backbone, load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import (
-    StepState, blended_generate, decode_latents, encode_images, sample_generators, sample_latents, to_tensor,
+    SAMPLERS, StepState, blended_generate, decode_latents, encode_images, sample_generators, sample_latents, to_tensor,
 )
 from anomalygen.diffusion.train import TrainConfig, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
@@ -40,7 +40,8 @@ from anomalygen.methods.anomalydiffusion.embedding import TypeTokens
 from anomalygen.methods.anomalydiffusion.loss import latent_mask, masked_diffusion_loss
 from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, SpatialEncoder
-from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_json, sample_rng
+from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, diffusion_options
 from anomalygen.types import AnomalySample, DefectExample
 
 ANOMALY, SPATIAL, MASK = "<anomaly>", "<spatial>", "<mask>"
@@ -48,56 +49,39 @@ STATE_FILE = "anomalydiffusion.safetensors"
 META_FILE = "anomalydiffusion.json"
 MASK_DIR = "training_masks"
 
-DEFAULTS: dict[str, Any] = {
-    "model": None,  # hub id, local diffusers folder or "tiny"; None = $ANOMALYGEN_MODEL or SD 1.5
-    "max_steps": 2000,
-    "time_budget_s": None,
-    "device": None,
-    "mixed_precision": "no",
-    "resolution": 256,
-    "batch_size": 4,
-    "lr": None,  # None = 5e-3 × batch_size, as the official code scales it
-    "seed": 0,
-    "num_anomaly_tokens": 8,  # k (paper; the official code uses 4)
-    "num_spatial_tokens": 4,  # n
-    "spatial_encoder": None,  # "resnet50" | "tiny"; None = "tiny" for the tiny model, else "resnet50"
-    "init_word": "defect",
-    "aar": "latent",  # "latent" (official code) | "paper" (Eq. 7) | "off"
-    "aar_dilation_scale": 8,
-    "masked_loss": True,
-    "spatial_embedding": True,
-    "mask_source": "learned",  # "learned" (Eq. 9) | "augment" (augmented training masks)
-    "mask_tokens": 4,  # k'
-    "sampler": "ddim",
-    "num_inference_steps": 200,
-    "eta": 1.0,
-    "guidance_scale": 1.0,
-    "mask_sampler": "ddim",
-    "mask_inference_steps": 100,
-    "mask_guidance_scale": 5.0,
-    "mask_threshold": 0.8,
-    "mask_tries": 8,
-    "generate_batch_size": 8,
-    "checkpoint_every": 500,
-    "work_dir": None,  # keep training checkpoints here (a re-run resumes); None = a temporary folder
-}
-
 
 class AnomalyDiffusion(AnomalyGenerator):
     """Few-shot anomaly image + mask generation with spatial anomaly embeddings and AAR."""
 
     name = "anomalydiffusion"
 
+    OPTIONS = OptionSpec(
+        **diffusion_options(),
+        max_steps=Int(2000, 1),
+        resolution=Int(256, 8),
+        lr=Float(None, 0, low_open=True, optional=True),  # None = 5e-3 × batch_size, as the official code scales it
+        num_anomaly_tokens=Int(8, 1),  # k (paper; the official code uses 4)
+        num_spatial_tokens=Int(4, 1),  # n
+        spatial_encoder=Choice(None, sorted(PRESETS), optional=True),  # None = "tiny" for the tiny model, else "resnet50"
+        aar=Choice("latent", AAR_VARIANTS),  # "latent" (official code) | "paper" (Eq. 7) | "off"
+        aar_dilation_scale=Int(8, 1),
+        masked_loss=Bool(True),
+        spatial_embedding=Bool(True),
+        mask_source=Choice("learned", ("learned", "augment")),  # "learned" (Eq. 9) | "augment" (augmented training masks)
+        mask_tokens=Int(4, 1),  # k'
+        num_inference_steps=Int(200, 1),
+        eta=Float(1.0, 0, 1),
+        mask_sampler=Choice("ddim", SAMPLERS),
+        mask_inference_steps=Int(100, 1),
+        mask_guidance_scale=Float(5.0, 0),
+        mask_threshold=Float(0.8, 0, 1),
+        mask_tries=Int(8, 0),
+        generate_batch_size=Int(8, 1),
+    )
+
     def __init__(self, **options: Any):
-        unknown = sorted(set(options) - set(DEFAULTS))
-        if unknown:
-            raise AnomalygenError(f"anomalydiffusion: unknown option(s) {unknown}; known: {sorted(DEFAULTS)}")
+        self.opt = self.OPTIONS.validate(self.name, options)
         super().__init__(**options)
-        self.opt = {**DEFAULTS, **options}
-        if self.opt["aar"] not in AAR_VARIANTS:
-            raise AnomalygenError(f"anomalydiffusion: aar must be one of {AAR_VARIANTS}, got {self.opt['aar']!r}")
-        if self.opt["mask_source"] not in ("learned", "augment"):
-            raise AnomalygenError(f"anomalydiffusion: mask_source must be 'learned' or 'augment', got {self.opt['mask_source']!r}")
         self._backbone: Backbone | None = None
         self._defect_types: list[str] = []
         self.training_masks: dict[str, list[np.ndarray]] = {}
@@ -121,8 +105,6 @@ class AnomalyDiffusion(AnomalyGenerator):
         self.anomaly_tokens = TypeTokens(types, opt["num_anomaly_tokens"], init).to(backbone.device)
         self.mask_tokens = TypeTokens(types, opt["mask_tokens"], init).to(backbone.device)
         preset = opt["spatial_encoder"] or ("tiny" if backbone.untrained else "resnet50")
-        if preset not in PRESETS:
-            raise AnomalygenError(f"anomalydiffusion: spatial_encoder must be one of {sorted(PRESETS)}, got {preset!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opt["seed"])
             self.spatial_encoder = SpatialEncoder.from_preset(
@@ -390,25 +372,33 @@ class AnomalyDiffusion(AnomalyGenerator):
         for path in (state_path, meta_path):
             if not path.is_file():
                 raise DataError(path, "missing: not a fitted anomalydiffusion model folder")
-        meta = json.loads(meta_path.read_text())
-        self._build(meta["defect_types"])
-        tensors = load_file(str(state_path), device=str(self.backbone.device))
-        with torch.no_grad():
-            self.anomaly_tokens.tokens.copy_(tensors.pop("anomaly_tokens"))
-            self.mask_tokens.tokens.copy_(tensors.pop("mask_tokens"))
-        prefix = "spatial_encoder."
-        self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
-        self.mask_stats = {t: MaskStats(**s) for t, s in meta["mask_stats"].items()}
+        meta = read_json(meta_path)
+        with malformed_as_corrupt(meta_path):
+            types = meta["defect_types"]
+            if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+                raise TypeError(f"defect_types must be a non-empty list of names, got {types!r}")
+            mask_stats = {t: MaskStats(**{k: float(v) for k, v in meta["mask_stats"][t].items()}) for t in types}
+            mask_files = {t: [model_path(directory, name, meta_path) for name in meta["training_masks"][t]] for t in types}
+            loss_log = [float(v) for v in meta.get("loss_log", [])]
+        self._build(types)
+        with malformed_as_corrupt(state_path):
+            tensors = load_file(str(state_path), device=str(self.backbone.device))
+            with torch.no_grad():
+                self.anomaly_tokens.tokens.copy_(tensors.pop("anomaly_tokens"))
+                self.mask_tokens.tokens.copy_(tensors.pop("mask_tokens"))
+            prefix = "spatial_encoder."
+            self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
+        self.mask_stats = mask_stats
         self.training_masks = {}
-        for t, names in meta["training_masks"].items():
+        for t, paths in mask_files.items():
             masks = []
-            for name in names:
-                image = cv2.imread(str(directory / name), cv2.IMREAD_GRAYSCALE)
+            for path in paths:
+                image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
                 if image is None:
-                    raise DataError(directory / name, "unreadable training mask of the fitted model")
+                    raise DataError(path, "unreadable training mask of the fitted model")
                 masks.append(image > 127)
             self.training_masks[t] = masks
-        self.loss_log = list(meta.get("loss_log", []))
+        self.loss_log = loss_log
 
 
 def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -1,0 +1,229 @@
+"""Declarative method options: name -> kind, range or choices, default; checked when a method is built.
+
+A method declares ``OPTIONS = OptionSpec(name=Int(3, low=1), ...)``; adding an option is one line.
+``OPTIONS.validate(method, given)`` refuses unknown names and values of the wrong type, out of range
+or not among the choices with one line naming the option (and its CLI flag, where it has one) and
+what is allowed, before anything is written. Values are returned as given (tuples as lists), so a
+method's ``config()`` and the ``run.json`` it feeds do not change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from anomalygen.errors import AnomalygenError
+
+# CLI flags that set a method option directly (besides --set NAME=VALUE).
+CLI_FLAGS = {"device": "--device", "model": "--model", "max_steps": "--max-steps", "time_budget_s": "--time-budget"}
+
+
+class Invalid(ValueError):
+    """Raised by a check with the description of what is allowed."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: ``default``, a ``check(value)`` raising ``Invalid(allowed)``; ``None`` is
+    accepted when ``optional``."""
+
+    default: Any
+    check: Callable[[Any], None]
+    optional: bool = False
+
+    def validate(self, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        self.check(value)
+
+
+def _number(value: Any, integer: bool) -> bool:
+    if isinstance(value, bool):
+        return False
+    if integer:
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _bounds(low: float | None, high: float | None, low_open: bool = False) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"<= {high}")
+    return " and ".join(parts)
+
+
+def _in_bounds(value: float, low: float | None, high: float | None, low_open: bool) -> bool:
+    above = low is None or (value > low if low_open else value >= low)
+    return above and (high is None or value <= high)
+
+
+def Number(default: Any, low: float | None = None, high: float | None = None, *, integer: bool = False,
+           low_open: bool = False, optional: bool = False) -> Option:
+    """An int (``integer``) or a finite float (ints accepted) in [``low``, ``high``]; ``low_open``
+    makes the lower bound strict."""
+    allowed = f"{'an integer' if integer else 'a number'} {_bounds(low, high, low_open)}".strip()
+    allowed += " or null" if optional else ""
+
+    def check(value: Any) -> None:
+        if not _number(value, integer) or not _in_bounds(value, low, high, low_open):
+            raise Invalid(allowed)
+
+    return Option(default, check, optional)
+
+
+def Int(default: Any, low: int | None = None, high: int | None = None, *, optional: bool = False) -> Option:
+    return Number(default, low, high, integer=True, optional=optional)
+
+
+def Float(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+          optional: bool = False) -> Option:
+    return Number(default, low, high, low_open=low_open, optional=optional)
+
+
+def Bool(default: bool) -> Option:
+    def check(value: Any) -> None:
+        if not isinstance(value, bool):
+            raise Invalid("true or false")
+
+    return Option(default, check)
+
+
+def Choice(default: Any, choices: Sequence[str], *, optional: bool = False) -> Option:
+    allowed = "one of " + ", ".join(map(str, choices)) + (" or null" if optional else "")
+
+    def check(value: Any) -> None:
+        if not isinstance(value, str) or value not in choices:
+            raise Invalid(allowed)
+
+    return Option(default, check, optional)
+
+
+def Text(default: Any, *, contains: str | None = None, optional: bool = False) -> Option:
+    """A non-empty string (holding ``contains`` when given)."""
+    allowed = "a non-empty string" + (f" containing {contains}" if contains else "") + (" or null" if optional else "")
+
+    def check(value: Any) -> None:
+        if not isinstance(value, str) or not value or (contains and contains not in value):
+            raise Invalid(allowed)
+
+    return Option(default, check, optional)
+
+
+def Range(default: Sequence[float], low: float | None = None, high: float | None = None, *,
+          low_open: bool = False) -> Option:
+    """A ``[min, max]`` pair of numbers with ``min <= max``, both within the bounds."""
+    allowed = f"a list [min, max] of two numbers with min <= max, each {_bounds(low, high, low_open)}"
+
+    def check(value: Any) -> None:
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(_number(v, False) and _in_bounds(v, low, high, low_open) for v in value)
+                or value[0] > value[1]):
+            raise Invalid(allowed)
+
+    return Option(default, check)
+
+
+def Subset(default: Sequence[str], choices: Sequence[str]) -> Option:
+    """A non-empty list of distinct names from ``choices``."""
+    allowed = "a non-empty list of " + ", ".join(choices)
+
+    def check(value: Any) -> None:
+        if (not isinstance(value, (list, tuple)) or not value or len(set(map(str, value))) != len(value)
+                or any(not isinstance(v, str) or v not in choices for v in value)):
+            raise Invalid(allowed)
+
+    return Option(default, check)
+
+
+def _check_device(value: Any) -> None:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = "cpu" + (f", cuda, cuda:0..{count - 1}" if count else "")
+    if torch.backends.mps.is_available():
+        here += ", mps"
+    allowed = f"auto or a torch device available here ({here})"
+    if not isinstance(value, str) or not value:
+        raise Invalid(allowed)
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise Invalid(allowed) from None
+    available = (
+        device.type == "cpu"
+        or (device.type == "cuda" and (device.index or 0) < count)
+        or (device.type == "mps" and torch.backends.mps.is_available())
+    )
+    if not available:
+        raise Invalid(allowed)
+
+
+def Device(default: Any = None) -> Option:
+    """A torch device string that exists on this machine (``None``/``"auto"``: CUDA when available)."""
+    return Option(default, _check_device, optional=True)
+
+
+PRECISIONS = ("no", "fp32", "bf16", "fp16")
+
+
+def Precision(default: str = "no") -> Option:
+    """Mixed precision: ``no``/``fp32`` (full precision), ``bf16`` or ``fp16``."""
+    return Choice(default, PRECISIONS)
+
+
+class OptionSpec:
+    """The options of one method, by name (declaration order is kept)."""
+
+    def __init__(self, **options: Option):
+        self.options = options
+
+    def defaults(self) -> dict[str, Any]:
+        return {name: option.default for name, option in self.options.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.options
+
+    def validate(self, method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        """``given`` merged over the defaults; an unknown name or a bad value raises one line."""
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            raise AnomalygenError(f"{method}: unknown option(s) {', '.join(unknown)}; known: {', '.join(self.options)}")
+        for name, value in given.items():
+            try:
+                self.options[name].validate(value)
+            except Invalid as allowed:
+                flag = f" ({CLI_FLAGS[name]} or --set {name}=...)" if name in CLI_FLAGS else f" (--set {name}=...)"
+                raise AnomalygenError(f"{method}: option {name}{flag} got {value!r}; allowed: {allowed}") from None
+        lists = {name: list(value) for name, value in given.items() if isinstance(value, tuple)}
+        return {**self.defaults(), **given, **lists}
+
+
+def require(condition: bool, method: str, message: str) -> None:
+    """A rule between options (e.g. ``min_exp < max_exp``), checked after each one's own."""
+    if not condition:
+        raise AnomalygenError(f"{method}: {message}")
+
+
+def diffusion_options() -> dict[str, Option]:
+    """The options every method on the diffusion core shares (same meaning, same default)."""
+    from anomalygen.diffusion.sampling import SAMPLERS
+
+    return dict(
+        model=Text(None, optional=True),  # hub id, local diffusers folder or "tiny"; None = $ANOMALYGEN_MODEL or SD 1.5
+        time_budget_s=Float(None, 0, low_open=True, optional=True),
+        device=Device(),
+        mixed_precision=Precision(),
+        batch_size=Int(4, 1),
+        seed=Int(0, 0),
+        sampler=Choice("ddim", SAMPLERS),
+        guidance_scale=Float(1.0, 0),
+        init_word=Text("defect"),
+        checkpoint_every=Int(500, 0),  # 0: only at the end
+        work_dir=Text(None, optional=True),  # keep training checkpoints here (a re-run resumes); None = a temporary folder
+    )
