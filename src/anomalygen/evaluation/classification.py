@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import Progress
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 from torchvision.models import ResNet34_Weights, resnet34
 
 from anomalygen.evaluation.inputs import EvaluationData, resize_image
@@ -129,6 +128,8 @@ def run_classification(
                 loss.backward()
                 optimizer.step()
             progress.update(task, advance=1)
+
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
     predicted = _predict(model, test_x, device, config.batch_size)
     n = len(classes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,9 +65,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise DataError(path, "refused: loading it would run pickle code (not a plain weights file); "
-                              "use the published weights file") from None
+    except pickle.UnpicklingError as error:
+        # Either way nothing ran: the weights-only unpickler stops at the first disallowed opcode.
+        called = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if called:
+            raise DataError(path, f"refused: loading it would run pickle code ({called.group(1)}); not a plain weights "
+                                  "file, use the published one") from None
+        raise DataError(path, "not a readable weights file (not a plain torch or safetensors weights file)") from None
     except (OSError, RuntimeError, ValueError, EOFError) as error:
         raise DataError(path, f"not a readable weights file ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
