@@ -168,7 +168,7 @@ def test_a_diverged_unet_is_one_error_naming_the_epoch(tiny, tmp_path, monkeypat
     monkeypatch.setattr(localization, "predict", diverging)
     data, out = tiny
     with pytest.raises(AnomalygenError, match=r"^downstream U-Net diverged at epoch 2: 2 of \d+ anomaly-map values are NaN "
-                                              r"or infinite .*re-run with --device cpu"):
+                                              r"or infinite; re-run with another --seed$"):
         evaluate(out, data, category="tiles", metrics=["localization"], out=tmp_path / "r", device="cpu",
                  localization=LocalizationConfig(**{**SMALL, "epochs": 3}))
     assert not (tmp_path / "r").exists()
@@ -222,3 +222,15 @@ def test_classification_config_checks_its_options():
         ClassificationConfig(epochs=0)
     with pytest.raises(AnomalygenError, match="^--resolution 100: must be a multiple of 32"):
         ClassificationConfig(resolution=100)
+
+
+def test_a_diverged_resnet_is_one_error(tiny, tmp_path, monkeypatch):
+    from anomalygen.errors import AnomalygenError
+    from anomalygen.evaluation import classification
+
+    monkeypatch.setattr(classification.F, "cross_entropy", lambda logits, target: logits.sum() * float("nan"))
+    data, out = tiny
+    with pytest.raises(AnomalygenError, match=r"^downstream ResNet-34 diverged at epoch 1: its loss is nan; re-run with"):
+        evaluate(out, data, category="tiles", metrics=["classification"], out=tmp_path / "r", device="cpu",
+                 classification=ClassificationConfig(epochs=1, resolution=32, batch_size=8, random_init=True))
+    assert not (tmp_path / "r").exists()

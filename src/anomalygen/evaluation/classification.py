@@ -20,7 +20,7 @@ from rich.progress import Progress
 from torchvision.models import ResNet34_Weights, resnet34
 
 from anomalygen.evaluation.inputs import EvaluationData, resize_image
-from anomalygen.errors import AnomalygenError
+from anomalygen.evaluation.localization import diverged
 from anomalygen.evaluation import options
 from anomalygen.evaluation.weights import find_weights, load_into, load_state_dict, missing
 
@@ -122,8 +122,7 @@ def run_classification(
                     logits = model(_normalise(images, device))
                 loss = F.cross_entropy(logits.float(), train_y[index].to(device))
                 if not torch.isfinite(loss):
-                    raise AnomalygenError(f"downstream ResNet-34 diverged at epoch {epoch + 1}: its loss is {loss.item()} "
-                                          f"(bf16 autocast on {device.type}); re-run with --device cpu or another --seed")
+                    raise diverged("ResNet-34", epoch + 1, f"its loss is {loss.item()}", device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -97,11 +97,18 @@ def _test_metrics(model, test_images, test_masks, device, epoch: int) -> tuple[d
     maps = predict(model, test_images, device)
     if not torch.isfinite(maps).all():
         bad = int((~torch.isfinite(maps)).sum())
-        raise AnomalygenError(f"downstream U-Net diverged at epoch {epoch}: {bad} of {maps.numel()} anomaly-map values are "
-                              f"NaN or infinite (bf16 autocast on {device.type}); re-run with --device cpu or another --seed")
+        raise diverged("U-Net", epoch, f"{bad} of {maps.numel()} anomaly-map values are NaN or infinite", device)
     scores = image_scores(maps).numpy()
     masks = test_masks.numpy()
     return localization_metrics(masks, maps.numpy(), scores), maps.numpy(), scores
+
+
+def diverged(network: str, epoch: int, what: str, device: torch.device) -> AnomalygenError:
+    """The one error for a downstream network whose outputs became NaN / inf, and what to do."""
+    if device.type == "cuda":
+        return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what} (bf16 autocast on cuda); "
+                               "re-run with --device cpu (fp32) or another --seed")
+    return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what}; re-run with another --seed")
 
 
 def best_row(history: Sequence[dict[str, float | None]], key: str) -> dict[str, float | None] | None:
