@@ -234,3 +234,24 @@ def test_a_diverged_resnet_is_one_error(tiny, tmp_path, monkeypatch):
         evaluate(out, data, category="tiles", metrics=["classification"], out=tmp_path / "r", device="cpu",
                  classification=ClassificationConfig(epochs=1, resolution=32, batch_size=8, random_init=True))
     assert not (tmp_path / "r").exists()
+
+
+def test_report_names_the_inception_implementation_and_warns_on_small_splits(tiny, tmp_path):
+    class Extractor(torch.nn.Module):  # uint8 images -> 10 logits
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 10)
+
+        def forward(self, x):
+            return self.linear(x.float().mean(dim=(2, 3)) / 255)
+
+    torch.manual_seed(0)
+    data, out = tiny
+    report = evaluate(out, data, category="tiles", metrics=["is"], out=tmp_path / "r", device="cpu",
+                      inception_extractor=Extractor())
+    assert report["inception_score"]["implementation"] == "an injected feature extractor (not Inception-v3)"
+    assert [n for n in report["notes"] if n.startswith("Inception Score of")] == [
+        f"Inception Score of {t}: 8 images in 8 splits (1 per split, fewer than 50): the score is biased low and noisy"
+        for t in TYPES]
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "computed by an injected feature extractor" in html and "fewer than 50" in html
