@@ -91,7 +91,8 @@ def test_evaluate_writes_report_with_both_protocols(tiny, tmp_path, monkeypatch)
     row = max(loc["history"], key=lambda r: r["pixel_ap"])
     assert selected["selected_by"] == "pixel_ap" and selected["epoch"] == row["epoch"]
     assert all(selected[k] == row[k] for k in row if k not in ("epoch", "loss"))
-    assert f"paper, one epoch (epoch {row['epoch']}, best pixel_ap on the test set)" in html
+    label = f"paper, one epoch (epoch {row['epoch']}, best pixel_ap on the test set)"
+    assert label in html and loc["protocol_labels"]["paper_selected"] == label
     assert loc["test_images"] == {"good": 4, "hole": 4, "stain": 4}
     cls = saved["classification"]
     assert cls["classes"] == ["hole", "stain"] and cls["weights"].startswith("random")

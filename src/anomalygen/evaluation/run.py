@@ -22,7 +22,7 @@ from anomalygen.evaluation.ic_lpips import BACKBONE_URLS, ic_lpips_scores, load_
 from anomalygen.evaluation.inception_score import inception_scores, load_inception
 from anomalygen.evaluation.inputs import load_evaluation_data
 from anomalygen.evaluation.localization import LocalizationConfig, run_localization
-from anomalygen.evaluation.report import write_report
+from anomalygen.evaluation.report import protocol_labels, write_report
 
 METRICS = ("is", "ic-lpips", "localization", "classification")
 METRIC_NAMES = {"is": "Inception Score", "ic-lpips": "IC-LPIPS", "classification": "Classification"}
@@ -153,6 +153,7 @@ def evaluate(
                                                 device=str(torch_device))}
     if "localization" in nets.metrics:
         report["localization"] = run_localization(inputs, nets.localization, torch_device)
+        report["localization"]["protocol_labels"] = protocol_labels(report["localization"])
         undefined = report["localization"].get("undefined", {})
         for reason in dict.fromkeys(undefined.values()):
             keys = ", ".join(key for key, why in undefined.items() if why == reason)
