@@ -1,22 +1,67 @@
-"""Metrics against scikit-learn and brute-force references on seeded random data."""
+"""Metrics against hand-computed cases and direct implementations written here (not scikit-learn)."""
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import auc, average_precision_score, f1_score, roc_auc_score
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import auc
 
 from anomalygen.evaluation.metrics import au_pro, detection_metrics, f1_max, image_scores, localization_metrics
 
 
-def test_detection_metrics_match_sklearn():
-    rng = np.random.default_rng(0)
-    labels = rng.random(300) < 0.3
-    scores = np.round(labels * 0.5 + rng.random(300), 2)  # with ties
+def _direct_auroc(labels, scores):
+    """Mann-Whitney: the share of (anomalous, normal) pairs ranked right, ties counting one half."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
+
+
+def _operating_points(labels, scores):
+    """(precision, recall) when every score >= t is called anomalous, for each distinct t (descending)."""
+    points = []
+    for t in sorted(set(scores.tolist()), reverse=True):
+        called = scores >= t
+        tp = int((called & (labels == 1)).sum())
+        points.append((tp / int(called.sum()), tp / int((labels == 1).sum())))
+    return points
+
+
+def _direct_ap(labels, scores):
+    """AP = sum_k (R_k - R_{k-1}) P_k over the thresholds (step-wise, no interpolation)."""
+    total, last_recall = 0.0, 0.0
+    for precision, recall in _operating_points(labels, scores):
+        total += (recall - last_recall) * precision
+        last_recall = recall
+    return total
+
+
+def _direct_f1_max(labels, scores):
+    return max(2 * p * r / (p + r) for p, r in _operating_points(labels, scores) if p + r > 0)
+
+
+def test_detection_metrics_on_a_hand_computed_case():
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    scores = np.array([0.9, 0.8, 0.5, 0.5, 0.3, 0.1])
     result = detection_metrics(labels, scores)
-    assert result["auroc"] == pytest.approx(roc_auc_score(labels, scores))
-    assert result["ap"] == pytest.approx(average_precision_score(labels, scores))
-    brute = max(f1_score(labels, scores >= t) for t in np.unique(scores))
-    assert result["f1_max"] == pytest.approx(brute)
+    # 9 (anomalous, normal) pairs: 0.9 beats all 3, 0.5 beats 0.1 and ties 0.5, 0.3 beats 0.1 -> 5.5 / 9.
+    assert result["auroc"] == pytest.approx(5.5 / 9)
+    # Thresholds 0.9 (P 1, R 1/3), 0.8 (P 1/2, R 1/3), 0.5 (P 1/2, R 2/3), 0.3 (P 3/5, R 1), 0.1 (P 1/2, R 1):
+    # AP = 1/3 * 1 + 1/3 * 1/2 + 1/3 * 3/5 = 0.7; best F1 at 0.3: 2 * 0.6 / 1.6 = 0.75.
+    assert result["ap"] == pytest.approx(0.7)
+    assert result["f1_max"] == pytest.approx(0.75)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 6)), min_size=2, max_size=40))
+def test_detection_metrics_match_direct_implementations(pairs):
+    labels = np.array([int(label) for label, _ in pairs])
+    scores = np.array([score / 6 for _, score in pairs])  # few distinct values: many ties
+    if labels.min() == labels.max():
+        return
+    result = detection_metrics(labels, scores)
+    assert result["auroc"] == pytest.approx(_direct_auroc(labels, scores))
+    assert result["ap"] == pytest.approx(_direct_ap(labels, scores))
+    assert result["f1_max"] == pytest.approx(_direct_f1_max(labels, scores))
 
 
 def test_f1_max_is_one_for_a_perfect_ranking_and_handles_ties():
@@ -79,3 +124,12 @@ def test_localization_metrics_keys_and_perfect_maps():
     result = localization_metrics(masks, masks.astype(float), masks.reshape(4, -1).max(1).astype(float))
     assert set(result) == {"pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_au_pro", "image_auroc", "image_ap", "image_f1_max"}
     assert all(value == pytest.approx(1.0) for value in result.values())
+
+
+def test_image_metrics_are_undefined_without_anomaly_free_test_images():
+    masks = np.zeros((3, 8, 8), dtype=bool)
+    masks[:, 3:5, 3:5] = True  # every test image is anomalous (no test/good)
+    maps = np.random.default_rng(0).random((3, 8, 8))
+    result = localization_metrics(masks, maps, np.array([0.1, 0.5, 0.9]))
+    assert result["image_auroc"] is None and result["image_ap"] is None and result["image_f1_max"] is None
+    assert 0.0 <= result["pixel_auroc"] <= 1.0  # pixel metrics still have normal pixels to rank against

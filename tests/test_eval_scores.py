@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchmetrics.image.inception import InceptionScore
 
-from anomalygen.errors import ModelNotFoundError
+from anomalygen.errors import DataError, ModelNotFoundError
 from anomalygen.evaluation.ic_lpips import ic_lpips, ic_lpips_scores, load_lpips
 from anomalygen.evaluation.inception_score import inception_score, inception_scores, load_inception
 
@@ -58,12 +58,21 @@ def test_inception_scores_per_type_and_mean():
     assert all(v >= 1.0 for v in result["per_type"].values())
 
 
+def test_inception_scores_warn_below_50_images_per_split(monkeypatch):
+    monkeypatch.setattr("anomalygen.evaluation.inception_score.inception_score", lambda images, *a, **k: 1.0)
+    result = inception_scores({"few": [None] * 499, "enough": [None] * 500}, None, splits=10)
+    assert len(result["warnings"]) == 1
+    assert result["warnings"][0].startswith("Inception Score of few: 499 images in 10 splits (49 per split, fewer than 50)")
+    assert inception_scores({"t": [None] * 49}, None, splits=1)["warnings"]
+    assert not inception_scores({"t": [None] * 50}, None, splits=1)["warnings"]
+
+
 def test_missing_weights_name_the_file_and_url(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv("ANOMALYGEN_INCEPTION_WEIGHTS", raising=False)
     with pytest.raises(ModelNotFoundError, match="weights-inception-2015-12-05-6726825d.pth.*https://github.com/toshas"):
         load_inception()
-    with pytest.raises(ModelNotFoundError, match="nowhere.pth"):
+    with pytest.raises(DataError, match="nowhere.pth: weights file not found"):  # named by the user: an error
         load_inception(str(tmp_path / "nowhere.pth"))
     with pytest.raises(ModelNotFoundError, match="vgg16-397923af.pth"):
         load_lpips("vgg")

@@ -7,7 +7,8 @@ that all methods are evaluated on the same types; methods that do not model defe
 category and saved to ``OUT/<method>/models/<category>/``; a re-run loads it instead of training
 again. Each type is one resumable writer run under ``OUT/<method>/runs/<type>/``;
 ``OUT/<method>/<category>/`` links them into one MVTec-layout folder that ``evaluate`` reads, and
-holds that method's report.
+holds that method's report. Every method name, method option and evaluation option is checked,
+and the evaluation networks loaded, before anything is generated.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typing import Any
 from anomalygen import pipeline
 from anomalygen.data import list_categories, load_category
 from anomalygen.errors import AnomalygenError
+from anomalygen.evaluation import options as checks
+from anomalygen.evaluation.localization import SELECT_BY
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
-from anomalygen.evaluation.run import evaluate
+from anomalygen.evaluation.run import evaluate, prepare
 from anomalygen.io import atomic_write_text
 from anomalygen.methods.base import CONFIG_FILE, get_method
 from anomalygen.visualize import Section, write_html
@@ -91,13 +94,21 @@ def benchmark(
     seed: int = 0,
     skip_bad: bool = False,
     settings: Mapping[str, Any] | None = None,
+    metrics: Sequence[str] | None = None,
     **evaluate_options: Any,
 ) -> dict[str, Any]:
     """Generate + evaluate every method on every category; write ``comparison.md`` / ``.html``.
 
-    ``settings`` are method options (see ``method_options``), e.g. ``{"anomalydiffusion.model": "tiny"}``.
+    ``settings`` are method options (see ``method_options``), e.g. ``{"anomalydiffusion.model": "tiny"}``;
+    ``metrics`` and ``evaluate_options`` are ``evaluation.run.prepare``'s.
     """
     data, out = Path(data), Path(out)
+    if not methods:
+        raise AnomalygenError("--methods: no method given")
+    checks.positive_int(num_per_type, "--num-per-type")
+    for method in methods:
+        pipeline.build(method, method_options(settings or {}, method))
+    networks = prepare(metrics, seed=seed, **evaluate_options)
     reports: dict[str, dict[str, dict[str, Any]]] = {}
     timings: dict[str, float] = {}
     for method in methods:
@@ -106,7 +117,7 @@ def benchmark(
             merged = generate_per_type(method, data, out, name, num_per_type, seed, skip_bad,
                                        method_options(settings or {}, method))
             reports.setdefault(name, {})[method] = evaluate(merged.parent, data, category=name, out=merged, seed=seed,
-                                                           skip_bad=skip_bad, **evaluate_options)
+                                                           skip_bad=skip_bad, networks=networks)
         timings[method] = time.perf_counter() - started
     header = (f"Data: {data}; {num_per_type} generated samples per defect type; seed {seed}. "
               f"Wall time per method (generate + evaluate): " + ", ".join(f"{m} {t:.0f} s" for m, t in timings.items()) + ".")
@@ -141,15 +152,25 @@ def write_comparison(out: Path, reports: dict[str, dict[str, dict[str, Any]]], m
     return tables
 
 
+# The localisation protocols as comparison rows: report key -> row label, and what each label means.
+PROTOCOL_ROWS = {"clean": "clean", "paper": "paper, per metric", "paper_selected": "paper, one epoch"}
+PROTOCOL_ABOUT = {
+    "clean": "last epoch",
+    "paper, per metric": "each metric at its own best test epoch",
+    "paper, one epoch": f"every metric at the epoch with the best {SELECT_BY} on the test set (row epoch)",
+}
+
+
 def _value(section: dict[str, Any], *keys: str) -> Any:
-    """``section[k1][k2]...``; "skipped" where the metric was skipped (see the notes), "—" if absent."""
+    """``section[k1][k2]...``; "skipped" where the metric was skipped, "undefined" where it has no
+    value (see the notes for both), "—" if absent."""
     for key in keys:
         if isinstance(section, dict) and "skipped" in section:
             return "skipped"
         if not isinstance(section, dict) or key not in section:
             return "—"
         section = section[key]
-    return section
+    return "undefined" if section is None else section
 
 
 def comparison_tables(reports: dict[str, dict[str, dict[str, Any]]], methods: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -167,12 +188,14 @@ def comparison_tables(reports: dict[str, dict[str, dict[str, Any]]], methods: li
             quality.append({**label, **{f"{m} IS": _value(by_method[m], "inception_score", "per_type", t) for m in methods},
                             **{f"{m} IC-LPIPS": _value(by_method[m], "ic_lpips", "per_type", t) for m in methods}})
             classification.append({**label, **{m: _value(by_method[m], "classification", "per_class_accuracy", t) for m in methods}})
-        for protocol in ("clean", "paper"):
-            for key in LOCALIZATION_KEYS:
-                localization.append({"category": name, "protocol": protocol, "metric": key,
+        for protocol, label in PROTOCOL_ROWS.items():
+            keys = ["epoch", *LOCALIZATION_KEYS] if protocol == "paper_selected" else LOCALIZATION_KEYS
+            for key in keys:
+                localization.append({"category": name, "protocol": label, "metric": key,
                                      **{m: _value(by_method[m], "localization", protocol, key) for m in methods}})
     return {
-        "Downstream localisation (U-Net; clean = last epoch, paper = best epoch per metric on the test set)": localization,
+        "Downstream localisation (U-Net; " + "; ".join(f"{label} = {about}" for label, about in PROTOCOL_ABOUT.items()) + ")":
+            localization,
         "Downstream classification accuracy (ResNet-34; mean = over all test images)": classification,
         "Generation quality (IS higher = better, IC-LPIPS higher = more diverse)": quality,
     }

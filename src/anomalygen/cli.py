@@ -174,20 +174,23 @@ def info_table(info: dict[str, Any]) -> Table:
 
 
 def _evaluation_options(
-    metrics: str, protocol: str, device: Optional[str], epochs: int, samples_per_epoch: int, resolution: int,
-    base: int, batch_size: int, eval_every: int, cls_epochs: int, inception_weights: Optional[Path], lpips_net: str,
-    seed: int, skip_bad: bool,
+    metrics: Optional[str], protocol: str, device: Optional[str], epochs: int, samples_per_epoch: int, resolution: int,
+    base: int, batch_size: int, eval_every: int, cls_epochs: int, cls_random_init: bool, inception_weights: Optional[Path],
+    lpips_net: str, seed: int, skip_bad: bool,
 ) -> dict[str, Any]:
+    """The evaluation keyword arguments; the configs check every value here, before anything is written."""
     from anomalygen.evaluation.classification import ClassificationConfig
     from anomalygen.evaluation.localization import LocalizationConfig
 
     return {
-        "metrics": [name.strip() for name in metrics.split(",") if name.strip()],
+        # None = every metric, skipping (with a note) those whose weights are missing offline.
+        "metrics": None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()],
         "device": device,
         "localization": LocalizationConfig(epochs=epochs, samples_per_epoch=samples_per_epoch, resolution=resolution,
                                            base=base, batch_size=batch_size, protocol=protocol, eval_every=eval_every,
                                            seed=seed),
-        "classification": ClassificationConfig(epochs=cls_epochs, resolution=resolution, seed=seed),
+        "classification": ClassificationConfig(epochs=cls_epochs, resolution=resolution, seed=seed,
+                                               random_init=cls_random_init),
         "inception_weights": None if inception_weights is None else str(inception_weights),
         "lpips_net": lpips_net,
         "skip_bad": skip_bad,
@@ -195,7 +198,9 @@ def _evaluation_options(
 
 
 EVAL_OPTIONS = {
-    "metrics": typer.Option("is,ic-lpips,localization,classification", "--metrics", help="Comma-separated metrics."),
+    "metrics": typer.Option(None, "--metrics", help="Comma-separated metrics from is, ic-lpips, localization, "
+                            "classification (default: all; those whose weights are missing offline are skipped with "
+                            "a note, while a metric named here without its weights is an error)."),
     "protocol": typer.Option("both", "--protocol", help="paper (best test epoch), clean (last epoch) or both."),
     "device": typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
     "epochs": typer.Option(200, "--epochs", help="U-Net epochs (papers: 200)."),
@@ -205,7 +210,10 @@ EVAL_OPTIONS = {
     "batch_size": typer.Option(8, "--batch-size", help="U-Net batch size."),
     "eval_every": typer.Option(1, "--eval-every", help="paper protocol: test every N epochs (official: 1)."),
     "cls_epochs": typer.Option(30, "--cls-epochs", help="ResNet-34 epochs (papers: 30)."),
-    "inception_weights": typer.Option(None, "--inception-weights", help="Inception weights file (else env / torch hub cache)."),
+    "cls_random_init": typer.Option(False, "--cls-random-init", help="Train the ResNet-34 from random init "
+                                    "(without this, its ImageNet weights must be in the torch hub cache; papers: ImageNet)."),
+    "inception_weights": typer.Option(None, "--inception-weights", help="Inception weights file (else env / torch hub "
+                                      "cache); read without pickle code."),
     "lpips_net": typer.Option("vgg", "--lpips-net", help="IC-LPIPS backbone: vgg or alex."),
     "seed": typer.Option(0, "--seed"),
     "skip_bad": typer.Option(False, "--skip-bad", help="Warn about bad real files (e.g. empty masks) and leave them out."),
@@ -219,7 +227,7 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="The real dataset root or category folder."),
     category: Optional[str] = typer.Option(None, "--category"),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where to write report.json/html (default OUT/<category>)."),
-    metrics: str = EVAL_OPTIONS["metrics"],
+    metrics: Optional[str] = EVAL_OPTIONS["metrics"],
     protocol: str = EVAL_OPTIONS["protocol"],
     device: Optional[str] = EVAL_OPTIONS["device"],
     epochs: int = EVAL_OPTIONS["epochs"],
@@ -229,6 +237,7 @@ def evaluate(
     batch_size: int = EVAL_OPTIONS["batch_size"],
     eval_every: int = EVAL_OPTIONS["eval_every"],
     cls_epochs: int = EVAL_OPTIONS["cls_epochs"],
+    cls_random_init: bool = EVAL_OPTIONS["cls_random_init"],
     inception_weights: Optional[Path] = EVAL_OPTIONS["inception_weights"],
     lpips_net: str = EVAL_OPTIONS["lpips_net"],
     seed: int = EVAL_OPTIONS["seed"],
@@ -238,7 +247,8 @@ def evaluate(
     from anomalygen.evaluation.run import evaluate as run_evaluation
 
     options = _evaluation_options(metrics, protocol, device, epochs, samples_per_epoch, resolution, base,
-                                  batch_size, eval_every, cls_epochs, inception_weights, lpips_net, seed, skip_bad)
+                                  batch_size, eval_every, cls_epochs, cls_random_init, inception_weights, lpips_net, seed,
+                                  skip_bad)
     report = run_evaluation(generated, data, category=category, out=report_dir, seed=seed, **options)
     for note in report["notes"]:
         _warn(note)
@@ -253,7 +263,7 @@ def benchmark(
     out: Path = typer.Option(..., "--out", help="Benchmark folder (samples, reports, comparison.md/html)."),
     category: Optional[str] = typer.Option(None, "--category", help="One category (default: every category)."),
     num_per_type: int = typer.Option(500, "--num-per-type", help="Generated samples per defect type (papers: 500)."),
-    metrics: str = EVAL_OPTIONS["metrics"],
+    metrics: Optional[str] = EVAL_OPTIONS["metrics"],
     protocol: str = EVAL_OPTIONS["protocol"],
     device: Optional[str] = EVAL_OPTIONS["device"],
     epochs: int = EVAL_OPTIONS["epochs"],
@@ -263,6 +273,7 @@ def benchmark(
     batch_size: int = EVAL_OPTIONS["batch_size"],
     eval_every: int = EVAL_OPTIONS["eval_every"],
     cls_epochs: int = EVAL_OPTIONS["cls_epochs"],
+    cls_random_init: bool = EVAL_OPTIONS["cls_random_init"],
     inception_weights: Optional[Path] = EVAL_OPTIONS["inception_weights"],
     lpips_net: str = EVAL_OPTIONS["lpips_net"],
     seed: int = EVAL_OPTIONS["seed"],
@@ -274,7 +285,8 @@ def benchmark(
     from anomalygen.benchmark import benchmark as run_benchmark
 
     options = _evaluation_options(metrics, protocol, device, epochs, samples_per_epoch, resolution, base,
-                                  batch_size, eval_every, cls_epochs, inception_weights, lpips_net, seed, skip_bad)
+                                  batch_size, eval_every, cls_epochs, cls_random_init, inception_weights, lpips_net, seed,
+                                  skip_bad)
     chosen = [name.strip() for name in methods.split(",") if name.strip()]
     result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, seed=seed,
                            settings=pipeline.parse_settings(settings), **options)

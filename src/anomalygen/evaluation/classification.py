@@ -2,46 +2,74 @@
 tested on the real test defects, as in AnomalyDiffusion (Hu et al., AAAI 2024, Sec. 4.3).
 
 Classes are the generated defect types sorted by name; Adam (lr 1e-4), 30 epochs, cross-entropy,
-horizontal-flip augmentation. ImageNet weights (torchvision) are used when present in the torch
-hub cache, otherwise the network starts from random initialisation; the report says which.
+horizontal-flip augmentation. The network starts from torchvision's ImageNet weights, read from
+the torch hub cache without pickle code; without them it is an error unless ``random_init`` (the
+``--cls-random-init`` option) asks for random initialisation, which the report then labels.
 Accuracy counts every test image (the official script reports only its last batch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import Progress
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 from torchvision.models import ResNet34_Weights, resnet34
 
 from anomalygen.evaluation.inputs import EvaluationData, resize_image
-from anomalygen.evaluation.weights import find_weights
+from anomalygen.evaluation.localization import diverged
+from anomalygen.evaluation import options
+from anomalygen.evaluation.weights import find_weights, load_into, load_state_dict, missing
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+RESNET34_URL = ResNet34_Weights.IMAGENET1K_V1.url
+RANDOM_INIT = "random init (--cls-random-init; the papers use ImageNet weights)"
+
+
 @dataclass
 class ClassificationConfig:
+    """The protocol's knobs (papers: 30 epochs, 256 px, ImageNet weights); checked when built."""
+
     epochs: int = 30
     resolution: int = 256
     batch_size: int = 32
     lr: float = 1e-4
     seed: int = 0
-    pretrained: bool = True
+    random_init: bool = False
+
+    def __post_init__(self) -> None:
+        options.positive_int(self.epochs, "--cls-epochs")
+        options.resolution(self.resolution)
+        options.positive_int(self.batch_size, "classification batch_size")
+        options.positive_float(self.lr, "classification lr")
 
 
-def build_resnet34(classes: int, pretrained: bool = True) -> tuple[torch.nn.Module, str]:
-    """ResNet-34 with a ``classes``-way head, and which weights it starts from."""
-    weights = ResNet34_Weights.IMAGENET1K_V1
-    use_imagenet = pretrained and find_weights(weights.url) is not None
-    model = resnet34(weights=weights if use_imagenet else None)
+def resnet34_weights(config: ClassificationConfig) -> Path | None:
+    """The ImageNet weights file to start from; None for ``random_init``. Missing weights raise
+    ``ModelNotFoundError`` saying what to download, where, and that ``--cls-random-init`` exists."""
+    if config.random_init:
+        return None
+    path = find_weights(RESNET34_URL)
+    if path is None:
+        raise missing("Classification (ResNet-34)", RESNET34_URL,
+                      hint="; or pass --cls-random-init to train from random initialisation (not the papers' protocol)")
+    return path
+
+
+def build_resnet34(classes: int, weights: Path | None) -> tuple[torch.nn.Module, str]:
+    """ResNet-34 from ``weights`` (read without pickle code; None: random init) with a
+    ``classes``-way head, and a label saying which weights it starts from."""
+    model = resnet34(weights=None)
+    if weights is not None:
+        load_into(model, load_state_dict(weights), weights, "torchvision ResNet-34")
     model.fc = torch.nn.Linear(model.fc.in_features, classes)
-    return model, ("imagenet (torchvision IMAGENET1K_V1)" if use_imagenet else "random init (ImageNet weights not found offline)")
+    return model, RANDOM_INIT if weights is None else f"imagenet (torchvision IMAGENET1K_V1, {weights})"
 
 
 def _stack(images: list[np.ndarray], size: int) -> torch.Tensor:
@@ -62,9 +90,12 @@ def _predict(model, images: torch.Tensor, device: torch.device, batch_size: int)
     return torch.cat(out)
 
 
-def run_classification(data: EvaluationData, config: ClassificationConfig, device: torch.device) -> dict[str, object]:
-    """Train on ``data.generated``; accuracy, per-class accuracy and confusion matrix on every real
-    test defect whose type was generated (other types are listed as skipped)."""
+def run_classification(
+    data: EvaluationData, config: ClassificationConfig, device: torch.device, weights: Path | None = None
+) -> dict[str, object]:
+    """Train on ``data.generated`` from ``weights`` (see ``resnet34_weights``); accuracy, per-class
+    accuracy and confusion matrix on every real test defect whose type was generated (other types
+    are listed as skipped)."""
     classes = sorted(data.generated)
     size = config.resolution
     train_x = _stack([e.image for t in classes for e in data.generated[t]], size)
@@ -74,12 +105,12 @@ def run_classification(data: EvaluationData, config: ClassificationConfig, devic
     test_y = torch.tensor([classes.index(t) for t in test_types for _ in data.test_defects[t]])
 
     torch.manual_seed(config.seed)
-    model, weights = build_resnet34(len(classes), config.pretrained)
+    model, label = build_resnet34(len(classes), weights)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     with Progress(transient=True) as progress:
         task = progress.add_task("ResNet-34 training", total=config.epochs)
-        for _ in range(config.epochs):
+        for epoch in range(config.epochs):
             model.train()
             order = torch.randperm(len(train_x))
             for start in range(0, len(order), config.batch_size):
@@ -90,17 +121,21 @@ def run_classification(data: EvaluationData, config: ClassificationConfig, devic
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(_normalise(images, device))
                 loss = F.cross_entropy(logits.float(), train_y[index].to(device))
+                if not torch.isfinite(loss):
+                    raise diverged("ResNet-34", epoch + 1, f"its loss is {loss.item()}", device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             progress.update(task, advance=1)
+
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
     predicted = _predict(model, test_x, device, config.batch_size)
     n = len(classes)
     per_class = multiclass_accuracy(predicted, test_y, num_classes=n, average=None)
     return {
         "config": vars(config).copy(),
-        "weights": weights,
+        "weights": label,
         "classes": classes,
         "test_counts": {t: len(data.test_defects[t]) for t in test_types},
         "skipped_test_types": sorted(set(data.test_defects) - set(test_types)),

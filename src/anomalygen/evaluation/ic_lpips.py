@@ -11,14 +11,17 @@ scaled to [-1, 1] at ``size`` px.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from anomalygen.evaluation.weights import find_weights, missing
+from anomalygen.errors import AnomalygenError
+from anomalygen.evaluation.weights import find_weights, load_into, load_state_dict, missing
 
 BACKBONE_URLS = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -29,17 +32,30 @@ BACKBONE_URLS = {
 def load_lpips(net: str = "vgg", random_backbone: bool = False) -> torch.nn.Module:
     """``lpips.LPIPS`` with its linear heads and the torchvision ImageNet backbone from the hub cache.
 
-    ``random_backbone=True`` keeps a randomly initialised backbone (tests only: the score is then
-    not LPIPS). A missing backbone file raises ``ModelNotFoundError`` naming it.
+    The module is built without weights; the heads (shipped with ``lpips``) and the backbone file
+    are read by ``load_state_dict`` (no pickle code) and handed to it. ``random_backbone=True``
+    keeps a randomly initialised backbone (tests only: the score is then not LPIPS). A missing
+    backbone file raises ``ModelNotFoundError`` naming it.
     """
     import lpips
 
     if net not in BACKBONE_URLS:
-        raise ValueError(f"IC-LPIPS backbone must be one of {sorted(BACKBONE_URLS)}, not {net!r}")
-    if not random_backbone and find_weights(BACKBONE_URLS[net]) is None:
+        raise AnomalygenError(f"--lpips-net {net}: choose one of {', '.join(BACKBONE_URLS)}")
+    backbone = None if random_backbone else find_weights(BACKBONE_URLS[net])
+    if backbone is None and not random_backbone:
         raise missing(f"IC-LPIPS ({net})", BACKBONE_URLS[net])
-    # With the file in the hub cache, torchvision loads it from there without a download.
-    model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated ``pretrained=False``
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+    heads = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+    load_into(model.lins, {key.removeprefix("lin"): value for key, value in load_state_dict(heads).items()},
+              heads, f"LPIPS {net} linear heads")
+    if backbone is not None:
+        # lpips splits torchvision's ``features`` into slices that keep the layer indices.
+        state = load_state_dict(backbone)
+        names = {name: "features." + name.split(".", 1)[1] for name in model.net.state_dict()}
+        load_into(model.net, {name: state[source] for name, source in names.items() if source in state},
+                  backbone, f"torchvision {net} ImageNet")
     return model.eval().requires_grad_(False)
 
 

@@ -8,22 +8,34 @@ the epochs (DRAEM's schedule). Test: real test/good + the test two thirds of eve
 anomaly map = softmax probability of the anomalous class; image score = max of its 21 x 21
 average-pooled map (DRAEM, Sec. 3.4).
 
-Two protocols, both reported: ``paper`` takes, for each metric, its best value over the epochs
-measured on the test set (what the official scripts do; optimistic), ``clean`` takes the last
-epoch (no test-set selection).
+Protocols: ``paper`` is what the official scripts do (optimistic: the test set picks epochs) and
+is reported twice: per metric (each metric's best value over the tested epochs, possibly from
+different epochs) and at one epoch (the epoch with the best ``SELECT_BY``, every metric read
+there); ``clean`` takes the last epoch (no test-set selection). Non-finite values are never
+"best"; non-finite anomaly maps (a diverged U-Net) stop the run with one error.
+
+Image-level metrics need anomaly-free test images: without real ``test/good`` images they are
+undefined (None, with the reason in ``undefined``), not NaN or a perfect 1.0.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from rich.progress import Progress
 
+from anomalygen.errors import AnomalygenError
+from anomalygen.evaluation import options
 from anomalygen.evaluation.inputs import EvaluationData, resize_image, resize_mask
 from anomalygen.evaluation.metrics import image_scores, localization_metrics, pr_curve
 from anomalygen.evaluation.unet import DiscriminativeUNet, focal_loss
+
+PROTOCOLS = ("paper", "clean", "both")
+SELECT_BY = "pixel_ap"  # the paper protocol's one-epoch figures are read at this metric's best epoch
 
 
 @dataclass
@@ -43,6 +55,16 @@ class LocalizationConfig:
     protocol: str = "both"
     eval_every: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        options.positive_int(self.epochs, "--epochs")
+        options.positive_int(self.samples_per_epoch, "--samples-per-epoch")
+        options.resolution(self.resolution)
+        options.positive_int(self.base, "--base")
+        options.positive_int(self.batch_size, "--batch-size")
+        options.positive_float(self.lr, "U-Net lr")
+        options.choice(self.protocol, "--protocol", PROTOCOLS)
+        options.positive_int(self.eval_every, "--eval-every")
 
 
 def _tensor_images(images: list[np.ndarray], size: int) -> torch.Tensor:
@@ -71,23 +93,52 @@ def predict(model: torch.nn.Module, images: torch.Tensor, device: torch.device, 
     return torch.cat(maps)
 
 
-def _test_metrics(model, test_images, test_masks, device) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+def _test_metrics(model, test_images, test_masks, device, epoch: int) -> tuple[dict[str, float | None], np.ndarray, np.ndarray]:
     maps = predict(model, test_images, device)
+    if not torch.isfinite(maps).all():
+        bad = int((~torch.isfinite(maps)).sum())
+        raise diverged("U-Net", epoch, f"{bad} of {maps.numel()} anomaly-map values are NaN or infinite", device)
     scores = image_scores(maps).numpy()
     masks = test_masks.numpy()
     return localization_metrics(masks, maps.numpy(), scores), maps.numpy(), scores
 
 
+def diverged(network: str, epoch: int, what: str, device: torch.device) -> AnomalygenError:
+    """The one error for a downstream network whose outputs became NaN / inf, and what to do."""
+    if device.type == "cuda":
+        return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what} (bf16 autocast on cuda); "
+                               "re-run with --device cpu (fp32) or another --seed")
+    return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what}; re-run with another --seed")
+
+
+def best_row(history: Sequence[dict[str, float | None]], key: str) -> dict[str, float | None] | None:
+    """The first row with the highest finite ``key``; None if no row has one (NaN is never best)."""
+    finite = [row for row in history if row.get(key) is not None and math.isfinite(row[key])]
+    return max(finite, key=lambda row: row[key]) if finite else None
+
+
+def paper_protocol(history: Sequence[dict[str, float | None]], keys: Sequence[str]) -> dict[str, dict[str, object]]:
+    """The ``paper`` figures: per metric (each at its own best epoch) and at the one epoch with the
+    best ``SELECT_BY`` (falling back to the last epoch if that metric never has a finite value)."""
+    best = {key: best_row(history, key) for key in keys}
+    per_metric: dict[str, object] = {key: None if row is None else row[key] for key, row in best.items()}
+    per_metric["best_epoch"] = {key: None if row is None else row["epoch"] for key, row in best.items()}
+    chosen = best_row(history, SELECT_BY) or history[-1]
+    selected = {"epoch": chosen["epoch"], "selected_by": SELECT_BY, **{key: chosen[key] for key in keys}}
+    return {"paper": per_metric, "paper_selected": selected}
+
+
 def run_localization(data: EvaluationData, config: LocalizationConfig, device: torch.device) -> dict[str, object]:
     """Train the U-Net on ``data.generated`` + ``data.train_good``, test on the real test split."""
     size = config.resolution
-    if size % 32:
-        raise ValueError(f"U-Net resolution must be a multiple of 32, got {size}")
     generated = [example for examples in data.generated.values() for example in examples]
     gen_images = _tensor_images([e.image for e in generated], size)
     gen_masks = _tensor_masks([e.mask for e in generated], size)
     good_images = _tensor_images(data.train_good, size)
     test = [e for examples in data.test_defects.values() for e in examples]
+    if not test:
+        raise AnomalygenError(f"{data.category}: no real test defect images to localise (the paper split keeps two "
+                              "thirds of each defect type for testing)")
     test_images = _tensor_images(data.test_good + [e.image for e in test], size)
     test_masks = torch.cat([torch.zeros(len(data.test_good), size, size, dtype=torch.bool), _tensor_masks([e.mask for e in test], size)])
 
@@ -122,7 +173,7 @@ def run_localization(data: EvaluationData, config: LocalizationConfig, device: t
                 losses.append(loss.item())
             scheduler.step()
             if (test_during and (epoch + 1) % config.eval_every == 0) or epoch == config.epochs - 1:
-                metrics, maps, scores = _test_metrics(model, test_images, test_masks, device)
+                metrics, maps, scores = _test_metrics(model, test_images, test_masks, device, epoch + 1)
                 history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **metrics})
             progress.update(task, advance=1, description=f"U-Net epoch {epoch + 1} loss {np.mean(losses):.4f}")
 
@@ -131,15 +182,16 @@ def run_localization(data: EvaluationData, config: LocalizationConfig, device: t
         "config": vars(config).copy(),
         "test_images": {"good": len(data.test_good), **{t: len(v) for t, v in data.test_defects.items()}},
         "history": history,
-        "pr_curves": {
-            "pixel": pr_curve(masks_np, maps),
-            "image": pr_curve(masks_np.reshape(len(masks_np), -1).any(axis=1), scores),
-        },
+        "pr_curves": {"pixel": pr_curve(masks_np, maps)},
     }
+    image_labels = masks_np.reshape(len(masks_np), -1).any(axis=1)
+    if image_labels.all():
+        result["undefined"] = {key: "the real test split has no test/good images (every test image is anomalous)"
+                               for key in metrics if key.startswith("image_")}
+    else:
+        result["pr_curves"]["image"] = pr_curve(image_labels, scores)
     if config.protocol in ("clean", "both"):
         result["clean"] = {"epoch": history[-1]["epoch"], **{k: v for k, v in history[-1].items() if k not in ("epoch", "loss")}}
     if config.protocol in ("paper", "both"):
-        keys = [k for k in history[-1] if k not in ("epoch", "loss")]
-        best = {k: max(history, key=lambda row: row[k]) for k in keys}
-        result["paper"] = {**{k: best[k][k] for k in keys}, "best_epoch": {k: best[k]["epoch"] for k in keys}}
+        result.update(paper_protocol(history, [k for k in history[-1] if k not in ("epoch", "loss")]))
     return result

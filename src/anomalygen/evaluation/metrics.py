@@ -104,13 +104,16 @@ def image_scores(anomaly_maps: torch.Tensor, kernel: int = 21) -> torch.Tensor:
     return pooled.flatten(1).amax(dim=1)
 
 
-def localization_metrics(masks: np.ndarray, maps: np.ndarray, image_score: np.ndarray) -> dict[str, float]:
+def localization_metrics(masks: np.ndarray, maps: np.ndarray, image_score: np.ndarray) -> dict[str, float | None]:
     """Pixel AUROC/AP/F1-max/AU-PRO over all test pixels and image AUROC/AP/F1-max.
 
     ``masks``: (N, H, W) bool ground truth; ``maps``: (N, H, W) anomaly maps; ``image_score``: (N,).
+    Image metrics are None when every test image is anomalous (no anomaly-free image to rank
+    against: AUROC is undefined and AP / F1-max would read 1.0 whatever the scores).
     """
     pixel = detection_metrics(masks, maps)
-    image = detection_metrics(masks.reshape(len(masks), -1).any(axis=1), image_score)
+    labels = masks.reshape(len(masks), -1).any(axis=1)
+    image = detection_metrics(labels, image_score) if not labels.all() else dict.fromkeys(("auroc", "ap", "f1_max"))
     return {
         **{f"pixel_{key}": value for key, value in pixel.items()},
         "pixel_au_pro": au_pro(list(masks), list(maps)),

@@ -17,6 +17,22 @@ from anomalygen.visualize import Section, grid, overlay, write_html
 LOCALIZATION_KEYS = ["pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_au_pro", "image_auroc", "image_ap", "image_f1_max"]
 
 
+def protocol_labels(localization: dict[str, Any]) -> dict[str, str]:
+    """The label of each protocol present in a localisation result (report, HTML, comparison)."""
+    selected = localization.get("paper_selected", {})
+    labels = {
+        "paper": "paper, per metric (each metric at its own best test epoch)",
+        "paper_selected": f"paper, one epoch (epoch {selected.get('epoch')}, best {selected.get('selected_by')} on the test set)",
+        "clean": "clean (last epoch)",
+    }
+    return {name: label for name, label in labels.items() if name in localization}
+
+
+def shown(value: Any) -> Any:
+    """A table cell: None (an undefined metric) reads "undefined" (the notes say why)."""
+    return "undefined" if value is None else value
+
+
 def plot_curves(curves: dict[str, dict[str, list[float]]], size: int = 320, margin: int = 36) -> np.ndarray:
     """Precision (y) over recall (x) of each named curve, drawn with PIL on [0, 1] axes."""
     canvas = Image.new("RGB", (size + margin + 8, size + margin + 8), "white")
@@ -73,23 +89,23 @@ def write_report(report: dict[str, Any], out: Path, generated: dict[str, list[De
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "report.json"
     atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
-    sections = [Section("Per defect type", "IS: Inception Score (10 splits); IC-LPIPS: intra-cluster LPIPS; "
-                        "accuracy: ResNet-34 trained on generated defects, tested on real test defects.",
-                        table=_per_type_rows(report))]
+    about_is = report.get("inception_score", {}).get("implementation")
+    sections = [Section("Per defect type", "IS: Inception Score (10 splits)" + (f", computed by {about_is}" if about_is else "")
+                        + "; IC-LPIPS: intra-cluster LPIPS; accuracy: ResNet-34 trained on generated defects, tested on "
+                        "real test defects.", table=_per_type_rows(report))]
     if report.get("notes"):
         sections.append(Section("Notes", " | ".join(report["notes"])))
     loc = report.get("localization", {})
     if "history" in loc:
-        rows = [{"protocol": label, **{k: loc[name][k] for k in LOCALIZATION_KEYS}}
-                for name, label in (("paper", "paper (best epoch per metric on the test set)"), ("clean", "clean (last epoch)"))
-                if name in loc]
+        rows = [{"protocol": label, **{k: shown(loc[name][k]) for k in LOCALIZATION_KEYS}}
+                for name, label in protocol_labels(loc).items()]
         config = loc["config"]
         text = (f"DRAEM discriminative U-Net, base {config['base']}, {config['resolution']} px, {config['epochs']} epochs x "
                 f"{config['samples_per_epoch']} samples; test images: {loc['test_images']}")
         sections.append(Section("Downstream localisation", text, table=rows))
         sections.append(Section("Precision-recall curves (last epoch)", images=[
             ("pixel level", plot_curves({"pixel": loc["pr_curves"]["pixel"]})),
-            ("image level", plot_curves({"image": loc["pr_curves"]["image"]})),
+            *([("image level", plot_curves({"image": loc["pr_curves"]["image"]}))] if "image" in loc["pr_curves"] else []),
         ]))
     cls = report.get("classification", {})
     if "confusion_matrix" in cls:

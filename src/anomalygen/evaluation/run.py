@@ -1,44 +1,65 @@
 """``anomalygen evaluate``: run the seed papers' protocol on one generated folder and write the report.
 
-A metric whose weights are missing offline is skipped with a note in the report, not a crash.
+Every option is checked and every pretrained network loaded (without pickle code) before the data
+are read or anything is written. A metric whose weights are missing offline is skipped with a
+note in the report when it was only on by default (``metrics=None``); one asked for by name
+(``--metrics``) is an error naming the file to download.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from anomalygen.errors import AnomalygenError, ModelNotFoundError
-from anomalygen.evaluation.classification import ClassificationConfig, run_classification
-from anomalygen.evaluation.ic_lpips import ic_lpips_scores, load_lpips
+from anomalygen.evaluation import options
+from anomalygen.evaluation.classification import ClassificationConfig, resnet34_weights, run_classification
+from anomalygen.evaluation.ic_lpips import BACKBONE_URLS, ic_lpips_scores, load_lpips
 from anomalygen.evaluation.inception_score import inception_scores, load_inception
 from anomalygen.evaluation.inputs import load_evaluation_data
 from anomalygen.evaluation.localization import LocalizationConfig, run_localization
-from anomalygen.evaluation.report import write_report
+from anomalygen.evaluation.report import protocol_labels, write_report
 
 METRICS = ("is", "ic-lpips", "localization", "classification")
-PROTOCOLS = ("paper", "clean", "both")
+METRIC_NAMES = {"is": "Inception Score", "ic-lpips": "IC-LPIPS", "classification": "Classification"}
 
 
 def pick_device(device: str | None = None) -> torch.device:
     """``device`` if given, else CUDA when available, else CPU."""
     if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise AnomalygenError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
             raise AnomalygenError(f"--device {device}: CUDA is not available on this machine")
-        return torch.device(device)
+        return chosen
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def evaluate(
-    generated: str | Path,
-    data: str | Path,
+@dataclass
+class Networks:
+    """What the evaluation runs, checked and loaded once (``prepare``), before any data are read."""
+
+    metrics: list[str]
+    device: torch.device
+    localization: LocalizationConfig
+    classification: ClassificationConfig
+    inception: torch.nn.Module | None = None
+    inception_about: str = ""
+    lpips: torch.nn.Module | None = None
+    lpips_about: str = ""
+    resnet_weights: Path | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def prepare(
+    metrics: Sequence[str] | None = None,
     *,
-    category: str | None = None,
-    metrics: Sequence[str] = METRICS,
-    out: str | Path | None = None,
     device: str | None = None,
     localization: LocalizationConfig | None = None,
     classification: ClassificationConfig | None = None,
@@ -46,24 +67,63 @@ def evaluate(
     inception_extractor: torch.nn.Module | None = None,
     lpips_net: str = "vgg",
     lpips_model: torch.nn.Module | None = None,
+    seed: int = 0,
+) -> Networks:
+    """Check the options and load the pretrained networks the chosen metrics need.
+
+    ``metrics=None`` means all, skipping (with a note) those whose weights are missing offline;
+    a metric named in ``metrics`` whose weights are missing raises ``ModelNotFoundError``.
+    ``inception_extractor`` / ``lpips_model`` replace the pretrained networks (tests).
+    """
+    chosen = list(METRICS if metrics is None else metrics)
+    unknown = sorted(set(chosen) - set(METRICS))
+    if unknown or not chosen:
+        raise AnomalygenError(f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+    options.choice(lpips_net, "--lpips-net", tuple(BACKBONE_URLS))
+    nets = Networks(chosen, pick_device(device), localization or LocalizationConfig(seed=seed),
+                    classification or ClassificationConfig(seed=seed))
+    for metric in ("is", "ic-lpips", "classification"):
+        if metric not in chosen:
+            continue
+        try:
+            if metric == "is":
+                nets.inception, nets.inception_about = ((inception_extractor, "an injected feature extractor (not Inception-v3)")
+                                                        if inception_extractor is not None else load_inception(inception_weights))
+            elif metric == "ic-lpips":
+                nets.lpips = lpips_model if lpips_model is not None else load_lpips(lpips_net)
+                nets.lpips_about = "injected" if lpips_model is not None else lpips_net
+            else:
+                nets.resnet_weights = resnet34_weights(nets.classification)
+        except ModelNotFoundError as error:
+            if metrics is not None:
+                raise
+            nets.skipped[metric] = str(error)
+    return nets
+
+
+def evaluate(
+    generated: str | Path,
+    data: str | Path,
+    *,
+    category: str | None = None,
+    metrics: Sequence[str] | None = None,
+    out: str | Path | None = None,
+    networks: Networks | None = None,
     lpips_size: int = 256,
     seed: int = 0,
     skip_bad: bool = False,
+    **prepare_options: Any,
 ) -> dict[str, Any]:
     """Evaluate the generated folder against the real category; writes report.json + report.html.
 
-    ``out`` defaults to the generated category folder. ``inception_extractor`` / ``lpips_model``
-    replace the pretrained networks (tests use random-weight ones). ``skip_bad`` leaves out bad
+    ``out`` defaults to the generated category folder. ``networks`` comes from ``prepare`` (else
+    it is built here from ``metrics`` and ``prepare_options``: device, localization, classification,
+    inception_weights, inception_extractor, lpips_net, lpips_model). ``skip_bad`` leaves out bad
     real files (noted in the report) instead of stopping at the first.
     """
-    unknown = sorted(set(metrics) - set(METRICS))
-    if unknown:
-        raise AnomalygenError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-    localization = localization or LocalizationConfig(seed=seed)
-    if localization.protocol not in PROTOCOLS:
-        raise AnomalygenError(f"unknown protocol {localization.protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    classification = classification or ClassificationConfig(seed=seed)
-    torch_device = pick_device(device)
+    nets = networks or prepare(metrics, seed=seed, **prepare_options)
+    options.positive_int(lpips_size, "IC-LPIPS size")
+    torch_device = nets.device
     inputs = load_evaluation_data(generated, data, category, skip_bad=skip_bad)
     report: dict[str, Any] = {
         "category": inputs.category,
@@ -77,33 +137,37 @@ def evaluate(
                        "train_good": len(inputs.train_good), "test_good": len(inputs.test_good)},
         "notes": [f"skipped bad real file: {problem}" for problem in inputs.problems],
     }
+    sections = {"is": "inception_score", "ic-lpips": "ic_lpips", "classification": "classification"}
+    for metric, reason in nets.skipped.items():
+        report[sections[metric]] = {"skipped": reason}
+        report["notes"].append(f"{METRIC_NAMES[metric]} skipped: {reason}")
     by_type = {t: [e.image for e in v] for t, v in inputs.generated.items()}
-    if "is" in metrics:
-        try:
-            extractor = inception_extractor or load_inception(inception_weights)
-            report["inception_score"] = inception_scores(by_type, extractor, seed=seed, device=str(torch_device))
-        except ModelNotFoundError as error:
-            report["inception_score"] = {"skipped": str(error)}
-            report["notes"].append(f"Inception Score skipped: {error}")
-    if "ic-lpips" in metrics:
-        try:
-            model = (lpips_model or load_lpips(lpips_net)).to(torch_device)
-            centres = {t: [e.image for e in v] for t, v in inputs.train_defects.items() if v}
-            report["ic_lpips"] = {"net": lpips_net if lpips_model is None else "injected", "size": lpips_size,
-                                  **ic_lpips_scores(model, centres, by_type, size=lpips_size, seed=seed, device=str(torch_device))}
-        except ModelNotFoundError as error:
-            report["ic_lpips"] = {"skipped": str(error)}
-            report["notes"].append(f"IC-LPIPS skipped: {error}")
-    if "localization" in metrics:
-        report["localization"] = run_localization(inputs, localization, torch_device)
-    matched = sorted(t for t in inputs.generated if inputs.test_defects.get(t))
-    if "classification" in metrics and len(matched) < 2:
-        report["classification"] = {"skipped": f"needs >= 2 generated defect types with real test images, got {matched}"}
-        report["notes"].append(f"Classification skipped: {report['classification']['skipped']}")
-    elif "classification" in metrics:
-        report["classification"] = run_classification(inputs, classification, torch_device)
-        if report["classification"]["weights"].startswith("random"):
-            report["notes"].append("ResNet-34 started from random weights (ImageNet weights not in the torch hub cache).")
+    if nets.inception is not None:
+        scores = inception_scores(by_type, nets.inception, seed=seed, device=str(torch_device))
+        report["inception_score"] = {"implementation": nets.inception_about, **scores}
+        report["notes"] += scores["warnings"]
+    if nets.lpips is not None:
+        centres = {t: [e.image for e in v] for t, v in inputs.train_defects.items() if v}
+        report["ic_lpips"] = {"net": nets.lpips_about, "size": lpips_size,
+                              **ic_lpips_scores(nets.lpips.to(torch_device), centres, by_type, size=lpips_size, seed=seed,
+                                                device=str(torch_device))}
+    if "localization" in nets.metrics:
+        report["localization"] = run_localization(inputs, nets.localization, torch_device)
+        report["localization"]["protocol_labels"] = protocol_labels(report["localization"])
+        undefined = report["localization"].get("undefined", {})
+        for reason in dict.fromkeys(undefined.values()):
+            keys = ", ".join(key for key, why in undefined.items() if why == reason)
+            report["notes"].append(f"Localisation {keys} undefined: {reason}")
+    if "classification" in nets.metrics and "classification" not in nets.skipped:
+        matched = sorted(t for t in inputs.generated if inputs.test_defects.get(t))
+        if len(matched) < 2:
+            report["classification"] = {"skipped": f"needs >= 2 generated defect types with real test images, got {matched}"}
+            report["notes"].append(f"Classification skipped: {report['classification']['skipped']}")
+        else:
+            report["classification"] = run_classification(inputs, nets.classification, torch_device, nets.resnet_weights)
+            if nets.resnet_weights is None:
+                report["notes"].append("ResNet-34 trained from random initialisation (--cls-random-init): its accuracy "
+                                       "is not comparable with the papers' (ImageNet weights).")
     out_dir = Path(out) if out else _category_dir(Path(generated), inputs.category)
     report["files"] = [str(p) for p in write_report(report, out_dir, inputs.generated)]
     return report
