@@ -5,7 +5,10 @@ trainable modules and a ``loss_fn(modules, step, generator) -> scalar``. bf16/fp
 gradient accumulation, ``max_steps`` and a wall-time budget, checkpoints of the trainable state
 only (``trainable.safetensors`` + ``state.json``, with optimizer / lr scheduler / RNG state for an
 exact resume), validation grids, a CSV loss log (TensorBoard too when installed). Under
-``accelerate launch`` on several GPUs the modules are wrapped for DDP without code changes.
+``accelerate launch`` / ``torchrun`` the modules are wrapped for DDP; for the gradients to be
+all-reduced ``loss_fn`` must call the modules it is handed (not its own references to them), and
+for N processes to equal one on the whole batch each draws the same global batch (same seeds) and
+computes the loss on its rows only (``batch_share``), as a mean of per-sample losses.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from anomalygen.errors import AnomalygenError
 
 CHECKPOINTS = "checkpoints"
 
@@ -65,6 +70,17 @@ def work_directory(path: str | Path | None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="anomalygen-train-") as tmp:
         yield Path(tmp)
+
+
+def batch_share(batch_size: int) -> slice:
+    """This process's rows of a global batch of ``batch_size`` (all of them without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return slice(0, batch_size)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if batch_size % world:
+        raise AnomalygenError(f"batch_size {batch_size} does not split over {world} processes; use a multiple of {world}")
+    share = batch_size // world
+    return slice(rank * share, (rank + 1) * share)
 
 
 def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
