@@ -11,17 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from ddp_fit import METHODS, fit_all, toy_data  # tests/ is on sys.path (pytest's rootdir-less import mode)
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ddp_fit import METHODS, fit_all  # noqa: E402
+from anomalygen.methods.base import create
 
 torch.set_num_threads(1)
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None or not torch.distributed.is_available(), reason="needs torchrun and torch.distributed")
 def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
     root = Path(__file__).parents[1]
@@ -51,3 +53,45 @@ def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
         # whole step. A few such elements are expected, a rank training on its half alone moves most.
         off = sum(int(((rank0[k] - single[k]).abs() > 1e-5).sum()) for k in single)
         assert off < 0.05 * sum(v.numel() for v in single.values()), f"{method}: {off} elements differ from one process"
+
+
+def test_masked_loss_of_a_batch_is_the_mean_of_its_parts():
+    """Eq. 5 per sample (÷ its mask area), averaged: the mean of two half-batch losses (what DDP
+    averages) is the whole batch's loss, also with masks of very different areas."""
+    from anomalygen.methods.anomalydiffusion.loss import masked_diffusion_loss
+
+    torch.manual_seed(0)
+    eps_pred, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    weight = torch.zeros(4, 1, 8, 8)
+    for i, side in enumerate([1, 2, 5, 8]):
+        weight[i, :, :side, :side] = 1
+    for normalise in ("mask", "latent"):
+        whole = masked_diffusion_loss(eps_pred, eps, weight, normalise)
+        halves = [masked_diffusion_loss(eps_pred[s], eps[s], weight[s], normalise) for s in (slice(0, 2), slice(2, 4))]
+        assert whole.item() == pytest.approx(sum(halves).item() / 2, rel=1e-6)
+    per_sample = [((eps_pred[i] - eps[i]) ** 2 * weight[i]).sum() / (4 * weight[i].sum()) for i in range(4)]
+    assert masked_diffusion_loss(eps_pred, eps, weight).item() == pytest.approx(sum(per_sample).item() / 4, rel=1e-6)
+    official = ((eps_pred * weight - eps * weight) ** 2).mean([1, 2, 3]).mean()  # ddpm.py p_losses
+    assert masked_diffusion_loss(eps_pred, eps, weight, "latent").item() == pytest.approx(official.item(), rel=1e-6)
+
+
+def test_anomalydiffusion_share_losses_average_to_the_whole_batch(monkeypatch):
+    """The same global batch split in two shares (what two ranks compute): mean loss and mean
+    gradient of the shares equal those of the whole batch."""
+    from anomalygen.methods.anomalydiffusion import generator as module
+
+    defects, _ = toy_data()
+    generator = create("anomalydiffusion", **METHODS["anomalydiffusion"])
+    generator._build(["crack", "hole"])
+    tokens = generator.anomaly_tokens.tokens
+    results = []
+    for share in (slice(0, 4), slice(0, 2), slice(2, 4)):
+        monkeypatch.setattr(module, "batch_share", lambda batch, share=share: share)
+        tokens.grad = None
+        loss = generator.training_loss(defects, [0, 1, 0, 1], np.random.default_rng(3), torch.Generator().manual_seed(3))
+        loss.backward()
+        results.append((loss.item(), tokens.grad.clone()))
+    (whole, grad), (a, grad_a), (b, grad_b) = results
+    assert a != pytest.approx(b, rel=1e-3)  # the shares differ: the test can tell them apart
+    assert whole == pytest.approx((a + b) / 2, rel=1e-5)
+    torch.testing.assert_close((grad_a + grad_b) / 2, grad, rtol=1e-4, atol=1e-9)
