@@ -118,3 +118,27 @@ def test_saved_model_records_the_encoder_and_load_rebuilds_it(cached, hub, tmp_p
     assert isinstance(loaded.spatial_encoder.backbone.body.bn1, FrozenBatchNorm2d if cached else torch.nn.GroupNorm)
     saved, restored = generator.spatial_encoder.state_dict(), loaded.spatial_encoder.state_dict()
     assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+
+
+def test_spatial_encoder_lr_gives_E_its_own_adam_step():
+    """Adam's first step moves each parameter by ~lr·sign(g): E by at most ``spatial_encoder_lr``,
+    e_a by the method's lr (5e-3 × batch)."""
+    import numpy as np
+
+    from anomalygen.types import DefectExample
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((32, 32), bool)
+    mask[8:20, 6:24] = True
+    defects = [DefectExample(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), mask, "crack")]
+    generator = AnomalyDiffusion(model="tiny", device="cpu", resolution=32, batch_size=2, max_steps=1, checkpoint_every=0,
+                                 mask_source="augment", spatial_encoder_lr=1e-6)
+    generator._build(["crack"])
+    before = {k: v.clone() for k, v in generator.spatial_encoder.state_dict().items()}
+    tokens = generator.anomaly_tokens.tokens.detach().clone()
+    generator.fit(defects, [])
+    moved = max((generator.spatial_encoder.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert 0 < moved <= 1.01e-6
+    assert (generator.anomaly_tokens.tokens - tokens).abs().max().item() == pytest.approx(0.01, rel=0.01)
+    with pytest.raises(Exception, match="spatial_encoder_lr"):
+        AnomalyDiffusion(spatial_encoder_lr=0)

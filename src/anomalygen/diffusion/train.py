@@ -41,6 +41,7 @@ class TrainConfig:
     max_steps: int = 1000
     time_budget_s: float | None = None
     lr: float = 1e-4
+    module_lr: dict[str, float] = field(default_factory=dict)  # a module's own lr (else ``lr``)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -144,8 +145,11 @@ def train(
     precision = "no" if config.mixed_precision == "fp32" else config.mixed_precision
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accumulation, cpu=cpu)
     names = list(modules)
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": config.module_lr.get(n, config.lr)}
+              for n, m in modules.items()]
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps)
     prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
     modules = dict(zip(names, prepared[: len(names)]))

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "resolution": 256,
     "batch_size": 4,
     "lr": None,  # None = 5e-3 × batch_size, as the official code scales it
+    "spatial_encoder_lr": None,  # None = lr (the official code: one Adam over e_a, e_m and E)
     "seed": 0,
     "num_anomaly_tokens": 8,  # k (paper; the official code uses 4)
     "num_spatial_tokens": 4,  # n
@@ -99,6 +100,8 @@ class AnomalyDiffusion(AnomalyGenerator):
             raise AnomalygenError(f"anomalydiffusion: aar must be one of {AAR_VARIANTS}, got {self.opt['aar']!r}")
         if self.opt["masked_loss_norm"] not in NORMALISATIONS:
             raise AnomalygenError(f"anomalydiffusion: masked_loss_norm must be one of {NORMALISATIONS}, got {self.opt['masked_loss_norm']!r}")
+        if self.opt["spatial_encoder_lr"] is not None and not self.opt["spatial_encoder_lr"] > 0:
+            raise AnomalygenError(f"anomalydiffusion: spatial_encoder_lr must be a positive number or None, got {self.opt['spatial_encoder_lr']!r}")
         if self.opt["mask_source"] not in ("learned", "augment"):
             raise AnomalygenError(f"anomalydiffusion: mask_source must be 'learned' or 'augment', got {self.opt['mask_source']!r}")
         self._backbone: Backbone | None = None
@@ -220,7 +223,7 @@ class AnomalyDiffusion(AnomalyGenerator):
 
     def _train(self, defects: Sequence[DefectExample], type_indices: list[int]) -> list[float]:
         """The core's training loop (``diffusion.train``): Adam (lr 5e-3 × batch by default, as the
-        official code) for ``max_steps`` steps or until ``time_budget_s`` runs out; checkpoints in
+        official code; ``spatial_encoder_lr`` gives E its own) for ``max_steps`` steps or until ``time_budget_s`` runs out; checkpoints in
         ``work_dir`` (a re-run resumes there). Returns the loss of every step."""
         opt = self.opt
 
@@ -230,6 +233,7 @@ class AnomalyDiffusion(AnomalyGenerator):
 
         config = TrainConfig(
             max_steps=int(opt["max_steps"]), time_budget_s=opt["time_budget_s"], lr=opt["lr"] or 5e-3 * opt["batch_size"],
+            module_lr={} if opt["spatial_encoder_lr"] is None else {"spatial_encoder": opt["spatial_encoder_lr"]},
             mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"], seed=opt["seed"],
             device=opt["device"], max_grad_norm=None,
         )
