@@ -95,3 +95,34 @@ def test_anomalydiffusion_share_losses_average_to_the_whole_batch(monkeypatch):
     assert a != pytest.approx(b, rel=1e-3)  # the shares differ: the test can tell them apart
     assert whole == pytest.approx((a + b) / 2, rel=1e-5)
     torch.testing.assert_close((grad_a + grad_b) / 2, grad, rtol=1e-4, atol=1e-9)
+
+
+def test_masked_loss_norm_option_reaches_the_loss():
+    """``masked_loss_norm="latent"`` (official code) divides by the latent size, larger than any
+    mask area: the same batch gives a smaller loss, by the mean mask fraction."""
+    defects, _ = toy_data()
+    losses = []
+    for normalise in ("mask", "latent"):
+        generator = create("anomalydiffusion", **METHODS["anomalydiffusion"], masked_loss_norm=normalise, mask_source="augment")
+        generator._build(["crack", "hole"])
+        with torch.no_grad():
+            losses.append(generator.training_loss(defects, [0, 1, 0, 1], np.random.default_rng(3), torch.Generator().manual_seed(3)).item())
+    assert losses[1] < 0.5 * losses[0]
+    with pytest.raises(Exception, match="masked_loss_norm"):
+        create("anomalydiffusion", masked_loss_norm="pixels")
+
+
+def test_batch_share_splits_the_global_batch_by_rank(monkeypatch):
+    from anomalygen.diffusion.train import batch_share
+    from anomalygen.errors import AnomalygenError
+
+    assert batch_share(6) == slice(0, 6)  # one process: the whole batch
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        shares.append(list(range(6))[batch_share(6)])
+    assert shares == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(AnomalygenError, match="batch_size 4 does not split over 3 processes"):
+        batch_share(4)
