@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models import ResNet50_Weights, resnet50
@@ -14,6 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from anomalygen.errors import DataError
 from anomalygen.methods.anomalydiffusion import AnomalyDiffusion
 from anomalygen.methods.anomalydiffusion.spatial_encoder import SpatialEncoder
+from anomalygen.types import DefectExample
 
 torch.set_num_threads(1)
 FILE = ResNet50_Weights.DEFAULT.url.rsplit("/", 1)[-1]  # resnet50-11ad3fa6.pth
@@ -123,10 +125,6 @@ def test_saved_model_records_the_encoder_and_load_rebuilds_it(cached, hub, tmp_p
 def test_spatial_encoder_lr_gives_E_its_own_adam_step():
     """Adam's first step moves each parameter by ~lr·sign(g): E by at most ``spatial_encoder_lr``,
     e_a by the method's lr (5e-3 × batch)."""
-    import numpy as np
-
-    from anomalygen.types import DefectExample
-
     rng = np.random.default_rng(0)
     mask = np.zeros((32, 32), bool)
     mask[8:20, 6:24] = True
