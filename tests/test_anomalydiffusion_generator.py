@@ -135,7 +135,7 @@ def test_masked_loss_switch(monkeypatch):
     defects, _ = toy_data()
     weights = []
     original = module.masked_diffusion_loss
-    monkeypatch.setattr(module, "masked_diffusion_loss", lambda e, n, w: weights.append(w) or original(e, n, w))
+    monkeypatch.setattr(module, "masked_diffusion_loss", lambda e, n, w, *rest: weights.append(w) or original(e, n, w, *rest))
     losses = []
     for masked in (True, False):
         generator = AnomalyDiffusion(**FAST, masked_loss=masked, mask_source="augment")

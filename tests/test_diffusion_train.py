@@ -2,7 +2,8 @@
 
 import csv
 import json
-import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,10 +118,16 @@ def test_elapsed_continues_and_a_tmp_checkpoint_is_not_resumed(tmp_path):
 
 
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
-    from anomalygen.diffusion.train import locked
     from anomalygen.errors import AnomalygenError
 
-    with locked(tmp_path):
-        with pytest.raises(AnomalygenError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
+    code = ("import sys, time; from anomalygen.io import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'training'):\n print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(AnomalygenError, match=rf"in use by another anomalygen training \(pid {holder.pid} "):
             train(_modules(), _loss(), CONFIG, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
     assert train(_modules(), _loss(), CONFIG, tmp_path).step == 8  # released: the next run goes

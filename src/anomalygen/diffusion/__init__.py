@@ -39,5 +39,6 @@ not, so model-free use stays light).
     ``train(modules, loss_fn, config, validate=None) -> TrainResult``: one accelerate loop for
     "these parameters, this loss" with bf16, gradient accumulation, ``max_steps`` + wall-time
     budget, safetensors+JSON checkpoints of the trainable state, exact resume, validation grids,
-    CSV (+ TensorBoard) loss log; ``load_trainable(path)``.
+    CSV (+ TensorBoard) loss log; ``load_trainable(path)``; ``batch_share(batch_size)`` (a DDP
+    process's rows of the global batch).
 """

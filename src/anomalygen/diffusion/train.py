@@ -5,22 +5,23 @@ trainable modules and a ``loss_fn(modules, step, generator) -> scalar``. bf16/fp
 gradient accumulation, ``max_steps`` and a wall-time budget, checkpoints of the trainable state
 only (``trainable.safetensors`` + ``state.json``, with optimizer / lr scheduler / RNG state for an
 exact resume), validation grids, a CSV loss log (TensorBoard too when installed). Under
-``accelerate launch`` on several GPUs the modules are wrapped for DDP without code changes.
+``accelerate launch`` / ``torchrun`` the modules are wrapped for DDP; for the gradients to be
+all-reduced ``loss_fn`` must call the modules it is handed (not its own references to them), and
+for N processes to equal one on the whole batch each draws the same global batch (same seeds) and
+computes the loss on its rows only (``batch_share``), as a mean of per-sample losses.
 
 Kill-safety: ``loss.csv`` is flushed every step and each checkpoint also holds the log rows up to
 its step; a resumed run rewrites ``loss.csv`` from them (dropping rows after the checkpoint and a
 torn last line), so a run killed at any moment and re-run ends with the same weights and the same
 log as an uninterrupted one, except ``elapsed_s`` (wall time, summed over the runs). ``out_dir``
-is locked (``train.lock``, ``fcntl.flock``) while a run uses it.
+is locked (``io.folder_lock``) while a run uses it: a second run on it is refused, naming the holder.
 """
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -39,12 +40,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anomalygen.errors import AnomalygenError
-from anomalygen.io import atomic_write_text
+from anomalygen.io import atomic_write_text, folder_lock
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "loss.csv"
 LOG_HEADER = ["step", "loss", "lr", "elapsed_s"]
-LOCK_FILE = "train.lock"
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainConfig:
     max_steps: int = 1000
     time_budget_s: float | None = None
     lr: float = 1e-4
+    module_lr: dict[str, float] = field(default_factory=dict)  # a module's own lr (else ``lr``)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -83,6 +84,17 @@ def work_directory(path: str | Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def batch_share(batch_size: int) -> slice:
+    """This process's rows of a global batch of ``batch_size`` (all of them without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return slice(0, batch_size)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if batch_size % world:
+        raise AnomalygenError(f"batch_size {batch_size} does not split over {world} processes; use a multiple of {world}")
+    share = batch_size // world
+    return slice(rank * share, (rank + 1) * share)
+
+
 def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """``{"module.param": tensor}`` of every parameter with ``requires_grad``."""
     return {
@@ -110,25 +122,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint (its ``state.json`` is written last; ``.tmp`` folders are not)."""
     done = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*/state.json") if re.fullmatch(r"step-\d+", p.parent.name))
     return done[-1].parent if done else None
-
-
-@contextmanager
-def locked(out_dir: Path) -> Iterator[None]:
-    """Hold ``out_dir/train.lock`` (released by the OS when the process dies, so a stale file
-    never blocks); a second run on the same folder is refused, naming the holder's pid."""
-    path = out_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise AnomalygenError(f"{out_dir}: in use by another training run (pid {holder}); wait for it or use another work_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _log_rows(log_path: Path, checkpoint: Path | None, state: dict) -> list[list[str]]:
@@ -180,14 +173,17 @@ def train(
     cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
     precision = "no" if config.mixed_precision == "fp32" else config.mixed_precision
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accumulation, cpu=cpu)
-    with locked(out_dir) if accelerator.is_main_process else nullcontext():
+    with folder_lock(out_dir, "training") if accelerator.is_main_process else nullcontext():
         return _train(accelerator, modules, loss_fn, config, out_dir, validate, resume)
 
 
 def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> TrainResult:
     names = list(modules)
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": config.module_lr.get(n, config.lr)}
+              for n, m in modules.items()]
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps)
     prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
     modules = dict(zip(names, prepared[: len(names)]))

@@ -22,7 +22,7 @@ from torch import nn
 from anomalygen.diffusion.backbone import load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import blended_generate, encode_images, sample_generators, to_tensor
-from anomalygen.diffusion.train import TrainConfig, train, work_directory
+from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import augment_mask
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, sample_rng
@@ -38,6 +38,10 @@ class TypeEmbeddings(nn.Module):
     def __init__(self, count: int, dim: int):
         super().__init__()
         self.vectors = nn.Parameter(torch.zeros(count, dim))
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) type indices -> (B, D) vectors (called through the module, so DDP sees it)."""
+        return self.vectors[labels]
 
 
 class TextualInversionGenerator(AnomalyGenerator):
@@ -92,12 +96,14 @@ class TextualInversionGenerator(AnomalyGenerator):
         prompt = self._prompt()
 
         def loss_fn(modules, step, generator):
-            """Textual inversion, Gal et al. 2023, Eq. 2 (ε-prediction MSE)."""
-            index = torch.randint(len(defects), (o["batch_size"],), generator=generator)
+            """Textual inversion, Gal et al. 2023, Eq. 2 (ε-prediction MSE). The batch is drawn whole
+            on every process, each computes the loss on its rows (``batch_share``, for DDP)."""
+            batch, share = o["batch_size"], batch_share(o["batch_size"])
+            index = torch.randint(len(defects), (batch,), generator=generator)[share]
             z0 = latents[index].to(backbone.device)
-            noise = torch.randn(z0.shape, generator=generator).to(backbone.device)
-            t = torch.randint(0, backbone.num_train_timesteps, (len(index),), generator=generator).to(backbone.device)
-            vectors = modules["embeddings"].vectors[labels[index].to(backbone.device)][:, None]
+            noise = torch.randn((batch, *z0.shape[1:]), generator=generator)[share].to(backbone.device)
+            t = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)[share].to(backbone.device)
+            vectors = modules["embeddings"](labels[index].to(backbone.device))[:, None]
             context = encoder([prompt] * len(index), {TOKEN: vectors}).hidden_states
             pred = backbone.unet(noise_scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=context).sample
             return F.mse_loss(pred.float(), noise)

@@ -31,15 +31,15 @@ from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import (
     SAMPLERS, StepState, blended_generate, decode_latents, encode_images, sample_generators, sample_latents, to_tensor,
 )
-from anomalygen.diffusion.train import TrainConfig, train, work_directory
+from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.masks import augment_mask
 from anomalygen.methods.anomalydiffusion.aar import AAR_VARIANTS, latent_weights, paper_weights
 from anomalygen.methods.anomalydiffusion.augment import augment_pair
 from anomalygen.methods.anomalydiffusion.embedding import TypeTokens
-from anomalygen.methods.anomalydiffusion.loss import latent_mask, masked_diffusion_loss
+from anomalygen.methods.anomalydiffusion.loss import NORMALISATIONS, latent_mask, masked_diffusion_loss
 from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize
-from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, SpatialEncoder
+from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, RANDOM, SpatialEncoder
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_json, sample_rng
 from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, diffusion_options
 from anomalygen.types import AnomalySample, DefectExample
@@ -66,6 +66,8 @@ class AnomalyDiffusion(AnomalyGenerator):
         aar=Choice("latent", AAR_VARIANTS),  # "latent" (official code) | "paper" (Eq. 7) | "off"
         aar_dilation_scale=Int(8, 1),
         masked_loss=Bool(True),
+        masked_loss_norm=Choice("mask", NORMALISATIONS),  # per sample ÷ mask area (Eq. 5) | "latent": ÷ latent size (official code)
+        spatial_encoder_lr=Float(None, 0, low_open=True, optional=True),  # None = lr (official: one Adam over e_a, e_m and E)
         spatial_embedding=Bool(True),
         mask_source=Choice("learned", ("learned", "augment")),  # "learned" (Eq. 9) | "augment" (augmented training masks)
         mask_tokens=Int(4, 1),  # k'
@@ -96,65 +98,88 @@ class AnomalyDiffusion(AnomalyGenerator):
                                            dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
         return self._backbone
 
-    def _build(self, types: list[str]) -> None:
-        """Prompt encoder, e_a, e_m and E for ``types`` (all on the backbone's device, fp32)."""
+    def _build(self, types: list[str], encoder: dict[str, str] | None = None) -> None:
+        """Prompt encoder, e_a, e_m and E for ``types`` (all on the backbone's device, fp32).
+
+        ``encoder``: a saved model's ``{"preset", "source"}`` record of E, rebuilt as it was; None
+        (fitting): the ``spatial_encoder`` option, ImageNet weights when cached (``resnet50``)."""
         backbone, opt = self.backbone, self.opt
         counts = {ANOMALY: opt["num_anomaly_tokens"], SPATIAL: opt["num_spatial_tokens"], MASK: opt["mask_tokens"]}
         self.prompts = PromptEncoder(backbone.text_encoder, backbone.tokenizer, counts)
         init = self.prompts.word_embedding(opt["init_word"]).float()
         self.anomaly_tokens = TypeTokens(types, opt["num_anomaly_tokens"], init).to(backbone.device)
         self.mask_tokens = TypeTokens(types, opt["mask_tokens"], init).to(backbone.device)
-        preset = opt["spatial_encoder"] or ("tiny" if backbone.untrained else "resnet50")
+        encoder = encoder or {}
+        preset = encoder.get("preset") or opt["spatial_encoder"] or ("tiny" if backbone.untrained else "resnet50")
+        if preset not in PRESETS:
+            raise DataError(None, f"anomalydiffusion: spatial_encoder must be one of {sorted(PRESETS)}, got {preset!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opt["seed"])
             self.spatial_encoder = SpatialEncoder.from_preset(
-                preset, opt["num_spatial_tokens"], self.prompts.embedding_dim).to(backbone.device)
+                preset, opt["num_spatial_tokens"], init, source=encoder.get("source")).to(backbone.device)
+        self._encoder_preset = preset
         self._defect_types = list(types)
 
-    def condition(self, type_indices: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {"anomaly_tokens": self.anomaly_tokens, "spatial_encoder": self.spatial_encoder,
+                "mask_tokens": self.mask_tokens}
+
+    def condition(self, type_indices: torch.Tensor, masks: torch.Tensor,
+                  modules: dict[str, torch.nn.Module] | None = None) -> torch.Tensor:
         """e = {e_a, E(m)} through the text encoder (Eq. 4): (B, 77, D) cross-attention context.
 
-        ``masks`` (B, 1, H, W) in {0, 1}; without the spatial embedding (ablation) only e_a."""
-        vectors = {ANOMALY: self.anomaly_tokens(type_indices)}
+        ``masks`` (B, 1, H, W) in {0, 1}; without the spatial embedding (ablation) only e_a.
+        ``modules``: e_a and E as handed to the loss by the trainer (DDP-wrapped); default ours."""
+        modules = modules or self._modules()
+        vectors = {ANOMALY: modules["anomaly_tokens"](type_indices)}
         prompt = ANOMALY
         if self.opt["spatial_embedding"]:
-            vectors[SPATIAL] = self.spatial_encoder(masks.to(self.backbone.device))
+            vectors[SPATIAL] = modules["spatial_encoder"](masks.to(self.backbone.device))
             prompt = f"{ANOMALY} {SPATIAL}"
         return self.prompts([prompt] * len(type_indices), vectors)
 
     # ----------------------------------------------------------------- training
-    def _noised(self, latents: torch.Tensor, generator: torch.Generator):
+    def _noised(self, latents: torch.Tensor, generator: torch.Generator, share: slice):
+        """Noise and timesteps drawn for the whole batch (``batch_size`` rows), ``share`` of them kept."""
         scheduler = self.backbone.noise_scheduler()
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        timesteps = torch.randint(0, self.backbone.num_train_timesteps, (latents.shape[0],), generator=generator)
+        batch = self.opt["batch_size"]
+        noise = torch.randn((batch, *latents.shape[1:]), generator=generator)[share].to(latents.device)
+        timesteps = torch.randint(0, self.backbone.num_train_timesteps, (batch,), generator=generator)[share]
         return scheduler.add_noise(latents, noise, timesteps.to(latents.device)), noise, timesteps.to(latents.device)
 
     def _eps(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         unet = self.backbone.unet
         return unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=context.to(unet.dtype)).sample.float()
 
-    def training_loss(self, defects: Sequence[DefectExample], type_indices: list[int],
-                      rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
+    def training_loss(self, defects: Sequence[DefectExample], type_indices: list[int], rng: np.random.Generator,
+                      generator: torch.Generator, modules: dict[str, torch.nn.Module] | None = None) -> torch.Tensor:
         """One batch: masked diffusion loss of the SAE (Eqs. 5-6) + mask textual inversion (Eq. 9).
 
         The two objectives train disjoint parameters, so summing them equals training them apart.
+        ``modules``: the trainable modules as the trainer hands them (DDP-wrapped); default ours.
+        Every process draws the same ``batch_size`` picks, augmentations and noise and computes
+        the loss on its rows (``batch_share``): per-sample means, so N processes averaging their
+        gradients equal one process on the whole batch.
         """
-        size = self.opt["resolution"]
+        size, share = self.opt["resolution"], batch_share(self.opt["batch_size"])
         picks = rng.integers(0, len(defects), self.opt["batch_size"])
-        pairs = [augment_pair(defects[p].image, defects[p].mask, rng, size) for p in picks]
+        rngs = rng.spawn(len(picks))  # one augmentation stream per row: a share needs only its own
+        pairs = [augment_pair(defects[p].image, defects[p].mask, r, size) for p, r in list(zip(picks, rngs))[share]]
         images = torch.stack([p[0] for p in pairs])
         masks = torch.stack([p[1] for p in pairs])
-        types = torch.tensor([type_indices[p] for p in picks], device=self.backbone.device)
+        types = torch.tensor([type_indices[p] for p in picks[share]], device=self.backbone.device)
+        modules = modules or self._modules()
         latents = encode_images(self.backbone, (images + 1) / 2)
-        noisy, noise, timesteps = self._noised(latents, generator)
-        context = self.condition(types, masks).hidden_states
+        noisy, noise, timesteps = self._noised(latents, generator, share)
+        context = self.condition(types, masks, modules).hidden_states
         eps = self._eps(noisy, timesteps, context)
         weight = latent_mask(masks, tuple(latents.shape[-2:])).to(eps.device)
-        loss = masked_diffusion_loss(eps, noise, weight if self.opt["masked_loss"] else torch.ones_like(weight))
+        loss = masked_diffusion_loss(eps, noise, weight if self.opt["masked_loss"] else torch.ones_like(weight),
+                                     self.opt["masked_loss_norm"])
         if self.opt["mask_source"] == "learned":
             mask_latents = encode_images(self.backbone, masks.expand(-1, 3, -1, -1))
-            noisy, noise, timesteps = self._noised(mask_latents, generator)
-            context = self.prompts([MASK] * len(types), {MASK: self.mask_tokens(types)}).hidden_states
+            noisy, noise, timesteps = self._noised(mask_latents, generator, share)
+            context = self.prompts([MASK] * len(types), {MASK: modules["mask_tokens"](types)}).hidden_states
             loss = loss + F.mse_loss(self._eps(noisy, timesteps, context), noise)
         return loss
 
@@ -173,25 +198,22 @@ class AnomalyDiffusion(AnomalyGenerator):
 
     def _trainable(self) -> dict[str, torch.nn.Module]:
         """What Eq. 6 (and Eq. 9 for learned masks) trains: e_a, E (unless ablated) and e_m."""
-        modules: dict[str, torch.nn.Module] = {"anomaly_tokens": self.anomaly_tokens}
-        if self.opt["spatial_embedding"]:
-            modules["spatial_encoder"] = self.spatial_encoder
-        if self.opt["mask_source"] == "learned":
-            modules["mask_tokens"] = self.mask_tokens
-        return modules
+        skip = {"spatial_encoder": not self.opt["spatial_embedding"], "mask_tokens": self.opt["mask_source"] != "learned"}
+        return {name: module for name, module in self._modules().items() if not skip.get(name)}
 
     def _train(self, defects: Sequence[DefectExample], type_indices: list[int]) -> list[float]:
         """The core's training loop (``diffusion.train``): Adam (lr 5e-3 × batch by default, as the
-        official code) for ``max_steps`` steps or until ``time_budget_s`` runs out; checkpoints in
+        official code; ``spatial_encoder_lr`` gives E its own) for ``max_steps`` steps or until ``time_budget_s`` runs out; checkpoints in
         ``work_dir`` (a re-run resumes there). Returns the loss of every step."""
         opt = self.opt
 
         def loss_fn(modules: dict[str, torch.nn.Module], step: int, generator: torch.Generator) -> torch.Tensor:
             rng = np.random.default_rng(np.random.SeedSequence([opt["seed"], 0, step]))  # augmentation of this step
-            return self.training_loss(defects, type_indices, rng, generator)
+            return self.training_loss(defects, type_indices, rng, generator, modules)
 
         config = TrainConfig(
             max_steps=int(opt["max_steps"]), time_budget_s=opt["time_budget_s"], lr=opt["lr"] or 5e-3 * opt["batch_size"],
+            module_lr={} if opt["spatial_encoder_lr"] is None else {"spatial_encoder": opt["spatial_encoder_lr"]},
             mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"], seed=opt["seed"],
             device=opt["device"], max_grad_norm=None,
         )
@@ -355,7 +377,9 @@ class AnomalyDiffusion(AnomalyGenerator):
         tensors.update({f"spatial_encoder.{k}": v.detach().cpu().contiguous()
                         for k, v in self.spatial_encoder.state_dict().items()})
         save_file(tensors, str(directory / STATE_FILE))
-        meta = {"defect_types": self._defect_types, "mask_stats": {t: s.to_json() for t, s in self.mask_stats.items()},
+        meta = {"defect_types": self._defect_types,
+                "spatial_encoder": {"preset": self._encoder_preset, "source": self.spatial_encoder.source},
+                "mask_stats": {t: s.to_json() for t, s in self.mask_stats.items()},
                 "training_masks": {}, "loss_log": self.loss_log}
         for t, ms in self.training_masks.items():
             folder = directory / MASK_DIR / f"{self._defect_types.index(t):03d}"
@@ -380,7 +404,10 @@ class AnomalyDiffusion(AnomalyGenerator):
             mask_stats = {t: MaskStats(**{k: float(v) for k, v in meta["mask_stats"][t].items()}) for t in types}
             mask_files = {t: [model_path(directory, name, meta_path) for name in meta["training_masks"][t]] for t in types}
             loss_log = [float(v) for v in meta.get("loss_log", [])]
-        self._build(types)
+            encoder = meta.get("spatial_encoder", {"source": RANDOM})
+            if not isinstance(encoder, dict) or encoder.get("preset") not in (None, *PRESETS):
+                raise TypeError(f"spatial_encoder must be an object naming a preset of {sorted(PRESETS)}, got {encoder!r}")
+        self._build(types, encoder)
         with malformed_as_corrupt(state_path):
             tensors = load_file(str(state_path), device=str(self.backbone.device))
             with torch.no_grad():

@@ -1,22 +1,39 @@
 """Spatial encoder E of the Spatial Anomaly Embedding (Hu et al., AAAI 2024, §3.2, Eq. 4).
 
 E maps the anomaly mask (not the image) to ``n`` text-space tokens: a ResNet body with a feature
-pyramid (torchvision's ``BackboneWithFPN``, random init: no ImageNet weights are available), the
-pyramid levels pooled to a common grid and averaged (fusion), a 1×1 reduction, then one
-fully-connected head per token. As in the official code, the mask enters as a 3-channel image in
-[-1, 1]. GroupNorm replaces BatchNorm: training batches are a handful of masks.
+pyramid (torchvision's ``BackboneWithFPN``), the pyramid levels pooled to a common grid and averaged
+(fusion), a 1×1 reduction, then one fully-connected head per token. As in the official code, the
+mask enters as a 3-channel image in [-1, 1].
+
+Body weights: the ``resnet50`` preset loads torchvision's ResNet-50 ImageNet weights when they are
+in the torch hub cache (``<torch.hub.get_dir()>/checkpoints/resnet50-*.pth``, nothing is
+downloaded) and then keeps their BatchNorm statistics frozen (``FrozenBatchNorm2d``, as
+torchvision's detection backbones do); otherwise the body is randomly initialised with GroupNorm
+(training batches are a handful of masks). ``SpatialEncoder.source`` says which.
+
+Token scale: each head's weight starts at zero and its bias at the initial word embedding (like
+e_a), so at step 0 every spatial token *is* a word embedding of the frozen text encoder rather than
+an out-of-distribution vector (a random head emits norms ~10 where CLIP's token embeddings have
+~0.1-0.6). The heads' weights learn from the first step on (ControlNet-style zero initialisation;
+the body receives gradients once they are non-zero).
 """
 
 from __future__ import annotations
 
 import math
+import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import ResNet50_Weights
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from anomalygen.errors import DataError
 
 # "resnet50" is the paper's encoder; "tiny" keeps tests and the tiny diffusion preset fast.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -26,21 +43,34 @@ PRESETS: dict[str, dict[str, Any]] = {
              "input_size": 64, "grid": 4, "reduce_channels": 8},
 }
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+RANDOM = "random init"
+IMAGENET = "imagenet: "  # + the weight file's name
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
-class SpatialEncoder(nn.Module):
-    """E(m): mask (B, H, W) in {0, 1} -> ``num_tokens`` embeddings (B, n, token_dim)."""
+def imagenet_file() -> Path | None:
+    """torchvision's ResNet-50 ImageNet weights in the torch hub cache (the default version first)."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    versions = [ResNet50_Weights.DEFAULT, *(w for w in ResNet50_Weights if w != ResNet50_Weights.DEFAULT)]
+    return next((folder / Path(w.url).name for w in versions if (folder / Path(w.url).name).is_file()), None)
 
-    def __init__(self, num_tokens: int, token_dim: int, *, block: str = "bottleneck",
+
+class SpatialEncoder(nn.Module):
+    """E(m): mask (B, H, W) in {0, 1} -> ``num_tokens`` embeddings (B, n, D), D = ``init.shape[-1]``.
+
+    ``init`` (D,): the token every head emits at initialisation (a word embedding).
+    ``frozen_bn``: BatchNorm with frozen statistics (for ImageNet weights) instead of GroupNorm.
+    """
+
+    def __init__(self, num_tokens: int, init: torch.Tensor, *, block: str = "bottleneck",
                  layers: list[int] | tuple[int, ...] = (3, 4, 6, 3), fpn_channels: int = 256,
-                 input_size: int = 256, grid: int = 8, reduce_channels: int = 32):
+                 input_size: int = 256, grid: int = 8, reduce_channels: int = 32, frozen_bn: bool = False):
         super().__init__()
         block_class = _BLOCKS[block]
-        body = ResNet(block_class, list(layers), norm_layer=_group_norm)
+        body = ResNet(block_class, list(layers), norm_layer=FrozenBatchNorm2d if frozen_bn else _group_norm)
         widths = [64 * 2**i * block_class.expansion for i in range(4)]
         self.backbone = BackboneWithFPN(
             body, {f"layer{i + 1}": str(i) for i in range(4)}, widths, fpn_channels)
@@ -48,13 +78,43 @@ class SpatialEncoder(nn.Module):
         self.grid = grid
         self.reduce = nn.Conv2d(fpn_channels, reduce_channels, kernel_size=1)
         self.heads = nn.ModuleList(
-            nn.Linear(reduce_channels * grid * grid, token_dim) for _ in range(num_tokens))
+            nn.Linear(reduce_channels * grid * grid, init.shape[-1]) for _ in range(num_tokens))
+        with torch.no_grad():
+            for head in self.heads:
+                head.weight.zero_()
+                head.bias.copy_(init.float())
+        self.source = RANDOM
 
     @classmethod
-    def from_preset(cls, preset: str, num_tokens: int, token_dim: int) -> "SpatialEncoder":
+    def from_preset(cls, preset: str, num_tokens: int, init: torch.Tensor, *, source: str | None = None) -> "SpatialEncoder":
+        """``source`` None: ImageNet weights when the preset is ``resnet50`` and they are cached,
+        else random. A recorded ``source`` (a saved model's) rebuilds that architecture, weights
+        to be loaded by the caller."""
         if preset not in PRESETS:
             raise ValueError(f"unknown spatial encoder preset {preset!r}; known: {sorted(PRESETS)}")
-        return cls(num_tokens, token_dim, **PRESETS[preset])
+        path = imagenet_file() if source is None and preset == "resnet50" else None
+        pretrained = path is not None or (source or "").startswith(IMAGENET)
+        encoder = cls(num_tokens, init, frozen_bn=pretrained, **PRESETS[preset])
+        if path is not None:
+            encoder.load_imagenet(path)
+        elif pretrained:
+            encoder.source = source
+        return encoder
+
+    def load_imagenet(self, path: Path) -> None:
+        """Copy a torchvision ResNet-50 state dict (no pickle code) into the body."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise DataError(path, "refused: loading it would run pickle code; expected a plain torchvision "
+                                  "ResNet-50 state dict (torch.load weights_only=True)") from None
+        except (RuntimeError, OSError, EOFError) as error:
+            raise DataError(path, f"unreadable ResNet-50 weights ({str(error).splitlines()[0]})") from None
+        try:
+            self.backbone.body.load_state_dict({k: v for k, v in dict(state).items() if not k.startswith("fc.")})
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise DataError(path, f"not a torchvision ResNet-50 state dict ({str(error).splitlines()[0]})") from None
+        self.source = IMAGENET + path.name
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         x = mask.float().unsqueeze(1) if mask.dim() == 3 else mask.float()
