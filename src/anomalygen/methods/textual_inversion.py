@@ -31,7 +31,7 @@ from anomalygen.types import AnomalySample, DefectExample
 TOKEN = "<defect>"
 DEFAULTS: dict[str, Any] = {
     "model": None, "max_steps": 1000, "time_budget_s": None, "device": None, "mixed_precision": "no",
-    "resolution": 512, "batch_size": 4, "lr": 5e-3, "num_inference_steps": 50, "sampler": "ddim", "eta": 0.0,
+    "resolution": None, "batch_size": 4, "lr": 5e-3, "num_inference_steps": 50, "sampler": "ddim", "eta": 0.0,
     "guidance_scale": 1.0, "prompt": "a photo of {}", "init_word": "defect", "checkpoint_every": 500,
     "work_dir": None, "seed": 0,
 }
@@ -62,6 +62,7 @@ class TextualInversionGenerator(AnomalyGenerator):
         if self._backbone is None:
             o = self.options
             self._backbone = load_backbone(o["model"], device=o["device"])
+            self.resolution = self._backbone.resolution(o["resolution"])  # None: the model's native size
             self._encoder = PromptEncoder(self._backbone.text_encoder, self._backbone.tokenizer, {TOKEN: 1})
         return self._backbone, self._encoder
 
@@ -74,7 +75,7 @@ class TextualInversionGenerator(AnomalyGenerator):
         o = self.options
         backbone, encoder = self._setup()
         self._defect_types = sorted({d.defect_type for d in defects})
-        size = (o["resolution"], o["resolution"])
+        size = (self.resolution, self.resolution)
         latents = encode_images(backbone, to_tensor([d.image for d in defects], size))
         labels = torch.tensor([self._defect_types.index(d.defect_type) for d in defects])
         self.train_masks = {}
@@ -156,7 +157,7 @@ class TextualInversionGenerator(AnomalyGenerator):
             with torch.no_grad():
                 context = encoder([prompt] * len(batch), {TOKEN: rows}).hidden_states
             outputs = blended_generate(
-                backbone, context, images, batch_masks, sample_generators(seed, batch), resolution=o["resolution"],
+                backbone, context, images, batch_masks, sample_generators(seed, batch), resolution=self.resolution,
                 sampler=o["sampler"], num_inference_steps=o["num_inference_steps"], eta=o["eta"],
                 guidance_scale=o["guidance_scale"], uncond_hidden_states=uncond,
             )

@@ -54,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "time_budget_s": None,
     "device": None,
     "mixed_precision": "no",
-    "resolution": 256,
+    "resolution": None,  # None = the base model's native size (LDM text2im 256, as the paper; SD 1.x 512)
     "batch_size": 4,
     "lr": None,  # None = 5e-3 × batch_size, as the official code scales it
     "seed": 0,
@@ -110,6 +110,7 @@ class AnomalyDiffusion(AnomalyGenerator):
         if self._backbone is None:
             self._backbone = load_backbone(self.opt["model"], device=self.opt["device"],
                                            dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
+            self.opt["resolution"] = self._backbone.resolution(self.opt["resolution"])
         return self._backbone
 
     def _build(self, types: list[str]) -> None:
