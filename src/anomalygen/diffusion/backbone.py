@@ -124,7 +124,11 @@ class Backbone:
         return DDIMScheduler.from_config(self.scheduler_config)
 
 
-def _not_found(model: str, reason: str) -> ModelNotFoundError:
+def _not_found(model: str, reason: str, local: bool = False) -> ModelNotFoundError:
+    if local:
+        return ModelNotFoundError(
+            f"{model}: could not be loaded ({reason}); the folder lacks weights: download the model into it with "
+            f"`huggingface-cli download HUB_ID --local-dir {model}` (e.g. {DEFAULT_MODEL} or {LDM_MODEL})")
     return ModelNotFoundError(
         f"model {model!r} could not be loaded ({reason}). Download it once where there is network: "
         f"`huggingface-cli download {model} --local-dir DIR` (or `hf download {model} --local-dir DIR`), "
@@ -224,7 +228,7 @@ def load_backbone(
     local = Path(model).expanduser()
     looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_local and not local.is_dir():
-        raise ModelNotFoundError(f"{local}: not a diffusers model folder (it does not exist)")
+        raise ModelNotFoundError(f"{local}: not a diffusers model folder (no such folder)")
     source = str(local) if looks_local else model
     try:
         if looks_local:
@@ -238,5 +242,6 @@ def load_backbone(
         tokenizer = layout["tokenizer"][1].from_pretrained(source, subfolder=layout["tokenizer"][0])
         scheduler_config = dict(DDIMScheduler.load_config(source, subfolder=layout["scheduler"][0]))
     except (OSError, ValueError) as error:  # huggingface_hub's offline/missing errors are OSErrors
-        raise _not_found(model, str(error).splitlines()[0] if str(error) else type(error).__name__) from error
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _not_found(model, reason, looks_local) from error
     return _finish(parts, tokenizer, scheduler_config, model, device, dtype)
