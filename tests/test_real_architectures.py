@@ -14,6 +14,10 @@ from __future__ import annotations
 import fcntl
 import gc
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -223,3 +227,17 @@ def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
         sample = next(iter(generator.generate(good, 1, seed=0)))
         assert sample.image.shape == good[0].shape and sample.image.dtype == np.uint8 and sample.mask.any()
         assert seen and all(latent == (4, 8, 8) and context == (77, width) for latent, context in seen), (method, seen[:3])
+
+
+def test_hub_id_loads_the_ldm_layout_from_the_offline_cache(tmp_path, ldm_folder):
+    """``CompVis/ldm-text2im-large-256`` as a hub id, read from a populated hub cache with the network off."""
+    repo = tmp_path / "hub" / "models--CompVis--ldm-text2im-large-256"
+    commit = "0123456789abcdef0123456789abcdef01234567"  # a snapshot is named by its 40-hex commit
+    shutil.copytree(ldm_folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = ("from anomalygen.diffusion.backbone import LDM_MODEL, load_backbone; b = load_backbone(LDM_MODEL, device='cpu'); "
+            "print(type(b.vae).__name__, type(b.text_encoder).__name__, type(b.tokenizer).__name__, b.native_resolution)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.stdout.split() == ["AutoencoderKL", "LDMBertModel", "BertTokenizer", "256"], result.stderr[-2000:]

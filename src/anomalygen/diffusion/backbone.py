@@ -202,7 +202,9 @@ def _finish(parts: dict[str, torch.nn.Module], tokenizer: Any, scheduler_config:
     device = resolve_device(str(device) if device is not None else None)
     torch_dtype = resolve_dtype(dtype)
     for module in parts.values():
-        module.requires_grad_(False).eval().to(device, torch_dtype)
+        module.requires_grad_(False).eval().to(device)
+        if module.dtype != torch_dtype:  # (a dtype in diffusers' `to` warns even when it changes nothing)
+            module.to(torch_dtype)
     return Backbone(**parts, tokenizer=tokenizer, scheduler_config=scheduler_config, name=name, device=device,
                     dtype=torch_dtype, untrained=untrained)
 
