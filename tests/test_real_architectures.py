@@ -229,6 +229,7 @@ def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
         assert seen and all(latent == (4, 8, 8) and context == (77, width) for latent, context in seen), (method, seen[:3])
 
 
+@pytest.mark.slow
 def test_hub_id_loads_the_ldm_layout_from_the_offline_cache(tmp_path, ldm_folder):
     """``CompVis/ldm-text2im-large-256`` as a hub id, read from a populated hub cache with the network off."""
     repo = tmp_path / "hub" / "models--CompVis--ldm-text2im-large-256"
