@@ -55,3 +55,43 @@ def test_offline_error_names_download_and_how_to_point(monkeypatch, tmp_path):
     monkeypatch.setenv(MODEL_ENV, str(tmp_path / "missing"))
     with pytest.raises(ModelNotFoundError, match="not a diffusers model folder"):
         load_backbone()
+
+
+def test_prompt_encoders_keep_their_placeholders_to_themselves():
+    backbone = load_backbone("tiny", device="cpu")
+    vocab = dict(backbone.tokenizer.get_vocab())
+    first = PromptEncoder(backbone.text_encoder, backbone.tokenizer, {"<crack>": 2})
+    second = PromptEncoder(backbone.text_encoder, backbone.tokenizer, {"<hole>": 1})
+    assert backbone.tokenizer.get_vocab() == vocab  # the shared tokenizer is unchanged
+    assert first.tokenizer.convert_ids_to_tokens(first.tokenize(["<crack>"])[0, 1:3].tolist()) == ["<crack>#0", "<crack>#1"]
+    assert second.tokenizer.convert_ids_to_tokens(second.tokenize(["<hole>"])[0, 1:2].tolist()) == ["<hole>#0"]
+    assert "<crack>#0" not in second.tokenizer.get_vocab() and "<hole>#0" not in first.tokenizer.get_vocab()
+    assert second.tokenize(["<crack>"]).max() < len(vocab)  # spelled with the base vocabulary, not the other's token
+
+
+def test_vq_autoencoder_encodes_unquantised_and_decodes_unscaled_then_quantised():
+    from diffusers import VQModel
+
+    from anomalygen.diffusion.backbone import build_backbone
+    from anomalygen.diffusion.sampling import decode_latents, encode_images
+    from anomalygen.diffusion.tiny import tiny_configs
+
+    tokenizer = tiny_tokenizer()
+    configs = tiny_configs(tokenizer)
+    configs["vae"] = {"_class_name": "VQModel", "block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 8,
+                      "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+                      "num_vq_embeddings": 16, "scaling_factor": 0.5}
+    backbone = build_backbone(configs, tokenizer, name="vq", device="cpu")
+    vq = backbone.vae
+    assert isinstance(vq, VQModel)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        raw = vq.encode(images * 2 - 1).latents
+        latents = encode_images(backbone, images)
+        torch.testing.assert_close(latents, raw * 0.5)
+        decoded = decode_latents(backbone, latents)
+        expected = ((vq.decode(raw).sample + 1) / 2).clamp(0, 1)  # LDM pipeline: decode(z / s), quantised
+        unquantised = ((vq.decode(raw, force_not_quantize=True).sample + 1) / 2).clamp(0, 1)
+        unscaled = ((vq.decode(latents).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(decoded, expected)
+    assert (decoded - unquantised).abs().max() > 1e-3 and (decoded - unscaled).abs().max() > 1e-3  # both matter here

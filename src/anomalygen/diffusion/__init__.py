@@ -5,17 +5,24 @@ not, so model-free use stays light).
 
 ``backbone``
     ``load_backbone(model=None, device=None, dtype="fp32") -> Backbone`` with ``.unet .vae
-    .text_encoder .tokenizer .scheduler_config .device .dtype .vae_scale_factor .latent_channels
-    .label .untrained .noise_scheduler()``. ``model``: hub id, local diffusers folder or ``"tiny"``;
-    default ``$ANOMALYGEN_MODEL`` else SD 1.5. Missing weights -> ``ModelNotFoundError`` saying
-    what to download and how to point at it. Components are frozen (``requires_grad=False``).
+    .text_encoder .tokenizer .scheduler_config .device .dtype .untrained .vae_scale_factor
+    .latent_channels .native_resolution .resolution(requested) .label .noise_scheduler()``.
+    ``model``: hub id, local diffusers folder or ``"tiny"``; default ``$ANOMALYGEN_MODEL`` else SD
+    1.5. Two layouts, read from ``model_index.json``: Stable Diffusion (``vae/`` AutoencoderKL,
+    ``text_encoder/`` CLIP) and CompVis LDM text-to-image (``vqvae/`` AutoencoderKL or VQModel,
+    ``bert/`` LDMBertModel, BERT tokenizer). Missing weights -> ``ModelNotFoundError`` saying what
+    to download and how to point at it; another layout -> ``DataError`` saying what the folder has.
+    Components are frozen (``requires_grad=False``). ``build_backbone(configs, tokenizer, name=)``:
+    random-init parts from config dicts (labelled untrained). ``resolution(None)`` is the native
+    size (UNet sample size × autoencoder factor); a smaller one warns on trained weights.
 ``tiny``
-    The test preset: random UNet/VAE/CLIP (latent downsampling 2, text dim 32) + a locally
-    built CLIP BPE tokenizer (``write_tokenizer_files``, ``tiny_tokenizer``).
+    The test preset: configs of a small UNet/VAE/CLIP (``tiny_configs``; latent downsampling 2,
+    text dim 32) + a locally built CLIP BPE tokenizer (``write_tokenizer_files``, ``tiny_tokenizer``).
 ``conditioning``
     ``PromptEncoder(text_encoder, tokenizer, {"<name>": k})(prompts, {"<name>": (k,D) or (B,k,D)})
     -> EncodedPrompts(hidden_states (B,77,D), positions {name: [[token positions] per row]})``:
-    vectors replace the placeholder's k input embeddings (gradients flow); ``word_embedding(word)``
+    vectors replace the placeholder's k input embeddings (gradients flow); the encoder adds its
+    placeholder tokens to its own copy of the tokenizer (CLIP or BERT); ``word_embedding(word)``
     for initialisation. Extra tokens may also be concatenated to ``hidden_states`` directly.
 ``attention``
     ``install_hooks(unet, factory, layers=None)`` with ``layers = select_layers(unet, kinds=("self",

@@ -1,4 +1,4 @@
-"""Conditioning hooks: learned token embeddings fed through the CLIP text encoder.
+"""Conditioning hooks: learned token embeddings fed through the text encoder (CLIP or LDMBert).
 
 A prompt names *placeholders* (e.g. ``"a photo of <crack>"``). Each placeholder stands for ``k``
 token positions whose input embeddings are replaced by given vectors — learned ones (textual
@@ -10,10 +10,11 @@ the text transformer runs, so gradients reach them. The result is the usual
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
 
 
 def placeholder_tokens(name: str, count: int) -> list[str]:
@@ -25,7 +26,7 @@ def placeholder_tokens(name: str, count: int) -> list[str]:
 class EncodedPrompts:
     """Text-encoder output plus where each placeholder's tokens sit (same positions in each row)."""
 
-    hidden_states: torch.Tensor  # (B, 77, D)
+    hidden_states: torch.Tensor  # (B, 77, D): 77 = the text encoder's positions
     positions: dict[str, list[list[int]]]  # name -> per batch row, its token positions
 
 
@@ -33,12 +34,16 @@ class PromptEncoder:
     """Encodes prompts with placeholder vectors substituted at the token-embedding layer.
 
     ``counts`` maps each placeholder name (as written in prompts) to its number of token
-    positions. The tokenizer gains one added token per position (a copy of it is kept here).
+    positions. A copy of ``tokenizer`` (CLIP or BERT) gains one added token per position; the
+    given one, shared by other users of the backbone, is left unchanged. Prompts are padded to
+    the text encoder's number of positions (77 for SD's CLIP and LDM's BERT), with the
+    tokenizer's own start/end tokens (``<|startoftext|>``/``<|endoftext|>`` or ``[CLS]``/``[SEP]``).
     """
 
-    def __init__(self, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, counts: dict[str, int]):
+    def __init__(self, text_encoder: torch.nn.Module, tokenizer: Any, counts: dict[str, int]):
         self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.max_length = min(self.tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
         self.counts = dict(counts)
         self.tokenizer.add_tokens([t for name, k in self.counts.items() for t in placeholder_tokens(name, k)])
         self.token_ids = {
@@ -65,7 +70,7 @@ class PromptEncoder:
         return self.tokenizer(
             [self.expand(p) for p in prompts],
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=self.max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids

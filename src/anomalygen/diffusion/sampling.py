@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, VQModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from anomalygen.diffusion.backbone import Backbone
@@ -59,12 +59,18 @@ def _scale(images: torch.Tensor) -> torch.Tensor:
     return images * 2 - 1
 
 
+def _encode(vae, images: torch.Tensor) -> torch.Tensor:
+    if isinstance(vae, VQModel):  # the encoder's output before quantisation (LDM's encode_first_stage)
+        return vae.encode(images).latents
+    return vae.encode(images).latent_dist.mean
+
+
 @torch.no_grad()
 def encode_images(backbone: Backbone, images: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> scaled VAE latents (the posterior mean, deterministic)."""
+    """(B, 3, H, W) in [0, 1] -> scaled latents (KL: the posterior mean; VQ: before quantisation)."""
     vae = backbone.vae
     parts = [
-        vae.encode(_scale(chunk).to(backbone.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        _encode(vae, _scale(chunk).to(backbone.device, vae.dtype)) * vae.config.scaling_factor
         for chunk in images.split(chunk_size)
     ]
     return torch.cat(parts).float()
@@ -72,7 +78,10 @@ def encode_images(backbone: Backbone, images: torch.Tensor, chunk_size: int = 16
 
 @torch.no_grad()
 def decode_latents(backbone: Backbone, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
-    """Scaled latents -> (B, 3, H, W) images in [0, 1], decoded ``chunk_size`` at a time."""
+    """Scaled latents -> (B, 3, H, W) images in [0, 1], decoded ``chunk_size`` at a time.
+
+    Latents are divided by the scaling factor; a VQModel quantises them to its codebook in
+    ``decode``, as diffusers' LDM pipeline does."""
     vae = backbone.vae
     parts = [
         vae.decode(chunk.to(backbone.device, vae.dtype) / vae.config.scaling_factor).sample.float()

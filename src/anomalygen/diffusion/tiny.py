@@ -1,4 +1,4 @@
-"""The ``tiny`` preset: small, randomly initialised SD-style components for tests and smoke runs.
+"""The ``tiny`` preset: configs of small SD-style components for tests and smoke runs (``build_backbone``).
 
 Nothing is downloaded. The CLIP BPE tokenizer is built locally: a vocabulary made of the
 byte-level alphabet (as in CLIP/GPT-2), the merges that spell a few hundred words used in
@@ -13,9 +13,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 TINY_WORDS = (
     "a an the of with and in on photo picture image close up view vfx sks defect defective anomaly "
@@ -89,47 +87,28 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
 
 
-def tiny_components(seed: int = 0) -> dict:
-    """Randomly initialised UNet, VAE (4 latent channels, downsampling 2, no attention) and CLIP text encoder."""
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
+def tiny_configs(tokenizer: CLIPTokenizer) -> dict[str, dict]:
+    """Configs of a small UNet, VAE (4 latent channels, downsampling 2, no attention) and CLIP text encoder."""
     dim = TINY_SIZES["text_dim"]
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer.get_vocab()),
-            hidden_size=dim,
-            intermediate_size=2 * dim,
-            num_hidden_layers=TINY_SIZES["text_layers"],
-            num_attention_heads=TINY_SIZES["text_heads"],
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet_channels = TINY_SIZES["unet_channels"]
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=unet_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=dim,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae_channels = TINY_SIZES["vae_channels"]
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        block_out_channels=vae_channels,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        mid_block_add_attention=False,  # convolutions only: the decoder is local, so blending is testable
-    )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler_config": dict(SCALED_LINEAR_SCHEDULE)}
+    unet_channels, vae_channels = TINY_SIZES["unet_channels"], TINY_SIZES["vae_channels"]
+    return {
+        "text_encoder": {
+            "architectures": ["CLIPTextModel"], "vocab_size": len(tokenizer.get_vocab()), "hidden_size": dim,
+            "intermediate_size": 2 * dim, "num_hidden_layers": TINY_SIZES["text_layers"],
+            "num_attention_heads": TINY_SIZES["text_heads"], "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        },
+        "unet": {
+            "sample_size": 16, "in_channels": 4, "out_channels": 4, "block_out_channels": unet_channels, "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": dim, "attention_head_dim": 8, "norm_num_groups": 8,
+        },
+        "vae": {
+            "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * len(vae_channels), "up_block_types": ("UpDecoderBlock2D",) * len(vae_channels),
+            "block_out_channels": vae_channels, "latent_channels": 4, "norm_num_groups": 8, "sample_size": 32,
+            "mid_block_add_attention": False,  # convolutions only: the decoder is local, so blending is testable
+        },
+        "scheduler": dict(SCALED_LINEAR_SCHEDULE),
+    }

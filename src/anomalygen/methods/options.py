@@ -215,7 +215,7 @@ def diffusion_options() -> dict[str, Option]:
     from anomalygen.diffusion.sampling import SAMPLERS
 
     return dict(
-        model=Text(None, optional=True),  # hub id, local diffusers folder or "tiny"; None = $ANOMALYGEN_MODEL or SD 1.5
+        model=Text(None, optional=True),  # hub id, local diffusers folder or "tiny"; None = $ANOMALYGEN_MODEL, else the method's paper base (SD 1.5; LDM text2im-256 for anomalydiffusion)
         time_budget_s=Float(None, 0, low_open=True, optional=True),
         device=Device(),
         mixed_precision=Precision(),

@@ -50,7 +50,7 @@ class TextualInversionGenerator(AnomalyGenerator):
     OPTIONS = OptionSpec(
         **diffusion_options(),
         max_steps=Int(1000, 1),
-        resolution=Int(512, 8),
+        resolution=Int(None, 8, optional=True),  # None = the base model's native size
         lr=Float(5e-3, 0, low_open=True),
         num_inference_steps=Int(50, 1),
         eta=Float(0.0, 0, 1),
@@ -68,6 +68,7 @@ class TextualInversionGenerator(AnomalyGenerator):
         if self._backbone is None:
             o = self.options
             self._backbone = load_backbone(o["model"], device=o["device"])
+            self.resolution = self._backbone.resolution(o["resolution"])  # None: the model's native size
             self._encoder = PromptEncoder(self._backbone.text_encoder, self._backbone.tokenizer, {TOKEN: 1})
         return self._backbone, self._encoder
 
@@ -80,7 +81,7 @@ class TextualInversionGenerator(AnomalyGenerator):
         o = self.options
         backbone, encoder = self._setup()
         self._defect_types = sorted({d.defect_type for d in defects})
-        size = (o["resolution"], o["resolution"])
+        size = (self.resolution, self.resolution)
         latents = encode_images(backbone, to_tensor([d.image for d in defects], size))
         labels = torch.tensor([self._defect_types.index(d.defect_type) for d in defects])
         self.train_masks = {}
@@ -169,7 +170,7 @@ class TextualInversionGenerator(AnomalyGenerator):
             with torch.no_grad():
                 context = encoder([prompt] * len(batch), {TOKEN: rows}).hidden_states
             outputs = blended_generate(
-                backbone, context, images, batch_masks, sample_generators(seed, batch), resolution=o["resolution"],
+                backbone, context, images, batch_masks, sample_generators(seed, batch), resolution=self.resolution,
                 sampler=o["sampler"], num_inference_steps=o["num_inference_steps"], eta=o["eta"],
                 guidance_scale=o["guidance_scale"], uncond_hidden_states=uncond,
             )

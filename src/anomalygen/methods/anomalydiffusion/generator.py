@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from anomalygen.diffusion.attention import LogitReweight, install_hooks, remove_hooks, select_layers
-from anomalygen.diffusion.backbone import Backbone, load_backbone
+from anomalygen.diffusion.backbone import LDM_MODEL, Backbone, default_model, load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import (
     SAMPLERS, StepState, blended_generate, decode_latents, encode_images, sample_generators, sample_latents, to_tensor,
@@ -58,7 +58,7 @@ class AnomalyDiffusion(AnomalyGenerator):
     OPTIONS = OptionSpec(
         **diffusion_options(),
         max_steps=Int(2000, 1),
-        resolution=Int(256, 8),
+        resolution=Int(None, 8, optional=True),  # None = the base model's native size (LDM text2im 256, as the paper; SD 1.x 512)
         lr=Float(None, 0, low_open=True, optional=True),  # None = 5e-3 × batch_size, as the official code scales it
         num_anomaly_tokens=Int(8, 1),  # k (paper; the official code uses 4)
         num_spatial_tokens=Int(4, 1),  # n
@@ -94,8 +94,9 @@ class AnomalyDiffusion(AnomalyGenerator):
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            self._backbone = load_backbone(self.opt["model"], device=self.opt["device"],
+            self._backbone = load_backbone(self.opt["model"] or default_model(LDM_MODEL), device=self.opt["device"],
                                            dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
+            self.opt["resolution"] = self._backbone.resolution(self.opt["resolution"])
         return self._backbone
 
     def _build(self, types: list[str], encoder: dict[str, str] | None = None) -> None:

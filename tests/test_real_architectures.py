@@ -1,0 +1,244 @@
+"""The real base-model architectures, not only the tiny preset.
+
+Layout loading: small-dimension components of the real classes saved as a diffusers folder in
+each layout (Stable Diffusion; CompVis LDM text-to-image with ``vqvae/`` + ``bert/`` + BERT
+tokenizer) load by path; a folder of another layout is reported as such. Full shape: randomly
+initialised backbones built from the published SD 1.5 and ``CompVis/ldm-text2im-large-256``
+configs (written here, nothing downloaded) run fit (2 steps) + generate (1 sample) of
+textual-inversion and AnomalyDiffusion on CPU: 768-d CLIP / 1280-d LDMBert context, f8
+autoencoders, 4-channel latents.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, VQModel
+from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
+from transformers import BertTokenizer, CLIPTextModel
+
+from anomalygen.diffusion.backbone import build_backbone, load_backbone
+from anomalygen.diffusion.conditioning import PromptEncoder
+from anomalygen.diffusion.tiny import SCALED_LINEAR_SCHEDULE, TINY_WORDS, tiny_tokenizer
+from anomalygen.errors import DataError, ModelNotFoundError
+from anomalygen.methods.base import create
+from anomalygen.types import DefectExample
+
+# ---- published configs (config.json of each subfolder; keys at diffusers/transformers defaults omitted)
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32, "norm_eps": 1e-05,
+}
+SD15_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
+}
+SD15_TEXT = {
+    "architectures": ["CLIPTextModel"], "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+LDM_UNET = {**SD15_UNET, "sample_size": 32, "cross_attention_dim": 1280}
+LDM_VQVAE = {**SD15_VAE, "sample_size": 256}  # the repository's vqvae/ folder holds an AutoencoderKL (KL-f8)
+LDM_BERT = {
+    "architectures": ["LDMBertModel"], "model_type": "ldmbert", "vocab_size": 30522, "d_model": 1280, "encoder_layers": 32,
+    "encoder_ffn_dim": 5120, "encoder_attention_heads": 8, "head_dim": 64, "max_position_embeddings": 77,
+    "activation_function": "gelu", "dropout": 0.1, "pad_token_id": 0, "scale_embedding": False,
+}
+LDM_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                 "clip_sample": False}
+FULL = {
+    "sd15": {"unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT, "scheduler": SCALED_LINEAR_SCHEDULE},
+    "ldm": {"unet": LDM_UNET, "vae": LDM_VQVAE, "text_encoder": LDM_BERT, "scheduler": LDM_SCHEDULER},
+}
+LDM_INDEX = {"_class_name": "LDMTextToImagePipeline", "bert": ["latent_diffusion", "LDMBertModel"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "tokenizer": ["transformers", "BertTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vqvae": ["diffusers", "AutoencoderKL"]}
+SD_INDEX = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None],
+            "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def bert_tokenizer() -> BertTokenizer:
+    """A BERT WordPiece tokenizer over a small vocabulary, 512 positions like bert-base's (LDM's tokenizer)."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(TINY_WORDS), *"#<>_"]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words)}, model_max_length=512)
+
+
+def small_configs(layout: str, vae_class: str = "AutoencoderKL") -> dict:
+    """The real classes at small width: an f8 autoencoder (4 levels), a 2-level UNet, a 2-layer text encoder."""
+    dim = 32
+    text = ({"architectures": ["LDMBertModel"], "vocab_size": 128, "d_model": dim, "encoder_layers": 2, "encoder_ffn_dim": 64,
+             "encoder_attention_heads": 2, "head_dim": 16, "max_position_embeddings": 77}
+            if layout == "ldm" else
+            {"architectures": ["CLIPTextModel"], "vocab_size": 1024, "hidden_size": dim, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77})
+    unet = {"sample_size": 32 if layout == "ldm" else 64, "block_out_channels": [32, 64], "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 2, "up_block_types": ["CrossAttnUpBlock2D"] * 2,
+            "cross_attention_dim": dim, "attention_head_dim": 8, "norm_num_groups": 8}
+    vae = {"_class_name": vae_class, "block_out_channels": [8, 16, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 4,
+           "up_block_types": ["UpDecoderBlock2D"] * 4, "latent_channels": 4, "norm_num_groups": 8, "layers_per_block": 1}
+    if vae_class == "VQModel":
+        vae.update(num_vq_embeddings=16, scaling_factor=0.5)
+    return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": SCALED_LINEAR_SCHEDULE}
+
+
+def write_model(folder: Path, layout: str, vae_class: str = "AutoencoderKL") -> Path:
+    """A diffusers folder of ``layout`` ("sd" or "ldm") with small random components, as `save_pretrained` writes it."""
+    tokenizer = bert_tokenizer() if layout == "ldm" else tiny_tokenizer()
+    backbone = build_backbone(small_configs(layout, vae_class), tokenizer, name="small")
+    names = {"vae": "vqvae", "text_encoder": "bert"} if layout == "ldm" else {}
+    for slot in ("unet", "vae", "text_encoder"):
+        getattr(backbone, slot).save_pretrained(folder / names.get(slot, slot))
+    tokenizer.save_pretrained(folder / "tokenizer")
+    DDIMScheduler.from_config(SCALED_LINEAR_SCHEDULE).save_pretrained(folder / "scheduler")
+    index = dict(LDM_INDEX, vqvae=["diffusers", vae_class]) if layout == "ldm" else SD_INDEX
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ldm_folder(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("ldm"), "ldm")
+
+
+@pytest.mark.parametrize("vae_class", ["AutoencoderKL", "VQModel"])
+def test_ldm_layout_folder_loads(tmp_path, vae_class):
+    folder = write_model(tmp_path, "ldm", vae_class)
+    backbone = load_backbone(str(folder), device="cpu")
+    assert type(backbone.vae).__name__ == vae_class and isinstance(backbone.text_encoder, LDMBertModel)
+    assert isinstance(backbone.tokenizer, BertTokenizer) and not backbone.untrained
+    assert backbone.vae_scale_factor == 8 and backbone.native_resolution == 256
+    saved = (AutoencoderKL if vae_class == "AutoencoderKL" else VQModel).from_pretrained(folder / "vqvae")
+    torch.testing.assert_close(backbone.vae.decoder.conv_out.weight, saved.decoder.conv_out.weight)
+
+
+def test_wrong_layout_is_reported_as_such_not_as_missing(tmp_path, ldm_folder):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "model_index.json").write_text(json.dumps({**{k: v for k, v in LDM_INDEX.items() if k != "bert"},
+                                                         "text_encoder": ["transformers", "CLIPTextModel"]}))
+    with pytest.raises(DataError) as error:
+        load_backbone(str(mixed))
+    message = str(error.value)
+    assert message.startswith(f"{mixed}: has ") and "text_encoder/" in message and "vqvae/" in message
+    assert "expected vae/ + text_encoder/ (Stable Diffusion) or vqvae/ + bert/ (LDM" in message
+    assert "download" not in message.lower()
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "model_index.json").write_text(json.dumps(dict(LDM_INDEX, vqvae=["diffusers", "UNet2DModel"])))
+    with pytest.raises(DataError, match=r"vqvae/ is a UNet2DModel; expected AutoencoderKL or VQModel"):
+        load_backbone(str(odd))
+    (ldm_folder.parent / "no_weights").mkdir(exist_ok=True)
+    configs_only = ldm_folder.parent / "no_weights"
+    for path in ldm_folder.rglob("*.json"):
+        (configs_only / path.relative_to(ldm_folder)).parent.mkdir(parents=True, exist_ok=True)
+        (configs_only / path.relative_to(ldm_folder)).write_text(path.read_text())
+    with pytest.raises(ModelNotFoundError, match=r"could not be loaded .*lacks weights.*--local-dir"):  # right layout, no weights
+        load_backbone(str(configs_only))
+
+
+def test_bert_prompt_encoder_pads_to_77_with_cls_sep(ldm_folder):
+    backbone = load_backbone(str(ldm_folder), device="cpu")
+    encoder = PromptEncoder(backbone.text_encoder, backbone.tokenizer, {"<defect>": 2})
+    ids = encoder.tokenize(["a photo of <defect>"])[0]
+    tokens = encoder.tokenizer.convert_ids_to_tokens(ids.tolist())
+    assert len(tokens) == 77 and tokens[:7] == ["[CLS]", "a", "photo", "of", "<defect>#0", "<defect>#1", "[SEP]"]
+    assert set(tokens[7:]) == {"[PAD]"}
+    vectors = torch.randn(2, encoder.embedding_dim, requires_grad=True)
+    encoded = encoder(["a photo of <defect>"], {"<defect>": vectors})
+    assert encoded.hidden_states.shape == (1, 77, 32) and encoded.positions == {"<defect>": [[4, 5]]}
+    encoded.hidden_states.sum().backward()
+    assert vectors.grad.abs().sum() > 0
+
+
+def test_resolution_defaults_to_native_and_warns_below_it_on_sd(tmp_path, ldm_folder):
+    sd = write_model(tmp_path, "sd")
+    generator = create("textual-inversion", model=str(sd), device="cpu")
+    generator._setup()
+    assert generator.resolution == 512
+    with pytest.warns(UserWarning, match=r"resolution 256 is below the 512 px"):
+        create("textual-inversion", model=str(sd), device="cpu", resolution=256)._setup()
+    anomalydiffusion = create("anomalydiffusion", model=str(ldm_folder), device="cpu")
+    assert anomalydiffusion.backbone is not None and anomalydiffusion.opt["resolution"] == 256
+    assert create("anomalydiffusion", model="tiny", device="cpu").backbone.native_resolution == 32
+
+
+# ---------------------------------------------------------------- full shape, random weights
+@pytest.fixture
+def one_model_at_a_time():
+    """Full-shape backbones take 4-7 GB: under pytest-xdist, one worker builds one at a time."""
+    with open(Path(tempfile.gettempdir()) / "anomalygen-real-architectures.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+        gc.collect()
+
+
+def _data(size: int = 64):
+    rng = np.random.default_rng(0)
+    mask = np.zeros((size, size), bool)
+    mask[20:40, 16:44] = True
+    defects = [DefectExample(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), mask, "crack")]
+    return defects, [rng.integers(0, 256, (size, size, 3), dtype=np.uint8)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sd15", "ldm"])
+def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
+    tokenizer = tiny_tokenizer() if arch == "sd15" else bert_tokenizer()
+    backbone = build_backbone(FULL[arch], tokenizer, name=f"{arch}-architecture", device="cpu")
+    width = 768 if arch == "sd15" else 1280
+    assert isinstance(backbone.text_encoder, CLIPTextModel if arch == "sd15" else LDMBertModel)
+    assert isinstance(backbone.vae, AutoencoderKL) and backbone.vae_scale_factor == 8 and backbone.latent_channels == 4
+    assert backbone.native_resolution == (512 if arch == "sd15" else 256)
+    assert sum(p.numel() for p in backbone.unet.parameters()) > 850e6
+    seen = []
+    backbone.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((tuple(args[0].shape[1:]), tuple(kwargs["encoder_hidden_states"].shape[1:]))),
+        with_kwargs=True)
+    for module in ("anomalygen.methods.textual_inversion", "anomalygen.methods.anomalydiffusion.generator"):
+        monkeypatch.setattr(f"{module}.load_backbone", lambda *args, **kwargs: backbone)
+    defects, good = _data()
+    common = dict(model=arch, device="cpu", resolution=64, batch_size=1, max_steps=2, num_inference_steps=2, checkpoint_every=0)
+    runs = {
+        "textual-inversion": {},
+        # augmented masks: the learned-mask branch doubles the LDMBert backward passes (tested on tiny)
+        "anomalydiffusion": dict(spatial_encoder="resnet50", mask_source="augment", generate_batch_size=1),
+    }
+    for method, options in runs.items():
+        seen.clear()
+        generator = create(method, **common, **options)
+        generator.fit(defects, good)
+        sample = next(iter(generator.generate(good, 1, seed=0)))
+        assert sample.image.shape == good[0].shape and sample.image.dtype == np.uint8 and sample.mask.any()
+        assert seen and all(latent == (4, 8, 8) and context == (77, width) for latent, context in seen), (method, seen[:3])
+
+
+@pytest.mark.slow
+def test_hub_id_loads_the_ldm_layout_from_the_offline_cache(tmp_path, ldm_folder):
+    """``CompVis/ldm-text2im-large-256`` as a hub id, read from a populated hub cache with the network off."""
+    repo = tmp_path / "hub" / "models--CompVis--ldm-text2im-large-256"
+    commit = "0123456789abcdef0123456789abcdef01234567"  # a snapshot is named by its 40-hex commit
+    shutil.copytree(ldm_folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = ("from anomalygen.diffusion.backbone import LDM_MODEL, load_backbone; b = load_backbone(LDM_MODEL, device='cpu'); "
+            "print(type(b.vae).__name__, type(b.text_encoder).__name__, type(b.tokenizer).__name__, b.native_resolution)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.stdout.split() == ["AutoencoderKL", "LDMBertModel", "BertTokenizer", "256"], result.stderr[-2000:]
