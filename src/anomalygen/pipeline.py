@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,16 @@ Warn = Callable[[str], None]
 
 @dataclass
 class GenerateResult:
-    """What a ``generate`` call left on disk: ``out/<category>`` holds ``total`` samples."""
+    """What a ``generate`` call left on disk: ``out/<category>`` holds ``total`` samples.
+    ``mask_sources`` counts the ``mask_source`` of the samples written by this call (e.g. how
+    many learned masks fell back to augmented ones)."""
 
     out: Path
     category: str
     method: str
     written: int
     total: int
+    mask_sources: dict[str, int] = field(default_factory=dict)
 
 
 def parse_settings(pairs: Iterable[str]) -> dict[str, Any]:
@@ -140,6 +144,7 @@ def generate(
     }
     writer = SampleWriter(out, category_data.name, run, overwrite=overwrite)
     start = writer.done
+    mask_sources: Counter[str] = Counter()
     if start < num:
         if checkpoint is None:
             generator.fit(defects, goods)
@@ -150,8 +155,11 @@ def generate(
             for sample in samples:
                 index = sample.meta.get("source_index")
                 writer.add(sample, source=None if index is None else category_data.train_good[index].path.resolve())
+                if "mask_source" in sample.meta:
+                    mask_sources[sample.meta["mask_source"]] += 1
                 progress.advance(task)
-    return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done)
+    return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
+                          dict(mask_sources))
 
 
 def _progress(console: Console | None) -> Progress:

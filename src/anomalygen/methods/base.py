@@ -23,11 +23,6 @@ from anomalygen.types import AnomalySample, DefectExample
 CONFIG_FILE = "generator.json"
 
 
-def sample_rng(seed: int, index: int) -> np.random.Generator:
-    """The random generator of sample ``index`` in a run seeded with ``seed``."""
-    return np.random.default_rng(np.random.SeedSequence([seed, index]))
-
-
 class AnomalyGenerator(ABC):
     """Learns from a few real defects (``fit``) and produces image+mask pairs (``generate``).
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resolve_mode
-from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.methods.base import AnomalyGenerator
+from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
 

@@ -25,7 +25,8 @@ from anomalygen.diffusion.sampling import blended_generate, encode_images, sampl
 from anomalygen.diffusion.train import TrainConfig, train, work_directory
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import augment_mask
-from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.methods.base import AnomalyGenerator
+from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
 TOKEN = "<defect>"
