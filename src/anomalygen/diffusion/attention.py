@@ -236,7 +236,7 @@ class AttentionReweight(AttentionHook):
             raise ValueError(f"{weight.shape[0]} weight maps for {selected.shape[0]} rows of token positions")
         return torch.where(selected[:, None, :], weight[:, :, None], torch.ones_like(weight[:, :, None]))[:, None]
 
-    def _apply(self, scores: torch.Tensor, change) -> torch.Tensor:
+    def _reweight_rows(self, scores: torch.Tensor, change) -> torch.Tensor:
         rows = slice(None) if self.rows is None else self.rows
         chosen = scores[rows]
         if chosen.shape[0] != self.weights.shape[0]:
@@ -250,8 +250,8 @@ class AttentionReweight(AttentionHook):
         if self.weights is None or self.stage == "probabilities":
             return logits
         if self.stage == "logits":
-            return self._apply(logits, lambda x, factor: x * factor)
-        return self._apply(logits, lambda x, factor: x + factor.log())
+            return self._reweight_rows(logits, lambda x, factor: x * factor)
+        return self._reweight_rows(logits, lambda x, factor: x + factor.log())
 
     def probabilities(self, layer, probs):
         if self.weights is None or self.stage != "probabilities":
@@ -261,7 +261,7 @@ class AttentionReweight(AttentionHook):
             scaled = x * factor
             return scaled / scaled.sum(-1, keepdim=True) if self.renormalise else scaled
 
-        return self._apply(probs, scale)
+        return self._reweight_rows(probs, scale)
 
 
 class JointAttention(AttentionHook):
