@@ -11,7 +11,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
+from anomalygen.cli import app
 from anomalygen.diffusion.attention import AttentionRecorder, AttentionReweight, install_hooks, remove_hooks, select_layers
 from anomalygen.diffusion.sampling import decode_latents, to_tensor
 from anomalygen.methods.anomalydiffusion import AnomalyDiffusion
@@ -144,7 +146,7 @@ def _unet_calls(generator, good, masks, **options):
         hook = hooks[0] if hooks else None
         calls.append(dict(latents=args[0].clone(), t=int(args[1]), eps=output.sample.clone(), batch=args[0].shape[0],
                           weights=None if hook is None or hook.weights is None else hook.weights.clone(),
-                          rows=None if hook is None else hook.rows))
+                          rows=getattr(hook, "rows", None), stage=getattr(hook, "stage", None)))
 
     saved = dict(generator.opt)
     generator.opt.update(options)
@@ -176,6 +178,24 @@ def test_paper_weights_are_for_the_current_step(fitted):
         x0 = (plain["latents"] - (1 - alpha).sqrt() * plain["eps"]) / alpha.sqrt()
         expected = paper_weights(decode_latents(backbone, x0) * 2 - 1, good_t, square)[:, None]
         torch.testing.assert_close(weighted["weights"], expected)
+
+
+@pytest.mark.parametrize("variant, apply, stage", [
+    ("latent", None, "logits"), ("paper", None, "probabilities"), ("latent", "add_log_logits", "log_logits"),
+    ("paper", "multiply_logits", "logits"), ("off", None, None)])
+def test_aar_options_pick_the_attention_stage(fitted, variant, apply, stage):
+    """``aar_apply=None`` is each variant's own stage (official: logits, Eq. 8: probabilities);
+    the option overrides it; ``off`` installs no hook. The manifest meta names both."""
+    generator, good, masks = fitted
+    calls = _unet_calls(generator, good, masks, aar=variant, aar_apply=apply)
+    assert {c["stage"] for c in calls if c["weights"] is not None} == ({stage} if stage else set())
+    saved = dict(generator.opt)
+    generator.opt.update(aar=variant, aar_apply=apply, num_inference_steps=1)
+    try:
+        meta = list(generator.generate(good, 1, masks=masks))[0].meta
+    finally:
+        generator.opt.update(saved)
+    assert meta["aar"] == ("off" if variant == "off" else f"{variant} ({apply or aar.DEFAULT_APPLY[variant]})")
 
 
 def test_cfg_reweights_the_conditional_rows_only(fitted):
@@ -229,40 +249,34 @@ def test_options_validated():
         AnomalyDiffusion(aar_dilation_scale=-1)
 
 
-def test_learned_mask_fallback_is_labelled_and_counted(fitted, tmp_path, monkeypatch):
-    """All learned masks rejected -> each sample says so in its manifest meta, and the run
-    summary (GenerateResult, the CLI's last line) counts them."""
+@pytest.fixture()
+def rejecting(fitted, monkeypatch):
+    """The fitted generator in learned-mask mode with every learned mask rejected."""
+    generator, good, _ = fitted
+    monkeypatch.setattr(generator, "_sample_masks", lambda types, seeds: [None] * len(types))
+    monkeypatch.setitem(generator.opt, "mask_source", "learned")
+    return generator, good
+
+
+def test_learned_mask_fallback_is_labelled(rejecting):
+    generator, good = rejecting
+    samples = list(generator.generate(good, 2, seed=0))
+    assert [s.meta["mask_source"] for s in samples] == [module.FALLBACK] * 2
+    assert [s.meta.get("mask_draws") for s in samples] == [generator.opt["mask_tries"]] * 2
+
+
+def test_learned_mask_fallback_is_counted_in_the_run_summary(rejecting, tmp_path, monkeypatch):
+    """GenerateResult.mask_sources and the CLI's last line count the fallbacks of the run."""
     from anomalygen import pipeline
     from anomalygen.data.demo import make_demo_dataset
 
-    generator, good, _ = fitted
-    generator.opt["mask_source"] = "learned"
-    monkeypatch.setattr(generator, "_sample_masks", lambda types, seeds: [None] * len(types))
-    try:
-        samples = list(generator.generate(good, 2, seed=0))
-    finally:
-        generator.opt["mask_source"] = "augment"
-    assert [s.meta["mask_source"] for s in samples] == [module.FALLBACK] * 2
-    assert all(s.meta["mask_draws"] == generator.opt["mask_tries"] for s in samples)
-
+    generator, _ = rejecting
     root = make_demo_dataset(tmp_path / "data", 0, n_good=2, n_test_good=1, n_defect=3, size=64, categories=("nut",))
     monkeypatch.setattr(pipeline, "build", lambda method, options: generator)
     monkeypatch.setattr(generator, "fit", lambda defects, goods: None)
-    generator.opt["mask_source"] = "learned"
-    try:
-        result = pipeline.generate("anomalydiffusion", root / "nut", tmp_path / "out", 3, seed=0)
-    finally:
-        generator.opt["mask_source"] = "augment"
-    assert result.mask_sources == {module.FALLBACK: 3}
-    from typer.testing import CliRunner
-
-    from anomalygen.cli import app
-
-    generator.opt["mask_source"] = "learned"
-    try:
-        run = CliRunner().invoke(app, ["generate", "--method", "anomalydiffusion", "--data", str(root / "nut"),
-                                       "--out", str(tmp_path / "cli"), "--num", "2"])
-    finally:
-        generator.opt["mask_source"] = "augment"
+    result = pipeline.generate("anomalydiffusion", root / "nut", tmp_path / "out", 3, seed=0)
+    assert getattr(result, "mask_sources", None) == {module.FALLBACK: 3}
+    run = CliRunner().invoke(app, ["generate", "--method", "anomalydiffusion", "--data", str(root / "nut"),
+                                   "--out", str(tmp_path / "cli"), "--num", "2"])
     assert run.exit_code == 0, run.output
     assert " ".join(run.output.split()).endswith(f"(2 new, 2 {module.FALLBACK})")  # the summary line, wrapped
