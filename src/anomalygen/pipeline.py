@@ -9,8 +9,8 @@ checkpoint — and writes ``num`` samples built on the ``train/good`` images wit
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
