@@ -101,19 +101,6 @@ def test_save_load_generate_is_deterministic(fitted, tmp_path):
     assert not np.array_equal(other.image, first[0].image)
 
 
-def test_aar_switch_changes_the_cross_attention(fitted):
-    generator, good = fitted
-    masks = [np.pad(np.ones((12, 16), bool), ((10, 18), (12, 20)))]
-    images = {}
-    for variant in ("off", "latent", "paper"):
-        generator.opt["aar"] = variant
-        images[variant] = list(generator.generate(good, 1, seed=3, masks=masks))[0].image
-    generator.opt["aar"] = "latent"
-    assert not np.array_equal(images["off"], images["latent"])
-    assert not np.array_equal(images["off"], images["paper"])
-    assert not np.array_equal(images["latent"], images["paper"])
-
-
 def test_spatial_embedding_switch(fitted):
     generator, _ = fitted
     types = torch.tensor([0])

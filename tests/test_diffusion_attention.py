@@ -1,14 +1,19 @@
 """Each attention hook against attention computed by hand on small tensors."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from diffusers.models.attention_processor import Attention
 
+import anomalygen.diffusion
 from anomalygen.diffusion.attention import (
     AttentionRecorder,
     HookedAttnProcessor,
     JointAttention,
-    LogitReweight,
+    AttentionReweight,
     ReferenceKV,
     install_hooks,
     remove_hooks,
@@ -47,26 +52,128 @@ def test_no_hooks_equals_diffusers_sdpa():
     torch.testing.assert_close(_run(attn, [], x, ctx), reference, atol=1e-6, rtol=1e-5)
 
 
-def test_logit_reweight_multiplies_chosen_token_logits_per_pixel():
+def _factor(weights, positions, pixels=16, tokens=5):
+    """(B, 1, N, S): the weight map on the chosen token columns, 1 elsewhere."""
+    factor = torch.ones(len(positions), 1, pixels, tokens)
+    for row, cols in enumerate(positions):
+        factor[row, 0, :, cols] = weights[row].flatten()[:, None]
+    return factor
+
+
+@pytest.mark.parametrize("stage", ["logits", "log_logits", "probabilities", "renormalised"])
+def test_reweight_each_stage_equals_the_hand_computation(stage):
     attn = _layer(cross=True)
     x, ctx = torch.randn(2, 16, 8), torch.randn(2, 5, 6)
     weights = 1 + torch.rand(2, 1, 4, 4)  # latent map, same resolution as the 16 tokens
-    hook = LogitReweight()
+    hook = AttentionReweight("probabilities", renormalise=True) if stage == "renormalised" else AttentionReweight(stage)
     hook.weights, hook.positions = weights, [[1, 2], [3]]
-    got = _run(attn, [hook], x, ctx)
-
-    def reweight(logits):
-        factor = torch.ones(2, 1, 16, 5)
-        factor[0, 0, :, [1, 2]] = weights[0].flatten()[:, None]
-        factor[1, 0, :, 3] = weights[1].flatten()
-        return logits * factor
-
+    recorder = AttentionRecorder()
+    got = _run(attn, [hook, recorder], x, ctx)
+    factor = _factor(weights, hook.positions)
     with torch.no_grad():
-        expected, _ = _by_hand(attn, x, ctx, reweight)
+        if stage in ("logits", "log_logits"):
+            change = (lambda l: l * factor) if stage == "logits" else (lambda l: l + factor.log())
+            expected, probs = _by_hand(attn, x, ctx, change)
+        else:
+            _, plain = _by_hand(attn, x, ctx)
+            probs = plain * factor
+            if stage == "renormalised":
+                probs = probs / probs.sum(-1, keepdim=True)
+            q = probs @ attn.to_v(ctx).view(2, 5, 2, 4).transpose(1, 2)
+            expected = attn.to_out[0](q.transpose(1, 2).reshape(2, 16, 8))
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(recorder.maps["layer"], probs.mean(1), atol=1e-6, rtol=1e-5)  # recorder sees the change
     # a map at twice the layer's resolution is area-averaged down to it
     hook.weights = weights.repeat_interleave(2, -1).repeat_interleave(2, -2)
     torch.testing.assert_close(_run(attn, [hook], x, ctx), expected, atol=1e-6, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.floats(1.0, 3.0))
+def test_log_logits_equal_renormalised_probabilities(seed, high):
+    torch.manual_seed(seed)
+    attn = _layer(cross=True)
+    x, ctx = torch.randn(1, 16, 8), torch.randn(1, 5, 6)
+    weights = 1 + (high - 1) * torch.rand(1, 1, 4, 4)
+    maps = []
+    for hook in (AttentionReweight("log_logits"), AttentionReweight("probabilities", renormalise=True)):
+        hook.weights, hook.positions = weights, [[0, 4]]
+        recorder = AttentionRecorder()
+        _run(attn, [hook, recorder], x, ctx)
+        maps.append(recorder.maps["layer"])
+    torch.testing.assert_close(maps[0], maps[1], atol=1e-6, rtol=1e-5)
+
+
+def _signed_layer():
+    """One head, q = x and k = context (identity projections): the logit of pixel p and token s
+    is x_p·c_s / 2, so the sign of each token's logits is set by hand."""
+    attn = Attention(query_dim=4, cross_attention_dim=4, heads=1, dim_head=4).eval()
+    with torch.no_grad():
+        attn.to_q.weight.copy_(torch.eye(4))
+        attn.to_k.weight.copy_(torch.eye(4))
+    return attn
+
+
+def test_direction_boosting_stages_raise_the_chosen_tokens_attention_by_w():
+    """Mass on the chosen tokens: ``probabilities`` multiplies it by W exactly, ``log_logits``
+    gives pW / (1 + p(W − 1)) >= p; both raise it whatever the logits' sign. ``logits`` (the
+    caveat) lowers it where the chosen token's logits are negative and raises it where positive."""
+    attn = _signed_layer()
+    torch.manual_seed(0)
+    x = torch.rand(1, 16, 4) + 0.5  # positive features at every pixel
+    ctx = torch.stack([torch.ones(4), -torch.ones(4), torch.ones(4) * 0.5, torch.zeros(4), 2 * torch.ones(4)])[None]
+    weights = torch.full((1, 1, 4, 4), 1.5)
+    weights[..., :2, :] = 1.0  # top half: no boost
+    boosted = (weights.flatten() > 1)
+
+    def mass(stage, positions, w=weights):
+        hook, recorder = AttentionReweight(stage), AttentionRecorder()
+        hook.weights, hook.positions = w, [positions]
+        _run(attn, [hook, recorder], x, ctx)
+        return recorder.maps["layer"][0][:, positions].sum(-1)
+
+    w = weights.flatten()
+    for positions in ([1], [0, 2]):  # token 1: negative logits; tokens 0, 2: positive logits
+        before = mass("logits", positions, None)
+        torch.testing.assert_close(mass("probabilities", positions), w * before, atol=1e-6, rtol=1e-5)
+        after = mass("log_logits", positions)
+        torch.testing.assert_close(after, w * before / (1 + before * (w - 1)), atol=1e-6, rtol=1e-5)
+        assert torch.all(after[boosted] > before[boosted]) and torch.equal(after[~boosted], before[~boosted])
+        scaled = mass("logits", positions)
+        if positions == [1]:
+            assert torch.all(scaled[boosted] < before[boosted])  # documented caveat: W > 1 lowers it
+        else:
+            assert torch.all(scaled[boosted] > before[boosted])
+
+
+def test_reweight_changes_only_the_given_rows_under_cfg():
+    """A ``[uncond; cond]`` batch with ``rows = slice(B, 2B)``: the unconditional half's attention
+    equals the unhooked run exactly, the conditional half is reweighted as for a batch of B; the
+    B maps are never tiled over 2B rows."""
+    attn = _layer(cross=True)
+    x, ctx = torch.randn(4, 16, 8), torch.randn(4, 5, 6)
+    weights = 1 + torch.rand(2, 1, 4, 4)
+    plain = AttentionRecorder()
+    _run(attn, [plain], x, ctx)
+    for stage in AttentionReweight.STAGES:
+        hook, recorder = AttentionReweight(stage), AttentionRecorder()
+        hook.weights, hook.positions, hook.rows = weights, [[1, 2], [3]], slice(2, 4)
+        _run(attn, [hook, recorder], x, ctx)
+        assert torch.equal(recorder.maps["layer"][:2], plain.maps["layer"][:2])
+        alone, cond_only = AttentionRecorder(), AttentionReweight(stage)
+        cond_only.weights, cond_only.positions = weights, [[1, 2], [3]]
+        _run(attn, [cond_only, alone], x[2:], ctx[2:])
+        torch.testing.assert_close(recorder.maps["layer"][2:], alone.maps["layer"], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(recorder.maps["layer"][2:], plain.maps["layer"][2:])
+        hook.rows = None
+        with pytest.raises(ValueError, match="2 weight maps for 4"):
+            _run(attn, [hook], x, ctx)
+
+
+def test_diffusion_core_never_imports_methods():
+    core = Path(anomalygen.diffusion.__file__).parent
+    offenders = [p.name for p in core.rglob("*.py") if "anomalygen.methods" in p.read_text()]
+    assert offenders == []
 
 
 def test_joint_attention_attends_over_the_group():

@@ -10,7 +10,8 @@ from anomalygen.data import load_image
 from anomalygen.data.demo import make_demo_dataset
 from anomalygen.errors import AnomalygenError
 from anomalygen.io import MANIFEST, read_manifest
-from anomalygen.methods.base import METHODS, AnomalyGenerator, sample_rng
+from anomalygen.methods.base import METHODS, AnomalyGenerator
+from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample
 
 

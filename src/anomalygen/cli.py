@@ -89,7 +89,8 @@ def generate(
         defect_type=defect_type, options=pipeline.parse_settings(settings), overwrite=overwrite,
         skip_bad=skip_bad, warn=_warn, console=console,
     )
-    console.print(f"{result.method}: {result.total} samples in {result.out} ({result.written} new)", highlight=False)
+    masks = "".join(f", {n} {source}" for source, n in sorted(result.mask_sources.items()))
+    console.print(f"{result.method}: {result.total} samples in {result.out} ({result.written} new{masks})", highlight=False)
 
 
 @app.command()

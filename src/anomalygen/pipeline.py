@@ -9,8 +9,9 @@ checkpoint — and writes ``num`` samples built on the ``train/good`` images wit
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,16 @@ Warn = Callable[[str], None]
 
 @dataclass
 class GenerateResult:
-    """What a ``generate`` call left on disk: ``out/<category>`` holds ``total`` samples."""
+    """What a ``generate`` call left on disk: ``out/<category>`` holds ``total`` samples.
+    ``mask_sources`` counts the ``mask_source`` of the samples written by this call (e.g. how
+    many learned masks fell back to augmented ones)."""
 
     out: Path
     category: str
     method: str
     written: int
     total: int
+    mask_sources: dict[str, int] = field(default_factory=dict)
 
 
 def parse_settings(pairs: Iterable[str]) -> dict[str, Any]:
@@ -143,6 +147,7 @@ def generate(
         "category": category_data.name,
         "defect_type": defect_type,
     }
+    mask_sources: Counter[str] = Counter()
     with SampleWriter(out, category_data.name, run, overwrite=overwrite) as writer:
         start = writer.done
         if start > num:
@@ -161,8 +166,11 @@ def generate(
                     index = sample.meta.get("source_index")
                     source = None if index is None else category_data.train_good[index].path.resolve()
                     writer.add(sample, source=source)
+                    if "mask_source" in sample.meta:
+                        mask_sources[sample.meta["mask_source"]] += 1
                     progress.advance(task)
-    return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done)
+    return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
+                          dict(mask_sources))
 
 
 def _progress(console: Console | None) -> Progress:

@@ -28,17 +28,20 @@ not, so model-free use stays light).
     ``install_hooks(unet, factory, layers=None)`` with ``layers = select_layers(unet, kinds=("self",
     "cross"), blocks=("down","mid","up"), levels=None)`` (``AttnLayer.name/block/level/kind``);
     ``factory(layer) -> [hooks]``; ``remove_hooks(unet)``. Hooks (``nn.Module``, state on the object):
-    ``LogitReweight`` (``.weights`` (B,1,h,w) latent map, ``.positions`` per row: logits of those
-    tokens × weight per pixel), ``JointAttention(group_size)``, ``ReferenceKV(dim, gate_init)``
-    (``.mode`` "record"/"inject"/"off", ``.targets``), ``AttentionRecorder`` (``.maps``). Subclass
+    ``AttentionReweight(stage="logits"|"log_logits"|"probabilities", renormalise=False)``
+    (``.weights`` (B,1,h,w) map, ``.positions`` per row, ``.rows`` of the UNet batch, e.g.
+    ``StepState.cond_rows``: those tokens' attention × weight per pixel),
+    ``JointAttention(group_size)``, ``ReferenceKV(dim, gate_init)`` (``.mode``
+    "record"/"inject"/"off", ``.targets``), ``AttentionRecorder`` (``.maps``). Subclass
     ``AttentionHook`` for new ones. SDPA is kept unless a hook needs logits/probabilities.
 ``sampling``
     ``sample_latents(backbone, cond, generators, latent_size=, sampler="ddim"|"dpm++",
     num_inference_steps=, eta=, guidance_scale=, uncond_hidden_states=, known_latents=, mask=,
     callback=)`` (blended latent diffusion when ``known_latents`` and ``mask`` are given;
     ``callback(StepState)`` before each UNet call may change ``.latents``/
-    ``.encoder_hidden_states`` or hook state); ``blended_generate(backbone, cond, good, masks,
-    generators, resolution=, final_paste=True, **sampling) -> uint8 images``;
+    ``.encoder_hidden_states`` or hook state; ``.cond_rows`` = the conditional rows of the UNet
+    batch); ``blended_generate(backbone, cond, good, masks, generators, resolution=,
+    final_paste=True, **sampling) -> uint8 images``;
     ``sample_generators(seed, indices)`` (sample i depends on (seed, i) only); ``encode_images``,
     ``decode_latents`` (chunked), ``latent_mask``, ``to_tensor``, ``to_uint8``, ``paste``,
     ``make_scheduler``.

@@ -5,8 +5,13 @@
 resolution, kind ``self|cross``) with a ``HookedAttnProcessor`` running the hooks ``factory(layer)``
 returns. Hooks are ``nn.Module``s (so learned ones train and save with the UNet's state):
 
-- ``LogitReweight`` (a): multiply the pre-softmax cross-attention logits of chosen token positions
-  by a per-pixel weight map (the map is resized to each layer's resolution by area averaging);
+- ``AttentionReweight`` (a): scale the attention of chosen token positions by a per-pixel weight
+  map W (resized to each layer's resolution by area averaging), at one of three stages:
+  ``"logits"`` (pre-softmax ``logits·W``; not monotone: a negative logit times W > 1 falls),
+  ``"log_logits"`` (pre-softmax ``logits + log W``: monotone, the same as multiplying the
+  probabilities by W and renormalising over tokens) or ``"probabilities"`` (post-softmax
+  ``probs·W``, renormalised over tokens only with ``renormalise=True``). ``rows`` names the rows
+  of the UNet batch it changes (under classifier-free guidance the conditional half only);
 - ``JointAttention`` (b): each element of a group of consecutive batch elements attends to the keys
   and values of the whole group;
 - ``ReferenceKV`` (c): in ``record`` mode store each layer's K/V source from a reference pass; in
@@ -15,8 +20,9 @@ returns. Hooks are ``nn.Module``s (so learned ones train and save with the UNet'
 
 The processor uses ``F.scaled_dot_product_attention`` unless a hook needs the logits or the
 probabilities (a, d); then it computes ``softmax(QKᵀ·scale)`` explicitly (Vaswani et al. 2017, Eq. 1).
-All hook state (weight maps, token positions, recorded tensors, modes) lives on the hook objects,
-so a per-step sampling callback can change it.
+Hooks run in their order, so a recorder placed after a reweighting hook sees the changed
+probabilities. All hook state (weight maps, token positions, rows, recorded tensors, modes) lives
+on the hook objects, so a per-step sampling callback can change it.
 """
 
 from __future__ import annotations
@@ -96,8 +102,9 @@ class AttentionHook(nn.Module):
         """Pre-softmax logits, shape (B, heads, N, S); only called when ``needs_logits``."""
         return logits
 
-    def probabilities(self, layer: str, probs: torch.Tensor) -> None:
-        """Observe the attention probabilities (B, heads, N, S); only called when ``needs_logits``."""
+    def probabilities(self, layer: str, probs: torch.Tensor) -> torch.Tensor | None:
+        """The attention probabilities (B, heads, N, S): return changed ones, or ``None`` to only
+        observe them; only called when ``needs_logits``."""
 
 
 class HookedAttnProcessor(AttnProcessor2_0, nn.Module):
@@ -142,7 +149,8 @@ class HookedAttnProcessor(AttnProcessor2_0, nn.Module):
                 logits = hook.logits(self.layer, logits)
             probs = logits.softmax(dim=-1)
             for hook in self.hooks:
-                hook.probabilities(self.layer, probs)
+                changed = hook.probabilities(self.layer, probs)
+                probs = probs if changed is None else changed
             out = probs.to(value.dtype) @ value
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
@@ -188,31 +196,72 @@ def _per_pixel(weights: torch.Tensor, tokens: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(weights.float(), size).flatten(1)
 
 
-class LogitReweight(AttentionHook):
-    """(a) ``logits[b, :, p, s] *= W[b, p]`` for token positions ``s`` in ``positions[b]``.
+class AttentionReweight(AttentionHook):
+    """(a) Scale the attention that pixel ``p`` pays to token ``s`` by ``W[b, p]`` for the token
+    positions ``s`` in ``positions[b]`` (other tokens keep weight 1), at ``stage``:
 
-    ``weights`` is a (B, 1, H, W) map at latent resolution (``None`` = off); set both attributes
-    from a sampling callback to change them per step.
+    - ``"logits"``: ``logits·W`` before the softmax. Not monotone: where a logit is negative a
+      weight W > 1 *lowers* that token's attention.
+    - ``"log_logits"``: ``logits + log W`` before the softmax; monotone (W > 1 always raises the
+      token's attention) and equal to ``"probabilities"`` with ``renormalise=True``.
+    - ``"probabilities"``: ``probs·W`` after the softmax; with ``renormalise`` each pixel's row
+      is divided by its new sum over tokens, otherwise rows may sum to more (or less) than 1.
+
+    ``weights``: (B, 1, H, W) map (``None`` = off), area-resized to each layer. ``rows``: the rows
+    of the UNet batch the B maps belong to (e.g. ``slice(B, 2B)`` for the conditional half of a
+    ``[uncond; cond]`` batch); ``None`` = every row, and then the batch must hold exactly B rows.
+    Set the attributes from a sampling callback to change them per step.
     """
 
     needs_logits = True
+    STAGES = ("logits", "log_logits", "probabilities")
 
-    def __init__(self) -> None:
+    def __init__(self, stage: str = "logits", renormalise: bool = False) -> None:
         super().__init__()
+        if stage not in self.STAGES:
+            raise ValueError(f"stage must be one of {self.STAGES}, got {stage!r}")
+        self.stage, self.renormalise = stage, renormalise
         self.weights: torch.Tensor | None = None
         self.positions: list[list[int]] = []
+        self.rows: slice | None = None
 
-    def logits(self, layer, logits):
-        if self.weights is None:
-            return logits
-        batch, _, pixels, tokens = logits.shape
-        weight = expand_batch(_per_pixel(self.weights, pixels), batch).to(logits.dtype)
-        selected = torch.zeros(len(self.positions), tokens, dtype=torch.bool, device=logits.device)
+    def _factor(self, scores: torch.Tensor) -> torch.Tensor:
+        """(n, 1, N, S) per-pixel, per-token factor for the rows this hook changes."""
+        _, _, pixels, tokens = scores.shape
+        weight = _per_pixel(self.weights, pixels).to(scores.device, scores.dtype)
+        selected = torch.zeros(len(self.positions), tokens, dtype=torch.bool, device=scores.device)
         for row, cols in enumerate(self.positions):
             selected[row, cols] = True
-        selected = expand_batch(selected, batch)
-        factor = torch.where(selected[:, None, :], weight[:, :, None], torch.ones_like(weight[:, :, None]))
-        return logits * factor[:, None]
+        if weight.shape[0] != selected.shape[0]:
+            raise ValueError(f"{weight.shape[0]} weight maps for {selected.shape[0]} rows of token positions")
+        return torch.where(selected[:, None, :], weight[:, :, None], torch.ones_like(weight[:, :, None]))[:, None]
+
+    def _reweight_rows(self, scores: torch.Tensor, change) -> torch.Tensor:
+        rows = slice(None) if self.rows is None else self.rows
+        chosen = scores[rows]
+        if chosen.shape[0] != self.weights.shape[0]:
+            raise ValueError(f"{self.weights.shape[0]} weight maps for {chosen.shape[0]} reweighted batch rows "
+                             f"(batch {scores.shape[0]}, rows {self.rows})")
+        out = scores.clone()
+        out[rows] = change(chosen, self._factor(chosen))
+        return out
+
+    def logits(self, layer, logits):
+        if self.weights is None or self.stage == "probabilities":
+            return logits
+        if self.stage == "logits":
+            return self._reweight_rows(logits, lambda x, factor: x * factor)
+        return self._reweight_rows(logits, lambda x, factor: x + factor.log())
+
+    def probabilities(self, layer, probs):
+        if self.weights is None or self.stage != "probabilities":
+            return None
+
+        def scale(x, factor):
+            scaled = x * factor
+            return scaled / scaled.sum(-1, keepdim=True) if self.renormalise else scaled
+
+        return self._reweight_rows(probs, scale)
 
 
 class JointAttention(AttentionHook):

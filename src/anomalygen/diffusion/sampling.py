@@ -22,7 +22,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, VQModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from anomalygen.diffusion.backbone import Backbone
-from anomalygen.methods.base import sample_rng
+from anomalygen.seeding import sample_rng
 
 SAMPLERS = ("ddim", "dpm++")
 
@@ -53,6 +53,7 @@ class StepState:
     encoder_hidden_states: torch.Tensor
     known_latents: torch.Tensor | None
     mask: torch.Tensor | None  # (B, 1, h, w) at latent resolution, 1 = generate
+    cond_rows: slice  # the rows of the UNet batch that hold the conditional samples: slice(B, 2B) under CFG
 
 
 def _scale(images: torch.Tensor) -> torch.Tensor:
@@ -115,8 +116,9 @@ def sample_latents(
     """Denoise from per-sample Gaussian noise; blended with ``known_latents`` outside ``mask`` if given.
 
     ``mask`` is (B, 1, h, w) at latent resolution (1 = generate). With ``guidance_scale > 1`` the
-    UNet sees ``[uncond; cond]``. ``callback(state)`` runs before each UNet call and may change the
-    latents, the conditioning or attention hooks' state.
+    UNet sees ``[uncond; cond]`` (``StepState.cond_rows`` says which rows are conditional, e.g. for
+    an attention hook that must change those only). ``callback(state)`` runs before each UNet call
+    and may change the latents, the conditioning or attention hooks' state.
     """
     device, dtype = backbone.device, backbone.unet.dtype
     batch = encoder_hidden_states.shape[0]
@@ -138,7 +140,8 @@ def sample_latents(
         iterator = tqdm(iterator, desc=f"{sampler} sampling", leave=False)
     for i in iterator:
         t = timesteps[i]
-        state = StepState(i, t, latents, encoder_hidden_states, known_latents, mask)
+        state = StepState(i, t, latents, encoder_hidden_states, known_latents, mask,
+                          slice(batch, 2 * batch) if guided else slice(0, batch))
         if callback is not None:
             callback(state)
         latents, encoder_hidden_states = state.latents, state.encoder_hidden_states

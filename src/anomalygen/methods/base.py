@@ -26,11 +26,6 @@ from anomalygen.types import AnomalySample, DefectExample
 CONFIG_FILE = "generator.json"
 
 
-def sample_rng(seed: int, index: int) -> np.random.Generator:
-    """The random generator of sample ``index`` in a run seeded with ``seed``."""
-    return np.random.default_rng(np.random.SeedSequence([seed, index]))
-
-
 def corrupt(path: Path, what: str) -> DataError:
     """``PATH: corrupt (what)``: a saved model file that was damaged or tampered with."""
     return DataError(path, f"corrupt ({what})")

@@ -16,8 +16,9 @@ import numpy as np
 
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resolve_mode
-from anomalygen.methods.base import AnomalyGenerator, sample_rng
+from anomalygen.methods.base import AnomalyGenerator
 from anomalygen.methods.options import Choice
+from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
 # Where anomalies may go: "auto" (decide by ``is_object``), "object" or "texture".

@@ -25,8 +25,9 @@ from anomalygen.diffusion.sampling import blended_generate, encode_images, sampl
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import augment_mask
-from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, sample_rng
+from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt
 from anomalygen.methods.options import Float, Int, OptionSpec, Text, diffusion_options
+from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
 TOKEN = "<defect>"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from anomalygen.diffusion.attention import LogitReweight, install_hooks, remove_hooks, select_layers
+from anomalygen.diffusion.attention import AttentionReweight, install_hooks, remove_hooks, select_layers
 from anomalygen.diffusion.backbone import LDM_MODEL, Backbone, default_model, load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import (
@@ -34,20 +34,24 @@ from anomalygen.diffusion.sampling import (
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.masks import augment_mask
-from anomalygen.methods.anomalydiffusion.aar import AAR_VARIANTS, latent_weights, paper_weights
+from anomalygen.methods.anomalydiffusion.aar import (
+    AAR_VARIANTS, APPLY, DEFAULT_APPLY, HOOK_STAGE, dilation_scale, latent_weights, paper_weights,
+)
 from anomalygen.methods.anomalydiffusion.augment import augment_pair
 from anomalygen.methods.anomalydiffusion.embedding import TypeTokens
 from anomalygen.methods.anomalydiffusion.loss import NORMALISATIONS, latent_mask, masked_diffusion_loss
 from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, RANDOM, SpatialEncoder
-from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_json, sample_rng
+from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_json
 from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, diffusion_options
+from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
 ANOMALY, SPATIAL, MASK = "<anomaly>", "<spatial>", "<mask>"
 STATE_FILE = "anomalydiffusion.safetensors"
 META_FILE = "anomalydiffusion.json"
 MASK_DIR = "training_masks"
+FALLBACK = "augment (fallback: learned masks rejected)"  # mask_source of a sample whose learned masks were all rejected
 
 
 class AnomalyDiffusion(AnomalyGenerator):
@@ -63,8 +67,9 @@ class AnomalyDiffusion(AnomalyGenerator):
         num_anomaly_tokens=Int(8, 1),  # k (paper; the official code uses 4)
         num_spatial_tokens=Int(4, 1),  # n
         spatial_encoder=Choice(None, sorted(PRESETS), optional=True),  # None = "tiny" for the tiny model, else "resnet50"
-        aar=Choice("latent", AAR_VARIANTS),  # "latent" (official code) | "paper" (Eq. 7) | "off"
-        aar_dilation_scale=Int(8, 1),
+        aar=Choice("latent", AAR_VARIANTS),  # "latent" (official code) | "paper" (Eq. 7, one extra UNet pass per step) | "off"
+        aar_apply=Choice(None, APPLY, optional=True),  # "multiply_logits" | "probabilities" | "add_log_logits"; None = the variant's own (aar.py)
+        aar_dilation_scale=Int(None, 0, optional=True),  # latent AAR; None = the official rule: 16 at 50 DDIM steps, else 8
         masked_loss=Bool(True),
         masked_loss_norm=Choice("mask", NORMALISATIONS),  # per sample ÷ mask area (Eq. 5) | "latent": ÷ latent size (official code)
         spatial_encoder_lr=Float(None, 0, low_open=True, optional=True),  # None = lr (official: one Adam over e_a, e_m and E)
@@ -247,11 +252,13 @@ class AnomalyDiffusion(AnomalyGenerator):
         return augment_mask(masks[int(rng.integers(len(masks)))], rng, shape=shape)
 
     def _masks_for(self, indices: list[int], types: list[int], good_shapes: list[tuple[int, int]],
-                   seed: int) -> tuple[list[np.ndarray], list[str]]:
+                   seed: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
         """Learned masks with rejection (up to ``mask_tries`` draws each, then an augmented
-        training mask), or augmented training masks, at each good image's size."""
-        result: dict[int, tuple[np.ndarray, str]] = {}
-        if self.opt["mask_source"] == "learned":
+        training mask: ``FALLBACK``), or augmented training masks, at each good image's size.
+        Returns the masks and each one's manifest meta (``mask_source``, ``mask_draws``)."""
+        result: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
+        learned = self.opt["mask_source"] == "learned"
+        if learned:
             pending = list(range(len(indices)))
             for attempt in range(self.opt["mask_tries"]):
                 if not pending:
@@ -260,44 +267,57 @@ class AnomalyDiffusion(AnomalyGenerator):
                 sampled = self._sample_masks([types[j] for j in pending], seeds)
                 for j, mask in zip(pending, sampled):
                     if mask is not None:
-                        result[j] = (_resize_mask(mask, good_shapes[j]), f"learned (draw {attempt + 1})")
+                        result[j] = (_resize_mask(mask, good_shapes[j]), {"mask_source": "learned", "mask_draws": attempt + 1})
                 pending = [j for j in pending if j not in result]
         for j in range(len(indices)):
             if j not in result:
                 rng = np.random.default_rng(np.random.SeedSequence([seed, indices[j], 2]))
-                source = "augment" if self.opt["mask_source"] == "augment" else "augment (learned masks rejected)"
-                result[j] = (self._augmented_mask(self._defect_types[types[j]], rng, good_shapes[j]), source)
+                meta = {"mask_source": FALLBACK, "mask_draws": self.opt["mask_tries"]} if learned else {"mask_source": "augment"}
+                result[j] = (self._augmented_mask(self._defect_types[types[j]], rng, good_shapes[j]), meta)
         return [result[j][0] for j in range(len(indices))], [result[j][1] for j in range(len(indices))]
 
     # ----------------------------------------------------------------- generation
-    def _aar_callback(self, hook: LogitReweight, good: torch.Tensor, masks: torch.Tensor):
-        """Per-step AAR (Eqs. 7-8): set the hook's weight map before each UNet call."""
+    def _guided_eps(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                    uncond: torch.Tensor | None) -> torch.Tensor:
+        """ε_t of one UNet pass on ``latents``, classifier-free guided as the sampler does when
+        ``uncond`` is given."""
+        unet = self.backbone.unet
+        if uncond is not None:
+            latents, context = torch.cat([latents, latents]), torch.cat([uncond.expand_as(context), context])
+        eps = unet(latents.to(unet.dtype), timestep, encoder_hidden_states=context.to(unet.dtype)).sample.float()
+        if uncond is None:
+            return eps
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + self.opt["guidance_scale"] * (eps_cond - eps_uncond)
+
+    def _aar_callback(self, hook: AttentionReweight, good: torch.Tensor, masks: torch.Tensor,
+                      uncond: torch.Tensor | None):
+        """Per-step AAR (Eqs. 7-8): before each UNet call set the hook's weight map for this step
+        and its rows (the conditional half of the batch under CFG).
+
+        ``good`` (B, 3, H, W) in [0, 1] and ``masks`` (B, 1, H, W) at the working resolution.
+        ``paper``: x̂0 of the *current* step, from an extra UNet pass with the hook off
+        (x̂0 = (z_t − √(1−ᾱ_t)·ε_t)/√ᾱ_t), decoded and compared with the good image in [-1, 1].
+        """
         opt, backbone = self.opt, self.backbone
         if opt["aar"] == "latent":
-            def callback(state: StepState) -> None:
-                hook.weights = latent_weights(state.latents, state.known_latents, state.mask, int(state.timestep),
-                                              scale=opt["aar_dilation_scale"],
-                                              num_train_timesteps=backbone.num_train_timesteps)[:, None]
-            return callback, None
-        # paper: x̂0 of the previous step (the UNet's ε recorded by a forward hook), decoded
-        scheduler = backbone.noise_scheduler()
-        previous: dict[str, torch.Tensor] = {}
+            scale = opt["aar_dilation_scale"]
+            scale = dilation_scale(opt["num_inference_steps"]) if scale is None else scale
 
-        def record(module, inputs, output):
-            eps = output.sample.float()
-            if eps.shape[0] == 2 * good.shape[0]:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + opt["guidance_scale"] * (cond - uncond)
-            previous["eps"] = eps
+            def callback(state: StepState) -> None:
+                hook.rows = state.cond_rows
+                hook.weights = latent_weights(state.latents, state.known_latents, state.mask, int(state.timestep),
+                                              scale=scale, num_train_timesteps=backbone.num_train_timesteps)[:, None]
+            return callback
+        alphas = backbone.noise_scheduler().alphas_cumprod
 
         def callback(state: StepState) -> None:
-            if "eps" in previous:
-                alpha = scheduler.alphas_cumprod[int(previous["t"])].to(state.latents.device)
-                x0 = (previous["latents"] - (1 - alpha).sqrt() * previous["eps"]) / alpha.sqrt()
-                hook.weights = paper_weights(decode_latents(backbone, x0), good, masks)[:, None]
-            previous["latents"], previous["t"] = state.latents.float(), state.timestep
-
-        return callback, backbone.unet.register_forward_hook(record)
+            hook.rows, hook.weights = state.cond_rows, None  # the x̂0 pass runs without reweighting
+            eps = self._guided_eps(state.latents, state.timestep, state.encoder_hidden_states, uncond)
+            alpha = alphas[int(state.timestep)].to(state.latents.device)
+            x0 = (state.latents.float() - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+            hook.weights = paper_weights(decode_latents(backbone, x0) * 2 - 1, good * 2 - 1, masks)[:, None]
+        return callback
 
     def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
                  seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
@@ -324,9 +344,9 @@ class AnomalyDiffusion(AnomalyGenerator):
         if given_masks is not None:
             chosen = [np.asarray(given_masks[i % len(given_masks)], bool) for i in indices]
             masks = [m if m.shape == im.shape[:2] else _resize_mask(m, im.shape[:2]) for m, im in zip(chosen, images)]
-            mask_sources = ["given"] * len(indices)
+            mask_meta = [{"mask_source": "given"}] * len(indices)
         else:
-            masks, mask_sources = self._masks_for(indices, types, [im.shape[:2] for im in images], seed)
+            masks, mask_meta = self._masks_for(indices, types, [im.shape[:2] for im in images], seed)
         outputs: list[np.ndarray | None] = [None] * len(indices)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for j, image in enumerate(images):  # the core batches images of one size
@@ -336,38 +356,36 @@ class AnomalyDiffusion(AnomalyGenerator):
                                        [types[j] for j in group], [indices[j] for j in group], seed)
             for j, image in zip(group, made):
                 outputs[j] = image
+        aar = opt["aar"] if opt["aar"] == "off" else f"{opt['aar']} ({opt['aar_apply'] or DEFAULT_APPLY[opt['aar']]})"
         return [
             AnomalySample(image=out, mask=mask, defect_type=self._defect_types[t], prompt=None,
-                          meta={"source_index": src, "mask_source": ms, "aar": opt["aar"], "model": backbone.label})
-            for out, mask, t, src, ms in zip(outputs, masks, types, sources, mask_sources)
+                          meta={"source_index": src, **mm, "aar": aar, "model": backbone.label})
+            for out, mask, t, src, mm in zip(outputs, masks, types, sources, mask_meta)
         ]
 
     def _sample_images(self, images: list[np.ndarray], masks: list[np.ndarray], types: list[int],
                        indices: list[int], seed: int) -> list[np.ndarray]:
-        """Blended latent diffusion of same-size good images conditioned on {e_a, E(m)}, with AAR."""
+        """Blended latent diffusion of same-size good images conditioned on {e_a, E(m)}, with AAR
+        on the cross-attention of the anomaly tokens (``aar.py``)."""
         opt, backbone = self.opt, self.backbone
         size = opt["resolution"]
         square = torch.stack([torch.from_numpy(_resize_mask(m, (size, size))) for m in masks])[:, None].float()
         sampling = dict(sampler=opt["sampler"], num_inference_steps=opt["num_inference_steps"], eta=opt["eta"],
                         guidance_scale=opt["guidance_scale"], progress=len(indices) > 1)
-        handle = None
-        if opt["aar"] != "off":
-            hook = LogitReweight()
-            install_hooks(backbone.unet, lambda layer: [hook], select_layers(backbone.unet, kinds=("cross",)))
-            sampling["callback"], handle = self._aar_callback(
-                hook, to_tensor(images, (size, size)).to(backbone.device), square.to(backbone.device))
         try:
             with torch.no_grad():
                 encoded = self.condition(torch.tensor(types, device=backbone.device), square)
+                uncond = self.prompts([""]).hidden_states if opt["guidance_scale"] > 1 else None
+                sampling["uncond_hidden_states"] = uncond
                 if opt["aar"] != "off":
+                    hook = AttentionReweight(HOOK_STAGE[opt["aar_apply"] or DEFAULT_APPLY[opt["aar"]]])
                     hook.positions = encoded.positions[ANOMALY]
-                if opt["guidance_scale"] > 1:
-                    sampling["uncond_hidden_states"] = self.prompts([""]).hidden_states
+                    install_hooks(backbone.unet, lambda layer: [hook], select_layers(backbone.unet, kinds=("cross",)))
+                    sampling["callback"] = self._aar_callback(
+                        hook, to_tensor(images, (size, size)).to(backbone.device), square.to(backbone.device), uncond)
                 return blended_generate(backbone, encoded.hidden_states, images, masks,
                                         sample_generators(seed, indices), resolution=size, **sampling)
         finally:
-            if handle is not None:
-                handle.remove()
             if opt["aar"] != "off":
                 remove_hooks(backbone.unet)
 
