@@ -37,6 +37,12 @@ def test_masked_loss_gradient_is_zero_outside_the_mask():
         masked_diffusion_loss(eps_pred, eps, weight).item())
     assert masked_diffusion_loss(eps_pred, eps, torch.ones_like(weight)).item() == pytest.approx(
         torch.nn.functional.mse_loss(eps_pred, eps).item(), rel=1e-5)
+    # a change inside moves it by exactly its mean square over the mask (the box is latent-aligned: w in {0, 1})
+    assert set(weight.unique().tolist()) == {0.0, 1.0}
+    exact = eps.clone()
+    assert masked_diffusion_loss(exact, eps, weight).item() == 0
+    exact[~outside] += 2
+    assert masked_diffusion_loss(exact, eps, weight).item() == pytest.approx(4.0)
 
 
 def test_latent_mask_keeps_thin_defects():

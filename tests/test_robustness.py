@@ -46,6 +46,10 @@ class World:
     def fit(self, out) -> list:
         return ["fit", "--method", METHOD, "--data", self.data, "--category", "nut", "--out", out]
 
+    def evaluate(self, *extra) -> list:
+        return ["evaluate", "--generated", self.out, "--data", self.data, "--category", "nut", "--metrics", "localization",
+                "--epochs", 1, "--samples-per-epoch", 2, "--resolution", 32, "--base", 4, "--device", "cpu", *extra]
+
     def sample(self, index: int) -> Path:
         entry = json.loads((self.nut / MANIFEST).read_text().splitlines()[index])
         return self.nut / entry["image"]
@@ -185,6 +189,12 @@ CASES = [
     Case("manifest-defect-type-escapes", lambda w: (_corrupt_line(w, 0, lambda e: {**e, "defect_type": "../.."})
                                                     or w.generate("--num", 6),
                                                     [str(w.nut / MANIFEST), "defect_type '../..'"])),
+    # evaluation: output-side and option errors
+    Case("evaluate-report-dir-is-a-file", lambda w: (w.evaluate("--report-dir", _file(w.root / "r")),
+                                                     [str(w.root / "r"), "not a folder"])),
+    Case("evaluate-epochs-zero", lambda w: (w.evaluate("--epochs", 0), ["--epochs 0"])),
+    Case("evaluate-inception-weights-missing", lambda w: (w.evaluate("--metrics", "is", "--inception-weights",
+                                                                     w.root / "nope.pth"), [str(w.root / "nope.pth")])),
 ]
 
 
