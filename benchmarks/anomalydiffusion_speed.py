@@ -1,14 +1,14 @@
-"""AnomalyDiffusion speed with full-size Stable-Diffusion-1.5-architecture components (random weights).
+"""AnomalyDiffusion speed with the full-size LDM text2im-256 and Stable Diffusion 1.5 architectures (random weights).
 
-Measures, per dtype: training steps/s of the spatial anomaly embedding + mask embedding (one
-``training_loss`` + backward + Adam step, batch ``--train-batch``, 256 px), sampling images/s
-with each AAR variant (``off`` / ``latent`` / ``paper``; DDIM ``--steps`` steps, eta 1, no CFG, batch
-``--batch``, given masks), mask sampling images/s (DDIM ``--mask-steps``, CFG 5), and peak GPU
-memory of each phase. Weights are random (no download): the timings are those of the real architecture.
+Measures, per architecture (``--arch``: the published configs in ``anomalygen.diffusion.architectures``)
+and dtype: training steps/s of the spatial anomaly embedding + mask embedding (one ``training_loss``
++ backward + Adam step, batch ``--train-batch``, 256 px), sampling images/s with each AAR variant
+(``off`` / ``latent`` / ``paper``; DDIM ``--steps`` steps, eta 1, no CFG, batch ``--batch``, given
+masks), mask sampling images/s (DDIM ``--mask-steps``, CFG 5), and peak GPU memory of each phase. Weights are random (no download): the timings are those of the real architecture.
 
     PYTHONPATH=src python benchmarks/anomalydiffusion_speed.py --out results.json
 
-Without a CUDA device it says so and exits 0.
+Without a CUDA device it says so and exits 0; ``--device cpu`` with small settings is a smoke run.
 """
 
 from __future__ import annotations
@@ -20,43 +20,12 @@ import time
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from anomalygen.diffusion.backbone import Backbone, resolve_dtype
-from anomalygen.diffusion.tiny import SCALED_LINEAR_SCHEDULE, tiny_tokenizer
+from anomalygen.diffusion.architectures import ARCHITECTURES, random_backbone
+from anomalygen.diffusion.backbone import resolve_dtype
 from anomalygen.methods.anomalydiffusion import AnomalyDiffusion
 from anomalygen.methods.anomalydiffusion.mask_model import MaskStats
 from anomalygen.types import DefectExample
-
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-)
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-
-
-def sd15_backbone(device: torch.device, dtype: torch.dtype) -> Backbone:
-    """SD-1.5-shaped UNet (860 M), VAE (84 M) and CLIP ViT-L text encoder (123 M), random init."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SD15_UNET)
-        vae = AutoencoderKL(**SD15_VAE)
-        text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
-    for module in (unet, vae, text):
-        module.requires_grad_(False).eval().to(dtype)
-    return Backbone(unet, vae, text, tiny_tokenizer(), dict(SCALED_LINEAR_SCHEDULE), "sd15-architecture-random",
-                    device=device, dtype=dtype)
-
 
 def synthetic_data(n: int, size: int = 256, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -83,18 +52,18 @@ def timed(function, device):
     return result, time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
 
 
-def bench(dtype_name: str, args, device: torch.device) -> dict:
+def bench(arch: str, dtype_name: str, args, device: torch.device) -> dict:
     dtype = resolve_dtype(dtype_name)
     defects, good = synthetic_data(12)
     generator = AnomalyDiffusion(resolution=256, batch_size=args.train_batch, max_steps=2, num_inference_steps=args.steps,
                                  generate_batch_size=args.batch, mixed_precision=dtype_name, spatial_encoder="resnet50")
-    generator._backbone = sd15_backbone(device, dtype)
+    generator._backbone = random_backbone(arch, device, dtype)
     generator.fit(defects, good)  # builds E (ResNet-50 + FPN), e_a, e_m; two warm-up steps
     type_indices = [generator.defect_types.index(d.defect_type) for d in defects]
     generator.opt["max_steps"] = args.train_steps
     _, seconds, memory = timed(lambda: generator._train(defects, type_indices), device)
-    result = {"dtype": dtype_name, "train_batch": args.train_batch,
-              "train_steps_per_s": args.train_steps / seconds, "train_peak_gib": memory}
+    result = {"arch": arch, "dtype": dtype_name, "resolution": 256, "steps": args.steps, "batch": args.batch,
+              "train_batch": args.train_batch, "train_steps_per_s": args.train_steps / seconds, "train_peak_gib": memory}
     masks = [d.mask for d in defects[: args.batch]]
     generator.opt["num_inference_steps"] = 3
     list(generator.generate(good, args.batch, masks=masks))  # warm-up
@@ -112,8 +81,18 @@ def bench(dtype_name: str, args, device: torch.device) -> dict:
     return result
 
 
+def architectures(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ARCHITECTURES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown architecture {', '.join(unknown) or text!r}; use {','.join(ARCHITECTURES)}")
+    return names
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=architectures, default="ldm,sd15",
+                        help="comma-separated architectures: ldm (AnomalyDiffusion's base model), sd15")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=8, help="sampling batch (official: 8)")
     parser.add_argument("--steps", type=int, default=200, help="DDIM steps (official: 200)")
@@ -131,12 +110,13 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"device": name, "torch": torch.__version__, "runs": []}
-    for dtype_name in args.dtypes:
-        results["runs"].append(bench(dtype_name, args, device))
-        print(json.dumps(results["runs"][-1]), flush=True)
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+    for arch in args.arch:
+        for dtype_name in args.dtypes:
+            results["runs"].append(bench(arch, dtype_name, args, device))
+            print(json.dumps(results["runs"][-1]), flush=True)
+            if args.out:  # after each run: an out-of-memory later keeps what was measured
+                with open(args.out, "w") as handle:
+                    json.dump(results, handle, indent=2)
     return 0
 
 

@@ -4,7 +4,7 @@ Layout loading: small-dimension components of the real classes saved as a diffus
 each layout (Stable Diffusion; CompVis LDM text-to-image with ``vqvae/`` + ``bert/`` + BERT
 tokenizer) load by path; a folder of another layout is reported as such. Full shape: randomly
 initialised backbones built from the published SD 1.5 and ``CompVis/ldm-text2im-large-256``
-configs (written here, nothing downloaded) run fit (2 steps) + generate (1 sample) of
+configs (``anomalygen.diffusion.architectures``, nothing downloaded) run fit (2 steps) + generate (1 sample) of
 textual-inversion and AnomalyDiffusion on CPU: 768-d CLIP / 1280-d LDMBert context, f8
 autoencoders, 4-channel latents.
 """
@@ -28,43 +28,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 from transformers import BertTokenizer, CLIPTextModel
 
+from anomalygen.diffusion.architectures import bert_tokenizer, random_backbone
 from anomalygen.diffusion.backbone import build_backbone, load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
-from anomalygen.diffusion.tiny import SCALED_LINEAR_SCHEDULE, TINY_WORDS, tiny_tokenizer
+from anomalygen.diffusion.tiny import SCALED_LINEAR_SCHEDULE, tiny_tokenizer
 from anomalygen.errors import DataError, ModelNotFoundError
 from anomalygen.methods.base import create
 from anomalygen.types import DefectExample
 
-# ---- published configs (config.json of each subfolder; keys at diffusers/transformers defaults omitted)
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32, "norm_eps": 1e-05,
-}
-SD15_VAE = {
-    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
-}
-SD15_TEXT = {
-    "architectures": ["CLIPTextModel"], "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
-    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-    "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-}
-LDM_UNET = {**SD15_UNET, "sample_size": 32, "cross_attention_dim": 1280}
-LDM_VQVAE = {**SD15_VAE, "sample_size": 256}  # the repository's vqvae/ folder holds an AutoencoderKL (KL-f8)
-LDM_BERT = {
-    "architectures": ["LDMBertModel"], "model_type": "ldmbert", "vocab_size": 30522, "d_model": 1280, "encoder_layers": 32,
-    "encoder_ffn_dim": 5120, "encoder_attention_heads": 8, "head_dim": 64, "max_position_embeddings": 77,
-    "activation_function": "gelu", "dropout": 0.1, "pad_token_id": 0, "scale_embedding": False,
-}
-LDM_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                 "clip_sample": False}
-FULL = {
-    "sd15": {"unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT, "scheduler": SCALED_LINEAR_SCHEDULE},
-    "ldm": {"unet": LDM_UNET, "vae": LDM_VQVAE, "text_encoder": LDM_BERT, "scheduler": LDM_SCHEDULER},
-}
 LDM_INDEX = {"_class_name": "LDMTextToImagePipeline", "bert": ["latent_diffusion", "LDMBertModel"],
              "scheduler": ["diffusers", "DDIMScheduler"], "tokenizer": ["transformers", "BertTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vqvae": ["diffusers", "AutoencoderKL"]}
@@ -72,12 +43,6 @@ SD_INDEX = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None
             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"]}
-
-
-def bert_tokenizer() -> BertTokenizer:
-    """A BERT WordPiece tokenizer over a small vocabulary, 512 positions like bert-base's (LDM's tokenizer)."""
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(TINY_WORDS), *"#<>_"]
-    return BertTokenizer(vocab={w: i for i, w in enumerate(words)}, model_max_length=512)
 
 
 def small_configs(layout: str, vae_class: str = "AutoencoderKL") -> dict:
@@ -200,13 +165,14 @@ def _data(size: int = 64):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sd15", "ldm"])
 def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
-    tokenizer = tiny_tokenizer() if arch == "sd15" else bert_tokenizer()
-    backbone = build_backbone(FULL[arch], tokenizer, name=f"{arch}-architecture", device="cpu")
+    backbone = random_backbone(arch, device="cpu")
+    assert backbone.untrained and backbone.name == f"{arch}-architecture-random"
     width = 768 if arch == "sd15" else 1280
     assert isinstance(backbone.text_encoder, CLIPTextModel if arch == "sd15" else LDMBertModel)
     assert isinstance(backbone.vae, AutoencoderKL) and backbone.vae_scale_factor == 8 and backbone.latent_channels == 4
     assert backbone.native_resolution == (512 if arch == "sd15" else 256)
     assert sum(p.numel() for p in backbone.unet.parameters()) > 850e6
+    assert backbone.text_encoder.get_input_embeddings().num_embeddings == (49408 if arch == "sd15" else 30522)  # published vocab
     seen = []
     backbone.unet.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((tuple(args[0].shape[1:]), tuple(kwargs["encoder_hidden_states"].shape[1:]))),
