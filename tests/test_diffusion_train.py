@@ -131,3 +131,15 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     assert train(_modules(), _loss(), CONFIG, tmp_path).step == 8  # released: the next run goes
+
+
+@pytest.mark.parametrize("damage", ["optimizer.pt", "rng.safetensors", "trainable.safetensors", "state.json"])
+def test_a_damaged_checkpoint_is_one_clear_error(tmp_path, damage):
+    from anomalygen.errors import AnomalygenError
+
+    with pytest.raises(Killed):
+        train(_modules(), _loss(kill_at=5), CONFIG, tmp_path)
+    checkpoint = latest_checkpoint(tmp_path)
+    (checkpoint / damage).write_bytes(b"\x80garbage")
+    with pytest.raises(AnomalygenError, match=rf"{checkpoint}: corrupt checkpoint .*delete this folder"):
+        train(_modules(), _loss(), CONFIG, tmp_path)

@@ -192,14 +192,20 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
     step, state = 0, {}
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
-        load_trainable({n: accelerator.unwrap_model(m) for n, m in modules.items()}, checkpoint)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        rng = load_file(str(checkpoint / "rng.safetensors"))
-        generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        state = json.loads((checkpoint / "state.json").read_text())
-        step = state["step"]
+        try:
+            load_trainable({n: accelerator.unwrap_model(m) for n, m in modules.items()}, checkpoint)
+            optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+            scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+            rng = load_file(str(checkpoint / "rng.safetensors"))
+            generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            state = json.loads((checkpoint / "state.json").read_text())
+            step = int(state["step"])
+        except Exception as error:  # damaged or tampered: torch, safetensors and json raise many kinds
+            raise AnomalygenError(
+                f"{checkpoint}: corrupt checkpoint ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                "delete this folder to resume from the previous checkpoint"
+            ) from error
     log_path = out_dir / LOG_FILE
     rows = _log_rows(log_path, checkpoint, state)
     log_file = None
