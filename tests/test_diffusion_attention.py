@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import Attention
 import anomalygen.diffusion
 from anomalygen.diffusion.attention import (
     AttentionRecorder,
+    GatedMix,
     HookedAttnProcessor,
     JointAttention,
     AttentionReweight,
@@ -187,18 +188,18 @@ def test_joint_attention_attends_over_the_group():
 
 def test_reference_kv_gated_mix_on_target_rows():
     attn = _layer(cross=False)
-    hook = ReferenceKV(dim=8, gate_init=0.3)
-    torch.nn.init.normal_(hook.mlp[2].weight)
+    hook = ReferenceKV(GatedMix(dim=8, gate_init=0.3))
+    torch.nn.init.normal_(hook.mix.mlp[2].weight)
     reference, x = torch.randn(2, 9, 8), torch.randn(2, 9, 8)
     hook.mode = "record"
     _run(attn, [hook], reference)
     hook.mode, hook.targets = "inject", torch.tensor([True, False])
     got = _run(attn, [hook], x)
     with torch.no_grad():
-        mixed = 0.7 * x[0] + 0.3 * (reference[0] + hook.mlp(reference[0]))
+        mixed = 0.7 * x[0] + 0.3 * (reference[0] + hook.mix.mlp(reference[0]))
         expected = torch.cat([_by_hand(attn, x[:1], mixed[None])[0], _by_hand(attn, x[1:], x[1:])[0]])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert {n for n, p in hook.named_parameters()} >= {"gate", "mlp.0.weight"}
+    assert {n for n, p in hook.named_parameters()} >= {"mix.gate", "mix.mlp.0.weight"}
 
 
 def test_recorder_keeps_head_mean_probabilities():

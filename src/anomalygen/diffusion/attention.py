@@ -15,8 +15,14 @@ returns. Hooks are ``nn.Module``s (so learned ones train and save with the UNet'
 - ``JointAttention`` (b): each element of a group of consecutive batch elements attends to the keys
   and values of the whole group;
 - ``ReferenceKV`` (c): in ``record`` mode store each layer's K/V source from a reference pass; in
-  ``inject`` mode compute K/V from ``(1 - a)·h + a·MLP(h_ref)`` with a learnable gate ``a``;
+  ``inject`` mode give chosen rows the K/V source ``mix(own, reference)`` with a caller's ``mix``
+  (a learnable ``nn.Module`` trains with the hook; ``GatedMix`` is one), the reference taken from
+  the record or from other rows of the same batch;
 - ``AttentionRecorder`` (d): keep the attention probabilities (mean over heads) per layer.
+
+Every hook can also change the attention output (``output`` stage: after ``to_out``, before the
+residual). Installs compose and are undone exactly: ``remove_hooks(unet, handle)`` gives the
+layers back the processors they had before (see ``install_hooks``).
 
 The processor uses ``F.scaled_dot_product_attention`` unless a hook needs the logits or the
 probabilities (a, d); then it computes ``softmax(QKᵀ·scale)`` explicitly (Vaswani et al. 2017, Eq. 1).
@@ -28,7 +34,7 @@ on the hook objects, so a per-step sampling callback can change it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,15 +112,21 @@ class AttentionHook(nn.Module):
         """The attention probabilities (B, heads, N, S): return changed ones, or ``None`` to only
         observe them; only called when ``needs_logits``."""
 
+    def output(self, layer: str, out: torch.Tensor) -> torch.Tensor:
+        """The attention output after ``to_out`` (projection + dropout), before the residual
+        connection and output rescaling, shape (B, N, C)."""
+        return out
+
 
 class HookedAttnProcessor(AttnProcessor2_0, nn.Module):
     """diffusers' SDPA processor with hook points; the explicit path runs only when a hook needs it."""
 
-    def __init__(self, layer: str, hooks: Iterable[AttentionHook]):
+    def __init__(self, layer: str, hooks: Iterable[AttentionHook], previous=None):
         AttnProcessor2_0.__init__(self)
         nn.Module.__init__(self)
         self.layer = layer
         self.hooks = nn.ModuleList(hooks)
+        object.__setattr__(self, "previous", previous)  # the processor to restore; not a submodule
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None:
@@ -156,6 +168,8 @@ class HookedAttnProcessor(AttnProcessor2_0, nn.Module):
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
         out = out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1]).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
+        for hook in self.hooks:
+            out = hook.output(self.layer, out)
         if spatial:
             out = out.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
@@ -170,22 +184,46 @@ def install_hooks(
 ) -> dict[str, HookedAttnProcessor]:
     """Give each selected layer (default: all) a ``HookedAttnProcessor`` with ``factory(layer)``'s hooks.
 
-    Returns the installed processors by layer name. ``remove_hooks`` restores plain SDPA.
+    Installs compose: on a layer that already has a ``HookedAttnProcessor`` the new processor runs
+    the earlier hooks first, then the new ones (one list, so each stage sees the earlier hooks'
+    changes). Any other processor (diffusers' or a user's) is replaced, since the hooked processor
+    computes the attention itself. Each new processor keeps the one it replaced in ``.previous``.
+    Returns the installed processors by layer name: the handle to pass to ``remove_hooks``.
     """
     installed = {}
     for layer in attention_layers(unet) if layers is None else layers:
-        processor = HookedAttnProcessor(layer.name, factory(layer))
+        previous = layer.module.processor
+        earlier = list(previous.hooks) if isinstance(previous, HookedAttnProcessor) else []
+        processor = HookedAttnProcessor(layer.name, [*earlier, *factory(layer)], previous)
         processor.to(device=unet.device)
         layer.module.set_processor(processor)
         installed[layer.name] = processor
     return installed
 
 
-def remove_hooks(unet: nn.Module) -> None:
-    """Back to diffusers' default SDPA processor on every layer."""
-    for layer in attention_layers(unet):
-        layer.module.set_processor(AttnProcessor2_0())
-        layer.module._modules.pop("processor", None)
+def _restore(module: Attention, processor) -> None:
+    # diffusers drops a module processor from ``_modules`` itself; ``None``: set by hand, no record
+    module.set_processor(AttnProcessor2_0() if processor is None else processor)
+
+
+def remove_hooks(unet: nn.Module, handle: dict[str, HookedAttnProcessor] | None = None) -> None:
+    """Undo installs. With ``handle`` (what ``install_hooks`` returned): give each of its layers
+    back the processor it had before that install; installs are undone last first, so each of
+    those layers must still run the handle's processor (``RuntimeError`` otherwise). Without:
+    undo every install on every layer, back to the processor each had before the first one."""
+    modules = {layer.name: layer.module for layer in attention_layers(unet)}
+    if handle is not None:
+        for name, processor in handle.items():
+            if modules[name].processor is not processor:
+                raise RuntimeError(f"{name}: a later install_hooks is still on this layer; remove it first")
+            _restore(modules[name], processor.previous)
+        return
+    for module in modules.values():
+        processor = module.processor
+        while isinstance(processor, HookedAttnProcessor):
+            processor = processor.previous
+        if processor is not module.processor:
+            _restore(module, processor)
 
 
 def _per_pixel(weights: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -287,13 +325,27 @@ class JointAttention(AttentionHook):
         return joint(key), joint(value)
 
 
-class ReferenceKV(AttentionHook):
-    """(c) Gated K/V from a reference pass: ``(1 - a)·h + a·MLP(h_ref)`` as the K/V source.
+Rows = slice | Sequence[int] | torch.Tensor
 
-    ``mode = "record"`` stores this layer's K/V source; ``"inject"`` mixes the stored one into the
-    batch rows where ``targets`` (bool, per sample; ``None`` = all) is True; ``"off"`` passes.
-    The MLP starts as the identity and the gate ``a`` at ``gate_init``; both are trainable.
-    """
+
+def _row_index(rows: Rows, batch: int, device) -> torch.Tensor:
+    """Batch rows as an index tensor: a slice, indices, or a bool mask (tiled over the batch if shorter)."""
+    if isinstance(rows, slice):
+        return torch.arange(batch, device=device)[rows]
+    rows = torch.as_tensor(rows, device=device)
+    if rows.dtype == torch.bool:
+        return expand_batch(rows, batch).nonzero().flatten()
+    return rows.long()
+
+
+def use_reference(hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The default mix: the reference's K/V source replaces the row's own."""
+    return reference.to(hidden.dtype)
+
+
+class GatedMix(nn.Module):
+    """A learnable mix ``(1 - a)·h + a·(r + MLP(r))``: the MLP starts at zero (so the residual
+    branch is the identity) and the gate ``a`` at ``gate_init``; both train."""
 
     def __init__(self, dim: int, gate_init: float = 0.01) -> None:
         super().__init__()
@@ -301,28 +353,61 @@ class ReferenceKV(AttentionHook):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+
+    def forward(self, hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        projected = reference + self.mlp(reference)
+        return (1 - self.gate) * hidden + self.gate * projected.to(hidden.dtype)
+
+
+class ReferenceKV(AttentionHook):
+    """(c) K/V source from a reference: target rows use ``mix(own, reference)`` as their K/V source.
+
+    ``mix(hidden, reference) -> context`` comes from the caller (default ``use_reference``: attend
+    to the reference only); an ``nn.Module`` mix is a submodule, so its parameters train and save
+    with the hook. ``mode``: ``"off"`` passes; ``"record"`` stores this layer's K/V source in
+    ``stored``; ``"inject"`` mixes a reference into the ``targets`` rows. The reference is
+    ``stored`` from an earlier record pass (tiled over the batch; target row i pairs with reference
+    row i), or, when ``reference_rows`` is set, those rows of the same batch (recorded into
+    ``stored`` in the same call; the k-th target pairs with the k-th reference row, tiled).
+    ``targets``/``reference_rows``: a slice, row indices or a bool mask per sample (tiled over the
+    batch); ``targets = None`` is every row that is not a reference row. Other rows pass unchanged.
+    """
+
+    def __init__(self, mix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = use_reference) -> None:
+        super().__init__()
+        self.mix = mix
         self.mode = "off"
         self.stored: torch.Tensor | None = None
-        self.targets: torch.Tensor | None = None
-
-    def mix(self, hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """The gated mix for every row."""
-        projected = reference + self.mlp(reference)  # residual MLP: identity at initialisation
-        return (1 - self.gate) * hidden + self.gate * projected.to(hidden.dtype)
+        self.targets: Rows | None = None
+        self.reference_rows: Rows | None = None
 
     def context(self, layer, hidden, context):
         if self.mode == "record":
-            self.stored = context.detach() if not torch.is_grad_enabled() else context
+            self.stored = context
             return context
         if self.mode != "inject":
             return context
-        if self.stored is None:
+        batch, device = context.shape[0], context.device
+        every = torch.arange(batch, device=device)
+        if self.reference_rows is not None:
+            references = _row_index(self.reference_rows, batch, device)
+            if not len(references):
+                raise ValueError(f"{layer}: reference_rows {self.reference_rows} select no row of a batch of {batch}")
+            self.stored = context[references]
+        elif self.stored is None:
             raise RuntimeError(f"{layer}: ReferenceKV in inject mode before a reference pass was recorded")
-        mixed = self.mix(context, expand_batch(self.stored, context.shape[0]))
-        if self.targets is None:
-            return mixed
-        targets = expand_batch(self.targets.to(context.device), context.shape[0])
-        return torch.where(targets[:, None, None], mixed, context)
+        if self.targets is not None:
+            targets = _row_index(self.targets, batch, device)
+        elif self.reference_rows is not None:
+            targets = every[~torch.isin(every, references)]
+        else:
+            targets = every
+        if self.reference_rows is not None:
+            reference = expand_batch(self.stored, len(targets))
+        else:
+            reference = expand_batch(self.stored, batch)[targets]
+        mixed = self.mix(context[targets], reference)
+        return context.index_copy(0, targets, mixed.to(context.dtype))
 
 
 class AttentionRecorder(AttentionHook):
