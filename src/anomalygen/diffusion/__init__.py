@@ -25,15 +25,21 @@ not, so model-free use stays light).
     placeholder tokens to its own copy of the tokenizer (CLIP or BERT); ``word_embedding(word)``
     for initialisation. Extra tokens may also be concatenated to ``hidden_states`` directly.
 ``attention``
-    ``install_hooks(unet, factory, layers=None)`` with ``layers = select_layers(unet, kinds=("self",
-    "cross"), blocks=("down","mid","up"), levels=None)`` (``AttnLayer.name/block/level/kind``);
-    ``factory(layer) -> [hooks]``; ``remove_hooks(unet)``. Hooks (``nn.Module``, state on the object):
-    ``AttentionReweight(stage="logits"|"log_logits"|"probabilities", renormalise=False)``
-    (``.weights`` (B,1,h,w) map, ``.positions`` per row, ``.rows`` of the UNet batch, e.g.
-    ``StepState.cond_rows``: those tokens' attention × weight per pixel),
-    ``JointAttention(group_size)``, ``ReferenceKV(dim, gate_init)`` (``.mode``
-    "record"/"inject"/"off", ``.targets``), ``AttentionRecorder`` (``.maps``). Subclass
-    ``AttentionHook`` for new ones. SDPA is kept unless a hook needs logits/probabilities.
+    ``handle = install_hooks(unet, factory, layers=None)`` with ``layers = select_layers(unet,
+    kinds=("self","cross"), blocks=("down","mid","up"), levels=None)`` (``AttnLayer.name/block/
+    level/kind``); ``factory(layer) -> [hooks]``. Installs compose (a second install on a layer runs
+    the first's hooks, then its own); ``remove_hooks(unet, handle)`` gives those layers back exactly
+    the processors they had before that install (last install first); ``remove_hooks(unet)`` undoes
+    every install. Hooks (``nn.Module``, state on the object) override stages ``context`` (K/V
+    source), ``keys_values``, ``logits``, ``probabilities``, ``output`` (after ``to_out``, before the
+    residual, (B,N,C)); in list order. ``AttentionReweight(stage="logits"|"log_logits"|
+    "probabilities", renormalise=False)`` (``.weights`` (B,1,h,w) map, ``.positions`` per row,
+    ``.rows`` of the UNet batch, e.g. ``StepState.cond_rows``: those tokens' attention × weight per
+    pixel), ``JointAttention(group_size)``, ``ReferenceKV(mix=use_reference)`` (``.mode``
+    "record"/"inject"/"off", ``.targets``, ``.reference_rows`` (reference from rows of the same
+    batch), ``.stored``; ``mix(own, reference) -> K/V source``, a module mix trains, e.g.
+    ``GatedMix(dim, gate_init)``), ``AttentionRecorder`` (``.maps``). Subclass ``AttentionHook``
+    for new ones. SDPA is kept unless a hook needs logits/probabilities.
 ``sampling``
     ``sample_latents(backbone, cond, generators, latent_size=, sampler="ddim"|"dpm++",
     num_inference_steps=, eta=, guidance_scale=, uncond_hidden_states=, known_latents=, mask=,
