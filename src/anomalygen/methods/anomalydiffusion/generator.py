@@ -372,6 +372,7 @@ class AnomalyDiffusion(AnomalyGenerator):
         square = torch.stack([torch.from_numpy(_resize_mask(m, (size, size))) for m in masks])[:, None].float()
         sampling = dict(sampler=opt["sampler"], num_inference_steps=opt["num_inference_steps"], eta=opt["eta"],
                         guidance_scale=opt["guidance_scale"], progress=len(indices) > 1)
+        installed = None
         try:
             with torch.no_grad():
                 encoded = self.condition(torch.tensor(types, device=backbone.device), square)
@@ -380,14 +381,15 @@ class AnomalyDiffusion(AnomalyGenerator):
                 if opt["aar"] != "off":
                     hook = AttentionReweight(HOOK_STAGE[opt["aar_apply"] or DEFAULT_APPLY[opt["aar"]]])
                     hook.positions = encoded.positions[ANOMALY]
-                    install_hooks(backbone.unet, lambda layer: [hook], select_layers(backbone.unet, kinds=("cross",)))
+                    installed = install_hooks(backbone.unet, lambda layer: [hook],
+                                              select_layers(backbone.unet, kinds=("cross",)))
                     sampling["callback"] = self._aar_callback(
                         hook, to_tensor(images, (size, size)).to(backbone.device), square.to(backbone.device), uncond)
                 return blended_generate(backbone, encoded.hidden_states, images, masks,
                                         sample_generators(seed, indices), resolution=size, **sampling)
         finally:
-            if opt["aar"] != "off":
-                remove_hooks(backbone.unet)
+            if installed is not None:
+                remove_hooks(backbone.unet, installed)
 
     # ----------------------------------------------------------------- persistence
     def save_state(self, directory: Path) -> None:
