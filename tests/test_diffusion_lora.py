@@ -137,6 +137,34 @@ def test_one_backward_step_trains_the_routed_adapters_only(unet, rows, used):
     unet.zero_grad(set_to_none=True)
 
 
+def test_routed_gradients_equal_single_adapter_gradients_of_its_rows(unet):
+    """Rows are independent in the UNet, so adapter a's gradient from a routed batch is its gradient,
+    with a alone active, of the loss terms of the rows routed to a."""
+    x, t, ctx = _inputs(4)
+    rows = ["first", "second", "second", "first"]
+
+    def grads(name, rows_used=None):
+        unet.train()
+        unet.zero_grad(set_to_none=True)
+        if rows_used is None:
+            with route(unet, rows):
+                out = unet(x, t, ctx).sample
+        else:
+            unet.set_adapter(name)
+            out = unet(x, t, ctx).sample[rows_used]
+        out.square().sum().backward()
+        unet.eval()
+        result = [p.grad.clone() for p in trainable_parameters(unet, name)]
+        unet.zero_grad(set_to_none=True)
+        return result
+
+    routed = {name: grads(name) for name in NAMES}
+    for name in NAMES:
+        alone = grads(name, [i for i, row in enumerate(rows) if row == name])
+        for g_routed, g_alone in zip(routed[name], alone):
+            torch.testing.assert_close(g_routed, g_alone, atol=1e-6 * g_alone.abs().max().item(), rtol=1e-4)
+
+
 def test_saved_adapter_loads_into_plain_diffusers_pipeline(backbone, unet, tmp_path):
     save_adapter(unet, "second", tmp_path)
     assert (tmp_path / WEIGHT_NAME).is_file()
