@@ -186,7 +186,9 @@ def test_save_then_our_load_under_a_new_name(unet, tmp_path):
     fresh = load_backbone("tiny").unet
     add_adapters(fresh, ["second"], rank=4, alpha=8)
     load_adapter(fresh, tmp_path, "loaded")
-    assert all(p.requires_grad for p in trainable_parameters(fresh, "second"))  # load kept the others trainable
+    for name in ("second", "loaded"):  # as after add_adapters: every adapter active and trainable
+        assert all(p.requires_grad for p in trainable_parameters(fresh, name)), name
+    assert all(layer.active_adapters == ["second", "loaded"] for layer in lora_layers(fresh))
     x, t, ctx = _inputs(2)
     with route(fresh, ["loaded", "loaded"]), torch.no_grad():
         ours = fresh(x, t, ctx).sample
