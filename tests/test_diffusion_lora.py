@@ -5,6 +5,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import Attention
 
+from anomalygen.diffusion.attention import AttentionRecorder, install_hooks, remove_hooks
 from anomalygen.diffusion.backbone import load_backbone
 from anomalygen.diffusion.lora import (
     BASE,
@@ -27,7 +28,7 @@ def _perturb(unet, seed=0):
     with torch.no_grad():
         for name in NAMES:
             for p in trainable_parameters(unet, name):
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,21 @@ def test_route_reproduces_each_single_adapter_row_by_row(unet):
     assert not torch.allclose(references["first"], references["second"], atol=1e-3)  # adapters really differ
     for i, name in enumerate(rows):
         torch.testing.assert_close(routed[i], references[name][i], atol=1e-5, rtol=1e-5)
+
+
+def test_route_through_the_cores_hooked_processors(unet):
+    """The attention hooks' processor calls to_q/k/v/out on the whole batch too, so routing still applies."""
+    x, t, ctx = _inputs(2)
+    rows = ["second", "first"]
+    with route(unet, rows), torch.no_grad():
+        plain = unet(x, t, ctx).sample
+        install_hooks(unet, lambda layer: [AttentionRecorder()])
+        try:
+            hooked = unet(x, t, ctx).sample
+        finally:
+            remove_hooks(unet)
+    torch.testing.assert_close(hooked, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hooked[0], _single(unet, "first", x, t, ctx)[0], atol=1e-4)
 
 
 def test_route_restores_and_checks_names(unet):
