@@ -10,6 +10,7 @@ from anomalygen.diffusion.backbone import load_backbone
 from anomalygen.diffusion.lora import (
     BASE,
     WEIGHT_NAME,
+    activate_all,
     add_adapters,
     load_adapter,
     lora_layers,
@@ -42,9 +43,7 @@ def backbone():
 @pytest.fixture
 def unet(backbone):
     yield backbone.unet
-    from anomalygen.diffusion.lora import _activate_all
-
-    _activate_all(backbone.unet)  # a test may have called set_adapter
+    activate_all(backbone.unet)  # a test may have called set_adapter
 
 
 def _inputs(batch=4, seed=1):

@@ -43,7 +43,8 @@ not, so model-free use stays light).
     (diffusers drops ``adapter_names``); gradients reach each adapter from its rows only; the list
     must match the batch (CFG: one entry per stacked row). ``save_adapter(unet, name, folder)``
     writes ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` reads it);
-    ``load_adapter(unet, folder, name)``; ``adapter_names``, ``lora_layers``.
+    ``load_adapter(unet, folder, name)``; ``activate_all`` (undo a ``set_adapter``); ``adapter_names``,
+    ``lora_layers``.
 ``sampling``
     ``sample_latents(backbone, cond, generators, latent_size=, sampler="ddim"|"dpm++",
     num_inference_steps=, eta=, guidance_scale=, uncond_hidden_states=, known_latents=, mask=,

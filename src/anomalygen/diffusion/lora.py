@@ -41,7 +41,7 @@ def adapter_names(unet: torch.nn.Module) -> list[str]:
     return list(getattr(unet, "peft_config", {}))
 
 
-def _activate_all(unet: torch.nn.Module) -> None:
+def activate_all(unet: torch.nn.Module) -> None:
     """Every adapter active and trainable (peft's layer ``set_adapter`` with the full list)."""
     names = adapter_names(unet)
     for layer in lora_layers(unet):
@@ -72,7 +72,7 @@ def add_adapters(
         config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(targets), init_lora_weights=True)
         with _several_adapters():
             unet.add_adapter(config, adapter_name=name)
-    _activate_all(unet)
+    activate_all(unet)
 
 
 def trainable_parameters(unet: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
@@ -123,4 +123,4 @@ def load_adapter(unet: torch.nn.Module, folder: str | Path, name: str) -> None:
     afterwards all adapters are active and trainable, as after ``add_adapters``."""
     with _several_adapters():
         unet.load_lora_adapter(str(folder), prefix="unet", adapter_name=name, weight_name=WEIGHT_NAME)
-    _activate_all(unet)
+    activate_all(unet)
