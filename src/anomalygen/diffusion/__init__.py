@@ -40,6 +40,17 @@ not, so model-free use stays light).
     batch), ``.stored``; ``mix(own, reference) -> K/V source``, a module mix trains, e.g.
     ``GatedMix(dim, gate_init)``), ``AttentionRecorder`` (``.maps``). Subclass ``AttentionHook``
     for new ones. SDPA is kept unless a hook needs logits/probabilities.
+``lora``
+    ``add_adapters(unet, names, rank=32, alpha=None (= rank), targets=("to_q","to_k","to_v",
+    "to_out.0"))``: one peft LoRA per name on every attention layer, all active and trainable
+    (diffusers'/peft's ``set_adapter`` would freeze the others); ``trainable_parameters(unet, name)``
+    (that adapter's A/B weights); ``route(unet, row_adapters)``: context manager in which UNet batch
+    row i uses adapter ``row_adapters[i]`` (``BASE``: none) via peft's mixed-batch layer forward
+    (diffusers drops ``adapter_names``); gradients reach each adapter from its rows only; the list
+    must match the batch (CFG: one entry per stacked row). ``save_adapter(unet, name, folder)``
+    writes ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` reads it);
+    ``load_adapter(unet, folder, name)``; ``activate_all`` (undo a ``set_adapter``); ``adapter_names``,
+    ``lora_layers``.
 ``sampling``
     ``sample_latents(backbone, cond, generators, latent_size=, sampler="ddim"|"dpm++",
     num_inference_steps=, eta=, guidance_scale=, uncond_hidden_states=, known_latents=, mask=,
