@@ -100,3 +100,19 @@ def test_killed_fit_rerun_equals_uninterrupted(data, tmp_path):
     assert snapshot(killed / "model") == snapshot(straight / "model")
     assert _log(killed / "work") == _log(straight / "work")
     assert [row[0] for row in _log(killed / "work")[1:]] == [str(s) for s in range(1, 9)]
+
+
+def test_a_save_killed_midway_leaves_nothing_behind_after_the_next_save(data, tmp_path):
+    """Every model file is written atomically (``.NAME.*.partial`` then rename); the next save
+    removes a killed save's temporaries, so the folder equals an uninterrupted save's."""
+    from anomalygen import pipeline
+    from anomalygen.methods.base import create
+
+    _, defects, goods = pipeline.load_training(data, "fabric")
+    generator = create("croppaste")
+    generator.fit(defects, goods)
+    generator.save(tmp_path / "clean")
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / ".crops.json.abc.partial").write_text("half")
+    generator.save(tmp_path / "killed")
+    assert snapshot(tmp_path / "killed") == snapshot(tmp_path / "clean")

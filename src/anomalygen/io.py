@@ -173,6 +173,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def remove_partials(folder: str | Path) -> None:
+    """Delete the temporary files of atomic writes a killed run left in ``folder`` (never a finished file)."""
+    for tmp in Path(folder).rglob(f".*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
     try:
@@ -274,7 +280,7 @@ class SampleWriter:
                         f"{self.root}: holds the output of a different run ({_difference(previous, self.run)}); "
                         "use --overwrite to replace it or choose another --out"
                     )
-        self._remove_partials()
+        remove_partials(self.root)
         self.width = LEGACY_WIDTH if _has_legacy_names(self.root) else NAME_WIDTH
         if not run_path.is_file():
             atomic_write_text(run_path, json.dumps(self.run, indent=2, sort_keys=True))
@@ -376,10 +382,6 @@ class SampleWriter:
             raise DataError(link, f"is a symbolic link (to {os.readlink(link)}); anomalygen never writes through "
                                   "links inside its output folder: replace it with a real folder or choose another --out")
 
-    def _remove_partials(self) -> None:
-        """Delete temporary files a killed run left behind (never a finished file)."""
-        for tmp in self.root.rglob(f".*{TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
 
     def _clear(self) -> None:
         """Delete the previous run's files (a failure is an error, not stale samples left behind)."""

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import SafetensorError
 
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.io import atomic_write_text
+from anomalygen.io import atomic_write_text, remove_partials
 from anomalygen.methods.options import OptionSpec
 from anomalygen.types import AnomalySample, DefectExample
 
@@ -123,6 +123,7 @@ class AnomalyGenerator(ABC):
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        remove_partials(directory)  # left by a save that was killed
         self.save_state(directory)
         payload = {"method": self.name, "options": self.config(), "defect_types": self.defect_types}
         atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from anomalygen.diffusion.backbone import load_backbone
@@ -24,6 +24,7 @@ from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import blended_generate, encode_images, sample_generators, to_tensor
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError
+from anomalygen.io import atomic_write_bytes
 from anomalygen.masks import augment_mask
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt
 from anomalygen.methods.options import Float, Int, OptionSpec, Text, diffusion_options
@@ -120,8 +121,9 @@ class TextualInversionGenerator(AnomalyGenerator):
     def save_state(self, directory: Path) -> None:
         if self.embeddings is None:
             raise AnomalygenError("textual-inversion: nothing to save, call fit first")
-        save_file({"vectors": self.embeddings.vectors.detach().cpu().contiguous()}, str(directory / "embeddings.safetensors"))
-        save_file({t: torch.from_numpy(m.astype(np.uint8)) for t, m in self.train_masks.items()}, str(directory / "masks.safetensors"))
+        atomic_write_bytes(directory / "embeddings.safetensors", save({"vectors": self.embeddings.vectors.detach().cpu().contiguous()}))
+        atomic_write_bytes(directory / "masks.safetensors",
+                           save({t: torch.from_numpy(m.astype(np.uint8)) for t, m in self.train_masks.items()}))
 
     def load_state(self, directory: Path) -> None:
         path, masks_path = directory / "embeddings.safetensors", directory / "masks.safetensors"

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from anomalygen.diffusion.attention import AttentionReweight, install_hooks, remove_hooks, select_layers
 from anomalygen.diffusion.backbone import LDM_MODEL, Backbone, default_model, load_backbone
@@ -33,6 +33,7 @@ from anomalygen.diffusion.sampling import (
 )
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.io import atomic_write_bytes, atomic_write_text
 from anomalygen.masks import augment_mask
 from anomalygen.methods.anomalydiffusion.aar import (
     AAR_VARIANTS, APPLY, DEFAULT_APPLY, HOOK_STAGE, dilation_scale, latent_weights, paper_weights,
@@ -397,7 +398,7 @@ class AnomalyDiffusion(AnomalyGenerator):
                    "mask_tokens": self.mask_tokens.tokens.detach().cpu().contiguous()}
         tensors.update({f"spatial_encoder.{k}": v.detach().cpu().contiguous()
                         for k, v in self.spatial_encoder.state_dict().items()})
-        save_file(tensors, str(directory / STATE_FILE))
+        atomic_write_bytes(directory / STATE_FILE, save(tensors))
         meta = {"defect_types": self._defect_types,
                 "spatial_encoder": {"preset": self._encoder_preset, "source": self.spatial_encoder.source},
                 "mask_stats": {t: s.to_json() for t, s in self.mask_stats.items()},
@@ -410,7 +411,7 @@ class AnomalyDiffusion(AnomalyGenerator):
                 cv2.imwrite(str(folder / f"{j:03d}.png"), m.astype(np.uint8) * 255)
                 names.append(f"{MASK_DIR}/{folder.name}/{j:03d}.png")
             meta["training_masks"][t] = names
-        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
 
     def load_state(self, directory: Path) -> None:
         state_path, meta_path = directory / STATE_FILE, directory / META_FILE
