@@ -173,6 +173,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def corrupt(path: str | Path, what: str) -> DataError:
+    """``PATH: corrupt (what)``: a state file that was damaged or tampered with."""
+    return DataError(path, f"corrupt ({what})")
+
+
+def read_json(path: str | Path, kind: type = dict) -> Any:
+    """The JSON value of a state file anomalygen wrote, which must be a ``kind`` (dict or list);
+    a damaged or tampered file is ``PATH: corrupt (what is wrong)``."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise DataError(path, "missing: the folder is incomplete") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise corrupt(path, f"not valid JSON: {error}") from None
+    if not isinstance(value, kind):
+        raise corrupt(path, f"not a JSON {'object' if kind is dict else 'array'}")
+    return value
+
+
 def remove_partials(folder: str | Path) -> None:
     """Delete the temporary files of atomic writes a killed run left in ``folder`` (never a finished file)."""
     for tmp in Path(folder).rglob(f".*{TMP_SUFFIX}"):
@@ -274,7 +294,10 @@ class SampleWriter:
             if overwrite:
                 self._clear()
             else:
-                previous = _read_run(run_path)
+                try:
+                    previous = read_json(run_path)
+                except DataError as error:
+                    raise DataError(run_path, f"{error.problem}; use --overwrite to start over") from None
                 if previous != self.run:
                     raise AnomalygenError(
                         f"{self.root}: holds the output of a different run ({_difference(previous, self.run)}); "
@@ -382,7 +405,6 @@ class SampleWriter:
             raise DataError(link, f"is a symbolic link (to {os.readlink(link)}); anomalygen never writes through "
                                   "links inside its output folder: replace it with a real folder or choose another --out")
 
-
     def _clear(self) -> None:
         """Delete the previous run's files (a failure is an error, not stale samples left behind)."""
         for name in ("test", "ground_truth"):
@@ -390,16 +412,6 @@ class SampleWriter:
                 shutil.rmtree(self.root / name)
         for name in (MANIFEST, RUN_FILE):
             (self.root / name).unlink(missing_ok=True)
-
-
-def _read_run(path: Path) -> dict[str, Any]:
-    try:
-        run = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(path, f"corrupt (not valid JSON: {error}); use --overwrite to start over") from None
-    if not isinstance(run, dict):
-        raise DataError(path, "corrupt (not a JSON object); use --overwrite to start over")
-    return run
 
 
 def _first_link(path: Path) -> Path | None:

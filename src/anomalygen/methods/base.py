@@ -19,29 +19,11 @@ import numpy as np
 from safetensors import SafetensorError
 
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.io import atomic_write_text, remove_partials
+from anomalygen.io import atomic_write_text, corrupt, read_json, remove_partials
 from anomalygen.methods.options import OptionSpec
 from anomalygen.types import AnomalySample, DefectExample
 
 CONFIG_FILE = "generator.json"
-
-
-def corrupt(path: Path, what: str) -> DataError:
-    """``PATH: corrupt (what)``: a saved model file that was damaged or tampered with."""
-    return DataError(path, f"corrupt ({what})")
-
-
-def read_json(path: Path, kind: type = dict) -> Any:
-    """The JSON value of a saved model file, which must be a ``kind`` (dict or list)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(path, "missing: not a complete saved model") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise corrupt(path, f"not valid JSON: {error}") from None
-    if not isinstance(value, kind):
-        raise corrupt(path, f"expected a JSON {'object' if kind is dict else 'array'}, got {type(value).__name__}")
-    return value
 
 
 @contextmanager

@@ -24,7 +24,8 @@ from skimage import measure
 
 from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.methods.base import malformed_as_corrupt, model_path, read_json
+from anomalygen.io import atomic_write_text, read_json
+from anomalygen.methods.base import malformed_as_corrupt, model_path
 from anomalygen.methods.blending import blend, feather_alpha, place, random_point, rotate_patch
 from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, as_rgb, fit_mask
 from anomalygen.methods.options import Bool, Float, Int, OptionSpec, Range
@@ -159,7 +160,7 @@ class CropPaste(ModelFreeGenerator):
                     "source_shape": list(crop.source_shape),
                 }
             )
-        (directory / CROPS_FILE).write_text(json.dumps(entries, indent=2))
+        atomic_write_text(directory / CROPS_FILE, json.dumps(entries, indent=2))
 
     def load_state(self, directory: Path) -> None:
         path = directory / CROPS_FILE

@@ -33,7 +33,7 @@ from anomalygen.diffusion.sampling import (
 )
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.io import atomic_write_bytes, atomic_write_text
+from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
 from anomalygen.masks import augment_mask
 from anomalygen.methods.anomalydiffusion.aar import (
     AAR_VARIANTS, APPLY, DEFAULT_APPLY, HOOK_STAGE, dilation_scale, latent_weights, paper_weights,
@@ -43,7 +43,7 @@ from anomalygen.methods.anomalydiffusion.embedding import TypeTokens
 from anomalygen.methods.anomalydiffusion.loss import NORMALISATIONS, latent_mask, masked_diffusion_loss
 from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, RANDOM, SpatialEncoder
-from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_json
+from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path
 from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, diffusion_options
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
