@@ -9,8 +9,11 @@ nothing written before) changed, byte for byte, mode and symlink targets include
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,3 +94,19 @@ def assert_kept(before: dict[str, tuple], root: str | Path, *, appended: tuple[s
 
     lost = sorted(k for k, v in before.items() if after.get(k) != v and not grown(k))
     assert not lost, f"changed or lost under {root}: {lost[:10]}"
+
+
+@contextmanager
+def lock_held_elsewhere(folder: str | Path, what: str) -> Iterator[subprocess.Popen]:
+    """Another process holds ``folder_lock(folder, what)`` while the block runs (yields it);
+    it is killed with SIGKILL at the end, as a crash would, so its record stays behind."""
+    code = ("import sys, time; from anomalygen.io import folder_lock\n"
+            "with folder_lock(sys.argv[1], sys.argv[2]):\n print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder), what], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()

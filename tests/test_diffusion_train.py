@@ -2,13 +2,13 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from cli_harness import lock_held_elsewhere
 
 from anomalygen.diffusion.train import TrainConfig, latest_checkpoint, load_trainable, train
 
@@ -120,16 +120,9 @@ def test_elapsed_continues_and_a_tmp_checkpoint_is_not_resumed(tmp_path):
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
     from anomalygen.errors import AnomalygenError
 
-    code = ("import sys, time; from anomalygen.io import folder_lock\n"
-            "with folder_lock(sys.argv[1], 'training'):\n print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_held_elsewhere(tmp_path, "training") as holder:
         with pytest.raises(AnomalygenError, match=rf"in use by another anomalygen training \(pid {holder.pid} "):
             train(_modules(), _loss(), CONFIG, tmp_path)
-    finally:
-        holder.kill()
-        holder.wait()
     assert train(_modules(), _loss(), CONFIG, tmp_path).step == 8  # released: the next run goes
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from anomalygen.io import (
 )
 from anomalygen.types import AnomalySample
 from anomalygen.visualize import Section, grid, overlay, write_html
+from cli_harness import lock_held_elsewhere
 
 RUN = {"method": "fake", "seed": 3, "config": {"a": 1}}
 
@@ -252,15 +252,8 @@ def test_folder_lock_refuses_a_second_process_and_frees_on_exit(tmp_path):
 
 def test_folder_lock_survives_kill_9(tmp_path):
     """flock dies with its process: a holder killed with SIGKILL leaves a record but no lock."""
-    code = ("import sys, time; from anomalygen.io import folder_lock\n"
-            "with folder_lock(sys.argv[1], 'fit'):\n print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_held_elsewhere(tmp_path, "fit") as holder:
         assert f"pid {holder.pid}" in _lock_from_another_process(tmp_path).stderr
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     assert b'"pid"' in (tmp_path / LOCK_FILE).read_bytes()  # the stale record
     assert _lock_from_another_process(tmp_path).stdout == "got it\n"
 
