@@ -12,7 +12,7 @@ from anomalygen.errors import DataError
 from anomalygen.evaluation.classification import RESNET34_URL, ClassificationConfig, build_resnet34, resnet34_weights
 from anomalygen.evaluation.ic_lpips import BACKBONE_URLS, load_lpips
 from anomalygen.evaluation.inception_score import load_inception
-from anomalygen.evaluation.weights import hub_checkpoint, load_state_dict
+from anomalygen.weights import hub_checkpoint, load_state_dict
 from cli_harness import assert_user_error, run_cli
 
 torch.set_num_threads(1)

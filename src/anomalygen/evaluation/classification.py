@@ -22,7 +22,7 @@ from torchvision.models import ResNet34_Weights, resnet34
 from anomalygen.evaluation.inputs import EvaluationData, resize_image
 from anomalygen.evaluation.localization import diverged
 from anomalygen.evaluation import options
-from anomalygen.evaluation.weights import find_weights, load_into, load_state_dict, missing
+from anomalygen.weights import find_weights, load_into, load_state_dict, missing
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

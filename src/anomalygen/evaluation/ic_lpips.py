@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.progress import track
 
 from anomalygen.errors import AnomalygenError
-from anomalygen.evaluation.weights import find_weights, load_into, load_state_dict, missing
+from anomalygen.weights import find_weights, load_into, load_state_dict, missing
 
 BACKBONE_URLS = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",

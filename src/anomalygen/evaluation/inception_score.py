@@ -17,7 +17,7 @@ from rich.progress import track
 from torch import nn
 from torchmetrics.image.inception import InceptionScore
 
-from anomalygen.evaluation.weights import find_weights, load_state_dict, missing, state_mismatch
+from anomalygen.weights import find_weights, load_state_dict, missing, state_mismatch
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_ENV = "ANOMALYGEN_INCEPTION_WEIGHTS"

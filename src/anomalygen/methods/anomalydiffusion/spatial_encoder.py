@@ -21,7 +21,6 @@ the body receives gradients once they are non-zero).
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from anomalygen.errors import DataError
+from anomalygen.weights import hub_checkpoint, load_state_dict
 
 # "resnet50" is the paper's encoder; "tiny" keeps tests and the tiny diffusion preset fast.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -53,9 +53,8 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 def imagenet_file() -> Path | None:
     """torchvision's ResNet-50 ImageNet weights in the torch hub cache (the default version first)."""
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
     versions = [ResNet50_Weights.DEFAULT, *(w for w in ResNet50_Weights if w != ResNet50_Weights.DEFAULT)]
-    return next((folder / Path(w.url).name for w in versions if (folder / Path(w.url).name).is_file()), None)
+    return next((hub_checkpoint(w.url) for w in versions if hub_checkpoint(w.url).is_file()), None)
 
 
 class SpatialEncoder(nn.Module):
@@ -102,17 +101,11 @@ class SpatialEncoder(nn.Module):
         return encoder
 
     def load_imagenet(self, path: Path) -> None:
-        """Copy a torchvision ResNet-50 state dict (no pickle code) into the body."""
+        """Copy a torchvision ResNet-50 state dict (read without pickle code) into the body."""
+        state = load_state_dict(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise DataError(path, "refused: loading it would run pickle code; expected a plain torchvision "
-                                  "ResNet-50 state dict (torch.load weights_only=True)") from None
-        except (RuntimeError, OSError, EOFError) as error:
-            raise DataError(path, f"unreadable ResNet-50 weights ({str(error).splitlines()[0]})") from None
-        try:
-            self.backbone.body.load_state_dict({k: v for k, v in dict(state).items() if not k.startswith("fc.")})
-        except (RuntimeError, TypeError, ValueError) as error:
+            self.backbone.body.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+        except RuntimeError as error:
             raise DataError(path, f"not a torchvision ResNet-50 state dict ({str(error).splitlines()[0]})") from None
         self.source = IMAGENET + path.name
 

@@ -1,6 +1,6 @@
-"""Where pretrained evaluation weights are looked for, how they are read, and the errors.
+"""Where pretrained weights (evaluation networks, encoders) are looked for, how they are read, and the errors.
 
-Nothing is downloaded: evaluation must run offline. Weights are taken from an explicit path, an
+Nothing is downloaded: everything must run offline. Weights are taken from an explicit path, an
 environment variable, or the torch hub cache (``$TORCH_HOME/hub/checkpoints``), where
 torchvision, torch-fidelity and torchmetrics keep what they download.
 
