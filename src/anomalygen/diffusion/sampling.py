@@ -1,4 +1,4 @@
-"""Latent sampling: DDIM / DPM-Solver++ (diffusers schedulers), CFG, blended latent diffusion.
+"""Latent sampling: DDIM / DPM-Solver++ / PNDM (diffusers schedulers), CFG, blended latent diffusion.
 
 Blended latent diffusion (Avrahami, Fried & Lischinski, "Blended Latent Diffusion", SIGGRAPH
 2023, Alg. 1): after every denoising step the latent keeps the model's values inside the mask and
@@ -18,21 +18,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, VQModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, VQModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from anomalygen.diffusion.backbone import Backbone
 from anomalygen.seeding import sample_rng
 
-SAMPLERS = ("ddim", "dpm++")
+SAMPLERS = ("ddim", "dpm++", "pndm")
+
+# The noise predictor the sampler calls: (model input, timestep, context) -> ε, one row per input row.
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_scheduler(scheduler_config: dict, sampler: str = "ddim"):
-    """A fresh diffusers scheduler: ``"ddim"`` (Song et al. 2021) or ``"dpm++"`` (Lu et al. 2022, 2nd order)."""
+    """A fresh diffusers scheduler: ``"ddim"`` (Song et al. 2021), ``"dpm++"`` (Lu et al. 2022,
+    2nd order) or ``"pndm"`` (Liu et al. 2022, PLMS steps only, as Stable Diffusion's pipelines)."""
     if sampler == "ddim":
         return DDIMScheduler.from_config(scheduler_config)
     if sampler == "dpm++":
         return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
+    if sampler == "pndm":
+        return PNDMScheduler.from_config(scheduler_config, skip_prk_steps=True)
     raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
 
 
@@ -111,6 +117,7 @@ def sample_latents(
     known_latents: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     callback: Callable[[StepState], None] | None = None,
+    denoiser: Denoiser | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Denoise from per-sample Gaussian noise; blended with ``known_latents`` outside ``mask`` if given.
@@ -118,7 +125,9 @@ def sample_latents(
     ``mask`` is (B, 1, h, w) at latent resolution (1 = generate). With ``guidance_scale > 1`` the
     UNet sees ``[uncond; cond]`` (``StepState.cond_rows`` says which rows are conditional, e.g. for
     an attention hook that must change those only). ``callback(state)`` runs before each UNet call
-    and may change the latents, the conditioning or attention hooks' state.
+    and may change the latents, the conditioning or attention hooks' state. ``denoiser(model_in,
+    t, context) -> ε`` replaces the plain UNet call (default ``backbone.unet``), e.g. to run extra
+    rows or inputs alongside the sampled ones; it gets the CFG-stacked batch and returns ε for it.
     """
     device, dtype = backbone.device, backbone.unet.dtype
     batch = encoder_hidden_states.shape[0]
@@ -150,7 +159,10 @@ def sample_latents(
         if guided:
             model_in = torch.cat([model_in, model_in])
             context = torch.cat([uncond_hidden_states.expand_as(encoder_hidden_states), encoder_hidden_states])
-        noise_pred = backbone.unet(model_in.to(dtype), t, encoder_hidden_states=context.to(device, dtype)).sample.float()
+        if denoiser is None:
+            noise_pred = backbone.unet(model_in.to(dtype), t, encoder_hidden_states=context.to(device, dtype)).sample.float()
+        else:
+            noise_pred = denoiser(model_in.to(dtype), t, context.to(device, dtype)).float()
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance_scale * (cond - uncond)

@@ -147,6 +147,7 @@ METHODS: dict[str, str] = {
     "draem": "anomalygen.methods.draem:DraemTexture",
     "textual-inversion": "anomalygen.methods.textual_inversion:TextualInversionGenerator",
     "anomalydiffusion": "anomalygen.methods.anomalydiffusion:AnomalyDiffusion",
+    "dualanodiff": "anomalygen.methods.dualanodiff:DualAnoDiff",
 }
 
 

@@ -1,0 +1,52 @@
+"""The mask from the anomaly branch (DualAnoDiff, Jin et al. CVPR 2025, §3.4).
+
+The anomaly-part image shows the defect alone on a black background, so its mask is segmented
+from it, aligned with the whole image by construction. Two ways, as the paper names them:
+
+- ``threshold`` (default): brightness (max over channels, [0, 1]) above ``threshold``, cleaned by
+  morphology (opening removes specks, closing and hole filling close the region) and with
+  components below ``min_area`` of the image dropped. The official code segments with a U²-Net
+  saliency model at 0.5; its weights cannot be assumed here, and on a black background brightness
+  is what saliency finds.
+- ``attention``: the mean cross-attention map of the defect token in the anomaly branch, scaled to
+  [0, 1] by its maximum, above ``threshold``, with the same clean-up.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+MASK_SOURCES = ("threshold", "attention")
+
+
+def clean(mask: np.ndarray, min_area: float = 5e-4) -> np.ndarray:
+    """Opening, closing and hole filling with a disk scaled to the image (radius 1 per 256 px),
+    then connected components smaller than ``min_area`` × the image area removed."""
+    radius = max(1, round(max(mask.shape) / 256))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    out = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, disk)
+    out = cv2.morphologyEx(out, cv2.MORPH_CLOSE, disk)
+    out = ndimage.binary_fill_holes(out)
+    labels, count = ndimage.label(out)
+    if count:
+        sizes = ndimage.sum(out, labels, range(1, count + 1))
+        keep = np.flatnonzero(sizes >= min_area * mask.size) + 1
+        out = np.isin(labels, keep)
+    return out.astype(bool)
+
+
+def mask_from_part(part: np.ndarray, threshold: float = 0.15, min_area: float = 5e-4) -> np.ndarray:
+    """Bool (H, W) mask of a uint8 (H, W, 3) anomaly-part image on a black background."""
+    brightness = np.asarray(part, np.float32).reshape(*part.shape[:2], -1).max(axis=-1) / 255
+    return clean(brightness > threshold, min_area)
+
+
+def mask_from_attention(attention: np.ndarray, shape: tuple[int, int], threshold: float = 0.5,
+                        min_area: float = 5e-4) -> np.ndarray:
+    """Bool mask of size ``shape`` (H, W) from a (h, w) attention map (bilinear upsampling)."""
+    peak = float(attention.max())
+    scaled = attention / peak if peak > 0 else attention
+    resized = cv2.resize(scaled.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return clean(resized > threshold, min_area)
