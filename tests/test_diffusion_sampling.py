@@ -31,7 +31,7 @@ def setup():
     return backbone, encoder, good, masks
 
 
-@pytest.mark.parametrize("sampler,eta,guidance", [("ddim", 1.0, 1.0), ("dpm++", 0.0, 2.5)])
+@pytest.mark.parametrize("sampler,eta,guidance", [("ddim", 1.0, 1.0), ("dpm++", 0.0, 2.5), ("pndm", 0.0, 2.5)])
 def test_same_samples_whatever_the_batch(setup, sampler, eta, guidance):
     backbone, encoder, good, masks = setup
     context = encoder(["a photo of crack"] * 3).hidden_states
@@ -68,3 +68,35 @@ def test_blending_keeps_known_latent_outside_mask_and_paste_is_exact(setup):
     pasted = blended_generate(backbone, context, good, masks, sample_generators(0, [0, 1, 2]), resolution=32, num_inference_steps=5)
     for out, image, mask in zip(pasted, good, masks):
         assert out.shape == image.shape and np.array_equal(out[~mask], image[~mask])
+
+
+def test_pndm_is_sd_plms_and_runs_the_requested_steps(setup):
+    backbone = setup[0]
+    from anomalygen.diffusion.sampling import make_scheduler
+
+    scheduler = make_scheduler(backbone.scheduler_config, "pndm")
+    assert scheduler.config.skip_prk_steps
+    scheduler.set_timesteps(10)
+    assert len(scheduler.timesteps) == 11  # PLMS repeats one step to warm up, as in SD's pipelines
+
+
+def test_denoiser_replaces_the_unet_call_and_sees_the_cfg_stacked_batch(setup):
+    backbone, encoder, _, _ = setup
+    context = encoder(["a photo of crack"] * 2).hidden_states
+    uncond = encoder([""]).hidden_states
+    options = dict(latent_size=(8, 8), num_inference_steps=3, guidance_scale=2.0, uncond_hidden_states=uncond)
+    plain = sample_latents(backbone, context, sample_generators(1, [0, 1]), **options)
+    seen = []
+
+    def with_extra_rows(model_in, t, ctx):  # runs two extra rows alongside, returns ε of the sampled ones
+        seen.append(model_in.shape[0])
+        extra = torch.zeros(2, *model_in.shape[1:])
+        eps = backbone.unet(torch.cat([model_in, extra]), t, encoder_hidden_states=torch.cat([ctx, ctx[:2]])).sample
+        return eps[: model_in.shape[0]]
+
+    same = sample_latents(backbone, context, sample_generators(1, [0, 1]), denoiser=with_extra_rows, **options)
+    assert seen == [4, 4, 4]
+    assert torch.allclose(same, plain, atol=1e-5)
+    doubled = sample_latents(backbone, context, sample_generators(1, [0, 1]),
+                             denoiser=lambda x, t, c: 2 * backbone.unet(x, t, encoder_hidden_states=c).sample, **options)
+    assert (doubled - plain).abs().max() > 1e-2

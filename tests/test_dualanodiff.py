@@ -1,0 +1,373 @@
+"""DualAnoDiff (Jin et al., CVPR 2025) on the tiny (random-init) preset: SAIM (Eq. 3), BCM (Eq. 5),
+the dual loss (Eq. 4), row layout and routing, masks from the anomaly branch, save / load, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anomalygen.diffusion import lora
+from anomalygen.errors import AnomalygenError
+from anomalygen.methods.base import AnomalyGenerator, create
+from anomalygen.methods.dualanodiff import DualAnoDiff
+from anomalygen.methods.dualanodiff.bcm import BackgroundMix
+from anomalygen.methods.dualanodiff.saim import SAIM
+from anomalygen.methods.dualanodiff.segment import mask_from_attention, mask_from_part
+from anomalygen.types import DefectExample
+
+torch.set_num_threads(1)
+
+FAST = dict(model="tiny", device="cpu", resolution=32, batch_size=2, max_steps=2, num_inference_steps=3, rank=4,
+            mask_tries=1, generate_batch_size=2)
+
+
+def toy_data(seed=0):
+    rng = np.random.default_rng(seed)
+    defects = []
+    for i in range(4):
+        image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        mask = np.zeros((40, 48), bool)
+        mask[10 + i:20 + i, 12:30] = True
+        defects.append(DefectExample(image, mask, ["crack", "hole"][i % 2]))
+    good = [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    return defects, good
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="module")
+def fitted(work_dir):
+    defects, good = toy_data()
+    generator = DualAnoDiff(**FAST, work_dir=str(work_dir))
+    generator.fit(defects, good)
+    return generator, good
+
+
+# ----------------------------------------------------------------- SAIM (Eq. 3)
+def test_saim_on_identical_branches_is_symmetric_with_the_exact_residual():
+    torch.manual_seed(0)
+    saim = SAIM(16)
+    o = torch.randn(3, 10, 16)
+    whole, part = saim.interact(o, o.clone())
+    assert torch.equal(whole, part)
+    # two identical keys: the branch attention is uniform, its output is v(x) itself
+    with torch.no_grad():
+        expected = o + saim.proj_out(saim.v(saim.proj_in(saim.norm(o))))
+    assert torch.allclose(whole, expected, atol=1e-6)
+    assert (whole - o).abs().max() > 1e-2  # the residual is not zero at the default init
+
+
+def test_saim_swaps_with_its_branches_and_pairs_only_the_same_sample():
+    torch.manual_seed(1)
+    saim = SAIM(8)
+    w, p = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    a_w, a_p = saim.interact(w, p)
+    b_w, b_p = saim.interact(p, w)
+    assert torch.allclose(a_w, b_p, atol=1e-6) and torch.allclose(a_p, b_w, atol=1e-6)
+    p2 = p.clone()
+    p2[1] = torch.randn(5, 8)  # sample 1's part changes: sample 0 does not, sample 1's whole does
+    c_w, _ = saim.interact(w, p2)
+    assert torch.equal(c_w[0], a_w[0]) and (c_w[1] - a_w[1]).abs().max() > 1e-3
+    position = torch.randn(2, 5, 8)
+    position[:, 3] = w[:, 3]  # positions attend only across the branch axis, never to other positions
+    d_w, _ = saim.interact(position, p)
+    assert torch.allclose(d_w[:, 3], a_w[:, 3], atol=1e-6)
+
+
+def test_saim_hook_changes_only_the_paired_rows_and_zero_init_is_identity():
+    torch.manual_seed(2)
+    saim = SAIM(8)
+    out = torch.randn(5, 4, 8)
+    saim.whole, saim.part = torch.tensor([0, 1]), torch.tensor([2, 3])
+    changed = saim.output("layer", out)
+    assert torch.equal(changed[4], out[4])  # e.g. a background row
+    w, p = saim.interact(out[:2], out[2:4])
+    assert torch.equal(changed[:2], w) and torch.equal(changed[2:4], p)
+    zero = SAIM(8, zero_init=True)
+    zero.whole, zero.part = saim.whole, saim.part
+    assert torch.equal(zero.output("layer", out), out)
+
+
+# ----------------------------------------------------------------- BCM (Eq. 5)
+def test_bcm_paper_mix_adds_gamma_mlp_of_the_background():
+    torch.manual_seed(3)
+    mix = BackgroundMix(8, 6, "paper")
+    assert mix.gamma.item() == pytest.approx(0.1) and mix.gamma.requires_grad
+    own, background = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    with torch.no_grad():
+        assert torch.allclose(mix(own, background), own + 0.1 * mix.mlp(background), atol=1e-6)
+        mix.gamma.fill_(0.3)
+        assert torch.allclose(mix(own, background), own + 0.3 * mix.mlp(background), atol=1e-6)
+
+
+def test_bcm_official_mix_interpolates_and_starts_as_the_identity():
+    torch.manual_seed(4)
+    mix = BackgroundMix(8, 6, "official")
+    own, background = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    with torch.no_grad():
+        assert torch.equal(mix(own, background), own)
+        mix.gamma.fill_(0.25)
+        assert torch.allclose(mix(own, background), 0.75 * own + 0.25 * mix.mlp(background), atol=1e-6)
+
+
+# ----------------------------------------------------------------- layout, routing, loss (Eq. 4)
+def test_row_layout_under_cfg_with_background_rows(fitted):
+    generator, _ = fitted
+    names = generator._set_rows(1, n=2, halves=2, background=True)
+    w, p = "whole_1", "part_1"
+    assert names == [w, w, p, p, w, w, p, p, w, w, w, w]
+    modules = generator.interaction["hole"].values()
+    saim = next(m for m in modules if isinstance(m, SAIM))
+    bcm = next(m for m in modules if not isinstance(m, SAIM))
+    assert saim.whole.tolist() == [0, 1, 4, 5] and saim.part.tolist() == [2, 3, 6, 7]
+    assert bcm.targets.tolist() == [0, 1, 4, 5] and bcm.reference_rows.tolist() == [8, 9, 10, 11]
+    assert bcm.mode == "inject"
+
+
+class ZeroUNet(torch.nn.Module):
+    """Predicts ε = 0 and records the timesteps it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, noisy, timesteps, encoder_hidden_states):
+        self.calls.append((noisy.shape[0], timesteps.clone()))
+        return type("Out", (), {"sample": torch.zeros_like(noisy, dtype=torch.float32)})()
+
+
+def test_loss_is_the_sum_of_both_branch_losses_at_one_shared_timestep(fitted):
+    generator, _ = fitted
+    latents = {b: torch.randn(3, 4, 16, 16) for b in ("whole", "part", "background")}
+    contexts = tuple(generator.prompts([p]).hidden_states for p in generator.words("crack"))
+    generator.opt["batch_size"] = 64
+    try:
+        fake = ZeroUNet()
+        loss = generator.training_loss(0, latents, contexts, torch.Generator().manual_seed(0), fake)
+    finally:
+        generator.opt["batch_size"] = FAST["batch_size"]
+    assert loss.item() == pytest.approx(2.0, abs=0.05)  # E‖ε_w‖² + E‖ε_a‖² with a zero prediction
+    rows, timesteps = fake.calls[0]
+    assert rows == 3 * 64  # whole, part and background rows in one forward
+    assert torch.equal(timesteps[:64], timesteps[64:128]) and torch.equal(timesteps[:64], timesteps[128:])
+    assert len(set(timesteps[:64].tolist())) > 10
+
+
+def test_one_step_gives_gradients_to_both_branches_saim_and_bcm_only_of_this_type(fitted):
+    generator, _ = fitted
+    unet = generator.backbone.unet
+    generator._freeze_adapters({"whole_0", "part_0"})
+    for module in generator.interaction["crack"].values():
+        module.requires_grad_(True)
+    handle = generator._install(0)
+    try:
+        latents = {b: torch.randn(2, 4, 16, 16) for b in ("whole", "part", "background")}
+        contexts = tuple(generator.prompts([p]).hidden_states for p in generator.words("crack"))
+        generator.training_loss(0, latents, contexts, torch.Generator().manual_seed(0)).backward()
+    finally:
+        from anomalygen.diffusion.attention import remove_hooks
+
+        remove_hooks(unet, handle)
+    for name in ("whole_0", "part_0"):  # peft starts B at 0, so B's gradient is the informative one
+        grads = [p.grad for p in lora.trainable_parameters(unet, name) if p.grad is not None]
+        assert grads and max(g.abs().max().item() for g in grads) > 0, name
+    assert all(p.grad is None for name in ("whole_1", "part_1") for p in lora.trainable_parameters(unet, name))
+    modules = generator.interaction["crack"]
+    gamma = next(m.mix.gamma for n, m in modules.items() if n.endswith(".bcm"))
+    saim = next(m for n, m in modules.items() if n.endswith(".saim"))
+    assert gamma.grad is not None and gamma.grad.abs().item() > 0
+    assert saim.proj_out.weight.grad.abs().max() > 0
+    unet.zero_grad(set_to_none=True)
+    for module in modules.values():
+        module.zero_grad(set_to_none=True)
+        module.requires_grad_(False)
+    generator._freeze_adapters()
+
+
+def test_gamma_starts_at_point_one_and_trains(fitted):
+    generator, _ = fitted
+    fresh = DualAnoDiff(**FAST)
+    fresh._defect_types = ["crack"]
+    fresh._add_branches(0)
+    gammas = [m.mix.gamma.item() for n, m in fresh.interaction["crack"].items() if n.endswith(".bcm")]
+    assert gammas and all(g == pytest.approx(0.1) for g in gammas)
+    trained = [m.mix.gamma.item() for n, m in generator.interaction["crack"].items() if n.endswith(".bcm")]
+    assert all(abs(g - 0.1) > 1e-7 for g in trained)
+    assert len(generator.loss_log["crack"]) == FAST["max_steps"]
+
+
+def test_each_type_trains_only_its_own_weights(fitted, work_dir):
+    from safetensors.torch import load_file
+
+    for k in (0, 1):
+        keys = list(load_file(str(work_dir / f"type-00{k}" / "checkpoints" / "step-0000002" / "trainable.safetensors")))
+        lora_keys = [key for key in keys if "lora_" in key]
+        assert lora_keys and all(f".whole_{k}." in key or f".part_{k}." in key for key in lora_keys)
+        assert any(".proj_out." in key for key in keys) and any(".mix.gamma" in key for key in keys)  # SAIM, BCM
+        assert len(keys) - len(lora_keys) == len(generator_interaction_keys(fitted[0], k))
+    assert not any(p.requires_grad for p in fitted[0].backbone.unet.parameters())
+
+
+def generator_interaction_keys(generator, k):
+    modules = generator.interaction[generator.defect_types[k]]
+    return [f"{n}.{key}" for n, m in modules.items() for key, _ in m.named_parameters()]
+
+
+# ----------------------------------------------------------------- masks from the anomaly branch
+def iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cx=st.integers(20, 108), cy=st.integers(20, 108), rx=st.integers(6, 18), ry=st.integers(6, 18),
+       level=st.floats(0.3, 1.0), seed=st.integers(0, 1000))
+def test_threshold_mask_matches_the_drawn_region(cx, cy, rx, ry, level, seed):
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    region = np.zeros((128, 128), np.uint8)
+    cv2.ellipse(region, (cx, cy), (rx, ry), 0, 0, 360, 1, -1)
+    region = region.astype(bool)
+    texture = rng.uniform(level * 0.7, level, (128, 128, 3))
+    noise = rng.uniform(0, 0.05, (128, 128, 3))  # the VAE's dark-grey speckle on the black background
+    part = (np.where(region[..., None], texture, noise) * 255).astype(np.uint8)
+    assert iou(mask_from_part(part), region) > 0.9
+
+
+def test_attention_mask_matches_the_region_the_map_attends_to():
+    import cv2
+
+    region = np.zeros((64, 64), np.uint8)
+    cv2.circle(region, (40, 22), 12, 1, -1)
+    attention = cv2.resize(region.astype(np.float32), (16, 16), interpolation=cv2.INTER_AREA) * 0.3  # a 16×16 layer
+    mask = mask_from_attention(attention, (64, 64))
+    assert iou(mask, region.astype(bool)) > 0.9
+    assert not mask_from_attention(np.zeros((16, 16)), (64, 64)).any()
+
+
+def test_specks_are_dropped_and_holes_filled():
+    part = np.zeros((100, 100, 3), np.uint8)
+    part[30:60, 30:60] = 200
+    part[40:45, 40:45] = 0  # a dark spot inside the defect
+    part[5, 5] = 255  # a speck
+    mask = mask_from_part(part)
+    assert mask[31:59, 31:59].all() and not mask[5, 5]
+    assert 896 <= mask.sum() <= 900  # the opening may round the four corner pixels
+
+
+# ----------------------------------------------------------------- generation, persistence
+def test_generate_pairs_and_sample_i_depends_on_seed_and_i_only(fitted):
+    generator, good = fitted
+    samples = list(generator.generate(good, 3, seed=1))
+    assert [s.defect_type for s in samples] == ["crack", "hole", "crack"]
+    assert all(s.image.shape == (40, 48, 3) and s.mask.shape == (40, 48) for s in samples)
+    assert all(s.meta["good_image"].startswith("background") and "source_index" in s.meta for s in samples)
+    late = list(generator.generate(good, 1, seed=1, start=2))[0]
+    assert np.abs(late.image.astype(int) - samples[2].image).max() <= 1
+    other = list(generator.generate(good, 1, seed=2))[0]
+    assert np.abs(other.image.astype(int) - samples[0].image).mean() > 1
+    only = list(generator.generate(good, 2, seed=1, defect_type="hole"))
+    assert [s.defect_type for s in only] == ["hole", "hole"]
+
+
+def test_generate_refuses_masks_and_unknown_types(fitted):
+    generator, good = fitted
+    with pytest.raises(AnomalygenError, match="masks come from the anomaly branch"):
+        list(generator.generate(good, 1, masks=[np.ones((4, 4), bool)]))
+    with pytest.raises(AnomalygenError, match="'scratch' not learned"):
+        list(generator.generate(good, 1, defect_type="scratch"))
+
+
+def test_without_bcm_no_good_image_is_used():
+    defects, good = toy_data()
+    generator = DualAnoDiff(**{**FAST, "bcm": False, "max_steps": 1})
+    generator.fit(defects[:1], good)
+    assert not any(n.endswith(".bcm") for n in generator.interaction["crack"])
+    sample = next(iter(generator.generate([], 1)))
+    assert "source_index" not in sample.meta and sample.meta["good_image"].startswith("none")
+
+
+def test_save_load_generates_the_same_and_loras_load_in_plain_diffusers(fitted, tmp_path):
+    generator, good = fitted
+    generator.save(tmp_path / "model")
+    loaded = AnomalyGenerator.load(tmp_path / "model")
+    a, b = list(generator.generate(good, 2, seed=4)), list(loaded.generate(good, 2, seed=4))
+    for x, y in zip(a, b):
+        assert np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask)
+    meta = json.loads((tmp_path / "model" / "dualanodiff.json").read_text())
+    assert meta["types"] == {"crack": "types/000", "hole": "types/001"}
+    from diffusers import StableDiffusionPipeline
+
+    from anomalygen.diffusion.backbone import load_backbone
+
+    backbone = load_backbone("tiny", device="cpu")
+    pipe = StableDiffusionPipeline(vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer,
+                                   unet=backbone.unet, scheduler=backbone.noise_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(tmp_path / "model" / "types" / "000" / "whole"), adapter_name="whole")
+    ours = dict(generator.backbone.unet.named_parameters())
+    theirs = {n.replace(".whole.", ".whole_0."): p for n, p in pipe.unet.named_parameters() if ".whole." in n}
+    assert theirs and all(torch.allclose(p.float(), ours[n].float()) for n, p in theirs.items())
+
+
+def test_resumed_fit_equals_an_uninterrupted_one(tmp_path):
+    defects, good = toy_data()
+    one = DualAnoDiff(**{**FAST, "max_steps": 1, "work_dir": str(tmp_path / "w1")})
+    one.fit(defects[:1], good)  # stopped after 1 step
+    resumed = DualAnoDiff(**{**FAST, "max_steps": 2, "work_dir": str(tmp_path / "w1")})
+    resumed.fit(defects[:1], good)
+    straight = DualAnoDiff(**{**FAST, "max_steps": 2, "work_dir": str(tmp_path / "w2")})
+    straight.fit(defects[:1], good)
+    assert resumed.loss_log == straight.loss_log
+    for name in ("whole_0", "part_0"):
+        for p, q in zip(lora.trainable_parameters(resumed.backbone.unet, name),
+                        lora.trainable_parameters(straight.backbone.unet, name)):
+            assert torch.equal(p, q)
+    for (n, m), (_, m2) in zip(resumed.interaction["crack"].items(), straight.interaction["crack"].items()):
+        for (k, v), (_, v2) in zip(m.state_dict().items(), m2.state_dict().items()):
+            assert torch.equal(v, v2), f"{n}.{k}"
+
+
+def test_options_are_checked_when_built():
+    assert isinstance(create("dualanodiff", **FAST), DualAnoDiff)
+    for bad, fragment in [({"rank": 0}, "rank"), ({"sampler": "euler"}, "sampler"), ({"bcm_mix": "both"}, "bcm_mix"),
+                          ({"mask_source": "u2net"}, "mask_source"), ({"init_word": "x"}, "unknown option")]:
+        with pytest.raises(AnomalygenError, match=fragment):
+            DualAnoDiff(**bad)
+    defaults = DualAnoDiff().opt
+    assert (defaults["lr"], defaults["max_steps"], defaults["batch_size"], defaults["rank"]) == (2e-5, 5000, 4, 32)
+    assert (defaults["sampler"], defaults["num_inference_steps"], defaults["guidance_scale"]) == ("pndm", 100, 2.5)
+    assert DualAnoDiff().words("crack") == ("a vfx with sks", "sks")
+    assert DualAnoDiff(defect_word="{type}", object_word="bottle").words("broken_large") == ("a bottle with broken large", "broken large")
+
+
+def test_cli_fit_generate_round_trip(demo_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from anomalygen.cli import app
+
+    runner = CliRunner()
+    settings = ["--set", "resolution=32", "--set", "batch_size=2", "--set", "num_inference_steps=2", "--set", "rank=4",
+                "--set", "mask_tries=1"]
+    fitted = runner.invoke(app, ["fit", "--method", "dualanodiff", "--data", str(demo_root), "--category", "fabric",
+                                 "--out", str(tmp_path / "model"), "--model", "tiny", "--max-steps", "1",
+                                 "--device", "cpu", *settings])
+    assert fitted.exit_code == 0, fitted.output
+    assert (tmp_path / "model" / "types" / "000" / "part" / "pytorch_lora_weights.safetensors").is_file()
+    command = ["generate", "--checkpoint", str(tmp_path / "model"), "--data", str(demo_root), "--category", "fabric",
+               "--num", "3", "--seed", "1"]
+    first = runner.invoke(app, [*command, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    assert "3 threshold" in first.output.replace("\n", " ")
+    manifest = [json.loads(line) for line in (tmp_path / "a" / "fabric" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["defect_type"] for m in manifest] == ["cut", "hole", "stain"]
+    assert all(m["source"] and m["meta"]["good_image"].startswith("background") for m in manifest)
+    assert len(list((tmp_path / "a" / "fabric" / "ground_truth").rglob("*_mask.png"))) == 3
