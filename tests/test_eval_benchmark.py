@@ -69,16 +69,21 @@ def test_benchmark_two_methods_on_demo_fabric(demo_root, tmp_path, monkeypatch):
                   metrics=["localization"], settings={"croppaste.feather": 5.0})
 
 
-def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(demo_root, tmp_path, monkeypatch):
+DIFFUSION_SETTINGS = {
+    "anomalydiffusion": {"resolution": 32, "batch_size": 2, "max_steps": 2, "num_inference_steps": 2, "mask_source": "augment"},
+    "dualanodiff": {"resolution": 32, "batch_size": 2, "max_steps": 1, "num_inference_steps": 2, "rank": 4, "mask_tries": 1},
+}
+
+
+@pytest.mark.parametrize("method", list(DIFFUSION_SETTINGS))
+def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo_root, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
-    settings = {"anomalydiffusion.model": "tiny", "anomalydiffusion.device": "cpu", "anomalydiffusion.resolution": 32,
-                "anomalydiffusion.batch_size": 2, "anomalydiffusion.max_steps": 2,
-                "anomalydiffusion.num_inference_steps": 2, "anomalydiffusion.mask_source": "augment"}
-    result = benchmark(demo_root, ["anomalydiffusion"], tmp_path / "bench", category="nut", num_per_type=2,
+    settings = {f"{method}.{key}": value for key, value in {"model": "tiny", "device": "cpu", **DIFFUSION_SETTINGS[method]}.items()}
+    result = benchmark(demo_root, [method], tmp_path / "bench", category="nut", num_per_type=2,
                        metrics=["localization"], device="cpu", settings=settings,
                        localization=LocalizationConfig(epochs=1, samples_per_epoch=2, resolution=32, base=4, batch_size=2))
-    model = json.loads((tmp_path / "bench" / "anomalydiffusion" / "models" / "nut" / "generator.json").read_text())
-    assert model["options"]["model"] == "tiny" and model["options"]["max_steps"] == 2
-    report = result["reports"]["nut"]["anomalydiffusion"]
+    model = json.loads((tmp_path / "bench" / method / "models" / "nut" / "generator.json").read_text())
+    assert model["options"]["model"] == "tiny" and model["options"]["max_steps"] == DIFFUSION_SETTINGS[method]["max_steps"]
+    report = result["reports"]["nut"][method]
     assert set(report["generated_counts"].values()) == {2}
-    assert "anomalydiffusion" in (tmp_path / "bench" / "comparison.md").read_text()
+    assert method in (tmp_path / "bench" / "comparison.md").read_text()

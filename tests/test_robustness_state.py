@@ -44,6 +44,9 @@ OPTION_CASES: dict[str, tuple[list[str], list[str]]] = {
                                 ["device", "--device", "quantum", "cpu"]),
     "anomalydiffusion-precision": (["fit", "--method", "anomalydiffusion", "--model", "tiny", "--set", "mixed_precision=fp8"],
                                    ["mixed_precision", "bf16"]),
+    "dualanodiff-rank-zero": (["fit", "--method", "dualanodiff", "--model", "tiny", "--set", "rank=0"], ["rank", ">= 1"]),
+    "dualanodiff-mask-source": (["generate", "--method", "dualanodiff", "--set", "mask_source=u2net"],
+                                ["mask_source", "threshold, attention"]),
     "textual-inversion-prompt": (["fit", "--method", "textual-inversion", "--set", "prompt=a photo"], ["prompt", "{}"]),
     "textual-inversion-device": (["fit", "--method", "textual-inversion", "--device", "cuda:7"], ["device", "cuda:7"]),
 }
@@ -99,6 +102,16 @@ TAMPER_CASES: dict[str, tuple[str, str, Callable[[Path, Path], None]]] = {
         m / "anomalydiffusion.json", lambda v: v["training_masks"]["cut"].__setitem__(0, "../../../etc/passwd"))),
     "anomalydiffusion-weights-truncated": ("anomalydiffusion", "anomalydiffusion.safetensors", lambda m, d: (
         m / "anomalydiffusion.safetensors").write_bytes((m / "anomalydiffusion.safetensors").read_bytes()[:100])),
+    "dualanodiff-json-torn": ("dualanodiff", "dualanodiff.json", lambda m, d: _write_json(m / "dualanodiff.json", "{")),
+    "dualanodiff-json-type-path": ("dualanodiff", "dualanodiff.json", lambda m, d: _edit_json(
+        m / "dualanodiff.json", lambda v: v["types"].__setitem__("cut", "../../elsewhere"))),
+    "dualanodiff-json-sizes": ("dualanodiff", "dualanodiff.json",
+                               lambda m, d: _edit_json(m / "dualanodiff.json", lambda v: v["sizes"].__setitem__("cut", "big"))),
+    "dualanodiff-lora-truncated": ("dualanodiff", "types/000/whole/pytorch_lora_weights.safetensors", lambda m, d: (
+        m / "types/000/whole/pytorch_lora_weights.safetensors").write_bytes(
+        (m / "types/000/whole/pytorch_lora_weights.safetensors").read_bytes()[:100])),
+    "dualanodiff-interaction-garbage": ("dualanodiff", "types/001/interaction.safetensors",
+                                        lambda m, d: (m / "types/001/interaction.safetensors").write_bytes(b"not weights")),
     "textual-inversion-weights-garbage": ("textual-inversion", "embeddings.safetensors",
                                           lambda m, d: (m / "embeddings.safetensors").write_bytes(b"not weights")),
 }
@@ -116,7 +129,7 @@ def models(data, tmp_path_factory) -> dict[str, Path]:
     from anomalygen import pipeline
 
     root = tmp_path_factory.mktemp("models")
-    options = {"croppaste": {}, "anomalydiffusion": AD_TINY,
+    options = {"croppaste": {}, "anomalydiffusion": AD_TINY, "dualanodiff": {**TINY, "rank": 4, "mask_tries": 1},
                "textual-inversion": {k: v for k, v in TINY.items() if k != "checkpoint_every"}}
     return {name: pipeline.fit(name, data, root / name, category="fabric", options=opts) for name, opts in options.items()}
 
@@ -169,7 +182,7 @@ def test_a_rejected_option_leaves_nothing_that_refuses_the_corrected_command(dat
 def test_pristine_models_load_and_generate(data, models, tmp_path):
     """The untampered copies work, so every failure above is the tampering's (textual inversion's
     round trip is in test_textual_inversion)."""
-    for method in ("croppaste", "anomalydiffusion"):
+    for method in ("croppaste", "anomalydiffusion", "dualanodiff"):
         model = models[method]
         result = run_cli(*_generate(data, tmp_path / method, "--checkpoint", str(model)), env=ENV)
         assert result.returncode == 0, result.output
