@@ -16,41 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 import torch
+from common import architectures, device_or_exit, synthetic_data, timed
 
-from anomalygen.diffusion.architectures import ARCHITECTURES, random_backbone
+from anomalygen.diffusion.architectures import random_backbone
 from anomalygen.diffusion.backbone import resolve_dtype
 from anomalygen.methods.anomalydiffusion import AnomalyDiffusion
 from anomalygen.methods.anomalydiffusion.mask_model import MaskStats
-from anomalygen.types import DefectExample
-
-def synthetic_data(n: int, size: int = 256, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    defects = []
-    for i in range(n):
-        mask = np.zeros((size, size), bool)
-        y, x = rng.integers(20, size - 80, 2)
-        mask[y:y + rng.integers(10, 60), x:x + rng.integers(10, 60)] = True
-        defects.append(DefectExample(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), mask, ["crack", "hole"][i % 2]))
-    good = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(8)]
-    return defects, good
-
-
-def timed(function, device):
-    """(result, seconds, peak GPU memory in GiB; 0 on CPU)."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    result = function()
-    if cuda:
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
-
 
 def bench(arch: str, dtype_name: str, args, device: torch.device) -> dict:
     dtype = resolve_dtype(dtype_name)
@@ -81,14 +55,6 @@ def bench(arch: str, dtype_name: str, args, device: torch.device) -> dict:
     return result
 
 
-def architectures(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ARCHITECTURES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown architecture {', '.join(unknown) or text!r}; use {','.join(ARCHITECTURES)}")
-    return names
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=architectures, default="ldm,sd15",
@@ -102,12 +68,9 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (very slow at full size)")
     args = parser.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: nothing measured (this benchmark needs a GPU)")
+    device = device_or_exit(args.device)
+    if device is None:
         return 0
-    device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"device": name, "torch": torch.__version__, "runs": []}
     for arch in args.arch:

@@ -88,6 +88,7 @@ class DualAnoDiff(AnomalyGenerator):
         self.opt = self.OPTIONS.validate(self.name, options)
         super().__init__(**options)
         self._backbone: Backbone | None = None
+        self._prompts: PromptEncoder | None = None
         self._defect_types: list[str] = []
         self.interaction: dict[str, dict[str, torch.nn.Module]] = {}  # type -> layer -> SAIM / BCM mix
         self.sizes: dict[str, list[int]] = {}  # type -> (H, W) of its real images: the output size
@@ -101,8 +102,13 @@ class DualAnoDiff(AnomalyGenerator):
             self._backbone = load_backbone(self.opt["model"] or default_model(), device=self.opt["device"],
                                            dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
             self.opt["resolution"] = self._backbone.resolution(self.opt["resolution"])
-            self.prompts = PromptEncoder(self._backbone.text_encoder, self._backbone.tokenizer, {})
         return self._backbone
+
+    @property
+    def prompts(self) -> PromptEncoder:
+        if self._prompts is None:
+            self._prompts = PromptEncoder(self.backbone.text_encoder, self.backbone.tokenizer, {})
+        return self._prompts
 
     def words(self, defect_type: str) -> tuple[str, str]:
         """The nested prompts of Eq. 2: ("a x with y", "y")."""

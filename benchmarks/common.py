@@ -1,0 +1,56 @@
+"""Helpers the speed benchmarks share: synthetic defect data, a timer with peak GPU memory, --arch parsing."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from anomalygen.diffusion.architectures import ARCHITECTURES
+from anomalygen.types import DefectExample
+
+
+def synthetic_data(n: int, size: int = 256, seed: int = 0, types: tuple[str, ...] = ("crack", "hole")):
+    """``n`` random defect images with rectangular masks (types in turn) and 8 good images."""
+    rng = np.random.default_rng(seed)
+    defects = []
+    for i in range(n):
+        mask = np.zeros((size, size), bool)
+        y, x = rng.integers(size // 12, size - size // 3, 2)
+        mask[y:y + rng.integers(size // 25 + 1, size // 4), x:x + rng.integers(size // 25 + 1, size // 4)] = True
+        defects.append(DefectExample(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), mask, types[i % len(types)]))
+    good = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(8)]
+    return defects, good
+
+
+def timed(function, device):
+    """(result, seconds, peak GPU memory in GiB; 0 on CPU)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = function()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+
+
+def architectures(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ARCHITECTURES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown architecture {', '.join(unknown) or text!r}; use {','.join(ARCHITECTURES)}")
+    return names
+
+
+def device_or_exit(name: str) -> torch.device | None:
+    """The torch device, TF32 on; ``None`` (after saying so) when CUDA is asked for and absent."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: nothing measured (this benchmark needs a GPU)")
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)

@@ -1,0 +1,89 @@
+"""DualAnoDiff speed with the full-size Stable Diffusion 1.5 architecture (random weights).
+
+Measures, per dtype: training steps/s of one defect type's two LoRA branches + SAIM (+ BCM, the
+default) through the product's training loop (``fit``: batch ``--train-batch``, ``--resolution``
+px), with its peak GPU memory; sampling images/s at the paper's settings (PNDM, ``--steps`` 100,
+CFG 2.5) and with DPM-Solver++ at ``--fast-steps`` 25, each at batch ``--batch``, masks segmented
+from the anomaly branch, and peak memory. Weights are random (no download): the timings are those
+of the real architecture. The issue's targets: 5000 training steps in <= 15 min (>= 5.6 steps/s),
+>= 1 image/s at the paper's settings, >= 4 images/s at 25 steps, training within 24 GB.
+
+    PYTHONPATH=src python benchmarks/dualanodiff_speed.py --out dualanodiff_speed.json
+
+Without a CUDA device it says so and exits 0; ``--device cpu --resolution 64 --steps 2 ...`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from common import device_or_exit, synthetic_data, timed
+
+from anomalygen.diffusion.architectures import random_backbone
+from anomalygen.diffusion.backbone import resolve_dtype
+from anomalygen.methods.dualanodiff import DualAnoDiff
+
+
+def fit_seconds(generator: DualAnoDiff, defects, good, steps: int, device) -> tuple[float, float]:
+    """Wall time and peak memory of a fresh one-type fit of ``steps`` steps (adapters removed after)."""
+    generator.opt["max_steps"] = steps
+    _, seconds, memory = timed(lambda: generator.fit(defects, good), device)
+    generator.backbone.unet.delete_adapters(["whole_0", "part_0"])
+    return seconds, memory
+
+
+def bench(dtype_name: str, args, device: torch.device) -> dict:
+    size = args.resolution
+    defects, good = synthetic_data(4, size=size, types=("crack",))
+    generator = DualAnoDiff(resolution=size, batch_size=args.train_batch, mixed_precision=dtype_name, bcm=not args.no_bcm,
+                            generate_batch_size=args.batch, checkpoint_every=0)
+    generator._backbone = random_backbone("sd15", device, resolve_dtype(dtype_name))
+    warm, _ = fit_seconds(generator, defects, good, 2, device)  # setup + 2 steps
+    total, memory = fit_seconds(generator, defects, good, 2 + args.train_steps, device)
+    result = {"arch": "sd15", "dtype": dtype_name, "resolution": size, "bcm": not args.no_bcm,
+              "train_batch": args.train_batch, "train_steps_per_s": args.train_steps / max(total - warm, 1e-9),
+              "train_peak_gib": memory}
+    generator.opt["max_steps"] = 1
+    generator.fit(defects, good)  # a fitted model to sample from
+    for label, sampler, steps in (("paper", "pndm", args.steps), ("fast", "dpm++", args.fast_steps)):
+        generator.opt.update(sampler=sampler, num_inference_steps=2)
+        list(generator.generate(good, args.batch))  # warm-up
+        generator.opt["num_inference_steps"] = steps
+        _, seconds, memory = timed(lambda: list(generator.generate(good, args.batch)), device)
+        result.update({f"sample_{label}": f"{sampler} {steps} steps, CFG {generator.opt['guidance_scale']}",
+                       f"sample_{label}_images_per_s": args.batch / seconds, f"sample_{label}_peak_gib": memory})
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16"])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8, help="sampling batch")
+    parser.add_argument("--steps", type=int, default=100, help="PNDM steps (paper: 100)")
+    parser.add_argument("--fast-steps", type=int, default=25, help="DPM-Solver++ steps")
+    parser.add_argument("--train-batch", type=int, default=4, help="training batch (official: 4)")
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--no-bcm", action="store_true", help="measure without the background branch")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (very slow at full size)")
+    args = parser.parse_args()
+    device = device_or_exit(args.device)
+    if device is None:
+        return 0
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "runs": []}
+    for dtype_name in args.dtypes:
+        results["runs"].append(bench(dtype_name, args, device))
+        print(json.dumps(results["runs"][-1]), flush=True)
+        if args.out:  # after each run: an out-of-memory later keeps what was measured
+            with open(args.out, "w") as handle:
+                json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
