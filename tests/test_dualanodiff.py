@@ -146,12 +146,11 @@ class ZeroUNet(torch.nn.Module):
 
 def test_loss_is_the_sum_of_both_branch_losses_at_one_shared_timestep(fitted):
     generator, _ = fitted
-    latents = {b: torch.randn(3, 4, 16, 16) for b in ("whole", "part", "background")}
-    contexts = tuple(generator.prompts([p]).hidden_states for p in generator.words("crack"))
+    latents = {b: (torch.randn(3, 4, 16, 16), torch.rand(3, 4, 16, 16)) for b in ("whole", "part", "background")}
     generator.opt["batch_size"] = 64
     try:
         fake = ZeroUNet()
-        loss = generator.training_loss(0, latents, contexts, torch.Generator().manual_seed(0), fake)
+        loss = generator.training_loss(0, latents, torch.Generator().manual_seed(0), {"unet": fake})
     finally:
         generator.opt["batch_size"] = FAST["batch_size"]
     assert loss.item() == pytest.approx(2.0, abs=0.05)  # E‖ε_w‖² + E‖ε_a‖² with a zero prediction
@@ -161,35 +160,81 @@ def test_loss_is_the_sum_of_both_branch_losses_at_one_shared_timestep(fitted):
     assert len(set(timesteps[:64].tolist())) > 10
 
 
+def test_vae_latents_sample_adds_the_posterior_std_times_fresh_noise(fitted):
+    generator, _ = fitted
+    mean = torch.randn(3, 4, 16, 16)
+
+    def noisy_inputs(std, mode):
+        fake = ZeroUNet()
+        fake.inputs = []
+        original = fake.forward
+        fake.forward = lambda noisy, t, encoder_hidden_states: (fake.inputs.append(noisy), original(noisy, t, encoder_hidden_states))[1]
+        generator.opt["vae_latents"] = mode
+        try:
+            latents = {b: (mean, torch.full_like(mean, std)) for b in ("whole", "part", "background")}
+            generator.training_loss(0, latents, torch.Generator().manual_seed(0), {"unet": fake})
+        finally:
+            generator.opt["vae_latents"] = "sample"
+        return fake.inputs[0], fake.calls[0][1]
+
+    plain, _ = noisy_inputs(1.0, "mean")
+    assert torch.equal(noisy_inputs(0.0, "sample")[0], plain)  # std 0: a sample is the mean
+    sampled, timesteps = noisy_inputs(1.0, "sample")
+    alphas = generator.backbone.noise_scheduler().alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
+    drawn = (sampled - plain) / alphas  # = std · ε', ε' ~ N(0, 1)
+    assert drawn.std().item() == pytest.approx(1.0, abs=0.1) and drawn.mean().abs().item() < 0.1
+
+
 def test_one_step_gives_gradients_to_both_branches_saim_and_bcm_only_of_this_type(fitted):
     generator, _ = fitted
     unet = generator.backbone.unet
-    generator._freeze_adapters({"whole_0", "part_0"})
+    generator._freeze_adapters({"whole_0", "part_0", "text_0"})
     for module in generator.interaction["crack"].values():
         module.requires_grad_(True)
     handle = generator._install(0)
     try:
-        latents = {b: torch.randn(2, 4, 16, 16) for b in ("whole", "part", "background")}
-        contexts = tuple(generator.prompts([p]).hidden_states for p in generator.words("crack"))
-        generator.training_loss(0, latents, contexts, torch.Generator().manual_seed(0)).backward()
+        latents = {b: (torch.randn(2, 4, 16, 16), torch.rand(2, 4, 16, 16)) for b in ("whole", "part", "background")}
+        generator.training_loss(0, latents, torch.Generator().manual_seed(0)).backward()
     finally:
         from anomalygen.diffusion.attention import remove_hooks
 
         remove_hooks(unet, handle)
-    for name in ("whole_0", "part_0"):  # peft starts B at 0, so B's gradient is the informative one
-        grads = [p.grad for p in lora.trainable_parameters(unet, name) if p.grad is not None]
-        assert grads and max(g.abs().max().item() for g in grads) > 0, name
+    text_encoder = generator.backbone.text_encoder
+    for model, name in ((unet, "whole_0"), (unet, "part_0"), (text_encoder, "text_0")):
+        grads = [p.grad for p in lora.trainable_parameters(model, name) if p.grad is not None]
+        assert grads and max(g.abs().max().item() for g in grads) > 0, name  # peft starts B at 0: B's gradient
     assert all(p.grad is None for name in ("whole_1", "part_1") for p in lora.trainable_parameters(unet, name))
+    assert all(p.grad is None for p in lora.trainable_parameters(text_encoder, "text_1"))
     modules = generator.interaction["crack"]
     gamma = next(m.mix.gamma for n, m in modules.items() if n.endswith(".bcm"))
     saim = next(m for n, m in modules.items() if n.endswith(".saim"))
     assert gamma.grad is not None and gamma.grad.abs().item() > 0
     assert saim.proj_out.weight.grad.abs().max() > 0
     unet.zero_grad(set_to_none=True)
+    text_encoder.zero_grad(set_to_none=True)
     for module in modules.values():
         module.zero_grad(set_to_none=True)
         module.requires_grad_(False)
     generator._freeze_adapters()
+
+
+def test_each_type_encodes_its_prompts_through_its_own_text_lora_only(fitted):
+    generator, _ = fitted
+    text_encoder = generator.backbone.text_encoder
+    prompts = list(generator.words("crack"))
+    before = [generator.encode(k, prompts) for k in (0, 1)]
+    params = lora.trainable_parameters(text_encoder, "text_1")
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.3)
+        assert torch.equal(generator.encode(0, prompts), before[0])
+        assert (generator.encode(1, prompts) - before[1]).abs().max() > 1e-2
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
 
 
 def test_gamma_starts_at_point_one_and_trains(fitted):
@@ -210,10 +255,12 @@ def test_each_type_trains_only_its_own_weights(fitted, work_dir):
     for k in (0, 1):
         keys = list(load_file(str(work_dir / f"type-00{k}" / "checkpoints" / "step-0000002" / "trainable.safetensors")))
         lora_keys = [key for key in keys if "lora_" in key]
-        assert lora_keys and all(f".whole_{k}." in key or f".part_{k}." in key for key in lora_keys)
+        assert lora_keys and all(f".whole_{k}." in key or f".part_{k}." in key or f".text_{k}." in key for key in lora_keys)
+        assert any(key.startswith("text_encoder.") and f".text_{k}." in key for key in lora_keys)
         assert any(".proj_out." in key for key in keys) and any(".mix.gamma" in key for key in keys)  # SAIM, BCM
         assert len(keys) - len(lora_keys) == len(generator_interaction_keys(fitted[0], k))
     assert not any(p.requires_grad for p in fitted[0].backbone.unet.parameters())
+    assert not any(p.requires_grad for p in fitted[0].backbone.text_encoder.parameters())
 
 
 def generator_interaction_keys(generator, k):
@@ -286,13 +333,21 @@ def test_generate_refuses_masks_and_unknown_types(fitted):
         list(generator.generate(good, 1, defect_type="scratch"))
 
 
-def test_without_bcm_no_good_image_is_used():
+def test_without_bcm_no_good_image_is_used_and_without_text_lora_none_is_saved(tmp_path):
+    from safetensors.torch import load_file
+
     defects, good = toy_data()
-    generator = DualAnoDiff(**{**FAST, "bcm": False, "max_steps": 1})
+    generator = DualAnoDiff(**{**FAST, "bcm": False, "text_encoder_lora": False, "max_steps": 1})
     generator.fit(defects[:1], good)
     assert not any(n.endswith(".bcm") for n in generator.interaction["crack"])
+    assert not lora.adapter_names(generator.backbone.text_encoder)
     sample = next(iter(generator.generate([], 1)))
     assert "source_index" not in sample.meta and sample.meta["good_image"].startswith("none")
+    generator.save(tmp_path / "model")
+    keys = load_file(str(tmp_path / "model" / "types" / "000" / "whole" / lora.WEIGHT_NAME))
+    assert keys and all(key.startswith("unet.") for key in keys)
+    again = AnomalyGenerator.load(tmp_path / "model")
+    assert np.array_equal(next(iter(again.generate([], 1))).image, sample.image)
 
 
 def test_save_load_generates_the_same_and_loras_load_in_plain_diffusers(fitted, tmp_path):
@@ -313,9 +368,11 @@ def test_save_load_generates_the_same_and_loras_load_in_plain_diffusers(fitted, 
                                    unet=backbone.unet, scheduler=backbone.noise_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(tmp_path / "model" / "types" / "000" / "whole"), adapter_name="whole")
-    ours = dict(generator.backbone.unet.named_parameters())
-    theirs = {n.replace(".whole.", ".whole_0."): p for n, p in pipe.unet.named_parameters() if ".whole." in n}
-    assert theirs and all(torch.allclose(p.float(), ours[n].float()) for n, p in theirs.items())
+    for model, theirs_model, name in ((generator.backbone.unet, pipe.unet, "whole_0"),
+                                      (generator.backbone.text_encoder, pipe.text_encoder, "text_0")):
+        ours = dict(model.named_parameters())
+        theirs = {n.replace(".whole.", f".{name}."): p for n, p in theirs_model.named_parameters() if ".whole." in n}
+        assert theirs and all(torch.allclose(p.float(), ours[n].float()) for n, p in theirs.items()), name
 
 
 def test_resumed_fit_equals_an_uninterrupted_one(tmp_path):
@@ -327,9 +384,9 @@ def test_resumed_fit_equals_an_uninterrupted_one(tmp_path):
     straight = DualAnoDiff(**{**FAST, "max_steps": 2, "work_dir": str(tmp_path / "w2")})
     straight.fit(defects[:1], good)
     assert resumed.loss_log == straight.loss_log
-    for name in ("whole_0", "part_0"):
-        for p, q in zip(lora.trainable_parameters(resumed.backbone.unet, name),
-                        lora.trainable_parameters(straight.backbone.unet, name)):
+    for name, part in (("whole_0", "unet"), ("part_0", "unet"), ("text_0", "text_encoder")):
+        for p, q in zip(lora.trainable_parameters(getattr(resumed.backbone, part), name),
+                        lora.trainable_parameters(getattr(straight.backbone, part), name)):
             assert torch.equal(p, q)
     for (n, m), (_, m2) in zip(resumed.interaction["crack"].items(), straight.interaction["crack"].items()):
         for (k, v), (_, v2) in zip(m.state_dict().items(), m2.state_dict().items()):

@@ -23,7 +23,8 @@ not, so model-free use stays light).
     -> EncodedPrompts(hidden_states (B,77,D), positions {name: [[token positions] per row]})``:
     vectors replace the placeholder's k input embeddings (gradients flow); the encoder adds its
     placeholder tokens to its own copy of the tokenizer (CLIP or BERT); ``word_embedding(word)``
-    for initialisation. Extra tokens may also be concatenated to ``hidden_states`` directly.
+    for initialisation; ``encoder=`` calls another module (e.g. the trainer's DDP wrapper). Extra
+    tokens may also be concatenated to ``hidden_states`` directly.
 ``attention``
     ``handle = install_hooks(unet, factory, layers=None)`` with ``layers = select_layers(unet,
     kinds=("self","cross"), blocks=("down","mid","up"), levels=None)`` (``AttnLayer.name/block/
@@ -47,19 +48,22 @@ not, so model-free use stays light).
     (that adapter's A/B weights); ``route(unet, row_adapters)``: context manager in which UNet batch
     row i uses adapter ``row_adapters[i]`` (``BASE``: none) via peft's mixed-batch layer forward
     (diffusers drops ``adapter_names``); gradients reach each adapter from its rows only; the list
-    must match the batch (CFG: one entry per stacked row). ``save_adapter(unet, name, folder)``
-    writes ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` reads it);
-    ``load_adapter(unet, folder, name)``; ``activate_all`` (undo a ``set_adapter``); ``adapter_names``,
-    ``lora_layers``.
+    must match the batch (CFG: one entry per stacked row). The same functions work on a text encoder
+    with ``targets=TEXT_TARGETS``. ``save_adapter(unet, name, folder, text_encoder=, text_name=)``
+    writes ``pytorch_lora_weights.safetensors`` (UNet and optional text-encoder LoRA; diffusers'
+    ``load_lora_weights`` reads it); ``load_adapter(unet, folder, name, text_encoder=, text_name=)``;
+    ``activate_all`` (undo a ``set_adapter``); ``adapter_names``, ``lora_layers``.
 ``sampling``
-    ``sample_latents(backbone, cond, generators, latent_size=, sampler="ddim"|"dpm++",
+    ``sample_latents(backbone, cond, generators, latent_size=, sampler="ddim"|"dpm++"|"pndm",
     num_inference_steps=, eta=, guidance_scale=, uncond_hidden_states=, known_latents=, mask=,
-    callback=)`` (blended latent diffusion when ``known_latents`` and ``mask`` are given;
+    callback=, denoiser=)`` (blended latent diffusion when ``known_latents`` and ``mask`` are given;
+    ``denoiser(model_in, t, context) -> ε`` replaces the UNet call, e.g. to run extra rows;
     ``callback(StepState)`` before each UNet call may change ``.latents``/
     ``.encoder_hidden_states`` or hook state; ``.cond_rows`` = the conditional rows of the UNet
     batch); ``blended_generate(backbone, cond, good, masks, generators, resolution=,
     final_paste=True, **sampling) -> uint8 images``;
     ``sample_generators(seed, indices)`` (sample i depends on (seed, i) only); ``encode_images``,
+    ``encode_posterior`` (mean and std of the latent posterior),
     ``decode_latents`` (chunked), ``latent_mask``, ``to_tensor``, ``to_uint8``, ``paste``,
     ``make_scheduler``.
 ``train``

@@ -75,10 +75,12 @@ class PromptEncoder:
             return_tensors="pt",
         ).input_ids
 
-    def __call__(self, prompts: list[str], vectors: dict[str, torch.Tensor] | None = None) -> EncodedPrompts:
+    def __call__(self, prompts: list[str], vectors: dict[str, torch.Tensor] | None = None,
+                 encoder: torch.nn.Module | None = None) -> EncodedPrompts:
         """Encode ``prompts``; ``vectors[name]`` is ``(k, D)`` (shared) or ``(B, k, D)`` (per row).
 
-        A placeholder present in a prompt but absent from ``vectors`` is an error.
+        A placeholder present in a prompt but absent from ``vectors`` is an error. ``encoder``: the
+        module to call instead of ``text_encoder`` itself, e.g. the trainer's DDP wrapper of it.
         """
         vectors = vectors or {}
         embedding = self.text_encoder.get_input_embeddings()
@@ -105,7 +107,7 @@ class PromptEncoder:
         safe_ids = torch.where(ids < embedding.num_embeddings, ids, torch.zeros_like(ids))
         handle = embedding.register_forward_hook(substitute)
         try:
-            states = self.text_encoder(safe_ids).last_hidden_state
+            states = (encoder or self.text_encoder)(safe_ids).last_hidden_state
         finally:
             handle.remove()
         return EncodedPrompts(states, positions)

@@ -1,4 +1,4 @@
-"""Several LoRA adapters on one UNet, all trainable at once, routed per batch row.
+"""Several LoRA adapters on one UNet (or text encoder), all trainable at once, routed per batch row.
 
 Built on peft (``LoraConfig``, its ``LoraLayer`` mixed-batch forward) and diffusers (``add_adapter``,
 the LoRA file format). Two library facts this module works around (``tests/test_diffusion_lora.py``
@@ -29,6 +29,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's (and LDMBert's) attention projections
 BASE = "__base__"  # peft's row name for "no adapter"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -66,7 +67,8 @@ def add_adapters(
     """One LoRA adapter per name on the ``targets`` projections of every attention layer (peft init: B = 0).
 
     ``alpha`` defaults to ``rank`` (scale 1). Afterwards all adapters are active and trainable; an
-    unrouted forward adds them all, so use ``route`` to pick adapters per row.
+    unrouted forward adds them all, so use ``route`` to pick adapters per row. Works on a text
+    encoder too (diffusers' and transformers' ``add_adapter``), with ``targets=TEXT_TARGETS``.
     """
     for name in names:
         config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(targets), init_lora_weights=True)
@@ -105,22 +107,45 @@ def route(unet: torch.nn.Module, row_adapters: Sequence[str]) -> Iterator[None]:
             handle.remove()
 
 
-def save_adapter(unet: torch.nn.Module, name: str, folder: str | Path) -> Path:
-    """Write adapter ``name`` as ``folder/pytorch_lora_weights.safetensors``, loadable by diffusers'
-    ``StableDiffusionPipeline.load_lora_weights(folder)`` (keys ``unet.…``, the LoraConfig as metadata)."""
-    if name not in adapter_names(unet):
-        raise ValueError(f"no LoRA adapter {name!r} on this UNet (has {adapter_names(unet)})")
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=name))
-    state = {key: value.detach().float().contiguous() for key, value in state.items()}
+def _diffusers_state(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=name))
+    return {key: value.detach().float().contiguous() for key, value in state.items()}
+
+
+def save_adapter(unet: torch.nn.Module, name: str, folder: str | Path, *, text_encoder: torch.nn.Module | None = None,
+                 text_name: str | None = None) -> Path:
+    """Write adapter ``name`` (and, when given, the text encoder's adapter ``text_name``) as
+    ``folder/pytorch_lora_weights.safetensors``, loadable by diffusers'
+    ``StableDiffusionPipeline.load_lora_weights(folder)`` (keys ``unet.…`` / ``text_encoder.…``,
+    the LoraConfigs as metadata)."""
+    for model, adapter in ((unet, name), (text_encoder, text_name)):
+        if model is not None and adapter not in adapter_names(model):
+            raise ValueError(f"no LoRA adapter {adapter!r} on this model (has {adapter_names(model)})")
+    text = {}
+    if text_encoder is not None:
+        text = dict(text_encoder_lora_layers=_diffusers_state(text_encoder, text_name),
+                    text_encoder_lora_adapter_metadata=text_encoder.peft_config[text_name].to_dict())
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=state, unet_lora_adapter_metadata=unet.peft_config[name].to_dict(), weight_name=WEIGHT_NAME
+        folder, unet_lora_layers=_diffusers_state(unet, name), unet_lora_adapter_metadata=unet.peft_config[name].to_dict(),
+        weight_name=WEIGHT_NAME, **text,
     )
     return Path(folder) / WEIGHT_NAME
 
 
-def load_adapter(unet: torch.nn.Module, folder: str | Path, name: str) -> None:
-    """Load a diffusers LoRA file (``save_adapter``'s, or any SD UNet LoRA) as adapter ``name``;
+def load_adapter(unet: torch.nn.Module, folder: str | Path, name: str, *, text_encoder: torch.nn.Module | None = None,
+                 text_name: str | None = None) -> None:
+    """Load a diffusers LoRA file (``save_adapter``'s, or any SD LoRA) as adapter ``name`` of the
+    UNet and, when ``text_encoder`` is given, its ``text_encoder.…`` part as adapter ``text_name``;
     afterwards all adapters are active and trainable, as after ``add_adapters``."""
     with _several_adapters():
         unet.load_lora_adapter(str(folder), prefix="unet", adapter_name=name, weight_name=WEIGHT_NAME)
+        if text_encoder is not None:
+            state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+                str(folder), weight_name=WEIGHT_NAME, return_lora_metadata=True)
+            if not any(key.startswith("text_encoder.") for key in state):
+                raise ValueError(f"{Path(folder) / WEIGHT_NAME} holds no text encoder LoRA")
+            StableDiffusionPipeline.load_lora_into_text_encoder(
+                state, alphas, text_encoder, prefix="text_encoder", adapter_name=text_name, metadata=metadata)
     activate_all(unet)
+    if text_encoder is not None:
+        activate_all(text_encoder)

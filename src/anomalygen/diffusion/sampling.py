@@ -66,21 +66,27 @@ def _scale(images: torch.Tensor) -> torch.Tensor:
     return images * 2 - 1
 
 
-def _encode(vae, images: torch.Tensor) -> torch.Tensor:
+def _posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(vae, VQModel):  # the encoder's output before quantisation (LDM's encode_first_stage)
-        return vae.encode(images).latents
-    return vae.encode(images).latent_dist.mean
+        latents = vae.encode(images).latents
+        return latents, torch.zeros_like(latents)
+    posterior = vae.encode(images).latent_dist
+    return posterior.mean, posterior.std
 
 
 @torch.no_grad()
+def encode_posterior(backbone: Backbone, images: torch.Tensor, chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) in [0, 1] -> the scaled latent posterior's mean and std (KL autoencoder; a VQ
+    encoder's output before quantisation with std 0): a latent sample is ``mean + std·ε``."""
+    vae = backbone.vae
+    parts = [_posterior(vae, _scale(chunk).to(backbone.device, vae.dtype)) for chunk in images.split(chunk_size)]
+    scale = vae.config.scaling_factor
+    return torch.cat([m for m, _ in parts]).float() * scale, torch.cat([s for _, s in parts]).float() * scale
+
+
 def encode_images(backbone: Backbone, images: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> scaled latents (KL: the posterior mean; VQ: before quantisation)."""
-    vae = backbone.vae
-    parts = [
-        _encode(vae, _scale(chunk).to(backbone.device, vae.dtype)) * vae.config.scaling_factor
-        for chunk in images.split(chunk_size)
-    ]
-    return torch.cat(parts).float()
+    return encode_posterior(backbone, images, chunk_size)[0]
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ from anomalygen.diffusion.attention import AttentionRecorder, ReferenceKV, atten
 from anomalygen.diffusion.backbone import Backbone, default_model, load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import (
-    SAMPLERS, StepState, decode_latents, encode_images, sample_generators, sample_latents, to_tensor, to_uint8,
+    SAMPLERS, StepState, decode_latents, encode_images, encode_posterior, sample_generators, sample_latents, to_tensor,
+    to_uint8,
 )
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
@@ -61,6 +62,8 @@ def _options() -> OptionSpec:
         resolution=Int(None, 8, optional=True),  # None = the base model's native size (512 on SD 1.x)
         lr=Float(2e-5, 0, low_open=True),
         rank=Int(32, 1),  # LoRA rank on every attention projection, per branch
+        text_encoder_lora=Bool(True),  # a LoRA (same rank) on the text encoder too, per type, as the official code
+        vae_latents=Choice("sample", ("sample", "mean")),  # a posterior sample per step (official) | its mean
         object_word=Text("vfx"),  # x of "a x with y" (Eq. 2); e.g. the category name
         defect_word=Text("sks"),  # y; "{type}" = the defect type's name
         saim=Bool(True),
@@ -117,7 +120,19 @@ class DualAnoDiff(AnomalyGenerator):
 
     @staticmethod
     def adapter(branch: str, k: int) -> str:
+        """The LoRA adapter of ``branch`` ("whole", "part" on the UNet; "text" on the text encoder) of type ``k``."""
         return f"{branch}_{k}"
+
+    def _models(self) -> list[torch.nn.Module]:
+        backbone = self.backbone
+        return [backbone.unet] + ([backbone.text_encoder] if self.opt["text_encoder_lora"] else [])
+
+    def encode(self, k: int, prompts: list[str], encoder: torch.nn.Module | None = None) -> torch.Tensor:
+        """(len(prompts), 77, D) text states, through type ``k``'s text-encoder LoRA when there is one."""
+        if not self.opt["text_encoder_lora"]:
+            return self.prompts(prompts, encoder=encoder).hidden_states
+        with lora.route(self.backbone.text_encoder, [self.adapter("text", k)] * len(prompts)):
+            return self.prompts(prompts, encoder=encoder).hidden_states
 
     def _add_branches(self, k: int, adapters: bool = True) -> None:
         """Type ``k``'s two LoRA sets (unless ``adapters`` is False: they are loaded instead) and its
@@ -128,6 +143,9 @@ class DualAnoDiff(AnomalyGenerator):
             torch.manual_seed(opt["seed"] + 1000 * k)
             if adapters:
                 lora.add_adapters(unet, [self.adapter(b, k) for b in BRANCHES], rank=opt["rank"])
+                if opt["text_encoder_lora"]:
+                    lora.add_adapters(backbone.text_encoder, [self.adapter("text", k)], rank=opt["rank"],
+                                      targets=lora.TEXT_TARGETS)
             modules: dict[str, torch.nn.Module] = {}
             hidden = unet.config.block_out_channels[0]
             for layer in attention_layers(unet):
@@ -140,11 +158,11 @@ class DualAnoDiff(AnomalyGenerator):
 
     def _freeze_adapters(self, trainable: set[str] = frozenset()) -> None:
         """Adapters named in ``trainable`` train (in fp32, whatever the UNet's dtype); the others are frozen."""
-        unet = self.backbone.unet
-        for name in lora.adapter_names(unet):
-            for p in lora.trainable_parameters(unet, name):
-                p.data = p.data.float()
-                p.requires_grad_(name in trainable)
+        for model in self._models():
+            for name in lora.adapter_names(model):
+                for p in lora.trainable_parameters(model, name):
+                    p.data = p.data.float()
+                    p.requires_grad_(name in trainable)
 
     def _install(self, k: int, recorder: AttentionRecorder | None = None):
         """Put type ``k``'s SAIM / BCM (and a recorder on cross-attention) on the UNet; returns the handle."""
@@ -184,40 +202,46 @@ class DualAnoDiff(AnomalyGenerator):
         foreground = foreground_mask(image, self.foreground_mode)
         return np.where(foreground[..., None], 0, image).astype(np.uint8)
 
-    def _latents(self, examples: Sequence[DefectExample]) -> dict[str, torch.Tensor]:
-        """VAE latents (posterior means, encoded once) of I, I·M and I_b for every training pair."""
+    def _latents(self, examples: Sequence[DefectExample]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The VAE posteriors (mean, std; encoded once) of I, I·M and I_b for every training pair."""
         images = [np.asarray(e.image) for e in examples]
         parts = [np.where(np.asarray(e.mask, bool)[..., None], im, 0).astype(np.uint8) for e, im in zip(examples, images)]
-        out = {"whole": encode_images(self.backbone, self._square(images)),
-               "part": encode_images(self.backbone, self._square(parts))}
+        out = {"whole": encode_posterior(self.backbone, self._square(images)),
+               "part": encode_posterior(self.backbone, self._square(parts))}
         if self.opt["bcm"]:
-            out["background"] = encode_images(self.backbone, self._square([self._background(im) for im in images]))
+            out["background"] = encode_posterior(self.backbone, self._square([self._background(im) for im in images]))
         return out
 
     # ----------------------------------------------------------------- training
-    def training_loss(self, k: int, latents: dict[str, torch.Tensor], contexts: tuple[torch.Tensor, torch.Tensor],
-                      generator: torch.Generator, unet: torch.nn.Module | None = None) -> torch.Tensor:
+    def training_loss(self, k: int, latents: dict[str, tuple[torch.Tensor, torch.Tensor]], generator: torch.Generator,
+                      modules: dict[str, torch.nn.Module] | None = None) -> torch.Tensor:
         """Eq. 4: ‖ε_w − ε_θ(z_t^w, t, c_w)‖² + ‖ε_a − ε_θ(z_t^a, t, c_a)‖², one timestep t per pair
         shared by both branches (and the background), independent noise per branch.
 
-        Every process draws the whole batch's picks and noise and keeps its rows (``batch_share``)."""
+        ``latents``: each branch's posterior (mean, std); ``modules``: the UNet (and text encoder)
+        as the trainer hands them (DDP-wrapped), default ours. Every process draws the whole
+        batch's picks and noise and keeps its rows (``batch_share``)."""
         backbone, opt = self.backbone, self.opt
-        unet = unet or backbone.unet
+        modules = modules or {"unet": backbone.unet}
         batch, share = opt["batch_size"], batch_share(opt["batch_size"])
-        count = latents["whole"].shape[0]
-        picks = torch.randint(0, count, (batch,), generator=generator)[share]
+        shape = latents["whole"][0].shape[1:]
+        picks = torch.randint(0, latents["whole"][0].shape[0], (batch,), generator=generator)[share]
         timesteps = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)[share]
         branches = ["whole", "part"] + (["background"] if opt["bcm"] else [])
-        noise = {b: torch.randn((batch, *latents["whole"].shape[1:]), generator=generator)[share] for b in branches}
+        noise = {b: torch.randn((batch, *shape), generator=generator)[share] for b in branches}
+        clean = {b: latents[b][0][picks] for b in branches}
+        if opt["vae_latents"] == "sample":  # z ~ N(mean, std²), drawn afresh every step
+            clean = {b: clean[b] + latents[b][1][picks] * torch.randn((batch, *shape), generator=generator)[share].to(clean[b])
+                     for b in branches}
         scheduler = backbone.noise_scheduler()
         device, n = backbone.device, len(picks)
-        noisy = torch.cat([scheduler.add_noise(latents[b][picks], noise[b], timesteps) for b in branches]).to(device)
-        whole_ctx, part_ctx = contexts
+        noisy = torch.cat([scheduler.add_noise(clean[b], noise[b].to(device), timesteps.to(device)) for b in branches])
+        whole_ctx, part_ctx = self.encode(k, list(self.words(self._defect_types[k])), modules.get("text_encoder")).split(1)
         context = torch.cat([whole_ctx.expand(n, -1, -1), part_ctx.expand(n, -1, -1)]
                             + ([whole_ctx.expand(n, -1, -1)] if opt["bcm"] else []))
         adapters = self._set_rows(k, n, 1, opt["bcm"])
         with lora.route(backbone.unet, adapters):
-            eps = unet(noisy.to(backbone.unet.dtype), timesteps.repeat(len(branches)).to(device),
+            eps = modules["unet"](noisy.to(backbone.unet.dtype), timesteps.repeat(len(branches)).to(device),
                        encoder_hidden_states=context.to(device, backbone.unet.dtype)).sample.float()
         target = torch.cat([noise["whole"], noise["part"]]).to(device)
         per_row = F.mse_loss(eps[: 2 * n], target, reduction="none").mean(dim=(1, 2, 3))
@@ -240,21 +264,20 @@ class DualAnoDiff(AnomalyGenerator):
         opt, backbone = self.opt, self.backbone
         self._add_branches(k)
         unet = backbone.unet
-        self._freeze_adapters({self.adapter(b, k) for b in BRANCHES})
-        with torch.no_grad():
-            latents = self._latents(examples)
-            contexts = tuple(self.prompts([p]).hidden_states for p in self.words(self._defect_types[k]))
+        self._freeze_adapters({self.adapter(b, k) for b in (*BRANCHES, "text")})
+        latents = self._latents(examples)
         handle = self._install(k)
         config = TrainConfig(max_steps=int(opt["max_steps"]), time_budget_s=opt["time_budget_s"], lr=opt["lr"],
                              mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"],
                              seed=opt["seed"] + k, device=opt["device"])
 
         def loss_fn(modules, step, generator):
-            return self.training_loss(k, latents, contexts, generator, modules["unet"])
+            return self.training_loss(k, latents, generator, modules)
 
+        trainable = dict(zip(("unet", "text_encoder"), self._models()))
         try:
             with work_directory(opt["work_dir"]) as work_dir:
-                result = train({"unet": unet}, loss_fn, config, Path(work_dir) / f"type-{k:03d}")
+                result = train(trainable, loss_fn, config, Path(work_dir) / f"type-{k:03d}")
         finally:
             remove_hooks(unet, handle)
             self._freeze_adapters()
@@ -331,8 +354,7 @@ class DualAnoDiff(AnomalyGenerator):
         halves = 2 if guided else 1
         scheduler = backbone.noise_scheduler()
         with torch.no_grad():
-            whole_ctx, part_ctx = (self.prompts([p]).hidden_states for p in (whole_prompt, part_prompt))
-            uncond = self.prompts([""]).hidden_states
+            whole_ctx, part_ctx, uncond = self.encode(k, [whole_prompt, part_prompt, ""]).split(1)
             context = torch.cat([whole_ctx.expand(n, -1, -1), part_ctx.expand(n, -1, -1)])
             if backgrounds is not None:  # the negative half's background is a black image, as the official code
                 reference = encode_images(backbone, self._square([self._background(np.asarray(b)) for b in backgrounds]))
@@ -393,14 +415,17 @@ class DualAnoDiff(AnomalyGenerator):
 
     # ----------------------------------------------------------------- persistence
     def save_state(self, directory: Path) -> None:
-        """Per type: each branch's LoRA as a diffusers ``pytorch_lora_weights.safetensors`` (loads
-        with ``StableDiffusionPipeline.load_lora_weights``), SAIM + BCM in ``interaction.safetensors``."""
+        """Per type: each branch's LoRA (with the type's text-encoder LoRA, if any) as a diffusers
+        ``pytorch_lora_weights.safetensors`` (loads with ``StableDiffusionPipeline.load_lora_weights``),
+        SAIM + BCM in ``interaction.safetensors``."""
         unet = self.backbone.unet
         types = {}
         for k, defect_type in enumerate(self._defect_types):
             folder = directory / TYPE_DIR / f"{k:03d}"
+            text = dict(text_encoder=self.backbone.text_encoder, text_name=self.adapter("text", k)) \
+                if self.opt["text_encoder_lora"] else {}
             for branch in BRANCHES:
-                lora.save_adapter(unet, self.adapter(branch, k), folder / branch)
+                lora.save_adapter(unet, self.adapter(branch, k), folder / branch, **text)
             tensors = {f"{name}.{key}": value.detach().float().cpu().contiguous()
                        for name, module in self.interaction[defect_type].items()
                        for key, value in module.state_dict().items()}
@@ -431,8 +456,10 @@ class DualAnoDiff(AnomalyGenerator):
                 path = folder / branch / lora.WEIGHT_NAME
                 if not path.is_file():
                     raise DataError(path, "missing: not a fitted dualanodiff model folder")
+                text = dict(text_encoder=self.backbone.text_encoder, text_name=self.adapter("text", k)) \
+                    if self.opt["text_encoder_lora"] and branch == "whole" else {}
                 with malformed_as_corrupt(path):
-                    lora.load_adapter(unet, folder / branch, self.adapter(branch, k))
+                    lora.load_adapter(unet, folder / branch, self.adapter(branch, k), **text)
             path = folder / "interaction.safetensors"
             if not path.is_file():
                 raise DataError(path, "missing: not a fitted dualanodiff model folder")
