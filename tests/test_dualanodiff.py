@@ -29,9 +29,9 @@ FAST = dict(model="tiny", device="cpu", resolution=32, batch_size=2, max_steps=2
 def toy_data(seed=0):
     rng = np.random.default_rng(seed)
     defects = []
-    for i in range(4):
-        image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-        mask = np.zeros((40, 48), bool)
+    for i, shape in enumerate([(40, 48), (40, 48), (40, 48), (36, 52)]):  # images of different sizes
+        image = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+        mask = np.zeros(shape, bool)
         mask[10 + i:20 + i, 12:30] = True
         defects.append(DefectExample(image, mask, ["crack", "hole"][i % 2]))
     good = [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(3)]

@@ -51,10 +51,22 @@ def activate_all(unet: torch.nn.Module) -> None:
 
 @contextmanager
 def _several_adapters() -> Iterator[None]:
-    """peft warns whenever a second adapter is added: that is the point here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        yield
+    """Quiet adapter loading: peft warns whenever a second adapter is added (that is the point
+    here), transformers reports the other adapters' weights as "missing" from each file and shows
+    a progress bar per file."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bar = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bar:
+            transformers_logging.enable_progress_bar()
 
 
 def add_adapters(

@@ -194,8 +194,9 @@ class DualAnoDiff(AnomalyGenerator):
 
     # ----------------------------------------------------------------- data
     def _square(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Images of any sizes -> (B, 3, R, R) in [0, 1] at the working resolution R."""
         size = self.opt["resolution"]
-        return to_tensor([np.asarray(im) for im in images], (size, size))
+        return torch.cat([to_tensor([np.asarray(im)], (size, size)) for im in images])
 
     def _background(self, image: np.ndarray) -> np.ndarray:
         """I_b = (1 − M_f)·I (Eq. 5): the image with its object (foreground) blacked out."""
