@@ -2,7 +2,8 @@
 
 Measures, per dtype: training steps/s of one defect type's two LoRA branches + SAIM (+ BCM, the
 default) through the product's training loop (``fit``: batch ``--train-batch``, ``--resolution``
-px), with its peak GPU memory; sampling images/s at the paper's settings (PNDM, ``--steps`` 100,
+px), with its peak GPU memory, without and with gradient checkpointing; the UNet's GFLOP per row
+and step and the rows each image costs per sampling step (where the time goes); sampling images/s at the paper's settings (PNDM, ``--steps`` 100,
 CFG 2.5) and with DPM-Solver++ at ``--fast-steps`` 25, each at batch ``--batch``, masks segmented
 from the anomaly branch, and peak memory. Weights are random (no download): the timings are those
 of the real architecture. The issue's targets: 5000 training steps in <= 15 min (>= 5.6 steps/s),
@@ -35,17 +36,34 @@ def fit_seconds(generator: DualAnoDiff, defects, good, steps: int, device) -> tu
     return seconds, memory
 
 
+def unet_gflop(generator: DualAnoDiff, size: int, device) -> float:
+    """GFLOP of one UNet forward of one row at ``size`` px (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backbone = generator.backbone
+    latent = size // backbone.vae_scale_factor
+    sample = torch.randn(1, backbone.latent_channels, latent, latent, device=device, dtype=backbone.unet.dtype)
+    context = torch.randn(1, 77, backbone.unet.config.cross_attention_dim, device=device, dtype=backbone.unet.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backbone.unet(sample, torch.tensor([500], device=device), encoder_hidden_states=context)
+    return counter.get_total_flops() / 1e9
+
+
 def bench(dtype_name: str, args, device: torch.device) -> dict:
     size = args.resolution
     defects, good = synthetic_data(4, size=size, types=("crack",))
     generator = DualAnoDiff(resolution=size, batch_size=args.train_batch, mixed_precision=dtype_name, bcm=not args.no_bcm,
                             generate_batch_size=args.batch, checkpoint_every=0)
     generator._backbone = random_backbone("sd15", device, resolve_dtype(dtype_name))
-    warm, _ = fit_seconds(generator, defects, good, 2, device)  # setup + 2 steps
-    total, memory = fit_seconds(generator, defects, good, 2 + args.train_steps, device)
-    result = {"arch": "sd15", "dtype": dtype_name, "resolution": size, "bcm": not args.no_bcm,
-              "train_batch": args.train_batch, "train_steps_per_s": args.train_steps / max(total - warm, 1e-9),
-              "train_peak_gib": memory}
+    rows = 2 * (2 + (not args.no_bcm))  # UNet rows per image and sampling step: (whole, part, background) × CFG
+    result = {"arch": "sd15", "dtype": dtype_name, "resolution": size, "bcm": not args.no_bcm, "train_batch": args.train_batch,
+              "unet_gflop_per_row_step": unet_gflop(generator, size, device), "unet_rows_per_image_step": rows}
+    for label, checkpointing in (("train", False), ("train_checkpointing", True)):
+        generator.opt["gradient_checkpointing"] = checkpointing
+        warm, _ = fit_seconds(generator, defects, good, 2, device)  # setup + 2 steps
+        total, memory = fit_seconds(generator, defects, good, 2 + args.train_steps, device)
+        result.update({f"{label}_steps_per_s": args.train_steps / max(total - warm, 1e-9), f"{label}_peak_gib": memory})
+    generator.opt["gradient_checkpointing"] = False
     generator.opt["max_steps"] = 1
     generator.fit(defects, good)  # a fitted model to sample from
     for label, sampler, steps in (("paper", "pndm", args.steps), ("fast", "dpm++", args.fast_steps)):

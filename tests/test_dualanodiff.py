@@ -237,6 +237,20 @@ def test_each_type_encodes_its_prompts_through_its_own_text_lora_only(fitted):
                 p.copy_(value)
 
 
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    defects, good = toy_data()
+    runs = [DualAnoDiff(**{**FAST, "gradient_checkpointing": flag, "work_dir": str(tmp_path / str(flag))}) for flag in (False, True)]
+    seen = []
+    for generator in runs:
+        generator.fit(defects[:1], good)
+        seen.append(generator.backbone.unet.is_gradient_checkpointing)
+    assert seen == [False, False]  # switched off again after the fit
+    assert runs[0].loss_log == runs[1].loss_log
+    for name in ("whole_0", "part_0"):
+        for p, q in zip(*(lora.trainable_parameters(g.backbone.unet, name) for g in runs)):
+            assert torch.allclose(p, q, atol=1e-7)
+
+
 def test_gamma_starts_at_point_one_and_trains(fitted):
     generator, _ = fitted
     fresh = DualAnoDiff(**FAST)

@@ -78,6 +78,7 @@ def _options() -> OptionSpec:
         mask_min_area=Float(5e-4, 0, 1),  # components smaller than this share of the image are dropped
         mask_tries=Int(4, 1),  # draws per sample until its mask is not empty
         generate_batch_size=Int(4, 1),
+        gradient_checkpointing=Bool(False),  # recompute UNet activations in backward: less memory, ~30 % slower
     )
 
 
@@ -276,10 +277,15 @@ class DualAnoDiff(AnomalyGenerator):
             return self.training_loss(k, latents, generator, modules)
 
         trainable = dict(zip(("unet", "text_encoder"), self._models()))
-        try:
-            with work_directory(opt["work_dir"]) as work_dir:
+        share = batch_share(opt["batch_size"])
+        rows = self._set_rows(k, share.stop - share.start, 1, opt["bcm"])
+        if opt["gradient_checkpointing"]:
+            unet.enable_gradient_checkpointing()
+        try:  # routed through backward too: checkpointing recomputes the forward there
+            with work_directory(opt["work_dir"]) as work_dir, lora.route(unet, rows):
                 result = train(trainable, loss_fn, config, Path(work_dir) / f"type-{k:03d}")
         finally:
+            unet.disable_gradient_checkpointing()
             remove_hooks(unet, handle)
             self._freeze_adapters()
             for module in self.interaction[self._defect_types[k]].values():
