@@ -17,7 +17,7 @@ from anomalygen.methods.base import AnomalyGenerator, create
 from anomalygen.methods.dualanodiff import DualAnoDiff
 from anomalygen.methods.dualanodiff.bcm import BackgroundMix
 from anomalygen.methods.dualanodiff.saim import SAIM
-from anomalygen.methods.dualanodiff.segment import mask_from_attention, mask_from_part
+from anomalygen.methods.dualanodiff.segment import mask_from_attention, mask_from_part, token_attention
 from anomalygen.types import DefectExample
 
 torch.set_num_threads(1)
@@ -303,6 +303,17 @@ def test_threshold_mask_matches_the_drawn_region(cx, cy, rx, ry, level, seed):
     assert iou(mask_from_part(part), region) > 0.9
 
 
+def test_token_attention_reads_the_chosen_rows_and_tokens_and_sums_the_layers():
+    torch.manual_seed(5)
+    maps = {"a": torch.rand(4, 16, 6) * 9, "b": torch.rand(4, 64, 6) * 9}  # 4×4 and 8×8 layers
+    maps["a"][2:4, :, 1:3] = 0.25
+    maps["b"][2:4, :, 1:3] = 0.5
+    maps["b"][2:4, :, 1] += torch.linspace(0, 1, 64)  # token 1 varies over pixels, token 2 opposite
+    maps["b"][2:4, :, 2] -= torch.linspace(0, 1, 64)
+    out = token_attention(maps, slice(2, 4), slice(1, 3), (8, 8))
+    assert out.shape == (2, 8, 8) and torch.allclose(out, torch.full((2, 8, 8), 0.75), atol=1e-6)
+
+
 def test_attention_mask_matches_the_region_the_map_attends_to():
     import cv2
 
@@ -337,6 +348,28 @@ def test_generate_pairs_and_sample_i_depends_on_seed_and_i_only(fitted):
     assert np.abs(other.image.astype(int) - samples[0].image).mean() > 1
     only = list(generator.generate(good, 2, seed=1, defect_type="hole"))
     assert [s.defect_type for s in only] == ["hole", "hole"]
+
+
+def test_attention_masks_come_from_the_part_rows_defect_token_and_hooks_are_removed(fitted, monkeypatch):
+    import anomalygen.methods.dualanodiff.generator as module
+
+    generator, good = fitted
+    unet = generator.backbone.unet
+    before = dict(unet.attn_processors)
+    maps = []
+    monkeypatch.setattr(module, "mask_from_attention", lambda attention, shape, *a: (maps.append(attention), np.ones(shape, bool))[1])
+    generator.opt["mask_source"] = "attention"
+    try:
+        samples = list(generator.generate(good, 2, seed=3))
+    finally:
+        generator.opt["mask_source"] = "threshold"
+    assert [s.meta["mask_source"] for s in samples] == ["attention", "attention"]
+    assert len(maps) == 2 and all(m.shape == (16, 16) and m.min() > 0 for m in maps)  # 32 px, latent factor 2
+    # summed over steps (PNDM: steps + 1 UNet calls) and the cross-attention layers, each map a probability
+    layers = sum(1 for name in before if "attn2" in name)
+    assert all(m.max() <= (FAST["num_inference_steps"] + 1) * layers + 1e-4 for m in maps)
+    assert not np.allclose(maps[0], maps[1])
+    assert dict(unet.attn_processors) == before  # SAIM, BCM and the recorder removed, earlier processors back
 
 
 def test_generate_refuses_masks_and_unknown_types(fitted):

@@ -41,7 +41,7 @@ from anomalygen.masks.foreground import FOREGROUND_MODES, foreground_mask, resol
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path
 from anomalygen.methods.dualanodiff.bcm import BCM_MIXES, BackgroundMix
 from anomalygen.methods.dualanodiff.saim import SAIM
-from anomalygen.methods.dualanodiff.segment import MASK_SOURCES, mask_from_attention, mask_from_part
+from anomalygen.methods.dualanodiff.segment import MASK_SOURCES, mask_from_attention, mask_from_part, token_attention
 from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, Text, diffusion_options
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
@@ -373,11 +373,9 @@ class DualAnoDiff(AnomalyGenerator):
         rows = self._set_rows(k, n, halves, backgrounds is not None)
         part_rows = slice(2 * n * halves - n, 2 * n * halves)  # the conditional half's part rows
 
-        def accumulate() -> None:
-            for maps in recorder.maps.values():  # (rows, N, S): the part rows' attention to the defect tokens
-                side = int(round(maps.shape[1] ** 0.5))
-                m = maps[part_rows, :, 1 : 1 + tokens].mean(-1).view(n, 1, side, side).float()
-                attention.add_(F.interpolate(m, size=attention.shape[-2:], mode="bilinear").squeeze(1).cpu())
+        def accumulate() -> None:  # the part rows' attention to the defect word (after the start token)
+            if recorder.maps:
+                attention.add_(token_attention(recorder.maps, part_rows, slice(1, 1 + tokens), attention.shape[-2:]))
             recorder.maps.clear()
 
         def denoiser(model_in: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 MASK_SOURCES = ("threshold", "attention")
@@ -41,6 +43,19 @@ def mask_from_part(part: np.ndarray, threshold: float = 0.15, min_area: float = 
     """Bool (H, W) mask of a uint8 (H, W, 3) anomaly-part image on a black background."""
     brightness = np.asarray(part, np.float32).reshape(*part.shape[:2], -1).max(axis=-1) / 255
     return clean(brightness > threshold, min_area)
+
+
+def token_attention(maps: dict[str, torch.Tensor], rows: slice, tokens: slice, size: tuple[int, int]) -> torch.Tensor:
+    """The attention of batch ``rows`` to the prompt positions ``tokens``, averaged over those
+    tokens, bilinearly resized to ``size`` and summed over the layers of ``maps`` ({layer: (B, N, S)
+    probabilities, N a square number of pixels}): (len(rows), *size)."""
+    total = None
+    for probs in maps.values():
+        side = round(probs.shape[1] ** 0.5)
+        chosen = probs[rows, :, tokens].mean(-1).float()
+        resized = F.interpolate(chosen.view(-1, 1, side, side), size=size, mode="bilinear").squeeze(1).cpu()
+        total = resized if total is None else total + resized
+    return total
 
 
 def mask_from_attention(attention: np.ndarray, shape: tuple[int, int], threshold: float = 0.5,
