@@ -146,7 +146,7 @@ class ZeroUNet(torch.nn.Module):
 
 def test_loss_is_the_sum_of_both_branch_losses_at_one_shared_timestep(fitted):
     generator, _ = fitted
-    latents = {b: (torch.randn(3, 4, 16, 16), torch.rand(3, 4, 16, 16)) for b in ("whole", "part", "background")}
+    latents = {b: (torch.randn(12, 4, 16, 16), torch.rand(12, 4, 16, 16)) for b in ("whole", "part", "background")}
     generator.opt["batch_size"] = 64
     try:
         fake = ZeroUNet()
@@ -160,9 +160,58 @@ def test_loss_is_the_sum_of_both_branch_losses_at_one_shared_timestep(fitted):
     assert len(set(timesteps[:64].tolist())) > 10
 
 
+def test_training_pixels_are_the_official_pairs_under_every_flip(fitted, monkeypatch):
+    import anomalygen.methods.dualanodiff.generator as module
+
+    generator, _ = fitted
+    encoded = {}
+    monkeypatch.setattr(module, "encode_posterior", lambda backbone, x: (encoded.setdefault(len(encoded), x), x)[1:] * 2)
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, :16] = 200  # left half bright
+    mask = np.zeros((32, 32), bool)
+    mask[4:12, 2:10] = True  # top left
+    generator._latents([DefectExample(image, mask, "crack")])
+    whole, part = encoded[0], encoded[1]
+    assert whole.shape[0] == part.shape[0] == 4  # one pair under no flip, h, v, both
+    inside = torch.from_numpy(mask)
+    assert torch.allclose(part[0, :, inside], whole[0, :, inside])
+    assert torch.all(part[0, :, ~inside] == 0.5)  # I·M of [-1, 1] images: gray outside the mask
+    assert torch.equal(part[1], part[0].flip(-1)) and torch.equal(whole[2], whole[0].flip(-2))
+    assert torch.equal(whole[3], whole[0].flip(-2).flip(-1))
+    generator.opt.update(flip=False, part_background="black")
+    try:
+        encoded.clear()
+        generator._latents([DefectExample(image, mask, "crack")])
+        assert encoded[1].shape[0] == 1 and torch.all(encoded[1][0, :, ~inside] == 0)
+    finally:
+        generator.opt.update(flip=True, part_background="gray")
+
+
+def test_training_draws_each_flip_of_each_pair(fitted):
+    generator, _ = fitted
+    latents = {b: (torch.arange(8.0).view(8, 1, 1, 1).expand(8, 4, 16, 16).clone(), torch.zeros(8, 4, 16, 16))
+               for b in ("whole", "part", "background")}  # 2 pairs × 4 flips, row r holds the value r
+    fake = ZeroUNet()
+    fake.inputs = []
+    original = fake.forward
+    fake.forward = lambda noisy, t, encoder_hidden_states: (fake.inputs.append(noisy), original(noisy, t, encoder_hidden_states))[1]
+    generator.opt["batch_size"] = 256
+    try:
+        generator.training_loss(0, latents, torch.Generator().manual_seed(0), {"unet": fake})
+    finally:
+        generator.opt["batch_size"] = FAST["batch_size"]
+    alphas = generator.backbone.noise_scheduler().alphas_cumprod
+    rows = fake.inputs[0][:256]
+    # recover each row's clean value from the mean over its pixels (noise averages out), all 8 drawn
+    t = fake.calls[0][1][:256]
+    values = (rows.mean(dim=(1, 2, 3)) / alphas[t].sqrt()).round()
+    usable = alphas[t] > 0.5
+    assert set(values[usable].int().tolist()) == set(range(8))
+
+
 def test_vae_latents_sample_adds_the_posterior_std_times_fresh_noise(fitted):
     generator, _ = fitted
-    mean = torch.randn(3, 4, 16, 16)
+    mean = torch.randn(12, 4, 16, 16)
 
     def noisy_inputs(std, mode):
         fake = ZeroUNet()
@@ -193,7 +242,7 @@ def test_one_step_gives_gradients_to_both_branches_saim_and_bcm_only_of_this_typ
         module.requires_grad_(True)
     handle = generator._install(0)
     try:
-        latents = {b: (torch.randn(2, 4, 16, 16), torch.rand(2, 4, 16, 16)) for b in ("whole", "part", "background")}
+        latents = {b: (torch.randn(8, 4, 16, 16), torch.rand(8, 4, 16, 16)) for b in ("whole", "part", "background")}
         generator.training_loss(0, latents, torch.Generator().manual_seed(0)).backward()
     finally:
         from anomalygen.diffusion.attention import remove_hooks
@@ -235,6 +284,24 @@ def test_each_type_encodes_its_prompts_through_its_own_text_lora_only(fitted):
         with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
+
+
+def test_training_uses_the_official_optimiser_settings(monkeypatch):
+    import anomalygen.methods.dualanodiff.generator as module
+
+    configs = []
+
+    def capture(modules, loss_fn, config, out_dir):
+        configs.append(config)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "train", capture)
+    defects, good = toy_data()
+    with pytest.raises(KeyboardInterrupt):
+        DualAnoDiff(**{k: v for k, v in FAST.items() if k != "max_steps"}).fit(defects[:1], good)
+    config = configs[0]
+    assert (config.lr, config.weight_decay, config.max_grad_norm, config.lr_scheduler, config.max_steps) == (
+        2e-5, 1e-2, 1.0, "constant", 5000)
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
@@ -287,20 +354,22 @@ def iou(a, b):
     return (a & b).sum() / max((a | b).sum(), 1)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(cx=st.integers(20, 108), cy=st.integers(20, 108), rx=st.integers(6, 18), ry=st.integers(6, 18),
-       level=st.floats(0.3, 1.0), seed=st.integers(0, 1000))
-def test_threshold_mask_matches_the_drawn_region(cx, cy, rx, ry, level, seed):
+       contrast=st.floats(0.25, 0.5), darker=st.booleans(), background=st.sampled_from([0.5, 0.0]),
+       seed=st.integers(0, 1000))
+def test_threshold_mask_matches_the_drawn_region(cx, cy, rx, ry, contrast, darker, background, seed):
     import cv2
 
     rng = np.random.default_rng(seed)
     region = np.zeros((128, 128), np.uint8)
     cv2.ellipse(region, (cx, cy), (rx, ry), 0, 0, 360, 1, -1)
     region = region.astype(bool)
-    texture = rng.uniform(level * 0.7, level, (128, 128, 3))
-    noise = rng.uniform(0, 0.05, (128, 128, 3))  # the VAE's dark-grey speckle on the black background
-    part = (np.where(region[..., None], texture, noise) * 255).astype(np.uint8)
-    assert iou(mask_from_part(part), region) > 0.9
+    sign = -1 if darker and background > 0 else 1  # a defect darker or brighter than a gray background
+    texture = background + sign * rng.uniform(contrast * 0.8, contrast, (128, 128, 3))
+    noise = background + rng.uniform(-0.05, 0.05, (128, 128, 3)).clip(-background, None)  # the VAE's speckle
+    part = (np.where(region[..., None], texture, noise) * 255).round().astype(np.uint8)
+    assert iou(mask_from_part(part, background), region) > 0.9
 
 
 def test_token_attention_reads_the_chosen_rows_and_tokens_and_sums_the_layers():
@@ -330,7 +399,7 @@ def test_specks_are_dropped_and_holes_filled():
     part[30:60, 30:60] = 200
     part[40:45, 40:45] = 0  # a dark spot inside the defect
     part[5, 5] = 255  # a speck
-    mask = mask_from_part(part)
+    mask = mask_from_part(part, background=0.0)
     assert mask[31:59, 31:59].all() and not mask[5, 5]
     assert 896 <= mask.sum() <= 900  # the opening may round the four corner pixels
 
@@ -443,11 +512,13 @@ def test_resumed_fit_equals_an_uninterrupted_one(tmp_path):
 def test_options_are_checked_when_built():
     assert isinstance(create("dualanodiff", **FAST), DualAnoDiff)
     for bad, fragment in [({"rank": 0}, "rank"), ({"sampler": "euler"}, "sampler"), ({"bcm_mix": "both"}, "bcm_mix"),
+                          ({"part_background": "white"}, "part_background"), ({"weight_decay": -1}, "weight_decay"),
                           ({"mask_source": "u2net"}, "mask_source"), ({"init_word": "x"}, "unknown option")]:
         with pytest.raises(AnomalygenError, match=fragment):
             DualAnoDiff(**bad)
     defaults = DualAnoDiff().opt
     assert (defaults["lr"], defaults["max_steps"], defaults["batch_size"], defaults["rank"]) == (2e-5, 5000, 4, 32)
+    assert (defaults["weight_decay"], defaults["flip"], defaults["part_background"]) == (1e-2, True, "gray")
     assert (defaults["sampler"], defaults["num_inference_steps"], defaults["guidance_scale"]) == ("pndm", 100, 2.5)
     assert DualAnoDiff().words("crack") == ("a vfx with sks", "sks")
     assert DualAnoDiff(defect_word="{type}", object_word="bottle").words("broken_large") == ("a bottle with broken large", "broken large")

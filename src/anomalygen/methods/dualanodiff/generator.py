@@ -49,6 +49,8 @@ from anomalygen.types import AnomalySample, DefectExample
 META_FILE = "dualanodiff.json"
 TYPE_DIR = "types"
 BRANCHES = ("whole", "part")
+PART_BACKGROUNDS = {"gray": 0.5, "black": 0.0}  # the anomaly-part image's value outside the mask, in [0, 1]
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # none, horizontal, vertical, both: the official augmentation
 
 
 def _options() -> OptionSpec:
@@ -61,6 +63,9 @@ def _options() -> OptionSpec:
         max_steps=Int(5000, 1),
         resolution=Int(None, 8, optional=True),  # None = the base model's native size (512 on SD 1.x)
         lr=Float(2e-5, 0, low_open=True),
+        weight_decay=Float(1e-2, 0),  # AdamW's, as the official code
+        flip=Bool(True),  # random horizontal + vertical flips of image and mask (official; it skips them for cable)
+        part_background=Choice("gray", PART_BACKGROUNDS),  # I·M in [-1, 1] leaves 0 = gray outside M (official) | black
         rank=Int(32, 1),  # LoRA rank on every attention projection, per branch
         text_encoder_lora=Bool(True),  # a LoRA (same rank) on the text encoder too, per type, as the official code
         vae_latents=Choice("sample", ("sample", "mean")),  # a posterior sample per step (official) | its mean
@@ -73,7 +78,7 @@ def _options() -> OptionSpec:
         foreground=Choice("auto", FOREGROUND_MODES),  # how BCM finds the object to remove (masks/foreground.py)
         num_inference_steps=Int(100, 1),
         mask_source=Choice("threshold", MASK_SOURCES),
-        mask_threshold=Float(0.15, 0, 1),  # brightness threshold of the anomaly-part image
+        mask_threshold=Float(0.15, 0, 1),  # how far from the part background ([0, 1]) a pixel must be
         attention_threshold=Float(0.5, 0, 1),  # of the attention map scaled to [0, 1]
         mask_min_area=Float(5e-4, 0, 1),  # components smaller than this share of the image are dropped
         mask_tries=Int(4, 1),  # draws per sample until its mask is not empty
@@ -205,14 +210,23 @@ class DualAnoDiff(AnomalyGenerator):
         return np.where(foreground[..., None], 0, image).astype(np.uint8)
 
     def _latents(self, examples: Sequence[DefectExample]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The VAE posteriors (mean, std; encoded once) of I, I·M and I_b for every training pair."""
-        images = [np.asarray(e.image) for e in examples]
-        parts = [np.where(np.asarray(e.mask, bool)[..., None], im, 0).astype(np.uint8) for e, im in zip(examples, images)]
-        out = {"whole": encode_posterior(self.backbone, self._square(images)),
-               "part": encode_posterior(self.backbone, self._square(parts))}
+        """The VAE posteriors (mean, std) of I, I·M and I_b for every training pair, encoded once for
+        each flip the training draws (``FLIPS``, or none): row ``f·m + i`` is pair ``i`` under flip ``f``.
+
+        I·M as the official code: the mask resized bilinearly and thresholded at 0.5, the image
+        kept inside it and ``part_background`` outside."""
+        size = self.opt["resolution"]
+        whole = self._square([np.asarray(e.image) for e in examples])
+        masks = torch.cat([F.interpolate(torch.from_numpy(np.asarray(e.mask, np.float32))[None, None], size=(size, size),
+                                         mode="bilinear") for e in examples])
+        masks = (masks >= 0.5).float()
+        level = PART_BACKGROUNDS[self.opt["part_background"]]
+        pixels = {"whole": whole, "part": whole * masks + level * (1 - masks)}
         if self.opt["bcm"]:
-            out["background"] = encode_posterior(self.backbone, self._square([self._background(im) for im in images]))
-        return out
+            pixels["background"] = self._square([self._background(np.asarray(e.image)) for e in examples])
+        flips = FLIPS if self.opt["flip"] else FLIPS[:1]
+        return {b: encode_posterior(self.backbone, torch.cat([x.flip(f) if f else x for f in flips]))
+                for b, x in pixels.items()}
 
     # ----------------------------------------------------------------- training
     def training_loss(self, k: int, latents: dict[str, tuple[torch.Tensor, torch.Tensor]], generator: torch.Generator,
@@ -227,8 +241,11 @@ class DualAnoDiff(AnomalyGenerator):
         modules = modules or {"unet": backbone.unet}
         batch, share = opt["batch_size"], batch_share(opt["batch_size"])
         shape = latents["whole"][0].shape[1:]
-        picks = torch.randint(0, latents["whole"][0].shape[0], (batch,), generator=generator)[share]
+        flips = len(FLIPS) if opt["flip"] else 1
+        pairs = latents["whole"][0].shape[0] // flips
+        picks = torch.randint(0, pairs, (batch,), generator=generator)
         timesteps = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)[share]
+        picks = (torch.randint(0, flips, (batch,), generator=generator) * pairs + picks)[share]  # pair i under a flip
         branches = ["whole", "part"] + (["background"] if opt["bcm"] else [])
         noise = {b: torch.randn((batch, *shape), generator=generator)[share] for b in branches}
         clean = {b: latents[b][0][picks] for b in branches}
@@ -270,6 +287,7 @@ class DualAnoDiff(AnomalyGenerator):
         latents = self._latents(examples)
         handle = self._install(k)
         config = TrainConfig(max_steps=int(opt["max_steps"]), time_budget_s=opt["time_budget_s"], lr=opt["lr"],
+                             weight_decay=opt["weight_decay"],
                              mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"],
                              seed=opt["seed"] + k, device=opt["device"])
 
@@ -414,7 +432,8 @@ class DualAnoDiff(AnomalyGenerator):
                 mask = mask_from_attention(attention[j].numpy(), part.shape[:2], opt["attention_threshold"],
                                            opt["mask_min_area"])
             else:
-                mask = mask_from_part(part, opt["mask_threshold"], opt["mask_min_area"])
+                mask = mask_from_part(part, PART_BACKGROUNDS[opt["part_background"]], opt["mask_threshold"],
+                                      opt["mask_min_area"])
             out.append((whole, mask))
         return out
 

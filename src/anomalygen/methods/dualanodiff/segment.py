@@ -1,13 +1,14 @@
 """The mask from the anomaly branch (DualAnoDiff, Jin et al. CVPR 2025, §3.4).
 
-The anomaly-part image shows the defect alone on a black background, so its mask is segmented
-from it, aligned with the whole image by construction. Two ways, as the paper names them:
+The anomaly-part image shows the defect alone on a plain background (gray, as the official code's
+I·M in [-1, 1], or black), so its mask is segmented from it, aligned with the whole image by
+construction. Two ways, as the paper names them:
 
-- ``threshold`` (default): brightness (max over channels, [0, 1]) above ``threshold``, cleaned by
-  morphology (opening removes specks, closing and hole filling close the region) and with
-  components below ``min_area`` of the image dropped. The official code segments with a U²-Net
-  saliency model at 0.5; its weights cannot be assumed here, and on a black background brightness
-  is what saliency finds.
+- ``threshold`` (default): the pixels whose value differs from the background by more than
+  ``threshold`` in any channel ([0, 1] scale), cleaned by morphology (opening removes specks,
+  closing and hole filling close the region) and with components below ``min_area`` of the image
+  dropped. The official code segments with a U²-Net saliency model at 0.5; its weights cannot be
+  assumed here, and on a plain background the difference from it is what saliency finds.
 - ``attention``: the mean cross-attention map of the defect token in the anomaly branch, scaled to
   [0, 1] by its maximum, above ``threshold``, with the same clean-up.
 """
@@ -39,10 +40,12 @@ def clean(mask: np.ndarray, min_area: float = 5e-4) -> np.ndarray:
     return out.astype(bool)
 
 
-def mask_from_part(part: np.ndarray, threshold: float = 0.15, min_area: float = 5e-4) -> np.ndarray:
-    """Bool (H, W) mask of a uint8 (H, W, 3) anomaly-part image on a black background."""
-    brightness = np.asarray(part, np.float32).reshape(*part.shape[:2], -1).max(axis=-1) / 255
-    return clean(brightness > threshold, min_area)
+def mask_from_part(part: np.ndarray, background: float = 0.5, threshold: float = 0.15,
+                   min_area: float = 5e-4) -> np.ndarray:
+    """Bool (H, W) mask of a uint8 (H, W, 3) anomaly-part image on a plain ``background`` (its
+    value in [0, 1]: 0.5 gray, 0 black): the pixels farther than ``threshold`` from it in any channel."""
+    values = np.asarray(part, np.float32).reshape(*part.shape[:2], -1) / 255
+    return clean(np.abs(values - background).max(axis=-1) > threshold, min_area)
 
 
 def token_attention(maps: dict[str, torch.Tensor], rows: slice, tokens: slice, size: tuple[int, int]) -> torch.Tensor:
