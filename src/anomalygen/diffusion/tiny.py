@@ -81,7 +81,7 @@ def write_tokenizer_files(directory: Path, words: tuple[str, ...] | list[str] = 
     def write() -> Path:
         specials = ["<|startoftext|>", "<|endoftext|>"]
         (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab + specials)}))
-        (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        (directory / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
         return directory
 
     words = list(dict.fromkeys(words))
