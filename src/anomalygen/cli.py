@@ -138,7 +138,7 @@ def pretrain_command(
                             include_defects=include_defects, device=device, seed=seed,
                             time_budget_s=None if time_budget is None else time_budget * 60)
     report = pretrain(data, out, config, say=lambda message: console.print(message, highlight=False))
-    console.print(f"model saved in {out} (autoencoder PSNR {report['vae']['psnr_db']} dB, UNet {report['unet']['steps']} "
+    console.print(f"model saved in {out} (autoencoder PSNR {report.get('vae', {}).get('psnr_db')} dB, UNet {report['unet']['steps']} "
                   f"steps); use it with --model {out}", highlight=False)
 
 

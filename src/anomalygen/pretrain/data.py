@@ -50,8 +50,8 @@ class PretrainImages:
     @property
     def words(self) -> list[str]:
         """The tokenizer's vocabulary: prompt words, category and defect-type words, the core's prompt words."""
-        text = " ".join([GOOD_PROMPT, DEFECT_PROMPT, *self.prompts, *map(prompt_name, self.categories + self.defect_types)])
-        return list(dict.fromkeys([*clip_words(text.replace("{", " ").replace("}", " ")), *TINY_WORDS]))
+        text = " ".join([*self.prompts, *map(prompt_name, self.categories + self.defect_types), *TINY_WORDS])
+        return list(dict.fromkeys(clip_words(text)))
 
     def add(self, image: np.ndarray, prompt: str, held_back: bool = False) -> None:
         if held_back:
