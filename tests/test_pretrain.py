@@ -224,3 +224,17 @@ def test_train_ema_is_diffusers_ema_of_the_weights(tmp_path):
     ema = load_file(str(latest_checkpoint(tmp_path) / "ema.safetensors"))["m.weight"]
     torch.testing.assert_close(ema, shadow)
     assert not torch.allclose(ema, weights[-1])
+
+
+def test_a_spent_time_budget_still_writes_a_loadable_model_and_a_rerun_goes_on(demo, tmp_path):
+    from anomalygen.diffusion.backbone import load_backbone
+
+    out = tmp_path / "prior"
+    report = pretrain([demo], out, PretrainConfig(**TINY, time_budget_s=1e-3), say=lambda m: None)
+    assert report["vae"]["stopped_by"] == report["unet"]["stopped_by"] == "time_budget"
+    assert report["vae"]["steps"] == report["unet"]["steps"] == 0
+    load_backbone(str(out), device="cpu")
+    vae = (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    report = pretrain([demo], out, PretrainConfig(**TINY), say=lambda m: None)
+    assert report["unet"]["steps"] == TINY["max_steps"] and report["vae"]["steps"] == 0  # the autoencoder stays fixed
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae
