@@ -116,6 +116,32 @@ def fit(
     console.print(f"{method}: model saved in {saved}", highlight=False)
 
 
+@app.command("pretrain")
+@user_errors
+def pretrain_command(
+    data: list[Path] = typer.Option(..., "--data", help="Dataset root or category folder (repeat for more); its train/good images."),
+    out: Path = typer.Option(..., "--out", help="Folder for the model (diffusers format, for --model); re-running resumes."),
+    resolution: int = typer.Option(64, "--resolution", help="Training size in px: 64, 128 or 256 (any multiple of 32 up to 512)."),
+    size: str = typer.Option("small", "--size", help="Model size: tiny (tests), small (CPU) or base (GPU)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop this run after MINUTES (re-run to go on)."),
+    max_steps: int = typer.Option(30000, "--max-steps", help="UNet training steps."),
+    vae_steps: int = typer.Option(3000, "--vae-steps", help="Autoencoder training steps (trained first)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    include_defects: bool = typer.Option(False, "--include-defects", help="Also train on the training third of each defect type."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train a base diffusion model from scratch on your own images (air-gapped: nothing is downloaded)."""
+    from anomalygen.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
+                            include_defects=include_defects, device=device, seed=seed,
+                            time_budget_s=None if time_budget is None else time_budget * 60)
+    report = pretrain(data, out, config, say=lambda message: console.print(message, highlight=False))
+    console.print(f"model saved in {out} (autoencoder PSNR {report.get('vae', {}).get('psnr_db')} dB, UNet {report['unet']['steps']} "
+                  f"steps); use it with --model {out}", highlight=False)
+
+
 @app.command()
 @user_errors
 def demo(

@@ -9,6 +9,7 @@ labelled so (``Backbone.untrained``).
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -49,31 +50,62 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
-def write_tokenizer_files(directory: Path, words: tuple[str, ...] | list[str] = TINY_WORDS) -> Path:
+def write_tokenizer_files(directory: Path, words: tuple[str, ...] | list[str] = TINY_WORDS, *,
+                          single_tokens: bool = False) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` of a small CLIP BPE tokenizer into ``directory``.
 
     Every word is spelled by left-to-right merges ending in the end-of-word marker ``</w>``;
-    any other text still tokenizes, character by character, through the byte alphabet.
+    any other text still tokenizes, character by character, through the byte alphabet. A word's
+    merges can be pre-empted by an earlier word's (BPE applies the lowest-ranked merge first), so
+    it may come out as a few pieces; with ``single_tokens`` merges joining those pieces are added
+    until each word is one token (words in lower case, as CLIP's pre-tokenizer cuts text: ``clip_words``).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
+    byte_chars = _bytes_to_unicode()
+    alphabet = list(byte_chars.values())
     vocab: list[str] = alphabet + [c + "</w>" for c in alphabet]
     merges: list[str] = []
-    known = set(vocab)
-    for word in dict.fromkeys(words):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    known, rules = set(vocab), set()
+
+    def join(symbols: list[str]) -> None:
         while len(symbols) > 1:
-            merged = symbols[0] + symbols[1]
-            rule = f"{symbols[0]} {symbols[1]}"
+            merged, rule = symbols[0] + symbols[1], f"{symbols[0]} {symbols[1]}"
             if merged not in known:
                 known.add(merged)
                 vocab.append(merged)
+            if rule not in rules:
+                rules.add(rule)
                 merges.append(rule)
             symbols = [merged] + symbols[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return directory
+
+    def write() -> Path:
+        specials = ["<|startoftext|>", "<|endoftext|>"]
+        (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab + specials)}))
+        (directory / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+        return directory
+
+    words = list(dict.fromkeys(words))
+    spelled = ["".join(byte_chars[b] for b in word.encode("utf-8")) for word in words]
+    for word in spelled:
+        join(list(word[:-1]) + [word[-1] + "</w>"])
+    if not single_tokens:
+        return write()
+    while True:  # each pass makes every split word one token; merges added last never split another word
+        write()
+        tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
+        pieces = [tokenizer.tokenize(word) for word in words]
+        # a word CLIP's pre-tokenizer cuts ("metal_nut") cannot be one token: it is left as it is
+        split = [p for p, word in zip(pieces, spelled) if len(p) > 1 and "".join(p) == word + "</w>"]
+        if not split:
+            return directory
+        for parts in split:
+            join(parts)
+
+
+def clip_words(text: str) -> list[str]:
+    """``text`` as CLIP's tokenizer cuts it into words before BPE: lower case, letter runs, single
+    digits and punctuation runs (``"metal_nut"`` -> ``metal``, ``_``, ``nut``)."""
+    return re.findall(r"[^\W\d_]+|\d|[^\s\w]+|_+", " ".join(text.lower().split()))
 
 
 @lru_cache(maxsize=1)

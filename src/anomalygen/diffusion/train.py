@@ -4,7 +4,10 @@ Serves learned embeddings, small encoders, LoRA (peft) and ControlNet alike: the
 trainable modules and a ``loss_fn(modules, step, generator) -> scalar``. bf16/fp16 autocast,
 gradient accumulation, ``max_steps`` and a wall-time budget, checkpoints of the trainable state
 only (``trainable.safetensors`` + ``state.json``, with optimizer / lr scheduler / RNG state for an
-exact resume), validation grids, a CSV loss log (TensorBoard too when installed). Under
+exact resume), an optional EMA of the trainable weights (``ema_decay``: diffusers' ``EMAModel``,
+checkpointed as ``ema.safetensors`` with the same keys as ``trainable.safetensors``, so
+``load_trainable(modules, latest_checkpoint(out_dir) / "ema.safetensors")`` puts the averaged
+weights in), validation grids, a CSV loss log (TensorBoard too when installed). Under
 ``accelerate launch`` / ``torchrun`` the modules are wrapped for DDP; for the gradients to be
 all-reduced ``loss_fn`` must call the modules it is handed (not its own references to them), and
 for N processes to equal one on the whole batch each draws the same global batch (same seeds) and
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -63,6 +67,7 @@ class TrainConfig:
     validate_every: int = 0
     seed: int = 0
     device: str | None = None
+    ema_decay: float = 0.0  # > 0: an EMA of the trainable weights (EMAModel: decay min(ema_decay, (1+n)/(10+n)))
 
 
 @dataclass
@@ -95,14 +100,14 @@ def batch_share(batch_size: int) -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
+def trainable_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """``{"module.param": parameter}`` of every parameter with ``requires_grad``, in module order."""
+    return {f"{name}.{pname}": p for name, module in modules.items() for pname, p in module.named_parameters() if p.requires_grad}
+
+
 def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """``{"module.param": tensor}`` of every parameter with ``requires_grad``."""
-    return {
-        f"{name}.{pname}": p.detach().float().cpu().contiguous()
-        for name, module in modules.items()
-        for pname, p in module.named_parameters()
-        if p.requires_grad
-    }
+    return {key: p.detach().float().cpu().contiguous() for key, p in trainable_parameters(modules).items()}
 
 
 def load_trainable(modules: dict[str, nn.Module], path: str | Path) -> None:
@@ -142,7 +147,8 @@ def _log_rows(log_path: Path, checkpoint: Path | None, state: dict) -> list[list
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _save_grid(images: list[np.ndarray], path: Path) -> None:
+def save_grid(images: list[np.ndarray], path: Path) -> None:
+    """Same-size uint8 images as one PNG, in rows of up to 4."""
     from PIL import Image
 
     columns = min(len(images), 4)
@@ -189,6 +195,8 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
     modules = dict(zip(names, prepared[: len(names)]))
     optimizer, scheduler = prepared[len(names) :]
     generator = torch.Generator().manual_seed(config.seed)
+    named = trainable_parameters({n: accelerator.unwrap_model(m) for n, m in modules.items()})
+    ema = EMAModel(list(named.values()), decay=config.ema_decay, foreach=True) if config.ema_decay else None
     step, state = 0, {}
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
@@ -201,6 +209,10 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
             torch.set_rng_state(rng["torch"])
             state = json.loads((checkpoint / "state.json").read_text())
             step = int(state["step"])
+            if ema is not None:
+                shadow = load_file(str(checkpoint / "ema.safetensors"))
+                ema.load_state_dict({"optimization_step": int(state["ema_step"]),
+                                     "shadow_params": [shadow[k].to(p.device, p.dtype) for k, p in named.items()]})
         except Exception as error:  # damaged or tampered: torch, safetensors and json raise many kinds
             raise AnomalygenError(
                 f"{checkpoint}: corrupt checkpoint ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
@@ -234,7 +246,11 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         save_file({"generator": generator.get_state(), "torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config), "log": rows}, indent=2))
+        extra = {}
+        if ema is not None:
+            save_file({k: s.detach().float().cpu().contiguous() for k, s in zip(named, ema.shadow_params)}, str(tmp / "ema.safetensors"))
+            extra["ema_step"] = ema.optimization_step
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config), "log": rows, **extra}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
 
@@ -255,6 +271,8 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
                 scheduler.step()
                 optimizer.zero_grad()
         step += 1
+        if ema is not None:
+            ema.step(list(named.values()))
         loss_value = float(loss.detach())
         rows.append([str(step), f"{loss_value:.6g}", f"{scheduler.get_last_lr()[0]:.6g}",
                      f"{elapsed_before + time.monotonic() - start:.2f}"])
@@ -269,7 +287,7 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
             save_checkpoint()
         if validate is not None and config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
             (out_dir / "validation").mkdir(exist_ok=True)
-            _save_grid(validate(step), out_dir / "validation" / f"step-{step:07d}.png")
+            save_grid(validate(step), out_dir / "validation" / f"step-{step:07d}.png")
     progress.close()
     if latest_checkpoint(out_dir) is None or json.loads((latest_checkpoint(out_dir) / "state.json").read_text())["step"] != step:
         save_checkpoint()

@@ -1,0 +1,132 @@
+"""The images a prior trains on, with their prompts, read and checked before anything is written.
+
+Every category of every ``--data`` (a dataset root or one category folder) gives its
+``train/good`` images, prompted ``"a photo of {category}"``; with ``include_defects`` also the
+training third of each defect type (``paper_split``: never the test two-thirds), prompted
+``"a photo of {category} with {defect type}"``. Images of any size are accepted: each is resized
+(bicubic, aspect kept) so that its shorter side is the training resolution, and training takes
+random square crops of it (and horizontal flips). A few good images per category are held back
+(never trained on) to measure the autoencoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anomalygen.data import list_categories, load_category, load_image, paper_split
+from anomalygen.data.readers import category_layout
+from anomalygen.diffusion.tiny import TINY_WORDS, clip_words
+from anomalygen.errors import DataError
+
+GOOD_PROMPT = "a photo of {category}"
+DEFECT_PROMPT = "a photo of {category} with {defect}"
+HELD_BACK = 0.05  # share of each category's good images held back (at least 1 when it has 2, at most 8)
+MAX_HELD_BACK = 8
+
+
+def prompt_name(name: str) -> str:
+    """A folder name as words of a prompt: ``metal_nut`` -> ``metal nut``."""
+    return " ".join(name.replace("_", " ").replace("-", " ").split())
+
+
+@dataclass
+class PretrainImages:
+    """Images resized to shorter side = ``resolution`` (uint8 HxWx3) and the index of each one's prompt."""
+
+    resolution: int
+    images: list[np.ndarray] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    held_back: list[np.ndarray] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    defect_types: list[str] = field(default_factory=list)
+    upscaled: int = 0  # images whose shorter side was below the resolution
+
+    @property
+    def words(self) -> list[str]:
+        """The tokenizer's vocabulary: prompt words, category and defect-type words, the core's prompt words."""
+        text = " ".join([*self.prompts, *map(prompt_name, self.categories + self.defect_types), *TINY_WORDS])
+        return list(dict.fromkeys(clip_words(text)))
+
+    def add(self, image: np.ndarray, prompt: str, held_back: bool = False) -> None:
+        if held_back:
+            self.held_back.append(image)
+            return
+        if prompt not in self.prompts:
+            self.prompts.append(prompt)
+        self.images.append(image)
+        self.prompt_ids.append(self.prompts.index(prompt))
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+        """``size`` random crops (B, 3, R, R) in [-1, 1], half of them flipped, and their prompt ids;
+        every draw comes from ``generator``."""
+        picks = torch.randint(len(self.images), (size,), generator=generator).tolist()
+        crops = []
+        r = self.resolution
+        for i in picks:
+            image = self.images[i]
+            y = int(torch.randint(image.shape[0] - r + 1, (1,), generator=generator))
+            x = int(torch.randint(image.shape[1] - r + 1, (1,), generator=generator))
+            crop = image[y : y + r, x : x + r]
+            if torch.rand(1, generator=generator).item() < 0.5:
+                crop = crop[:, ::-1]
+            crops.append(torch.from_numpy(np.array(crop)))
+        pixels = torch.stack(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return pixels, [self.prompt_ids[i] for i in picks]
+
+    def held_back_batch(self) -> torch.Tensor:
+        """The held-back images, centre-cropped, (N, 3, R, R) in [-1, 1]."""
+        r = self.resolution
+        crops = [im[(im.shape[0] - r) // 2 : (im.shape[0] - r) // 2 + r, (im.shape[1] - r) // 2 : (im.shape[1] - r) // 2 + r]
+                 for im in self.held_back]
+        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize so that the shorter side is ``size`` px (bicubic, aspect ratio kept)."""
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    shape = (max(size, round(w * scale)), max(size, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(shape, Image.BICUBIC)) if shape != (w, h) else image
+
+
+def _categories(root: Path) -> list:
+    """The categories of one ``--data``: the folder itself or every category under a dataset root."""
+    if root.is_dir() and category_layout(root):
+        return [load_category(root)]
+    names = list_categories(root)
+    if not names:
+        load_category(root)  # raises the reader's error: no such folder, not a dataset, ...
+    return [load_category(root, name) for name in names]
+
+
+def load_pretrain_images(roots: list[Path], resolution: int, include_defects: bool = False) -> PretrainImages:
+    """Read and decode every training image of ``roots``; a missing ``train/good`` or an unreadable
+    file is a ``DataError`` naming it."""
+    data = PretrainImages(resolution)
+    for root in roots:
+        for category in _categories(Path(root)):
+            name = prompt_name(category.name)
+            data.categories.append(category.name)
+            data.defect_types += [t for t in category.defect_types if t not in data.defect_types]
+            if not category.train_good:
+                raise DataError(category.root / "train" / "good", "no good images to train on")
+            goods = category.train_good
+            held = min(MAX_HELD_BACK, max(1, round(HELD_BACK * len(goods)))) if len(goods) >= 2 else 0
+            records = [(r, GOOD_PROMPT.format(category=name), i >= len(goods) - held) for i, r in enumerate(goods)]
+            if include_defects:
+                train, _ = paper_split(category.defects)
+                records += [(r, DEFECT_PROMPT.format(category=name, defect=prompt_name(t)), False)
+                            for t, rs in train.items() for r in rs]
+            for record, prompt, held_back in records:
+                image = load_image(record.path)
+                data.upscaled += min(image.shape[:2]) < resolution
+                data.add(resize_short_side(image, resolution), prompt, held_back)
+    if not data.images:
+        raise DataError(Path(roots[0]), "no good images to train on")
+    return data

@@ -1,0 +1,311 @@
+"""``pretrain``: a latent diffusion base model trained from scratch on the user's own images.
+
+Two stages, each a run of the shared loop (``diffusion.train.train``: checkpoints, exact resume,
+time budget, ``loss.csv``), then a diffusers Stable Diffusion folder:
+
+1. the autoencoder (``AutoencoderKL``): L1 reconstruction + ``kl_weight`` × KL to N(0, I), as the
+   KL-regularised autoencoder of LDM (Rombach et al., CVPR 2022, Sec. 3 and App. G: KL weight
+   1e-6) without its LPIPS and adversarial terms (their pretrained networks cannot be downloaded
+   here). Its latent scale is then set to 1 / std of the training latents, as SD's 0.18215 was
+   chosen; its PSNR on held-back good images is reported. Once the UNet stage has begun the
+   autoencoder is never trained again, so a re-run cannot pull the latents from under the UNet.
+2. the UNet (``UNet2DConditionModel``): the ε-prediction loss of DDPM (Ho et al. 2020, Eq. 14) on
+   latents of random crops, conditioned on the prompt's text-encoder states; the prompt is dropped
+   (empty prompt) with probability ``uncond_prob`` to train the unconditional model that
+   classifier-free guidance needs (Ho & Salimans 2022); an EMA of its weights is what is saved.
+
+The text encoder is **frozen** at its (seeded) random initialisation, and not trained with the
+UNet, because that is what the methods built on top need:
+
+- textual inversion and LoRA keep the text encoder frozen and optimise, respectively, an input
+  embedding fed through it and low-rank updates of the UNet's attention; both need the encoder
+  that a method loads to be exactly the one the UNet learned to read: a frozen encoder is, while
+  one trained on a handful of fixed prompts would only learn those few context sequences (nothing
+  a UNet's cross-attention could not learn itself) and leave every other word's embedding, and
+  the placeholder vectors initialised from them, in a region it no longer matches;
+- a random CLIP transformer is a fixed, smooth, well-scaled map from any input embedding to
+  context vectors, the same for known words and new vectors, so an optimised embedding lands in
+  the space the UNet saw; defect words get their meaning from the UNet (``--include-defects``);
+- the prompts' hidden states are computed once, which makes each step cheaper.
+
+Layout of ``out``: ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/`` (written at the end of every run, also one stopped by its time budget),
+``pretrain.json`` (settings and report), ``samples.png`` and ``loss.png``; the training state
+under ``training/`` (``vae/`` and ``unet/`` runs of the shared loop with their ``loss.csv``,
+``loss.png`` and ``validation/`` grids; it may be deleted once training is finished).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image, ImageDraw
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from anomalygen.diffusion.backbone import Backbone, resolve_device
+from anomalygen.diffusion.sampling import decode_latents, sample_generators, sample_latents, to_uint8
+from anomalygen.diffusion.train import LOG_FILE, TrainConfig, latest_checkpoint, load_trainable, save_grid, train
+from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.io import LOCK_FILE, atomic_write_text, folder_lock, read_json
+from anomalygen.pretrain.data import PretrainImages, load_pretrain_images
+from anomalygen.pretrain.models import PRESETS, build_tokenizer, component_configs
+
+SETTINGS = "training/settings.json"
+REPORT = "pretrain.json"
+# settings that may change when a run is resumed (the others define the model)
+RESUMABLE = ("vae_steps", "max_steps", "time_budget_s", "checkpoint_every", "sample_every", "device")
+Say = Callable[[str], None]
+
+
+@dataclass
+class PretrainConfig:
+    resolution: int = 64
+    size: str = "small"  # tiny | small | base (pretrain.models.PRESETS)
+    vae_steps: int = 3000
+    max_steps: int = 30000  # UNet steps
+    batch_size: int = 16
+    vae_lr: float = 2e-4
+    unet_lr: float = 2e-4
+    kl_weight: float = 1e-6
+    ema_decay: float = 0.999
+    uncond_prob: float = 0.1
+    include_defects: bool = False
+    time_budget_s: float | None = None  # this run's wall time; the autoencoder gets at most vae_share of it
+    vae_share: float = 0.25
+    checkpoint_every: int = 250
+    sample_every: int = 500
+    seed: int = 0
+    device: str | None = None
+
+    def check(self) -> None:
+        """Every value, before anything is read or written."""
+        if self.resolution % 32 or not 32 <= self.resolution <= 512:
+            raise AnomalygenError(f"--resolution {self.resolution}: use a multiple of 32 from 32 to 512 (64, 128 or 256)")
+        if self.size not in PRESETS:
+            raise AnomalygenError(f"--size {self.size!r}: use one of {', '.join(PRESETS)}")
+        for name in ("vae_steps", "max_steps", "batch_size", "checkpoint_every", "sample_every"):
+            if getattr(self, name) < 1:
+                raise AnomalygenError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise AnomalygenError(f"--time-budget {self.time_budget_s / 60:g}: must be more than 0 minutes")
+        if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1 and 0 < self.vae_share < 1):
+            raise AnomalygenError("uncond_prob, ema_decay and vae_share must lie in [0, 1)")
+
+
+def _check_out(out: Path) -> None:
+    """A new or empty folder, or one a pretrain run wrote (it resumes); never another folder."""
+    if out.is_dir() and not (out / SETTINGS).is_file() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        raise DataError(out, "not empty and not an anomalygen pretrain folder; give a new or empty folder as --out")
+
+
+def _settings(config: PretrainConfig, data: list[Path]) -> dict[str, Any]:
+    settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
+    return {**settings, "data": [str(Path(d).resolve()) for d in data]}
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    if not (out / SETTINGS).is_file():
+        atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
+        return
+    before = read_json(out / SETTINGS)
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+    if changed:
+        raise DataError(out, f"holds a pretrain run with other settings ({'; '.join(changed)}); "
+                             "re-run with the same settings to resume it, or give a new --out")
+
+
+def write_loss_curve(log: Path, png: Path, size: tuple[int, int] = (480, 240)) -> None:
+    """``loss.csv`` as a PNG: loss per step (grey) and its running mean (black), log-scaled."""
+    with log.open(newline="") as handle:
+        losses = [float(row["loss"]) for row in csv.DictReader(handle) if row.get("loss")]
+    losses = [v for v in losses if v > 0 and math.isfinite(v)]
+    if len(losses) < 2:
+        return
+    w, h, pad = *size, 24
+    logs = np.log10(losses)
+    smooth = np.convolve(logs, np.ones(k := max(1, len(logs) // 20)) / k, mode="valid")
+    low, high = float(logs.min()), float(logs.max()) + 1e-9
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+
+    def points(values: np.ndarray, offset: int) -> list[tuple[float, float]]:
+        return [(pad + (offset + i) * (w - 2 * pad) / (len(logs) - 1), h - pad - (v - low) * (h - 2 * pad) / (high - low))
+                for i, v in enumerate(values)]
+
+    draw.line(points(logs, 0), fill=(170, 170, 170))
+    draw.line(points(smooth, k // 2), fill=(0, 0, 0), width=2)
+    draw.text((pad, 4), f"loss (log10) {10 ** high:.3g} .. {10 ** low:.3g}, {len(losses)} steps", fill=(0, 0, 0))
+    image.save(png)
+
+
+def _build(cls: Any, config: dict[str, Any], seed: int) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(CLIPTextConfig(**config)) if cls is CLIPTextModel else cls.from_config(config)
+
+
+def _save(model: Any, folder: Path) -> None:
+    """``save_pretrained`` into a temporary folder renamed into place: ``folder`` is whole or absent."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tmp.rename(folder)
+
+
+def _psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
+    """Mean PSNR (dB) of the posterior-mode reconstructions of (N, 3, R, R) images in [-1, 1]."""
+    with torch.no_grad():
+        recon = torch.cat([vae(chunk.to(vae.device), sample_posterior=False).sample.float().clamp(-1, 1).cpu()
+                           for chunk in pixels.split(16)])
+    mse = ((recon - pixels) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def _vae_stage(vae: AutoencoderKL, images: PretrainImages, config: PretrainConfig, work: Path,
+               budget: float | None, train_config: dict[str, Any]) -> dict[str, Any]:
+    pixels_per_image = 3 * config.resolution**2
+
+    def loss_fn(modules, step, generator):
+        model = modules["vae"]
+        pixels, _ = images.batch(config.batch_size, generator)
+        pixels = pixels.to(model.device)
+        posterior = model.encode(pixels).latent_dist
+        recon = model.decode(posterior.sample(generator=generator)).sample
+        # LDM's per-image sums (KL weight 1e-6 against the summed L1), divided by the pixel count
+        return F.l1_loss(recon.float(), pixels) + config.kl_weight * posterior.kl().mean() / pixels_per_image
+
+    def validate(step):
+        write_loss_curve(work / LOG_FILE, work / "loss.png")
+        shown = images.held_back_batch()[:4] if images.held_back else images.batch(4, torch.Generator().manual_seed(0))[0]
+        with torch.no_grad():
+            recon = vae(shown.to(vae.device), sample_posterior=False).sample.float().cpu()
+        return to_uint8((torch.cat([shown, recon]) + 1) / 2)
+
+    result = train({"vae": vae}, loss_fn, TrainConfig(max_steps=config.vae_steps, time_budget_s=budget, lr=config.vae_lr,
+                                                        **train_config), work, validate=validate)
+    load_trainable({"vae": vae}, latest_checkpoint(work))
+    write_loss_curve(work / LOG_FILE, work / "loss.png")
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():  # SD's latent scale: 1 / std of the training latents
+        sample, _ = images.batch(min(64, 4 * config.batch_size), torch.Generator().manual_seed(config.seed))
+        latents = vae.encode(sample.to(vae.device)).latent_dist.sample(generator=torch.Generator().manual_seed(config.seed))
+    vae.register_to_config(scaling_factor=round(1 / float(latents.float().std()), 5))
+    return {"steps": result.step, "stopped_by": result.stopped_by, "last_loss": result.last_loss,
+            "scaling_factor": vae.config.scaling_factor, "held_back_images": len(images.held_back),
+            "psnr_db": round(_psnr(vae, images.held_back_batch()), 2) if images.held_back else None}
+
+
+def _sample(backbone: Backbone, states: torch.Tensor, uncond: torch.Tensor, seed: int) -> list[np.ndarray]:
+    """One image per row of ``states`` (DDIM, 25 steps, guidance 3), each from its own generator."""
+    size = backbone.unet.config.sample_size
+    latents = sample_latents(backbone, states, sample_generators(seed, range(len(states))), latent_size=(size, size),
+                             num_inference_steps=25, guidance_scale=3.0, uncond_hidden_states=uncond[:1])
+    return to_uint8(decode_latents(backbone, latents))
+
+
+def _unet_stage(backbone: Backbone, images: PretrainImages, states: torch.Tensor, uncond: torch.Tensor,
+                config: PretrainConfig, work: Path, budget: float | None, train_config: dict[str, Any]) -> dict[str, Any]:
+    unet, vae, device = backbone.unet, backbone.vae, backbone.device
+    scheduler = backbone.noise_scheduler()
+    shown = states.repeat_interleave(2, 0)[:16]  # two samples per prompt
+
+    def loss_fn(modules, step, generator):
+        pixels, ids = images.batch(config.batch_size, generator)
+        with torch.no_grad():
+            posterior = vae.encode(pixels.to(device)).latent_dist
+            latents = posterior.sample(generator=generator) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, backbone.num_train_timesteps, (len(ids),), generator=generator).to(device)
+        dropped = torch.rand(len(ids), generator=generator) < config.uncond_prob
+        context = torch.where(dropped[:, None, None].to(states.device), uncond, states[ids]).to(device)
+        pred = modules["unet"](scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=context).sample
+        return F.mse_loss(pred.float(), noise)
+
+    def validate(step):
+        write_loss_curve(work / LOG_FILE, work / "loss.png")
+        return _sample(backbone, shown, uncond, config.seed)
+
+    result = train({"unet": unet}, loss_fn, TrainConfig(max_steps=config.max_steps, time_budget_s=budget, lr=config.unet_lr,
+                                                         ema_decay=config.ema_decay, **train_config), work, validate=validate)
+    checkpoint = latest_checkpoint(work)
+    load_trainable({"unet": unet}, checkpoint / ("ema.safetensors" if config.ema_decay else "trainable.safetensors"))
+    unet.requires_grad_(False).eval()
+    write_loss_curve(work / LOG_FILE, work / "loss.png")
+    return {"steps": result.step, "stopped_by": result.stopped_by, "last_loss": result.last_loss,
+            "ema_decay": config.ema_decay, "samples": _sample(backbone, shown, uncond, config.seed)}
+
+
+def pretrain(data: list[str | Path], out: str | Path, config: PretrainConfig, say: Say = print) -> dict[str, Any]:
+    """Train a prior on the images of ``data`` into ``out`` (resumes a run there); returns the report."""
+    started = time.monotonic()
+    config.check()
+    out, data = Path(out), [Path(d) for d in data]
+    images = load_pretrain_images(data, config.resolution, config.include_defects)
+    _check_out(out)
+    with folder_lock(out, "pretrain"):
+        _check_settings(out, _settings(config, data))
+        return _pretrain(images, out, config, say, started)
+
+
+def _pretrain(images: PretrainImages, out: Path, config: PretrainConfig, say: Say, started: float) -> dict[str, Any]:
+    device = resolve_device(config.device)
+    work = out / "training"
+    say(f"{len(images.images)} images of {', '.join(images.categories)} ({len(images.prompts)} prompts, "
+        f"{images.upscaled} upscaled to {config.resolution} px); {len(images.held_back)} held back; on {device}")
+    tokenizer = build_tokenizer(work / "tokenizer", images.words)
+    configs = component_configs(PRESETS[config.size], config.resolution, tokenizer)
+    if not (work / "text_encoder").is_dir():  # frozen: the one the UNet trains with (see the module docstring)
+        _save(_build(CLIPTextModel, configs["text_encoder"], config.seed), work / "text_encoder")
+    text_encoder = CLIPTextModel.from_pretrained(work / "text_encoder")
+    train_config = {"checkpoint_every": config.checkpoint_every, "validate_every": config.sample_every, "seed": config.seed,
+                    "device": config.device, "mixed_precision": "bf16" if device.type == "cuda" else "no"}
+
+    def remaining(share: float = 1.0) -> float | None:
+        if config.time_budget_s is None:
+            return None
+        return max(0.0, share * config.time_budget_s - (time.monotonic() - started))
+
+    report = read_json(out / REPORT) if (out / REPORT).is_file() else {}
+    if (work / "vae_final").is_dir():  # the UNet stage has begun: the autoencoder is fixed
+        vae = AutoencoderKL.from_pretrained(work / "vae_final").to(device)
+    else:
+        say(f"[1/2] autoencoder: {config.vae_steps} steps")
+        vae = _build(AutoencoderKL, configs["vae"], config.seed).to(device)
+        report["vae"] = _vae_stage(vae, images, config, work / "vae", remaining(config.vae_share), train_config)
+        _save(vae, work / "vae_final")
+        atomic_write_text(out / REPORT, json.dumps(report, indent=2))
+        say(f"autoencoder: PSNR {report['vae']['psnr_db']} dB on {len(images.held_back)} held-back images")
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        ids = tokenizer(images.prompts + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        states = text_encoder.to(device)(ids.to(device))[0]
+    scheduler_config = configs["scheduler"]
+    unet = _build(UNet2DConditionModel, configs["unet"], config.seed + 1).to(device)
+    backbone = Backbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config,
+                        name=str(out), device=device)
+    say(f"[2/2] UNet: {config.max_steps} steps")
+    unet_report = _unet_stage(backbone, images, states[:-1], states[-1:], config, work / "unet", remaining(), train_config)
+    save_grid(unet_report.pop("samples"), out / "samples.png")
+    write_loss_curve(work / "unet" / LOG_FILE, out / "loss.png")
+    report["unet"] = unet_report
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler.from_config(scheduler_config), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(out)
+    report.update({"settings": read_json(out / SETTINGS), "images": len(images.images), "upscaled": images.upscaled,
+                   "prompts": images.prompts, "categories": images.categories, "defect_types": images.defect_types,
+                   "device": str(device), "last_run_s": round(time.monotonic() - started, 1)})
+    atomic_write_text(out / REPORT, json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,240 @@
+"""``anomalygen pretrain``: the written folder loads everywhere, resume equals an uninterrupted run,
+the tokenizer knows every name of the data, bad input is one line; the loop's EMA is exact."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch import nn
+
+from cli_harness import assert_unchanged, assert_user_error, run_cli, snapshot
+from typer.testing import CliRunner
+
+import anomalygen.pretrain.run as run
+from anomalygen.cli import app
+from anomalygen.data.demo import make_demo_dataset
+from anomalygen.diffusion.tiny import clip_words, write_tokenizer_files
+from anomalygen.diffusion.train import TrainConfig, latest_checkpoint, train
+from anomalygen.pretrain import PretrainConfig, pretrain
+from anomalygen.pretrain.data import load_pretrain_images, prompt_name
+
+torch.set_num_threads(1)
+TINY = dict(resolution=32, size="tiny", vae_steps=3, max_steps=4, batch_size=2, checkpoint_every=2, sample_every=2,
+            device="cpu")
+WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+           "text_encoder/model.safetensors")
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_good=4, n_test_good=1, n_defect=3, size=64)
+
+
+@pytest.fixture(scope="module")
+def prior(demo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prior") / "prior"
+    pretrain([demo], out, PretrainConfig(**TINY), say=lambda m: None)
+    return out
+
+
+def test_the_folder_loads_with_load_backbone_and_the_diffusers_pipeline(prior):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from anomalygen.diffusion.backbone import load_backbone
+
+    backbone = load_backbone(str(prior), device="cpu")
+    assert not backbone.untrained and backbone.vae_scale_factor == 4 and backbone.native_resolution == 32
+    assert backbone.vae.config.scaling_factor != 1.0  # set from the training latents
+    pipe = StableDiffusionPipeline.from_pretrained(prior)
+    assert pipe.safety_checker is None
+    image = pipe("a photo of nut", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    # the UNet saved is the EMA of the training weights, not the last step's weights
+    checkpoint = latest_checkpoint(prior / "training" / "unet")
+    ema, raw = load_file(str(checkpoint / "ema.safetensors")), load_file(str(checkpoint / "trainable.safetensors"))
+    saved = backbone.unet.state_dict()
+    key = "conv_in.weight"
+    torch.testing.assert_close(saved[key], ema[f"unet.{key}"], atol=0, rtol=0)
+    assert not torch.equal(saved[key], raw[f"unet.{key}"])
+    for name in ("samples.png", "loss.png", "pretrain.json", "training/unet/validation/step-0000004.png",
+                 "training/vae/validation/step-0000002.png", "training/vae/loss.png"):
+        assert (prior / name).is_file(), name
+
+
+def _killing(stage: str, at: int):
+    """``train`` that raises ``Killed`` at step ``at`` of the ``stage`` run ("vae" or "unet")."""
+    real = run.train
+
+    def fake(modules, loss_fn, config, out_dir, **kwargs):
+        def killed(m, step, generator):
+            if Path(out_dir).name == stage and step == at:
+                raise Killed
+            return loss_fn(m, step, generator)
+
+        return real(modules, killed, config, out_dir, **kwargs)
+
+    return fake
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(demo, prior, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    for stage, at in (("vae", 2), ("unet", 3)):  # killed in each stage, after a checkpoint and before the next
+        with monkeypatch.context() as patch, pytest.raises(Killed):
+            patch.setattr(run, "train", _killing(stage, at))
+            pretrain([demo], out, PretrainConfig(**TINY), say=lambda m: None)
+    torch.manual_seed(99)  # a new process: another global RNG state
+    pretrain([demo], out, PretrainConfig(**TINY), say=lambda m: None)
+    for name in WEIGHTS:
+        assert (out / name).read_bytes() == (prior / name).read_bytes(), name
+    for stage in ("vae", "unet"):
+        rows = [list(csv.reader((root / "training" / stage / "loss.csv").open())) for root in (out, prior)]
+        assert [r[:2] for r in rows[0]] == [r[:2] for r in rows[1]], stage
+
+
+@given(st.lists(st.text("abcdefghijklmnopqrstuvwxyzé", min_size=1, max_size=12), min_size=1, max_size=40))
+@settings(max_examples=25, deadline=None)
+def test_every_word_is_one_token(words):
+    from transformers import CLIPTokenizer
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_tokenizer_files(Path(folder), words, single_tokens=True)
+        tokenizer = CLIPTokenizer(f"{folder}/vocab.json", f"{folder}/merges.txt")
+        split = {w: tokenizer.tokenize(w) for w in words if len(tokenizer.tokenize(w)) != 1}
+    assert not split
+
+
+def test_the_tokenizer_covers_every_category_and_defect_name(demo, prior, tmp_path):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(prior / "tokenizer")
+    words = load_pretrain_images([demo], 32).words
+    assert {"fabric", "nut", "cut", "hole", "stain", "dent", "scratch", "photo", "defect"} <= set(words)
+    assert [w for w in words if len(tokenizer.tokenize(w)) != 1] == []
+    # names a user's folders may have: several words, underscores, accents
+    root = tmp_path / "data" / "metal_nut"
+    for i in range(2):
+        _image(root / "train" / "good" / f"{i}.png", (40, 40))
+    for kind in ("scratch_head", "défaut", "blowhole", "contamination"):
+        _image(root / "test" / kind / "0.png", (40, 40))
+        (root / "ground_truth" / kind).mkdir(parents=True)
+        Image.fromarray(np.full((40, 40), 255, np.uint8)).save(root / "ground_truth" / kind / "0_mask.png")
+    words = load_pretrain_images([root], 32).words
+    folder = write_tokenizer_files(tmp_path / "tok", words, single_tokens=True)
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    for name in ("metal_nut", "scratch_head", "défaut", "blowhole", "contamination"):
+        assert len(tokenizer.tokenize(prompt_name(name))) == len(clip_words(prompt_name(name))), name
+
+
+def _image(path: Path, size: tuple[int, int], seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def test_mixed_sizes_are_resized_and_defects_only_on_request(demo, tmp_path):
+    root = tmp_path / "mixed"
+    for i, size in enumerate([(40, 90), (120, 50), (20, 20)]):  # (h, w): the last one is upscaled
+        _image(root / "train" / "good" / f"{i}.png", size, i)
+    (root / "test").mkdir()
+    data = load_pretrain_images([root], 32)
+    assert [min(im.shape[:2]) for im in data.images + data.held_back] == [32, 32, 32]
+    assert data.images[0].shape == (32, 72, 3) and data.upscaled == 1 and len(data.held_back) == 1
+    pixels, ids = data.batch(5, torch.Generator().manual_seed(0))
+    assert pixels.shape == (5, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1 and ids == [0] * 5
+    plain = load_pretrain_images([demo], 32)
+    with_defects = load_pretrain_images([demo], 32, include_defects=True)
+    assert plain.prompts == ["a photo of fabric", "a photo of nut"] and len(plain.images) == 2 * (4 - 1)
+    # the training third of each of the 3 types of 3 images: 1 per type and category
+    assert len(with_defects.images) == len(plain.images) + 2 * 3
+    assert "a photo of nut with scratch" in with_defects.prompts
+
+
+def test_bad_input_is_one_line_and_damages_nothing(demo, tmp_path):
+    no_good = tmp_path / "nogood" / "cat"
+    (no_good / "train" / "good").mkdir(parents=True)
+    (no_good / "test" / "cut").mkdir(parents=True)
+    corrupt = tmp_path / "corrupt"
+    _image(corrupt / "train" / "good" / "0.png", (40, 40))
+    (corrupt / "test").mkdir()
+    (corrupt / "train" / "good" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    base = ["pretrain", "--size", "tiny", "--resolution", 32, "--max-steps", 1, "--vae-steps", 1, "--device", "cpu"]
+    cases = [
+        (["--data", no_good, "--out", tmp_path / "o1"], [str(no_good / "train" / "good"), "no images"]),
+        (["--data", corrupt, "--out", tmp_path / "o2"], [str(corrupt / "train" / "good" / "1.png"), "unreadable"]),
+        (["--data", demo, "--out", tmp_path / "o3", "--resolution", 100], ["--resolution 100"]),
+        (["--data", demo, "--out", a_file], [str(a_file), "not a folder"]),
+        (["--data", demo, "--out", foreign], [str(foreign), "not an anomalygen pretrain folder"]),
+        (["--data", tmp_path / "missing", "--out", tmp_path / "o4"], [str(tmp_path / "missing")]),
+    ]
+    for args, fragments in cases:  # in this process (typer's runner): a fresh interpreter costs seconds each
+        result = CliRunner().invoke(app, [str(a) for a in base + args])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert all(f in lines[0] for f in fragments), (fragments, lines[0])
+    assert_unchanged(before, tmp_path)
+    denied = tmp_path / "denied"
+    assert_user_error(run_cli(*base, "--data", demo, "--out", denied, fault=f"deny:EACCES:{denied}"),
+                      str(denied), "permission denied")
+
+
+def test_changed_settings_do_not_resume_into_a_folder(demo, prior):
+    before = snapshot(prior)
+    with pytest.raises(run.DataError, match="resolution 32 -> 64"):
+        pretrain([demo], prior, PretrainConfig(**{**TINY, "resolution": 64}), say=lambda m: None)
+    assert_unchanged(before, prior)
+
+
+def test_train_ema_is_diffusers_ema_of_the_weights(tmp_path):
+    """``ema_decay``: the checkpoint's EMA is s_1 = w_1, s_n = d_n s_{n-1} + (1 - d_n) w_n with
+    d_n = min(decay, n / (n + 9)) (EMAModel without warm-up), w_n the weights after step n."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    modules = {"m": nn.Linear(3, 1)}
+    seen = []
+
+    def loss_fn(m, step, generator):
+        seen.append(m["m"].weight.detach().clone())
+        return (m["m"](torch.randn(8, 3, generator=generator)) - 1).pow(2).mean()
+
+    train(modules, loss_fn, TrainConfig(max_steps=6, lr=0.1, ema_decay=0.5, device="cpu", checkpoint_every=0), tmp_path)
+    weights = seen[1:] + [modules["m"].weight.detach()]
+    shadow = weights[0]
+    for n, w in enumerate(weights[1:], start=2):
+        decay = min(0.5, n / (n + 9))
+        shadow = decay * shadow + (1 - decay) * w
+    ema = load_file(str(latest_checkpoint(tmp_path) / "ema.safetensors"))["m.weight"]
+    torch.testing.assert_close(ema, shadow)
+    assert not torch.allclose(ema, weights[-1])
+
+
+def test_a_spent_time_budget_still_writes_a_loadable_model_and_a_rerun_goes_on(demo, tmp_path):
+    from anomalygen.diffusion.backbone import load_backbone
+
+    out = tmp_path / "prior"
+    report = pretrain([demo], out, PretrainConfig(**TINY, time_budget_s=1e-3), say=lambda m: None)
+    assert report["vae"]["stopped_by"] == report["unet"]["stopped_by"] == "time_budget"
+    assert report["vae"]["steps"] == report["unet"]["steps"] == 0
+    load_backbone(str(out), device="cpu")
+    vae = (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    report = pretrain([demo], out, PretrainConfig(**TINY), say=lambda m: None)
+    assert report["unet"]["steps"] == TINY["max_steps"] and report["vae"]["steps"] == 0  # the autoencoder stays fixed
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae
