@@ -304,6 +304,30 @@ def test_training_uses_the_official_optimiser_settings(monkeypatch):
         2e-5, 1e-2, 1.0, "constant", 5000)
 
 
+def test_the_time_budget_is_shared_by_the_defect_types(monkeypatch):
+    import time
+
+    import anomalygen.methods.dualanodiff.generator as module
+    from anomalygen.diffusion.train import TrainResult
+
+    budgets = []
+
+    def fake_train(modules, loss_fn, config, out_dir):
+        budgets.append(config.time_budget_s)
+        time.sleep(0.3)  # this type used 0.3 s
+        return TrainResult(0, float("nan"), "time_budget")
+
+    monkeypatch.setattr(module, "train", fake_train)
+    defects, good = toy_data()
+    three = defects[:3] + [DefectExample(defects[0].image, defects[0].mask, "stain")]
+    DualAnoDiff(**{**FAST, "time_budget_s": 1.5}).fit(three, good)
+    assert budgets[0] == pytest.approx(0.5, abs=0.01)  # 1.5 s over 3 types
+    assert budgets[1] == pytest.approx((1.5 - 0.3) / 2, abs=0.05) and budgets[2] == pytest.approx(0.9, abs=0.1)
+    budgets.clear()
+    DualAnoDiff(**FAST).fit(three, good)
+    assert budgets == [None, None, None]
+
+
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     defects, good = toy_data()
     runs = [DualAnoDiff(**{**FAST, "gradient_checkpointing": flag, "work_dir": str(tmp_path / str(flag))}) for flag in (False, True)]

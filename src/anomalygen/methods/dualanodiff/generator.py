@@ -16,6 +16,7 @@ with BCM), the first two stacked ``[uncond; cond]`` under CFG, the background ro
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -272,21 +273,24 @@ class DualAnoDiff(AnomalyGenerator):
         types = sorted({d.defect_type for d in defects})
         self._defect_types = types
         self.foreground_mode = resolve_mode(self.opt["foreground"], list(good) or [d.image for d in defects])
+        start, budget = time.monotonic(), self.opt["time_budget_s"]
         for k, defect_type in enumerate(types):
             examples = [d for d in defects if d.defect_type == defect_type]
             self.sizes[defect_type] = list(np.asarray(examples[0].image).shape[:2])
-            self.loss_log[defect_type] = self._fit_type(k, examples)
+            share = None if budget is None else max(budget - (time.monotonic() - start), 0.0) / (len(types) - k)
+            self.loss_log[defect_type] = self._fit_type(k, examples, share)
 
-    def _fit_type(self, k: int, examples: list[DefectExample]) -> list[float]:
-        """Train type ``k``'s two LoRA sets, SAIM and BCM on the core's loop (checkpoints in
-        ``work_dir/type-K``, resumed by a re-run); other types' weights stay frozen."""
+    def _fit_type(self, k: int, examples: list[DefectExample], time_budget_s: float | None) -> list[float]:
+        """Train type ``k``'s two LoRA sets, SAIM and BCM on the core's loop for ``max_steps`` or
+        ``time_budget_s`` (each type gets an equal share of what is left of the option's budget);
+        checkpoints in ``work_dir/type-K``, resumed by a re-run; other types' weights stay frozen."""
         opt, backbone = self.opt, self.backbone
         self._add_branches(k)
         unet = backbone.unet
         self._freeze_adapters({self.adapter(b, k) for b in (*BRANCHES, "text")})
         latents = self._latents(examples)
         handle = self._install(k)
-        config = TrainConfig(max_steps=int(opt["max_steps"]), time_budget_s=opt["time_budget_s"], lr=opt["lr"],
+        config = TrainConfig(max_steps=int(opt["max_steps"]), time_budget_s=time_budget_s, lr=opt["lr"],
                              weight_decay=opt["weight_decay"],
                              mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"],
                              seed=opt["seed"] + k, device=opt["device"])
