@@ -1,4 +1,4 @@
-"""Fit AnomalyDiffusion and textual inversion a few steps on the tiny preset; save what was learned.
+"""Fit AnomalyDiffusion, textual inversion and DualAnoDiff a few steps on the tiny preset; save what was learned.
 
 Run under ``torchrun --nproc_per_node N`` (gloo, CPU) by tests/test_ddp.py, each rank writes
 ``<out>/<method>-rank<r>.safetensors`` (+ ``.json``: the rows of its UNet calls); imported, ``fit_all(out, "single")`` is the one-process
@@ -23,7 +23,10 @@ COMMON = dict(model="tiny", device="cpu", resolution=32, batch_size=4, max_steps
 METHODS = {
     "anomalydiffusion": dict(COMMON, spatial_encoder="tiny"),
     "textual-inversion": dict(COMMON, lr=1e-2),
+    # both LoRA branches, the text-encoder LoRA, SAIM and BCM; lr large enough to move every weight in 3 steps
+    "dualanodiff": dict(COMMON, lr=1e-2, rank=4),
 }
+ROWS_PER_SAMPLE = {"dualanodiff": 3}  # whole, part and background rows in one UNet call
 
 
 def toy_data():
@@ -40,6 +43,14 @@ def toy_data():
 def learned(method: str, generator) -> dict[str, torch.Tensor]:
     if method == "textual-inversion":
         return {"vectors": generator.embeddings.vectors.detach().clone()}
+    if method == "dualanodiff":
+        from anomalygen.diffusion.lora import adapter_names, trainable_parameters
+
+        out = {f"{name}.{i}": p.detach().clone() for model in generator._models() for name in adapter_names(model)
+               for i, p in enumerate(trainable_parameters(model, name))}
+        out.update({f"{t}.{n}.{k}": v.detach().clone() for t, modules in generator.interaction.items()
+                    for n, m in modules.items() for k, v in m.state_dict().items()})
+        return out
     return {f"{name}.{k}": v.detach().clone() for name, module in generator._trainable().items()
             for k, v in module.state_dict().items()}
 
@@ -48,6 +59,12 @@ def initial(method: str, generator) -> dict[str, torch.Tensor]:
     """What ``learned`` holds before training (fit starts from exactly this)."""
     if method == "textual-inversion":
         return {"vectors": generator._setup()[1].word_embedding(generator.options["init_word"]).expand(2, -1).clone()}
+    if method == "dualanodiff":
+        generator._defect_types = ["crack", "hole"]
+        for k in range(2):
+            generator._add_branches(k)
+        generator._freeze_adapters()
+        return learned(method, generator)
     generator._build(["crack", "hole"])
     return learned(method, generator)
 
@@ -56,10 +73,10 @@ def fit_all(out: Path, tag: str) -> None:
     """Fit every method; ``tag`` "single" also writes the state before training (tag "initial")."""
     defects, good = toy_data()
     for method, options in METHODS.items():
+        if tag == "single":
+            save_file(initial(method, create(method, **options)), str(out / f"{method}-initial.safetensors"))
         torch.manual_seed(0)
         generator = create(method, **options)
-        if tag == "single":
-            save_file(initial(method, generator), str(out / f"{method}-initial.safetensors"))
         backbone = generator._setup()[0] if method == "textual-inversion" else generator.backbone
         rows: list[int] = []  # the batch rows of every UNet call: a rank computes its share only
         handle = backbone.unet.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))

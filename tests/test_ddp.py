@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ddp_fit import METHODS, fit_all, toy_data  # tests/ is on sys.path (pytest's rootdir-less import mode)
+from ddp_fit import METHODS, ROWS_PER_SAMPLE, fit_all, toy_data  # tests/ is on sys.path (pytest's rootdir-less import mode)
 from safetensors.torch import load_file
 
 from anomalygen.methods.base import create
@@ -38,7 +38,7 @@ def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
                                          for tag in ("rank0", "rank1", "single", "initial"))
         assert rank0.keys() == rank1.keys() == single.keys() == initial.keys()
         rows = {tag: set(json.loads((tmp_path / f"{method}-{tag}.json").read_text())["unet_rows"]) for tag in ("rank0", "rank1", "single")}
-        batch = METHODS[method]["batch_size"]
+        batch = METHODS[method]["batch_size"] * ROWS_PER_SAMPLE.get(method, 1)
         assert rows == {"rank0": {batch // 2}, "rank1": {batch // 2}, "single": {batch}}, f"{method}: each rank must compute its share only"
         for key in single:
             torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=1e-7, msg=f"{method} {key}: ranks diverged")
