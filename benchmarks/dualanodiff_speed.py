@@ -33,6 +33,8 @@ def fit_seconds(generator: DualAnoDiff, defects, good, steps: int, device) -> tu
     generator.opt["max_steps"] = steps
     _, seconds, memory = timed(lambda: generator.fit(defects, good), device)
     generator.backbone.unet.delete_adapters(["whole_0", "part_0"])
+    if generator.opt["text_encoder_lora"]:
+        generator.backbone.text_encoder.delete_adapter("text_0")
     return seconds, memory
 
 
