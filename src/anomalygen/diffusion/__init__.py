@@ -17,7 +17,9 @@ not, so model-free use stays light).
     size (UNet sample size × autoencoder factor); a smaller one warns on trained weights.
 ``tiny``
     The test preset: configs of a small UNet/VAE/CLIP (``tiny_configs``; latent downsampling 2,
-    text dim 32) + a locally built CLIP BPE tokenizer (``write_tokenizer_files``, ``tiny_tokenizer``).
+    text dim 32) + a locally built CLIP BPE tokenizer (``write_tokenizer_files(dir, words,
+    single_tokens=False)``: with ``single_tokens`` every word is one token; ``clip_words(text)``;
+    ``tiny_tokenizer``).
 ``conditioning``
     ``PromptEncoder(text_encoder, tokenizer, {"<name>": k})(prompts, {"<name>": (k,D) or (B,k,D)})
     -> EncodedPrompts(hidden_states (B,77,D), positions {name: [[token positions] per row]})``:
@@ -70,6 +72,7 @@ not, so model-free use stays light).
     ``train(modules, loss_fn, config, validate=None) -> TrainResult``: one accelerate loop for
     "these parameters, this loss" with bf16, gradient accumulation, ``max_steps`` + wall-time
     budget, safetensors+JSON checkpoints of the trainable state, exact resume, validation grids,
-    CSV (+ TensorBoard) loss log; ``load_trainable(path)``; ``batch_share(batch_size)`` (a DDP
-    process's rows of the global batch).
+    CSV (+ TensorBoard) loss log, an optional EMA of the trainable weights (``ema_decay``,
+    ``ema.safetensors`` in each checkpoint); ``load_trainable(path)``; ``save_grid``;
+    ``batch_share(batch_size)`` (a DDP process's rows of the global batch).
 """
