@@ -321,5 +321,29 @@ def benchmark(
                   highlight=False)
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """click's ``UsageError`` and, where typer vendors its own click, typer's."""
+    classes: list[type[Exception]] = [click.UsageError]
+    try:
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        return tuple(classes)
+    return (*classes, UsageError)
+
+
+def main() -> None:
+    """The ``anomalygen`` command. typer's usage errors (an unknown or missing option, a value of
+    the wrong type, an unknown command) become one ``error:`` line, exit 2, like every other user
+    error; ``--help`` and the help shown for a bare ``anomalygen`` are typer's."""
+    try:
+        code = app(standalone_mode=False)
+    except _usage_errors() as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # the help has been shown
+            sys.exit(2)
+        command = error.ctx.command_path if getattr(error, "ctx", None) else "anomalygen"
+        _error(f"{error.format_message()} (see `{command} --help`)", 2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()
