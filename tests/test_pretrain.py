@@ -182,6 +182,8 @@ def test_bad_input_is_one_line_and_damages_nothing(demo, tmp_path):
         (["--data", demo, "--out", a_file], [str(a_file), "not a folder"]),
         (["--data", demo, "--out", foreign], [str(foreign), "not an anomalygen pretrain folder"]),
         (["--data", tmp_path / "missing", "--out", tmp_path / "o4"], [str(tmp_path / "missing")]),
+        (["--data", demo, "--out", tmp_path / "o5", "--device", "quantum"], ["--device quantum", "cpu"]),
+        (["--data", demo, "--out", tmp_path / "o6", "--device", "cuda:7"], ["--device cuda:7", "cpu"]),
     ]
     for args, fragments in cases:  # in this process (typer's runner): a fresh interpreter costs seconds each
         result = CliRunner().invoke(app, [str(a) for a in base + args])

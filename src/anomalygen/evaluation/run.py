@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from anomalygen.devices import resolve_device
 from anomalygen.errors import AnomalygenError, ModelNotFoundError
 from anomalygen.evaluation import options
 from anomalygen.evaluation.classification import ClassificationConfig, resnet34_weights, run_classification
@@ -26,19 +27,6 @@ from anomalygen.evaluation.report import protocol_labels, write_report
 
 METRICS = ("is", "ic-lpips", "localization", "classification")
 METRIC_NAMES = {"is": "Inception Score", "ic-lpips": "IC-LPIPS", "classification": "Classification"}
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device:
-        try:
-            chosen = torch.device(device)
-        except RuntimeError:
-            raise AnomalygenError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise AnomalygenError(f"--device {device}: CUDA is not available on this machine")
-        return chosen
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -80,7 +68,7 @@ def prepare(
     if unknown or not chosen:
         raise AnomalygenError(f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
     options.choice(lpips_net, "--lpips-net", tuple(BACKBONE_URLS))
-    nets = Networks(chosen, pick_device(device), localization or LocalizationConfig(seed=seed),
+    nets = Networks(chosen, resolve_device(device), localization or LocalizationConfig(seed=seed),
                     classification or ClassificationConfig(seed=seed))
     for metric in ("is", "ic-lpips", "classification"):
         if metric not in chosen:

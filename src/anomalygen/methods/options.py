@@ -140,28 +140,11 @@ def Subset(default: Sequence[str], choices: Sequence[str]) -> Option:
 
 
 def _check_device(value: Any) -> None:
-    import torch
+    from anomalygen.devices import device_problem
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    here = "cpu" + (f", cuda, cuda:0..{count - 1}" if count else "")
-    if torch.backends.mps.is_available():
-        here += ", mps"
-    allowed = f"auto or a torch device available here ({here})"
-    if not isinstance(value, str) or not value:
-        raise Invalid(allowed)
-    if value == "auto":
-        return
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError, ValueError):
-        raise Invalid(allowed) from None
-    available = (
-        device.type == "cpu"
-        or (device.type == "cuda" and (device.index or 0) < count)
-        or (device.type == "mps" and torch.backends.mps.is_available())
-    )
-    if not available:
-        raise Invalid(allowed)
+    problem = device_problem(value)
+    if problem is not None:
+        raise Invalid(problem)
 
 
 def Device(default: Any = None) -> Option:

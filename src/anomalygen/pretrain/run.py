@@ -52,9 +52,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image, ImageDraw
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from anomalygen.diffusion.backbone import Backbone, resolve_device
+from anomalygen.devices import resolve_device
+from anomalygen.diffusion.backbone import Backbone
 from anomalygen.diffusion.sampling import decode_latents, sample_generators, sample_latents, to_uint8
 from anomalygen.diffusion.train import LOG_FILE, TrainConfig, latest_checkpoint, load_trainable, save_grid, train
 from anomalygen.errors import AnomalygenError, DataError
@@ -102,6 +103,7 @@ class PretrainConfig:
             raise AnomalygenError(f"--time-budget {self.time_budget_s / 60:g}: must be more than 0 minutes")
         if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1 and 0 < self.vae_share < 1):
             raise AnomalygenError("uncond_prob, ema_decay and vae_share must lie in [0, 1)")
+        resolve_device(self.device)
 
 
 def _check_out(out: Path) -> None:
