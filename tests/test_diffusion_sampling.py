@@ -100,3 +100,22 @@ def test_denoiser_replaces_the_unet_call_and_sees_the_cfg_stacked_batch(setup):
     doubled = sample_latents(backbone, context, sample_generators(1, [0, 1]),
                              denoiser=lambda x, t, c: 2 * backbone.unet(x, t, encoder_hidden_states=c).sample, **options)
     assert (doubled - plain).abs().max() > 1e-2
+
+
+def test_blend_modes_step_end_none(setup):
+    from anomalygen.diffusion.sampling import blended_latents
+
+    backbone, encoder, good, masks = setup
+    context = encoder(["a photo of crack"] * 3).hidden_states
+    options = dict(resolution=32, num_inference_steps=3)
+    known = encode_images(backbone, to_tensor(good, (32, 32)))
+    m = latent_mask(torch.nn.functional.interpolate(torch.from_numpy(np.stack(masks))[:, None].float(), size=(32, 32)), (16, 16))
+    free = blended_latents(backbone, context, good, masks, sample_generators(2, [0, 1, 2]), blend="none", **options)
+    end = blended_latents(backbone, context, good, masks, sample_generators(2, [0, 1, 2]), blend="end", **options)
+    step = blended_latents(backbone, context, good, masks, sample_generators(2, [0, 1, 2]), blend="step", **options)
+    assert torch.equal(end * (1 - m), known * (1 - m))  # fused once: the good latent outside the mask
+    assert torch.equal(end * m, free * m)  # inside: the freely sampled latent, untouched
+    assert (free - known).mul(1 - m).abs().max() > 0.1  # free sampling ignores the good image
+    assert torch.equal(step * (1 - m), known * (1 - m)) and (step - end).mul(m).abs().max() > 1e-3  # blended every step
+    with pytest.raises(ValueError, match="blend"):
+        blended_latents(backbone, context, good, masks, sample_generators(2, [0, 1, 2]), blend="sometimes", **options)

@@ -206,6 +206,41 @@ def paste(generated: np.ndarray, good: np.ndarray, mask: np.ndarray) -> np.ndarr
     return np.where(mask[..., None], generated, good)
 
 
+BLENDS = ("step", "end", "none")
+
+
+def blended_latents(
+    backbone: Backbone,
+    encoder_hidden_states: torch.Tensor,
+    good: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    generators: Sequence[torch.Generator],
+    *,
+    resolution: int,
+    blend: str = "step",
+    **sampling,
+) -> torch.Tensor:
+    """Latents of generation inside each mask on its good image, at ``resolution``, before decoding.
+
+    ``blend``: ``"step"`` blends with the good image's noised latent after every step (blended
+    latent diffusion); ``"end"`` samples freely and fuses once at the end, ``z = m·z_g + (1 − m)·z_good``
+    (outside the latent mask exactly the good image's latent); ``"none"`` samples freely.
+    ``sampling`` goes to ``sample_latents``."""
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+    size = (resolution, resolution)
+    factor = backbone.vae_scale_factor
+    latent_size = (resolution // factor, resolution // factor)
+    known = encode_images(backbone, to_tensor(good, size))
+    mask_t = torch.stack([torch.from_numpy(np.asarray(m, dtype=bool)) for m in masks])[:, None].float()
+    mask_t = latent_mask(F.interpolate(mask_t, size=size, mode="nearest"), latent_size).to(known.device)
+    stepwise = dict(known_latents=known, mask=mask_t) if blend == "step" else {}
+    latents = sample_latents(backbone, encoder_hidden_states, generators, latent_size=latent_size, **stepwise, **sampling)
+    if blend == "end":
+        latents = mask_t * latents + (1 - mask_t) * known
+    return latents
+
+
 def blended_generate(
     backbone: Backbone,
     encoder_hidden_states: torch.Tensor,
@@ -218,21 +253,13 @@ def blended_generate(
     decode_chunk: int = 8,
     **sampling,
 ) -> list[np.ndarray]:
-    """Generate inside each mask on its good image (blended latent diffusion), at ``resolution``.
+    """Generate inside each mask on its good image (``blended_latents``, ``blend="step"`` by
+    default), at ``resolution``, decoded.
 
     Returns uint8 images at each good image's own size; with ``final_paste`` the pixels outside
-    the mask are exactly the good image's. ``sampling`` goes to ``sample_latents``.
+    the mask are exactly the good image's. ``sampling`` goes to ``blended_latents``.
     """
-    size = (resolution, resolution)
-    factor = backbone.vae_scale_factor
-    latent_size = (resolution // factor, resolution // factor)
-    known = encode_images(backbone, to_tensor(good, size))
-    mask_t = torch.stack([torch.from_numpy(np.asarray(m, dtype=bool)) for m in masks])[:, None].float()
-    mask_t = F.interpolate(mask_t, size=size, mode="nearest")
-    latents = sample_latents(
-        backbone, encoder_hidden_states, generators, latent_size=latent_size, known_latents=known,
-        mask=latent_mask(mask_t, latent_size), **sampling,
-    )
+    latents = blended_latents(backbone, encoder_hidden_states, good, masks, generators, resolution=resolution, **sampling)
     images = decode_latents(backbone, latents, decode_chunk)
     out = []
     for image, original, mask in zip(images, good, masks):
