@@ -148,6 +148,7 @@ METHODS: dict[str, str] = {
     "textual-inversion": "anomalygen.methods.textual_inversion:TextualInversionGenerator",
     "anomalydiffusion": "anomalygen.methods.anomalydiffusion:AnomalyDiffusion",
     "dualanodiff": "anomalygen.methods.dualanodiff:DualAnoDiff",
+    "cagen": "anomalygen.methods.cagen:CAGen",
 }
 
 

@@ -1,0 +1,280 @@
+"""CAGen (Jiang et al., ICASSP 2024) as an ``AnomalyGenerator`` on the shared diffusion core.
+
+fit: one ControlNet per category, initialised from the frozen UNet, trained with the ε-MSE on up
+to ``max_per_type`` real defects per type (the paper: three, 1000 epochs), conditioned on the
+defect's mask and the prompt "{defect} {category}" (Eq. 1). generate: a location mask (object
+foreground × Perlin noise, the paper's recipe; textures: Perlin alone), ControlNet-guided
+denoising from noise to z_g, then anomaly feature fusion with the normal image's latent
+z_i = E(x_n): z_f = z_g·c_m + z_i·(1 − c_m), once at the end (Eqs. 2-5), decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel
+
+from anomalygen.diffusion.backbone import Backbone, default_model, load_backbone
+from anomalygen.diffusion.conditioning import PromptEncoder
+from anomalygen.diffusion.sampling import (
+    blended_latents, decode_latents, encode_images, sample_generators, to_tensor, to_uint8,
+)
+from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
+from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.io import atomic_write_text, read_json
+from anomalygen.masks import FOREGROUND_MODES, augment_mask, foreground_mask, perlin_mask, resolve_mode
+from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path
+from anomalygen.methods.cagen.control import build_controlnet, control_image, controlled_eps
+from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, Text, diffusion_options
+from anomalygen.seeding import sample_rng
+from anomalygen.types import AnomalySample, DefectExample
+
+META_FILE = "cagen.json"
+CONTROLNET_DIR = "controlnet"
+MASK_DIR = "training_masks"
+FUSIONS = ("end", "step")
+
+
+def _options() -> OptionSpec:
+    shared = diffusion_options()
+    del shared["init_word"]
+    shared["guidance_scale"] = Float(7.5, 0)  # not in the paper; diffusers' ControlNet pipeline default
+    return OptionSpec(
+        **shared,
+        epochs=Int(1000, 1),  # the paper: 1000 epochs over the training images
+        max_steps=Int(None, 1, optional=True),  # None = epochs × images / batch_size
+        lr=Float(1e-5, 0, low_open=True),
+        resolution=Int(None, 8, optional=True),  # None = the base model's native size
+        max_per_type=Int(3, 1),  # real defects per type the ControlNet trains on (the paper: 3)
+        prompt=Text("{defect} {category}", contains="{defect}"),
+        category=Text(None, optional=True),  # None = the dataset's category folder name
+        mask_source=Choice("perlin", ("perlin", "augment")),  # foreground × Perlin (paper) | augmented training masks
+        foreground=Choice("auto", FOREGROUND_MODES),
+        perlin_threshold=Float(0.5, 0, 1),
+        fusion=Choice("end", FUSIONS),  # "end": Eqs. 2-5, fused once | "step": blended every step (ablation)
+        num_inference_steps=Int(50, 1),
+        final_paste=Bool(False),  # True: the good image's pixels outside the mask (the paper decodes z_f as is)
+        generate_batch_size=Int(8, 1),
+    )
+
+
+class CAGen(AnomalyGenerator):
+    """A ControlNet on mask + text, fused into the normal image's latents."""
+
+    name = "cagen"
+    OPTIONS = _options()
+
+    def __init__(self, **options: Any):
+        self.opt = self.OPTIONS.validate(self.name, options)
+        super().__init__(**options)
+        self._backbone: Backbone | None = None
+        self._prompts: PromptEncoder | None = None
+        self._defect_types: list[str] = []
+        self.controlnet: ControlNetModel | None = None
+        self.category = self.opt["category"]
+        self.training_masks: dict[str, list[np.ndarray]] = {}
+        self.foreground_mode = self.opt["foreground"]
+        self.loss_log: list[float] = []
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.opt["model"] or default_model(), device=self.opt["device"],
+                                           dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
+            self.opt["resolution"] = self._backbone.resolution(self.opt["resolution"])
+        return self._backbone
+
+    @property
+    def prompts(self) -> PromptEncoder:
+        if self._prompts is None:
+            self._prompts = PromptEncoder(self.backbone.text_encoder, self.backbone.tokenizer, {})
+        return self._prompts
+
+    def prompt(self, defect_type: str) -> str:
+        """c_p: the template with the defect type and category names (underscores as spaces)."""
+        words = {"defect": defect_type.replace("_", " "), "category": (self.category or "object").replace("_", " ")}
+        return self.opt["prompt"].format(**words).strip()
+
+    def _contexts(self, types: Sequence[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.prompts([self.prompt(t) for t in types]).hidden_states
+
+    # ----------------------------------------------------------------- training
+    def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
+        if not defects:
+            raise DataError(None, "cagen needs at least one training defect image with its mask")
+        self._defect_types = sorted({d.defect_type for d in defects})
+        chosen = [d for t in self._defect_types for d in [e for e in defects if e.defect_type == t][: self.opt["max_per_type"]]]
+        if self.category is None:
+            folders = {d.source.parents[2].name for d in chosen if d.source is not None and len(d.source.parents) > 2}
+            self.category = folders.pop() if len(folders) == 1 else "object"
+        self.training_masks = {t: [np.asarray(d.mask, bool) for d in chosen if d.defect_type == t] for t in self._defect_types}
+        self.foreground_mode = resolve_mode(self.opt["foreground"], list(good) or [d.image for d in chosen])
+        backbone = self.backbone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.opt["seed"])
+            self.controlnet = build_controlnet(backbone.unet, backbone.vae_scale_factor).to(backbone.device)
+        self.controlnet.train()
+        self.loss_log = self._train(chosen)
+        self.controlnet.eval().requires_grad_(False)
+
+    def _train(self, chosen: list[DefectExample]) -> list[float]:
+        """Eq. 1's ε-MSE on the chosen defects, only the ControlNet training (the core's loop:
+        checkpoints in ``work_dir``, exact resume, bf16)."""
+        opt, backbone = self.opt, self.backbone
+        size = opt["resolution"]
+        latents = encode_images(backbone, torch.cat([_square(d.image, size) for d in chosen]))
+        control = control_image([d.mask for d in chosen], size)
+        contexts = self._contexts(self._defect_types)
+        type_of = torch.tensor([self._defect_types.index(d.defect_type) for d in chosen])
+        steps = opt["max_steps"] or math.ceil(opt["epochs"] * len(chosen) / opt["batch_size"])
+
+        def loss_fn(modules, step, generator):
+            batch, share = opt["batch_size"], batch_share(opt["batch_size"])
+            picks = torch.randint(0, len(chosen), (batch,), generator=generator)[share]
+            timesteps = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)[share]
+            noise = torch.randn((batch, *latents.shape[1:]), generator=generator)[share]
+            device, dtype = backbone.device, backbone.unet.dtype
+            noisy = backbone.noise_scheduler().add_noise(latents[picks].cpu(), noise, timesteps)
+            eps = controlled_eps(backbone.unet, modules["controlnet"], noisy.to(device, dtype), timesteps.to(device),
+                                 contexts[type_of[picks]].to(device, dtype), control[picks])
+            return F.mse_loss(eps.float(), noise.to(device))
+
+        config = TrainConfig(max_steps=int(steps), time_budget_s=opt["time_budget_s"], lr=opt["lr"],
+                             mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"],
+                             seed=opt["seed"], device=opt["device"])
+        with work_directory(opt["work_dir"]) as work_dir:
+            return train({"controlnet": self.controlnet}, loss_fn, config, work_dir).losses
+
+    # ----------------------------------------------------------------- generation
+    def location_mask(self, good: np.ndarray, defect_type: str, rng: np.random.Generator) -> np.ndarray:
+        """Where the anomaly goes: object foreground × Perlin noise (the paper; a texture: Perlin
+        alone), or an augmented training mask of the type (``mask_source="augment"``)."""
+        shape = good.shape[:2]
+        if self.opt["mask_source"] == "augment":
+            masks = self.training_masks[defect_type]
+            return augment_mask(masks[int(rng.integers(len(masks)))], rng, shape=shape)
+        foreground = foreground_mask(good, self.foreground_mode)
+        return perlin_mask(shape, rng, threshold=self.opt["perlin_threshold"],
+                           foreground=None if foreground.all() else foreground)
+
+    def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
+                 seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
+        if self.controlnet is None or not self._defect_types:
+            raise AnomalygenError("cagen: call fit() or load a fitted model before generate()")
+        if not good:
+            raise DataError(None, "cagen.generate needs at least one good image")
+        if defect_type is not None and defect_type not in self._defect_types:
+            raise AnomalygenError(f"cagen: defect type {defect_type!r} not learned; have {', '.join(self._defect_types)}")
+        chunk = self.opt["generate_batch_size"]
+        for first in range(start, start + n, chunk):
+            yield from self._generate_batch(good, list(range(first, min(first + chunk, start + n))), masks, seed, defect_type)
+
+    def _generate_batch(self, good, indices, given, seed, defect_type) -> list[AnomalySample]:
+        types, images, masks, sources = [], [], [], []
+        for i in indices:
+            rng = sample_rng(seed, i)
+            name = defect_type or self._defect_types[i % len(self._defect_types)]
+            source = int(rng.integers(len(good)))
+            image = np.asarray(good[source])
+            if given is not None:
+                mask = np.asarray(given[i % len(given)], bool)
+                mask = mask if mask.shape == image.shape[:2] else cv2.resize(
+                    mask.astype(np.uint8), image.shape[1::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+            else:
+                mask = self.location_mask(image, name, rng)
+            types.append(name), images.append(image), masks.append(mask), sources.append(source)
+        outputs: dict[int, np.ndarray] = {}
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for j, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(j)
+        for group in by_shape.values():
+            made = self._fuse([images[j] for j in group], [masks[j] for j in group], [types[j] for j in group],
+                              [indices[j] for j in group], seed)
+            outputs.update(zip(group, made))
+        mask_source = "given" if given is not None else self.opt["mask_source"]
+        return [AnomalySample(image=outputs[j], mask=masks[j], defect_type=types[j], prompt=self.prompt(types[j]),
+                              meta={"source_index": sources[j], "mask_source": mask_source,
+                                    "fusion": self.opt["fusion"], "model": self.backbone.label})
+                for j in range(len(indices))]
+
+    def _fuse(self, images: list[np.ndarray], masks: list[np.ndarray], types: list[str], indices: list[int],
+              seed: int) -> list[np.ndarray]:
+        """Stage 2 (Eqs. 2-5): z_g by ControlNet-guided denoising, z_f = z_g·c_m + z_i·(1 − c_m), decoded."""
+        opt, backbone = self.opt, self.backbone
+        size = opt["resolution"]
+        control = control_image(masks, size)
+        if self.controlnet.dtype != backbone.unet.dtype:
+            self.controlnet.to(backbone.unet.dtype)
+        guided = opt["guidance_scale"] > 1
+        with torch.no_grad():
+            latents = blended_latents(
+                backbone, self._contexts(types), images, masks, sample_generators(seed, indices), resolution=size,
+                blend=opt["fusion"], sampler=opt["sampler"], num_inference_steps=opt["num_inference_steps"],
+                guidance_scale=opt["guidance_scale"], uncond_hidden_states=self.prompts([""]).hidden_states if guided else None,
+                denoiser=lambda x, t, ctx: controlled_eps(backbone.unet, self.controlnet, x, t, ctx, control),
+                progress=len(indices) > 1)
+            decoded = decode_latents(backbone, latents)
+        out = []
+        for image, original, mask in zip(decoded, images, masks):
+            h, w = original.shape[:2]
+            resized = to_uint8(F.interpolate(image[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False))[0]
+            out.append(np.where(mask[..., None], resized, original) if opt["final_paste"] else resized)
+        return out
+
+    # ----------------------------------------------------------------- persistence
+    def save_state(self, directory: Path) -> None:
+        """The ControlNet in diffusers format (``controlnet/``: ``ControlNetModel.from_pretrained``
+        loads it as is), ``cagen.json`` and the training masks (PNG)."""
+        self.controlnet.float().save_pretrained(directory / CONTROLNET_DIR, safe_serialization=True)
+        names = {}
+        for k, t in enumerate(self._defect_types):
+            folder = directory / MASK_DIR / f"{k:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            names[t] = []
+            for j, mask in enumerate(self.training_masks[t]):
+                cv2.imwrite(str(folder / f"{j:03d}.png"), mask.astype(np.uint8) * 255)
+                names[t].append(f"{MASK_DIR}/{k:03d}/{j:03d}.png")
+        meta = {"category": self.category, "foreground_mode": self.foreground_mode, "training_masks": names,
+                "loss_log": self.loss_log}
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
+
+    def load_state(self, directory: Path) -> None:
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise DataError(meta_path, "missing: not a fitted cagen model folder")
+        meta = read_json(meta_path)
+        with malformed_as_corrupt(meta_path):
+            category, mode = meta["category"], meta["foreground_mode"]
+            if not isinstance(category, str) or mode not in ("object", "texture"):
+                raise ValueError(f"category must be a name and foreground_mode object or texture, got {category!r}, {mode!r}")
+            files = {t: [model_path(directory, name, meta_path) for name in meta["training_masks"][t]] for t in self._defect_types}
+            loss_log = [float(v) for v in meta.get("loss_log", [])]
+        weights = directory / CONTROLNET_DIR / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            raise DataError(weights, "missing: not a fitted cagen model folder")
+        with malformed_as_corrupt(weights):
+            controlnet = ControlNetModel.from_pretrained(directory / CONTROLNET_DIR, use_safetensors=True)
+        self.controlnet = controlnet.to(self.backbone.device).eval().requires_grad_(False)
+        self.category, self.foreground_mode, self.loss_log = category, mode, loss_log
+        self.training_masks = {}
+        for t, paths in files.items():
+            masks = []
+            for path in paths:
+                image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+                if image is None:
+                    raise DataError(path, "unreadable training mask of the fitted model")
+                masks.append(image > 127)
+            self.training_masks[t] = masks
+
+
+def _square(image: np.ndarray, size: int) -> torch.Tensor:
+    return to_tensor([np.asarray(image)], (size, size))
