@@ -44,6 +44,7 @@ OPTION_CASES: dict[str, tuple[list[str], list[str]]] = {
                                 ["device", "--device", "quantum", "cpu"]),
     "anomalydiffusion-precision": (["fit", "--method", "anomalydiffusion", "--model", "tiny", "--set", "mixed_precision=fp8"],
                                    ["mixed_precision", "bf16"]),
+    "cagen-prompt": (["fit", "--method", "cagen", "--model", "tiny", "--set", "prompt=a photo"], ["prompt", "{defect}"]),
     "dualanodiff-rank-zero": (["fit", "--method", "dualanodiff", "--model", "tiny", "--set", "rank=0"], ["rank", ">= 1"]),
     "dualanodiff-mask-source": (["generate", "--method", "dualanodiff", "--set", "mask_source=u2net"],
                                 ["mask_source", "threshold, attention"]),
@@ -112,6 +113,12 @@ TAMPER_CASES: dict[str, tuple[str, str, Callable[[Path, Path], None]]] = {
         (m / "types/000/whole/pytorch_lora_weights.safetensors").read_bytes()[:100])),
     "dualanodiff-interaction-garbage": ("dualanodiff", "types/001/interaction.safetensors",
                                         lambda m, d: (m / "types/001/interaction.safetensors").write_bytes(b"not weights")),
+    "cagen-json-torn": ("cagen", "cagen.json", lambda m, d: _write_json(m / "cagen.json", "[")),
+    "cagen-json-mask-path": ("cagen", "cagen.json", lambda m, d: _edit_json(
+        m / "cagen.json", lambda v: v["training_masks"]["cut"].__setitem__(0, "/etc/passwd"))),
+    "cagen-controlnet-truncated": ("cagen", "controlnet/diffusion_pytorch_model.safetensors", lambda m, d: (
+        m / "controlnet/diffusion_pytorch_model.safetensors").write_bytes(
+        (m / "controlnet/diffusion_pytorch_model.safetensors").read_bytes()[:200])),
     "textual-inversion-weights-garbage": ("textual-inversion", "embeddings.safetensors",
                                           lambda m, d: (m / "embeddings.safetensors").write_bytes(b"not weights")),
 }
@@ -130,6 +137,7 @@ def models(data, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     options = {"croppaste": {}, "anomalydiffusion": AD_TINY, "dualanodiff": {**TINY, "rank": 4, "mask_tries": 1},
+               "cagen": {**TINY, "max_per_type": 1},
                "textual-inversion": {k: v for k, v in TINY.items() if k != "checkpoint_every"}}
     return {name: pipeline.fit(name, data, root / name, category="fabric", options=opts) for name, opts in options.items()}
 
@@ -182,7 +190,7 @@ def test_a_rejected_option_leaves_nothing_that_refuses_the_corrected_command(dat
 def test_pristine_models_load_and_generate(data, models, tmp_path):
     """The untampered copies work, so every failure above is the tampering's (textual inversion's
     round trip is in test_textual_inversion)."""
-    for method in ("croppaste", "anomalydiffusion", "dualanodiff"):
+    for method in ("croppaste", "anomalydiffusion", "dualanodiff", "cagen"):
         model = models[method]
         result = run_cli(*_generate(data, tmp_path / method, "--checkpoint", str(model)), env=ENV)
         assert result.returncode == 0, result.output
