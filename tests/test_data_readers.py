@@ -209,3 +209,30 @@ def test_datasets_info_prints_why_a_layout_was_chosen(tmp_path):
     result = CliRunner().invoke(app, ["datasets", "info", str(category)])
     assert result.exit_code == 0, result.output
     assert "layout (widget): mvtec, because 0 defect images with a mask folder" in result.output
+
+
+def _btad(root: Path, name: str = "01") -> Path:
+    """BTAD: train/ok 3 (.bmp), test/ok 2, test/ko 3 (.bmp) with masks named like the image, .png or .bmp."""
+    category = root / name
+    for i in range(3):
+        _img(category / f"train/ok/{i:04d}.bmp")
+        _img(category / f"test/ko/{i:04d}.bmp")
+        _mask(category / f"ground_truth/ko/{i:04d}.{'png' if i < 2 else 'bmp'}")
+    for i in range(2):
+        _img(category / f"test/ok/{i:04d}.bmp")
+    return category
+
+
+def test_btad_is_detected_and_read(tmp_path):
+    _btad(tmp_path / "btad")
+    _btad(tmp_path / "btad", "02")
+    assert list_categories(tmp_path / "btad") == ["01", "02"]
+    data = load_category(tmp_path / "btad", "01")
+    assert data.layout == "btad" and "train/ok" in data.layout_reason
+    assert [len(data.train_good), len(data.test_good)] == [3, 2]
+    assert list(data.defects) == ["ko"]  # test/ok is the good split, not a defect type
+    assert [r.mask_paths[0].suffix for r in data.defects["ko"]] == [".png", ".png", ".bmp"]
+    mask = load_mask(data.defects["ko"][2])
+    assert mask.shape == SHAPE and mask[2:5, 3:8].all() and mask.sum() == 15
+    with pytest.raises(DataError, match="train/good"):  # read as MVTec it has no normal training images
+        load_category(tmp_path / "btad" / "01", layout="mvtec")

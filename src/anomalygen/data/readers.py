@@ -8,11 +8,14 @@ Layouts (``layout="auto"`` tells them apart):
   the mask); ``validation/good`` is not read. Chosen only when more defect images have such a
   folder than a flat mask file: a stray sub-folder does not turn a category into LOCO.
 
-Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, ...) are ignored everywhere.
+- ``btad``: BTAD (beanTech): ``train/ok``, ``test/ok``, ``test/ko``, masks ``ground_truth/ko/NNNN.png``
+  or ``.bmp`` named like the image; one defect type, ``ko``. Chosen when ``train/ok`` exists.
 - ``visa``: a dataset root holding ``split_csv/1cls.csv`` (columns object, split, label, image,
   mask; paths relative to the root); anomalies form one defect type, ``anomaly``.
 - ``folder``: ``good/``, ``defect/`` and ``mask/`` under the category folder (masks named like
   their image, or ``<stem>_mask``); see also ``load_folder``.
+
+Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, ...) are ignored everywhere.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from anomalygen.data.images import check_record, is_image_file
 from anomalygen.errors import DataError
 from anomalygen.types import ImageRecord
 
-LAYOUTS = ("auto", "mvtec", "loco", "visa", "folder")
+LAYOUTS = ("auto", "mvtec", "loco", "btad", "visa", "folder")
+GOOD = {"btad": "ok"}  # the folder of normal images where a layout does not call it "good"
 VISA_CSV = Path("split_csv") / "1cls.csv"
 
 
@@ -67,10 +71,10 @@ def _images(folder: Path) -> list[Path]:
     return sorted((p for p in _visible(folder) if is_image_file(p)), key=lambda p: id_key(p.stem))
 
 
-def _defect_dirs(root: Path) -> list[Path]:
-    """``test/<type>`` folders (not ``good``), by name."""
+def _defect_dirs(root: Path, good: str = "good") -> list[Path]:
+    """``test/<type>`` folders (not the ``good`` one), by name."""
     test = root / "test"
-    return sorted((d for d in _visible(test) if d.is_dir() and d.name != "good"), key=lambda d: d.name) if test.is_dir() else []
+    return sorted((d for d in _visible(test) if d.is_dir() and d.name != good), key=lambda d: d.name) if test.is_dir() else []
 
 
 def _sorted_records(records: Iterable[ImageRecord]) -> list[ImageRecord]:
@@ -122,21 +126,22 @@ def _defect_records(image_dir: Path, defect_type: str, find_masks, problems: lis
     return records
 
 
-def _read_mvtec(root: Path, loco: bool, require_good: bool, problems: list[str] | None):
+def _read_mvtec(root: Path, loco: bool, require_good: bool, problems: list[str] | None, good: str = "good"):
+    """MVTec AD / LOCO, and BTAD (``good="ok"``)."""
     if require_good:
-        _require_dir(root / "train" / "good", "an MVTec category needs train/good")
-    _require_dir(root / "test", "an MVTec category needs test/<defect type>")
+        _require_dir(root / "train" / good, f"an MVTec-style category needs train/{good}")
+    _require_dir(root / "test", "an MVTec-style category needs test/<defect type>")
     defects = {}
-    for type_dir in _defect_dirs(root):
+    for type_dir in _defect_dirs(root, good):
         mask_dir = root / "ground_truth" / type_dir.name
         finder = _loco_mask_finder(mask_dir) if loco else _flat_mask_finder(mask_dir)
         records = _defect_records(type_dir, type_dir.name, finder, problems)
         if records:
             defects[type_dir.name] = records
-    train = _goods(root / "train" / "good")
+    train = _goods(root / "train" / good)
     if require_good and not train:
-        raise DataError(root / "train" / "good", "no images (PNG, JPG, BMP or TIFF) in this folder")
-    return train, _goods(root / "test" / "good"), defects
+        raise DataError(root / "train" / good, "no images (PNG, JPG, BMP or TIFF) in this folder")
+    return train, _goods(root / "test" / good), defects
 
 
 def _visa_rows(dataset_root: Path) -> list[dict[str, str]]:
@@ -199,6 +204,8 @@ def detect_layout(folder: Path) -> tuple[str | None, str]:
     """The layout of a category folder (None if ``folder`` is not one) and why it was chosen."""
     if (folder / "Data" / "Images").is_dir() and (folder.parent / VISA_CSV).is_file():
         return "visa", f"Data/Images/ next to {VISA_CSV}"
+    if (folder / "train" / "ok").is_dir():
+        return "btad", "train/ok/ (BTAD)"
     if (folder / "train").is_dir() or (folder / "test").is_dir():
         return _mask_layout(folder)
     if (folder / "good").is_dir() and (folder / "defect").is_dir():
@@ -277,7 +284,7 @@ def load_category(
         data.name, data.root, data.layout_reason = folder.name, folder, reason
         return data
     else:
-        train, test, defects = _read_mvtec(folder, layout == "loco", require_good, problems)
+        train, test, defects = _read_mvtec(folder, layout == "loco", require_good, problems, GOOD.get(layout, "good"))
     data = CategoryData(folder.name, folder, layout, train, test, defects, layout_reason=reason)
     if skip_bad:
         _drop_bad(data, problems)
