@@ -5,7 +5,7 @@ each layout (Stable Diffusion; CompVis LDM text-to-image with ``vqvae/`` + ``ber
 tokenizer) load by path; a folder of another layout is reported as such. Full shape: randomly
 initialised backbones built from the published SD 1.5 and ``CompVis/ldm-text2im-large-256``
 configs (``anomalygen.diffusion.architectures``, nothing downloaded) run fit (2 steps) + generate (1 sample) of
-textual-inversion, AnomalyDiffusion and DualAnoDiff on CPU: 768-d CLIP / 1280-d LDMBert context, f8
+textual-inversion, AnomalyDiffusion, DualAnoDiff and CAGen on CPU: 768-d CLIP / 1280-d LDMBert context, f8
 autoencoders, 4-channel latents.
 """
 
@@ -178,7 +178,7 @@ def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
         lambda module, args, kwargs: seen.append((tuple(args[0].shape[1:]), tuple(kwargs["encoder_hidden_states"].shape[1:]))),
         with_kwargs=True)
     for module in ("anomalygen.methods.textual_inversion", "anomalygen.methods.anomalydiffusion.generator",
-                   "anomalygen.methods.dualanodiff.generator"):
+                   "anomalygen.methods.dualanodiff.generator", "anomalygen.methods.cagen.generator"):
         monkeypatch.setattr(f"{module}.load_backbone", lambda *args, **kwargs: backbone)
     defects, good = _data()
     common = dict(model=arch, device="cpu", resolution=64, batch_size=1, max_steps=2, num_inference_steps=2, checkpoint_every=0)
@@ -186,6 +186,9 @@ def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
         "textual-inversion": {},
         # augmented masks: the learned-mask branch doubles the LDMBert backward passes (tested on tiny)
         "anomalydiffusion": dict(spatial_encoder="resnet50", mask_source="augment", generate_batch_size=1),
+        # a full-size ControlNet from the UNet, its mask encoder downsampling by 8 (before DualAnoDiff,
+        # whose LoRA layers stay on this shared UNet)
+        "cagen": dict(max_steps=1, generate_batch_size=1, mask_source="augment"),
         # both branches + background rows, SAIM on every attention width, LoRA on the real text encoder
         "dualanodiff": dict(rank=4, mask_tries=1, max_steps=1, generate_batch_size=1),
     }
