@@ -1,0 +1,77 @@
+"""CAGen speed with the full-size Stable Diffusion 1.5 architecture (random weights).
+
+Measures, per dtype: ControlNet training steps/s through the product's training loop (``fit``,
+batch ``--train-batch``, ``--resolution`` px) and its peak GPU memory; generation images/s at
+``--steps`` (50) DDIM steps with and without classifier-free guidance (batch ``--batch``,
+Perlin x foreground masks, fusion at the end). Weights are random (no download). The issue's
+targets: the paper's training (1000 epochs over 3 images per type: 750 steps at batch 4) in
+<= 10 min per defect type; >= 4 images/s at 50 steps without CFG.
+
+    PYTHONPATH=src python benchmarks/cagen_speed.py --out cagen_speed.json
+
+Without a CUDA device it says so and exits 0; ``--device cpu --resolution 64 --steps 2 ...`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from common import device_or_exit, synthetic_data, timed
+
+from anomalygen.diffusion.architectures import random_backbone
+from anomalygen.diffusion.backbone import resolve_dtype
+from anomalygen.methods.cagen import CAGen
+
+
+def bench(dtype_name: str, args, device: torch.device) -> dict:
+    size = args.resolution
+    defects, good = synthetic_data(3, size=size, types=("crack",))
+    generator = CAGen(resolution=size, batch_size=args.train_batch, mixed_precision=dtype_name, checkpoint_every=0,
+                      generate_batch_size=args.batch, category="object")
+    generator._backbone = random_backbone("sd15", device, resolve_dtype(dtype_name))
+    runs = {}
+    for steps in (2, 2 + args.train_steps):  # the first includes the set-up (ControlNet copy, latents)
+        generator.opt["max_steps"] = steps
+        _, runs[steps], memory = timed(lambda: generator.fit(defects, good), device)
+    result = {"arch": "sd15", "dtype": dtype_name, "resolution": size, "train_batch": args.train_batch,
+              "train_steps_per_s": args.train_steps / max(runs[2 + args.train_steps] - runs[2], 1e-9),
+              "train_peak_gib": memory}
+    for label, guidance in (("no_cfg", 1.0), ("cfg", 7.5)):
+        generator.opt.update(guidance_scale=guidance, num_inference_steps=2)
+        list(generator.generate(good, args.batch))  # warm-up
+        generator.opt["num_inference_steps"] = args.steps
+        _, seconds, memory = timed(lambda: list(generator.generate(good, args.batch)), device)
+        result.update({f"sample_{label}_images_per_s": args.batch / seconds, f"sample_{label}_peak_gib": memory})
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16"])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8, help="generation batch")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (very slow at full size)")
+    args = parser.parse_args()
+    device = device_or_exit(args.device)
+    if device is None:
+        return 0
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "runs": []}
+    for dtype_name in args.dtypes:
+        results["runs"].append(bench(dtype_name, args, device))
+        print(json.dumps(results["runs"][-1]), flush=True)
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
