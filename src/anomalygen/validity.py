@@ -60,6 +60,10 @@ class CheckResult:
     passed: bool
     reason: str
 
+    def __post_init__(self):  # plain Python types (numpy scalars do not serialise to JSON)
+        object.__setattr__(self, "score", float(self.score))
+        object.__setattr__(self, "passed", bool(self.passed))
+
 
 def _channels(image: np.ndarray) -> np.ndarray:
     """``image`` as float32 (H, W, C)."""
