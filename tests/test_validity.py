@@ -139,10 +139,14 @@ def test_pasted_foreign_texture_is_visible_and_aligned(fabric, cy, cx, ry, rx, w
     mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
     checker = np.where(((yy // 3 + xx // 3) % 2 == 0)[..., None], 255, 0).astype(np.uint8)
     image = np.where(mask[..., None], checker, good)
-    results = calibration.check(image, mask, t, source=good, blended=True)
-    assert results["visible"].passed, results["visible"].reason
-    assert results["aligned"].passed, results["aligned"].reason
-    assert calibration.check(image, mask, t)["visible"].passed
+    # and a zero-mean change of texture: +-50 grey levels in a checkerboard, same mean brightness
+    signs = np.where((yy // 2 + xx // 2) % 2 == 0, 1, -1)[..., None]
+    retextured = np.where(mask[..., None], np.clip(good.astype(int) + 50 * signs, 0, 255), good).astype(np.uint8)
+    for pasted in (image, retextured):
+        results = calibration.check(pasted, mask, t, source=good, blended=True)
+        assert results["visible"].passed, results["visible"].reason
+        assert results["aligned"].passed, results["aligned"].reason
+        assert calibration.check(pasted, mask, t)["visible"].passed
 
 
 def test_empty_mask_fails_everything_and_sizes_must_match(fabric):
@@ -160,6 +164,9 @@ def test_calibration_json_round_trip(fabric, tmp_path):
     assert Calibration.load(path) == calibration
     path.write_text('{"mode": "texture"}')
     with pytest.raises(DataError, match="validity.json: not a validity calibration"):
+        Calibration.load(path)
+    path.write_text('{"mode": "texture", "visible": {"cut": 1}, "spill": {"*": 1}, "on_object": {"*": 1}, "area": {"*": [0, 1]}}')
+    with pytest.raises(DataError, match="validity.json: validity calibration lacks the all-types entry '\\*' of visible"):
         Calibration.load(path)
 
 
