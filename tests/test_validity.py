@@ -3,14 +3,17 @@ calibration lets >= 95 % of the real training pairs pass each check (../shared/d
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anomalygen.data.demo import render_pair
+from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.validity import CHECKS, Calibration, failures, fit_category
+from anomalygen.validity import CHECKS, Calibration, CheckResult, failures, fit_category, sub_seed
 
 SIZE = 128
 SEEDS = range(6)
@@ -191,3 +194,71 @@ def test_real_training_pairs_pass_each_check(shared_data, name):
     ]
     rates = dict(zip(CHECKS, np.mean(rows, axis=0)))
     assert min(rates.values()) >= 0.95, rates
+
+
+def _fussy(calibration, sample, goods, method):
+    """A stand-in for ``judge`` that rejects (as "size") half the draws, by their pixels."""
+    ok = int(sample.image.astype(np.int64).sum()) % 2 == 0
+    return {name: CheckResult(name, 0.0, ok or name != "size", "") for name in CHECKS}
+
+
+def _manifest(folder):
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_filter_redraws_rejected_samples_deterministically(demo_root, tmp_path, monkeypatch):
+    from anomalygen import pipeline
+
+    monkeypatch.setattr(pipeline, "judge", _fussy)
+    data = demo_root / "fabric"
+    result = pipeline.generate("cutpaste", data, tmp_path / "a", 6, filter=True, max_attempts=10)
+    lines = _manifest(result.out)
+    validity = [line["meta"]["validity"] for line in lines]
+    assert all(v["passed"] for v in validity) and result.invalid == 0
+    assert 0 < result.redrawn == sum(v["attempts"] > 1 for v in validity)
+    assert result.rejected == {"size": sum(len(v["rejected"]) for v in validity)}
+    assert all(r["checks"] == ["size"] for v in validity for r in v["rejected"])
+    # the kept draw of sample i is sample i of seed sub_seed(0, i, kept)
+    _, defects, goods = pipeline.load_training(data)
+    generator = pipeline.build("cutpaste", {})
+    generator.fit(defects, goods)
+    for i, v in enumerate(validity):
+        seed = 0 if v["kept"] == 0 else sub_seed(0, i, v["kept"])
+        expected = next(iter(generator.generate(goods, 1, seed=seed, start=i)))
+        assert np.array_equal(load_image(result.out / lines[i]["image"]), expected.image)
+    # a re-run and a resumed run write the same bytes
+    pipeline.generate("cutpaste", data, tmp_path / "b", 6, filter=True, max_attempts=10)
+    pipeline.generate("cutpaste", data, tmp_path / "c", 3, filter=True, max_attempts=10)
+    pipeline.generate("cutpaste", data, tmp_path / "c", 6, filter=True, max_attempts=10)
+    for other in ("b", "c"):
+        assert (tmp_path / other / "fabric" / "manifest.jsonl").read_text() == (result.out / "manifest.jsonl").read_text()
+        for line in lines:
+            assert (tmp_path / other / "fabric" / line["image"]).read_bytes() == (result.out / line["image"]).read_bytes()
+
+
+def test_filter_keeps_the_least_bad_draw_when_all_fail(demo_root, tmp_path, monkeypatch):
+    from anomalygen import pipeline
+
+    monkeypatch.setattr(pipeline, "judge", lambda *a: {n: CheckResult(n, 0.0, n != "visible", "") for n in CHECKS})
+    warnings = []
+    result = pipeline.generate("cutpaste", demo_root / "fabric", tmp_path, 2, filter=True, max_attempts=3,
+                               warn=warnings.append)
+    assert result.invalid == 2 and result.rejected == {"visible": 6}
+    assert [line["meta"]["validity"]["attempts"] for line in _manifest(result.out)] == [3, 3]
+    assert warnings == ["2 samples failed a validity check in all 3 draws; kept anyway (see the manifest)"]
+
+
+def test_filter_with_real_checks_and_cli(demo_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from anomalygen.cli import app
+
+    command = ["generate", "--method", "croppaste", "--data", str(demo_root / "fabric"), "--num", "6"]
+    run = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "on"), "--filter"])
+    assert run.exit_code == 0 and "filter: " in run.output
+    assert all(line["meta"]["validity"]["attempts"] >= 1 for line in _manifest(tmp_path / "on" / "fabric"))
+    run = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "off"), "--no-filter"])
+    assert run.exit_code == 0 and "filter: " not in run.output
+    assert all("validity" not in line["meta"] for line in _manifest(tmp_path / "off" / "fabric"))
+    run = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "x"), "--filter", "--max-attempts", "0"])
+    assert run.exit_code == 2 and "--max-attempts 0" in run.output

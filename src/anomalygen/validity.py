@@ -37,6 +37,7 @@ pairs pass overall and within every type. Types never seen in calibration use th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from scipy.stats import wasserstein_distance
 
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.masks.foreground import object_mask, resolve_mode
+from anomalygen.types import AnomalySample
 
 CHECKS = ("visible", "aligned", "on_object", "size")
 ALL = "*"  # the key of the over-all-types threshold
@@ -301,3 +303,50 @@ def fit_category(data, *, mode: str = "auto", train_fraction: float = 1 / 3, **o
     train, _ = paper_split(data.defects, train_fraction)
     pairs = [(ex.image, ex.mask, ex.defect_type) for records in train.values() for ex in load_defects(records)]
     return Calibration.fit(pairs, load_goods(data.train_good, limit=8), mode=mode, **options)
+
+
+# How a method's sample relates to its good image (``meta["source_index"]``): blended methods paste
+# into it (nothing outside the mask may change); whole-image methods use it as a hint only, so
+# they are judged against the mask's surroundings; any other method gets "little change outside".
+BLENDED_METHODS = frozenset({"cutpaste", "croppaste", "draem"})
+WHOLE_IMAGE_METHODS = frozenset({"dualanodiff"})
+
+
+def sub_seed(seed: int, index: int, attempt: int) -> int:
+    """The seed of redraw ``attempt`` (>= 1) of sample ``index`` in a run seeded with ``seed``."""
+    return int(np.random.SeedSequence([seed, index, attempt]).generate_state(1)[0])
+
+
+def judge(calibration: Calibration, sample: AnomalySample, goods: list[np.ndarray], method: str) -> dict[str, CheckResult]:
+    """``calibration.check`` of a generated sample, with its source good image where the method has one."""
+    index = sample.meta.get("source_index")
+    source = None if index is None or method in WHOLE_IMAGE_METHODS else goods[index]
+    if source is not None and source.shape != sample.image.shape:
+        source = None
+    return calibration.check(sample.image, sample.mask, sample.defect_type, source, blended=method in BLENDED_METHODS)
+
+
+def first_valid(
+    sample: AnomalySample,
+    redraw: Callable[[int], AnomalySample],
+    check: Callable[[AnomalySample], dict[str, CheckResult]],
+    max_attempts: int,
+) -> AnomalySample:
+    """``sample`` if it passes ``check``, else ``redraw(1)``, ``redraw(2)``, ... up to ``max_attempts``
+    in all; when none passes, the one failing the fewest checks (the earliest of equals).
+    ``meta["validity"]`` records the attempts, the checks that rejected each and ``passed``."""
+    rejected, best = [], None
+    for attempt in range(max_attempts):
+        if attempt:
+            sample = redraw(attempt)
+        failed = [result.name for result in failures(check(sample))]
+        if not failed:
+            break
+        rejected.append({"attempt": attempt, "checks": failed})
+        if best is None or len(failed) < len(best[1]):
+            best = (sample, failed, attempt)
+    else:
+        sample, failed, attempt = best
+    sample.meta["validity"] = {"attempts": len(rejected) + (not failed), "kept": attempt,
+                               "rejected": rejected, "passed": not failed}
+    return sample
