@@ -262,3 +262,23 @@ def test_filter_with_real_checks_and_cli(demo_root, tmp_path):
     assert all("validity" not in line["meta"] for line in _manifest(tmp_path / "off" / "fabric"))
     run = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "x"), "--filter", "--max-attempts", "0"])
     assert run.exit_code == 2 and "--max-attempts 0" in run.output
+
+
+def test_sub_seeds_differ_per_sample_attempt_and_run():
+    seeds = {sub_seed(run, i, a) for run in (0, 1) for i in range(20) for a in range(1, 6)}
+    assert len(seeds) == 200
+
+
+def test_first_valid_keeps_the_earliest_draw_failing_fewest_checks():
+    from anomalygen.types import AnomalySample
+    from anomalygen.validity import first_valid
+
+    failing = [["visible", "size"], ["size"], ["visible", "aligned", "size"], ["aligned"]]
+    draw = lambda a: AnomalySample(np.zeros((2, 2), np.uint8), np.ones((2, 2), bool), "cut", meta={"draw": a})
+    check = lambda s: {n: CheckResult(n, 0.0, n not in failing[s.meta["draw"]], "") for n in CHECKS}
+    kept = first_valid(draw(0), draw, check, max_attempts=4)
+    assert kept.meta["draw"] == 1
+    assert kept.meta["validity"] == {"attempts": 4, "kept": 1, "passed": False,
+                                     "rejected": [{"attempt": a, "checks": sorted(f, key=CHECKS.index)} for a, f in enumerate(failing)]}
+    failing.insert(2, [])
+    assert first_valid(draw(0), draw, check, max_attempts=5).meta["validity"]["kept"] == 2
