@@ -95,8 +95,9 @@ def generate(
     console.print(f"{result.method}: {result.total} samples in {result.out} ({result.written} new{masks})", highlight=False)
     if filter:
         checks = ", ".join(f"{check} {n}" for check, n in sorted(result.rejected.items())) or "none"
-        console.print(f"filter: {result.redrawn} redrawn, {result.invalid} kept failing; rejected draws: {checks}",
-                      highlight=False)
+        types = ", ".join(f"{t} {n}" for t, n in sorted(result.redrawn.items()))
+        console.print(f"filter: {sum(result.redrawn.values())} redrawn{f' ({types})' if types else ''}, "
+                      f"{result.invalid} kept failing; rejected draws: {checks}", highlight=False)
 
 
 @app.command()

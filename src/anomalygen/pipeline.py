@@ -39,9 +39,9 @@ class GenerateResult:
     written: int
     total: int
     mask_sources: dict[str, int] = field(default_factory=dict)
-    # with ``filter``: the check -> number of rejected draws, samples redrawn, samples kept failing
+    # with ``filter``: check -> rejected draws, defect type -> samples redrawn, samples kept failing
     rejected: dict[str, int] = field(default_factory=dict)
-    redrawn: int = 0
+    redrawn: dict[str, int] = field(default_factory=dict)
     invalid: int = 0
 
 
@@ -163,7 +163,8 @@ def generate(
         run["filter"] = {"max_attempts": max_attempts}
     mask_sources: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
-    redrawn = invalid = 0
+    redrawn: Counter[str] = Counter()
+    invalid = 0
     with SampleWriter(out, category_data.name, run, overwrite=overwrite) as writer:
         start = writer.done
         if start > num:
@@ -186,7 +187,7 @@ def generate(
                                            max_attempts)
                         validity = sample.meta["validity"]
                         rejected.update(check for draw in validity["rejected"] for check in draw["checks"])
-                        redrawn += validity["attempts"] > 1
+                        redrawn[sample.defect_type] += validity["attempts"] > 1
                         invalid += not validity["passed"]
                     index = sample.meta.get("source_index")
                     source = None if index is None else category_data.train_good[index].path.resolve()
@@ -197,7 +198,7 @@ def generate(
     if invalid and warn is not None:
         warn(f"{invalid} samples failed a validity check in all {max_attempts} draws; kept anyway (see the manifest)")
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
-                          dict(mask_sources), dict(rejected), redrawn, invalid)
+                          dict(mask_sources), dict(rejected), dict(+redrawn), invalid)
 
 
 def _filtered(sample, generator, goods, calibration, seed: int, index: int, defect_type, max_attempts: int):

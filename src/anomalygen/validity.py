@@ -243,7 +243,8 @@ class Calibration:
         against = "its source" if source is not None else "its surroundings"
         ok = score >= low
         verdict = "differs from" if ok else "hardly differs from"
-        return CheckResult("visible", score, ok, f"inside the mask the image {verdict} {against}: {score:.3g} (needs >= {low:.3g})")
+        reason = f"inside the mask the image {verdict} {against}: {score:.3g} (needs >= {low:.3g})"
+        return CheckResult("visible", score, ok, reason)
 
     def _aligned(self, image, mask, defect_type, source, blended) -> CheckResult:
         if source is None:
@@ -273,7 +274,8 @@ class Calibration:
         score = area_fraction(mask)
         ok = lo <= score <= hi
         verdict = "within" if ok else "outside"
-        return CheckResult("size", score, ok, f"mask area {score:.3%} of the image, {verdict} [{lo:.3%}, {hi:.3%}] of real {defect_type!r} defects")
+        reason = f"mask area {score:.3%} of the image, {verdict} [{lo:.3%}, {hi:.3%}] of real {defect_type!r} defects"
+        return CheckResult("size", score, ok, reason)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
