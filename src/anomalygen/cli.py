@@ -82,15 +82,22 @@ def generate(
     settings: list[str] = typer.Option([], "--set", help="Method option key=value (value parsed as JSON)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing output of a different run."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
+    filter: bool = typer.Option(False, "--filter/--no-filter", help="Redraw samples that fail the validity checks."),
+    max_attempts: int = typer.Option(5, "--max-attempts", help="With --filter: draws per sample at most."),
 ) -> None:
     """Generate NUM defect image + mask pairs; re-running resumes an interrupted run."""
     result = pipeline.generate(
         method, data, out, num, category=category, seed=seed, checkpoint=checkpoint,
         defect_type=defect_type, options=pipeline.parse_settings(settings), overwrite=overwrite,
-        skip_bad=skip_bad, warn=_warn, console=console,
+        skip_bad=skip_bad, filter=filter, max_attempts=max_attempts, warn=_warn, console=console,
     )
     masks = "".join(f", {n} {source}" for source, n in sorted(result.mask_sources.items()))
     console.print(f"{result.method}: {result.total} samples in {result.out} ({result.written} new{masks})", highlight=False)
+    if filter:
+        checks = ", ".join(f"{check} {n}" for check, n in sorted(result.rejected.items())) or "none"
+        types = ", ".join(f"{t} {n}" for t, n in sorted(result.redrawn.items()))
+        console.print(f"filter: {sum(result.redrawn.values())} redrawn{f' ({types})' if types else ''}, "
+                      f"{result.invalid} kept failing; rejected draws: {checks}", highlight=False)
 
 
 @app.command()

@@ -22,6 +22,7 @@ from anomalygen.data import CategoryData, load_category, load_defects, load_good
 from anomalygen.errors import AnomalygenError
 from anomalygen.io import MAX_SAMPLES, SampleWriter, folder_lock
 from anomalygen.methods.base import AnomalyGenerator, create
+from anomalygen.validity import Calibration, first_valid, judge, sub_seed
 
 Warn = Callable[[str], None]
 
@@ -38,6 +39,10 @@ class GenerateResult:
     written: int
     total: int
     mask_sources: dict[str, int] = field(default_factory=dict)
+    # with ``filter``: check -> rejected draws, defect type -> samples redrawn, samples kept failing
+    rejected: dict[str, int] = field(default_factory=dict)
+    redrawn: dict[str, int] = field(default_factory=dict)
+    invalid: int = 0
 
 
 def parse_settings(pairs: Iterable[str]) -> dict[str, Any]:
@@ -118,15 +123,22 @@ def generate(
     options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     skip_bad: bool = False,
+    filter: bool = False,
+    max_attempts: int = 5,
     warn: Warn | None = None,
     console: Console | None = None,
 ) -> GenerateResult:
     """Write ``num`` samples of ``method`` (or of the model at ``checkpoint``) for one category.
 
     Resumes an interrupted run of the same command; see ``anomalygen.io`` for the guarantees.
+    With ``filter`` each sample must pass the validity checks (``anomalygen.validity``, calibrated
+    on the training defects): a rejected sample ``i`` is redrawn with seed ``sub_seed(seed, i,
+    attempt)``, at most ``max_attempts`` draws in all, so re-runs and resumes stay identical.
     """
     if not 1 <= num <= MAX_SAMPLES:
         raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
+    if not 1 <= max_attempts <= 100:
+        raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 100")
     if checkpoint is not None:
         generator = AnomalyGenerator.load(checkpoint)
         if options:
@@ -147,7 +159,12 @@ def generate(
         "category": category_data.name,
         "defect_type": defect_type,
     }
+    if filter:
+        run["filter"] = {"max_attempts": max_attempts}
     mask_sources: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
+    redrawn: Counter[str] = Counter()
+    invalid = 0
     with SampleWriter(out, category_data.name, run, overwrite=overwrite) as writer:
         start = writer.done
         if start > num:
@@ -159,18 +176,39 @@ def generate(
             if checkpoint is None:
                 generator.fit(defects, goods)
             samples = generator.generate(goods, num - start, seed=seed, start=start, defect_type=defect_type)
+            if filter:
+                calibration = Calibration.fit([(d.image, d.mask, d.defect_type) for d in defects], goods[:8])
             with _progress(console) as progress:
                 label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
                 task = progress.add_task(label, total=num, completed=start)
                 for sample in samples:
+                    if filter:
+                        sample = _filtered(sample, generator, goods, calibration, seed, writer.done, defect_type,
+                                           max_attempts)
+                        validity = sample.meta["validity"]
+                        rejected.update(check for draw in validity["rejected"] for check in draw["checks"])
+                        redrawn[sample.defect_type] += validity["attempts"] > 1
+                        invalid += not validity["passed"]
                     index = sample.meta.get("source_index")
                     source = None if index is None else category_data.train_good[index].path.resolve()
                     writer.add(sample, source=source)
                     if "mask_source" in sample.meta:
                         mask_sources[sample.meta["mask_source"]] += 1
                     progress.advance(task)
+    if invalid and warn is not None:
+        warn(f"{invalid} samples failed a validity check in all {max_attempts} draws; kept anyway (see the manifest)")
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
-                          dict(mask_sources))
+                          dict(mask_sources), dict(rejected), dict(+redrawn), invalid)
+
+
+def _filtered(sample, generator, goods, calibration, seed: int, index: int, defect_type, max_attempts: int):
+    """``first_valid`` for sample ``index``: redraw ``a`` is sample ``index`` of seed ``sub_seed(seed, index, a)``."""
+
+    def redraw(attempt: int):
+        again = generator.generate(goods, 1, seed=sub_seed(seed, index, attempt), start=index, defect_type=defect_type)
+        return next(iter(again))
+
+    return first_valid(sample, redraw, lambda s: judge(calibration, s, goods, generator.name), max_attempts)
 
 
 def _progress(console: Console | None) -> Progress:
