@@ -285,3 +285,11 @@ def test_first_valid_keeps_the_earliest_draw_failing_fewest_checks():
                                                   for a, f in enumerate(failing)]}
     failing.insert(2, [])
     assert first_valid(draw(0), draw, check, max_attempts=5).meta["validity"]["kept"] == 2
+
+
+def test_each_method_says_what_it_keeps_of_its_source():
+    from anomalygen.methods.base import available_methods, get_method
+
+    kinds = {name: get_method(name).outside_mask for name in available_methods()}
+    assert kinds == {"anomalydiffusion": "kept", "cagen": "changed", "croppaste": "kept", "cutpaste": "kept",
+                     "draem": "kept", "dualanodiff": "none", "textual-inversion": "kept"}

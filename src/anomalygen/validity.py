@@ -311,22 +311,22 @@ def fit_category(data, *, mode: str = "auto", train_fraction: float = 1 / 3, **o
 # How a method's sample relates to its good image (``meta["source_index"]``): blended methods paste
 # into it (nothing outside the mask may change); whole-image methods use it as a hint only, so
 # they are judged against the mask's surroundings; any other method gets "little change outside".
-BLENDED_METHODS = frozenset({"cutpaste", "croppaste", "draem"})
-WHOLE_IMAGE_METHODS = frozenset({"dualanodiff"})
-
-
 def sub_seed(seed: int, index: int, attempt: int) -> int:
     """The seed of redraw ``attempt`` (>= 1) of sample ``index`` in a run seeded with ``seed``."""
     return int(np.random.SeedSequence([seed, index, attempt]).generate_state(1)[0])
 
 
 def judge(calibration: Calibration, sample: AnomalySample, goods: list[np.ndarray], method: str) -> dict[str, CheckResult]:
-    """``calibration.check`` of a generated sample, with its source good image where the method has one."""
+    """``calibration.check`` of a generated sample, with its source good image where the method
+    keeps one (its class's ``outside_mask``: "kept" must leave the outside untouched)."""
+    from anomalygen.methods.base import get_method
+
+    outside = get_method(method).outside_mask
     index = sample.meta.get("source_index")
-    source = None if index is None or method in WHOLE_IMAGE_METHODS else goods[index]
+    source = None if index is None or outside == "none" else goods[index]
     if source is not None and source.shape != sample.image.shape:
         source = None
-    return calibration.check(sample.image, sample.mask, sample.defect_type, source, blended=method in BLENDED_METHODS)
+    return calibration.check(sample.image, sample.mask, sample.defect_type, source, blended=outside == "kept")
 
 
 def first_valid(

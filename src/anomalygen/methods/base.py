@@ -62,6 +62,10 @@ class AnomalyGenerator(ABC):
 
     name: ClassVar[str]
     needs_fit: ClassVar[bool] = True
+    # What a sample keeps of its source good image (``meta["source_index"]``), for the validity
+    # checks: "kept" (the good pixels outside the mask, exactly), "changed" (small changes outside
+    # the mask allowed) or "none" (the whole image is generated; the source is no reference).
+    outside_mask: ClassVar[str] = "kept"
     OPTIONS: ClassVar[OptionSpec]  # the options the constructor accepts (methods.options)
 
     def __init__(self, **options: Any):

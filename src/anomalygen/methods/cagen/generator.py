@@ -70,6 +70,7 @@ class CAGen(AnomalyGenerator):
     """A ControlNet on mask + text, fused into the normal image's latents."""
 
     name = "cagen"
+    outside_mask = "changed"
     OPTIONS = _options()
 
     def __init__(self, **options: Any):

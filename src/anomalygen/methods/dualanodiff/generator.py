@@ -92,6 +92,7 @@ class DualAnoDiff(AnomalyGenerator):
     """Dual-branch LoRA diffusion: the whole anomalous image and its anomaly part, generated together."""
 
     name = "dualanodiff"
+    outside_mask = "none"
     OPTIONS = _options()
 
     def __init__(self, **options: Any):
