@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from anomalygen.errors import AnomalygenError
-from anomalygen.methods.base import AnomalyGenerator, create
+from anomalygen.methods.base import AnomalyGenerator
 from anomalygen.methods.cagen import CAGen
 from anomalygen.methods.cagen.control import build_controlnet, control_image, controlled_eps
 from anomalygen.types import DefectExample

@@ -178,7 +178,7 @@ def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
         lambda module, args, kwargs: seen.append((tuple(args[0].shape[1:]), tuple(kwargs["encoder_hidden_states"].shape[1:]))),
         with_kwargs=True)
     for module in ("anomalygen.methods.textual_inversion", "anomalygen.methods.anomalydiffusion.generator",
-                   "anomalygen.methods.dualanodiff.generator", "anomalygen.methods.cagen.generator"):
+                   "anomalygen.methods.diffusion_base"):
         monkeypatch.setattr(f"{module}.load_backbone", lambda *args, **kwargs: backbone)
     defects, good = _data()
     common = dict(model=arch, device="cpu", resolution=64, batch_size=1, max_steps=2, num_inference_steps=2, checkpoint_every=0)

@@ -43,7 +43,7 @@ from anomalygen.methods.anomalydiffusion.embedding import TypeTokens
 from anomalygen.methods.anomalydiffusion.loss import NORMALISATIONS, latent_mask, masked_diffusion_loss
 from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, RANDOM, SpatialEncoder
-from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path
+from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_masks, write_masks
 from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, diffusion_options
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
@@ -51,7 +51,6 @@ from anomalygen.types import AnomalySample, DefectExample
 ANOMALY, SPATIAL, MASK = "<anomaly>", "<spatial>", "<mask>"
 STATE_FILE = "anomalydiffusion.safetensors"
 META_FILE = "anomalydiffusion.json"
-MASK_DIR = "training_masks"
 FALLBACK = "augment (fallback: learned masks rejected)"  # mask_source of a sample whose learned masks were all rejected
 
 
@@ -402,15 +401,8 @@ class AnomalyDiffusion(AnomalyGenerator):
         meta = {"defect_types": self._defect_types,
                 "spatial_encoder": {"preset": self._encoder_preset, "source": self.spatial_encoder.source},
                 "mask_stats": {t: s.to_json() for t, s in self.mask_stats.items()},
-                "training_masks": {}, "loss_log": self.loss_log}
-        for t, ms in self.training_masks.items():
-            folder = directory / MASK_DIR / f"{self._defect_types.index(t):03d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            names = []
-            for j, m in enumerate(ms):
-                cv2.imwrite(str(folder / f"{j:03d}.png"), m.astype(np.uint8) * 255)
-                names.append(f"{MASK_DIR}/{folder.name}/{j:03d}.png")
-            meta["training_masks"][t] = names
+                "training_masks": write_masks(directory, self.training_masks, self._defect_types),
+                "loss_log": self.loss_log}
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
 
     def load_state(self, directory: Path) -> None:
@@ -438,15 +430,7 @@ class AnomalyDiffusion(AnomalyGenerator):
             prefix = "spatial_encoder."
             self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
         self.mask_stats = mask_stats
-        self.training_masks = {}
-        for t, paths in mask_files.items():
-            masks = []
-            for path in paths:
-                image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-                if image is None:
-                    raise DataError(path, "unreadable training mask of the fitted model")
-                masks.append(image > 127)
-            self.training_masks[t] = masks
+        self.training_masks = read_masks(mask_files)
         self.loss_log = loss_log
 
 

@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel
 
-from anomalygen.diffusion.backbone import Backbone, default_model, load_backbone
-from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import (
     blended_latents, decode_latents, encode_images, sample_generators, to_tensor, to_uint8,
 )
@@ -31,15 +29,15 @@ from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_dir
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_text, read_json
 from anomalygen.masks import FOREGROUND_MODES, augment_mask, foreground_mask, perlin_mask, resolve_mode
-from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path
+from anomalygen.methods.base import malformed_as_corrupt, model_path, read_masks, write_masks
 from anomalygen.methods.cagen.control import build_controlnet, control_image, controlled_eps
+from anomalygen.methods.diffusion_base import DiffusionGenerator
 from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, Text, diffusion_options
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
 META_FILE = "cagen.json"
 CONTROLNET_DIR = "controlnet"
-MASK_DIR = "training_masks"
 FUSIONS = ("end", "step")
 
 
@@ -66,7 +64,7 @@ def _options() -> OptionSpec:
     )
 
 
-class CAGen(AnomalyGenerator):
+class CAGen(DiffusionGenerator):
     """A ControlNet on mask + text, fused into the normal image's latents."""
 
     name = "cagen"
@@ -74,30 +72,13 @@ class CAGen(AnomalyGenerator):
     OPTIONS = _options()
 
     def __init__(self, **options: Any):
-        self.opt = self.OPTIONS.validate(self.name, options)
         super().__init__(**options)
-        self._backbone: Backbone | None = None
-        self._prompts: PromptEncoder | None = None
         self._defect_types: list[str] = []
         self.controlnet: ControlNetModel | None = None
         self.category = self.opt["category"]
         self.training_masks: dict[str, list[np.ndarray]] = {}
         self.foreground_mode = self.opt["foreground"]
         self.loss_log: list[float] = []
-
-    @property
-    def backbone(self) -> Backbone:
-        if self._backbone is None:
-            self._backbone = load_backbone(self.opt["model"] or default_model(), device=self.opt["device"],
-                                           dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
-            self.opt["resolution"] = self._backbone.resolution(self.opt["resolution"])
-        return self._backbone
-
-    @property
-    def prompts(self) -> PromptEncoder:
-        if self._prompts is None:
-            self._prompts = PromptEncoder(self.backbone.text_encoder, self.backbone.tokenizer, {})
-        return self._prompts
 
     def prompt(self, defect_type: str) -> str:
         """c_p: the template with the defect type and category names (underscores as spaces)."""
@@ -236,14 +217,7 @@ class CAGen(AnomalyGenerator):
         """The ControlNet in diffusers format (``controlnet/``: ``ControlNetModel.from_pretrained``
         loads it as is), ``cagen.json`` and the training masks (PNG)."""
         self.controlnet.float().save_pretrained(directory / CONTROLNET_DIR, safe_serialization=True)
-        names = {}
-        for k, t in enumerate(self._defect_types):
-            folder = directory / MASK_DIR / f"{k:03d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            names[t] = []
-            for j, mask in enumerate(self.training_masks[t]):
-                cv2.imwrite(str(folder / f"{j:03d}.png"), mask.astype(np.uint8) * 255)
-                names[t].append(f"{MASK_DIR}/{k:03d}/{j:03d}.png")
+        names = write_masks(directory, self.training_masks, self._defect_types)
         meta = {"category": self.category, "foreground_mode": self.foreground_mode, "training_masks": names,
                 "loss_log": self.loss_log}
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
@@ -266,15 +240,7 @@ class CAGen(AnomalyGenerator):
             controlnet = ControlNetModel.from_pretrained(directory / CONTROLNET_DIR, use_safetensors=True)
         self.controlnet = controlnet.to(self.backbone.device).eval().requires_grad_(False)
         self.category, self.foreground_mode, self.loss_log = category, mode, loss_log
-        self.training_masks = {}
-        for t, paths in files.items():
-            masks = []
-            for path in paths:
-                image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-                if image is None:
-                    raise DataError(path, "unreadable training mask of the fitted model")
-                masks.append(image > 127)
-            self.training_masks[t] = masks
+        self.training_masks = read_masks(files)
 
 
 def _square(image: np.ndarray, size: int) -> torch.Tensor:

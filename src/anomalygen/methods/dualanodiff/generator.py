@@ -29,8 +29,6 @@ from safetensors.torch import load_file, save
 
 from anomalygen.diffusion import lora
 from anomalygen.diffusion.attention import AttentionRecorder, ReferenceKV, attention_layers, install_hooks, remove_hooks
-from anomalygen.diffusion.backbone import Backbone, default_model, load_backbone
-from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.sampling import (
     SAMPLERS, StepState, decode_latents, encode_images, encode_posterior, sample_generators, sample_latents, to_tensor,
     to_uint8,
@@ -39,10 +37,11 @@ from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_dir
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
 from anomalygen.masks.foreground import FOREGROUND_MODES, foreground_mask, resolve_mode
-from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path
+from anomalygen.methods.base import malformed_as_corrupt, model_path
 from anomalygen.methods.dualanodiff.bcm import BCM_MIXES, BackgroundMix
 from anomalygen.methods.dualanodiff.saim import SAIM
 from anomalygen.methods.dualanodiff.segment import MASK_SOURCES, mask_from_attention, mask_from_part, token_attention
+from anomalygen.methods.diffusion_base import DiffusionGenerator
 from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, Text, diffusion_options
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
@@ -88,7 +87,7 @@ def _options() -> OptionSpec:
     )
 
 
-class DualAnoDiff(AnomalyGenerator):
+class DualAnoDiff(DiffusionGenerator):
     """Dual-branch LoRA diffusion: the whole anomalous image and its anomaly part, generated together."""
 
     name = "dualanodiff"
@@ -96,10 +95,7 @@ class DualAnoDiff(AnomalyGenerator):
     OPTIONS = _options()
 
     def __init__(self, **options: Any):
-        self.opt = self.OPTIONS.validate(self.name, options)
         super().__init__(**options)
-        self._backbone: Backbone | None = None
-        self._prompts: PromptEncoder | None = None
         self._defect_types: list[str] = []
         self.interaction: dict[str, dict[str, torch.nn.Module]] = {}  # type -> layer -> SAIM / BCM mix
         self.sizes: dict[str, list[int]] = {}  # type -> (H, W) of its real images: the output size
@@ -107,20 +103,6 @@ class DualAnoDiff(AnomalyGenerator):
         self.loss_log: dict[str, list[float]] = {}
 
     # ----------------------------------------------------------------- components
-    @property
-    def backbone(self) -> Backbone:
-        if self._backbone is None:
-            self._backbone = load_backbone(self.opt["model"] or default_model(), device=self.opt["device"],
-                                           dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
-            self.opt["resolution"] = self._backbone.resolution(self.opt["resolution"])
-        return self._backbone
-
-    @property
-    def prompts(self) -> PromptEncoder:
-        if self._prompts is None:
-            self._prompts = PromptEncoder(self.backbone.text_encoder, self.backbone.tokenizer, {})
-        return self._prompts
-
     def words(self, defect_type: str) -> tuple[str, str]:
         """The nested prompts of Eq. 2: ("a x with y", "y")."""
         defect = self.opt["defect_word"].replace("{type}", defect_type.replace("_", " "))
