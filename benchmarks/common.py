@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,3 +56,20 @@ def device_or_exit(name: str) -> torch.device | None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def run_all(bench: Callable[..., dict], configs: Sequence[tuple], args: argparse.Namespace) -> int:
+    """``bench(*config, args, device)`` for every config, each result printed and, after each (so
+    an out-of-memory later keeps what was measured), all written to ``args.out`` as JSON."""
+    device = device_or_exit(args.device)
+    if device is None:
+        return 0
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "runs": []}
+    for config in configs:
+        results["runs"].append(bench(*config, args, device))
+        print(json.dumps(results["runs"][-1]), flush=True)
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump(results, handle, indent=2)
+    return 0

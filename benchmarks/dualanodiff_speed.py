@@ -17,11 +17,10 @@ Without a CUDA device it says so and exits 0; ``--device cpu --resolution 64 --s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
-from common import device_or_exit, synthetic_data, timed
+from common import run_all, synthetic_data, timed
 
 from anomalygen.diffusion.architectures import random_backbone
 from anomalygen.diffusion.backbone import resolve_dtype
@@ -91,19 +90,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (very slow at full size)")
     args = parser.parse_args()
-    device = device_or_exit(args.device)
-    if device is None:
-        return 0
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "runs": []}
-    for dtype_name in args.dtypes:
-        results["runs"].append(bench(dtype_name, args, device))
-        print(json.dumps(results["runs"][-1]), flush=True)
-        if args.out:  # after each run: an out-of-memory later keeps what was measured
-            with open(args.out, "w") as handle:
-                json.dump(results, handle, indent=2)
-    return 0
-
+    return run_all(bench, [(dtype,) for dtype in args.dtypes], args)
 
 if __name__ == "__main__":
     sys.exit(main())
