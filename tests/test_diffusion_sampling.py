@@ -119,3 +119,11 @@ def test_blend_modes_step_end_none(setup):
     assert torch.equal(step * (1 - m), known * (1 - m)) and (step - end).mul(m).abs().max() > 1e-3  # blended every step
     with pytest.raises(ValueError, match="blend"):
         blended_latents(backbone, context, good, masks, sample_generators(2, [0, 1, 2]), blend="sometimes", **options)
+
+
+def test_to_tensor_takes_images_of_mixed_sizes():
+    a = np.full((20, 30, 3), 255, np.uint8)
+    b = np.zeros((36, 24, 3), np.uint8)
+    batch = to_tensor([a, b], (16, 16))
+    assert batch.shape == (2, 3, 16, 16) and torch.allclose(batch[0], torch.ones(3, 16, 16)) and batch[1].abs().max() == 0
+    assert torch.equal(to_tensor([a]), torch.ones(1, 3, 20, 30))

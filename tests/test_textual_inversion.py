@@ -14,9 +14,9 @@ torch.set_num_threads(1)
 def _data():
     rng = np.random.default_rng(0)
     defects = []
-    for i, kind in enumerate(["crack", "hole", "crack"]):
-        image = rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)
-        mask = np.zeros((36, 36), bool)
+    for i, (kind, shape) in enumerate([("crack", (36, 36)), ("hole", (36, 36)), ("crack", (30, 44))]):  # mixed sizes
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        mask = np.zeros(shape, bool)
         mask[8 + i : 20 + i, 10:24] = True
         defects.append(DefectExample(image, mask, kind))
     good = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(2)]

@@ -189,11 +189,13 @@ def sample_latents(
 
 
 def to_tensor(images: Sequence[np.ndarray], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """uint8 (H, W, 3) images -> (B, 3, H, W) float in [0, 1], bilinearly resized to ``size``."""
-    batch = torch.stack([torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1) for im in images]).float() / 255
-    if size is not None and tuple(batch.shape[-2:]) != tuple(size):
-        batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return batch
+    """uint8 (H, W, 3) images, of any sizes when ``size`` is given -> (B, 3, H, W) float in [0, 1],
+    each bilinearly resized (antialiased) to ``size``."""
+    tensors = [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255 for im in images]
+    if size is not None:
+        tensors = [t if tuple(t.shape[-2:]) == tuple(size) else
+                   F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False) for t in tensors]
+    return torch.cat(tensors)
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -232,8 +234,9 @@ def blended_latents(
     factor = backbone.vae_scale_factor
     latent_size = (resolution // factor, resolution // factor)
     known = encode_images(backbone, to_tensor(good, size))
-    mask_t = torch.stack([torch.from_numpy(np.asarray(m, dtype=bool)) for m in masks])[:, None].float()
-    mask_t = latent_mask(F.interpolate(mask_t, size=size, mode="nearest"), latent_size).to(known.device)
+    mask_t = torch.cat([F.interpolate(torch.from_numpy(np.asarray(m, dtype=bool))[None, None].float(), size=size, mode="nearest")
+                        for m in masks])
+    mask_t = latent_mask(mask_t, latent_size).to(known.device)
     stepwise = dict(known_latents=known, mask=mask_t) if blend == "step" else {}
     latents = sample_latents(backbone, encoder_hidden_states, generators, latent_size=latent_size, **stepwise, **sampling)
     if blend == "end":

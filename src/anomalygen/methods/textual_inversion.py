@@ -90,8 +90,8 @@ class TextualInversionGenerator(AnomalyGenerator):
         for t in self._defect_types:
             kept = [d.mask for d in defects if d.defect_type == t and d.mask.any()]
             if kept:  # max-pooled so that small defects survive the resize
-                resized = F.adaptive_max_pool2d(torch.from_numpy(np.stack([np.asarray(m, bool) for m in kept]))[:, None].float(), size)
-                self.train_masks[t] = resized[:, 0].numpy() > 0.5
+                resized = [F.adaptive_max_pool2d(torch.from_numpy(np.asarray(m, bool))[None, None].float(), size) for m in kept]
+                self.train_masks[t] = torch.cat(resized)[:, 0].numpy() > 0.5
         self.embeddings = TypeEmbeddings(len(self._defect_types), encoder.embedding_dim).to(backbone.device)
         with torch.no_grad():
             self.embeddings.vectors.copy_(encoder.word_embedding(o["init_word"]).expand_as(self.embeddings.vectors))
