@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from anomalygen.benchmark import benchmark, markdown_table
@@ -45,7 +44,7 @@ from anomalygen.evaluation.localization import LocalizationConfig
 from anomalygen.io import atomic_write_text, read_json, save_png
 from anomalygen.pipeline import build, load_training, parse_settings
 from anomalygen.pretrain import PretrainConfig, pretrain
-from anomalygen.visualize import grid, overlay
+from anomalygen.visualize import grid
 
 MODEL_FREE = ("cutpaste", "croppaste", "draem")
 DIFFUSION = ("textual-inversion", "anomalydiffusion", "dualanodiff")
@@ -101,7 +100,7 @@ def run_cell(cell: Path, data: Path, row: str, seed: int, options: dict[str, Any
     if method in DIFFUSION:
         options = {**options, "work_dir": str((cell / "work").resolve())}
     started = time.perf_counter()
-    result = benchmark(data, [method], cell, num_per_type=args.num_per_type, seed=seed, metrics=["localization"],
+    result = benchmark(data, [method], cell, num_per_type=args.num_per_type, seed=seed, metrics=["localization"], skip_bad=args.skip_bad,
                        settings={f"{method}.{k}": v for k, v in options.items()}, device=args.device,
                        localization=localization)
     (report,) = (by_method[method] for by_method in result["reports"].values())
@@ -173,22 +172,22 @@ def tables(records: list[dict[str, Any]], names: list[str], row_names: list[str]
     return {"results": results, "deltas": deltas}
 
 
-def sample_grid(data: Path, cells: dict[str, Path], out: Path, per_type: int = 2) -> None:
-    """Real training defects, then each row's first samples of every type (mask in red)."""
-    category, defects, _ = load_training(data)
+def sample_grid(data: Path, cells: dict[str, Path], out: Path) -> None:
+    """A real training defect, then each row's first sample, of every defect type: image and mask."""
+    category, defects, _ = load_training(data, skip_bad=True)
     types = list(category.defect_types)
-    real = [next((overlay(d.image, d.mask) for d in defects if d.defect_type == t), None) for t in types]
-    lines, labels = [[x for x in real for _ in range(per_type)]], ["real (train)"]
+    real = [next(((d.image, d.mask) for d in defects if d.defect_type == t), (None, None)) for t in types]
+    lines, labels = [[x for pair in real for x in pair]], ["real (train)"]
     for row, cell in cells.items():
         folder = cell / row.removesuffix(CONTROL) / category.name
         line = []
         for t in types:
-            images = sorted((folder / "test" / t).glob("*.png"))[:per_type]
-            line += [overlay(load_image(p), load_image(folder / "ground_truth" / t / f"{p.stem}_mask.png")[..., 0] > 127)
-                     for p in images] + [None] * (per_type - len(images))
+            first = min((folder / "test" / t).glob("*.png"), default=None)
+            line += [None, None] if first is None else [
+                load_image(first), load_image(folder / "ground_truth" / t / f"{first.stem}_mask.png")[..., 0] > 127]
         lines.append(line)
         labels.append(row)
-    save_png(out, grid(lines, [t for t in types for _ in range(per_type)], row_labels=labels, cell=96))
+    save_png(out, grid(lines, [x for t in types for x in (t, "mask")], row_labels=labels, cell=96))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -210,6 +209,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples-per-epoch", type=int, default=100)
     p.add_argument("--unet-base", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-bad", action="store_true", help="leave out bad real files (e.g. an empty mask) instead of stopping")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
     args = p.parse_args(argv)
     args.settings = parse_settings(args.settings)
