@@ -32,14 +32,20 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from anomalygen.benchmark import benchmark, markdown_table
+from PIL import Image
+
 from anomalygen.data import load_image
+from anomalygen.data.images import is_image_file
 from anomalygen.errors import AnomalygenError
+from anomalygen.evaluation.inputs import resize_image, resize_mask
 from anomalygen.evaluation.localization import LocalizationConfig
 from anomalygen.io import atomic_write_text, read_json, save_png
 from anomalygen.pipeline import build, load_training, parse_settings
@@ -111,6 +117,24 @@ def run_cell(cell: Path, data: Path, row: str, seed: int, options: dict[str, Any
               "test_defects": report["real_split"]["test_defects"], "options": options}
     atomic_write_text(cell / CELL_FILE, json.dumps(record, indent=2))
     return {**record, "resumed": False}
+
+
+def resized_copy(data: Path, size: int, out: Path) -> Path:
+    """``data`` copied once into ``OUT/data/<name>`` with every image area-resampled and every mask
+    nearest-resampled to ``size``×``size`` (the evaluation's own resizers), names and layout kept."""
+    target = out / "data" / data.name
+    if (target / ".complete").is_file():
+        return target
+    for path in sorted(p for p in data.rglob("*") if is_image_file(p)):
+        rel = path.relative_to(data)
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.parts[0] == "ground_truth":
+            levels = np.asarray(Image.open(path).convert("L"))
+            Image.fromarray(resize_mask(levels > (127 if levels.max() > 1 else 0), size).astype(np.uint8) * 255).save(target / rel)
+        else:
+            Image.fromarray(resize_image(load_image(path), size)).save(target / rel)
+    atomic_write_text(target / ".complete", f"{data.resolve()} at {size} px\n")
+    return target
 
 
 def prior_for(name: str, data: Path, args: argparse.Namespace) -> str:
@@ -209,6 +233,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples-per-epoch", type=int, default=100)
     p.add_argument("--unet-base", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--resize", type=int, help="first copy each dataset with images and masks resized to this square size "
+                   "(textual-inversion and anomalydiffusion cannot fit on mixed-size images: magnetic_tile's)")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad real files (e.g. an empty mask) instead of stopping")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
     args = p.parse_args(argv)
@@ -245,15 +271,18 @@ def main(argv: list[str] | None = None) -> int:
         build(row.removesuffix(CONTROL), row_options(row, args, args.model or "tiny", args.seeds[0]))
     names = [d.name for d in args.data]
     records, failures, priors = [], [], {}
-    for data in args.data:
+    for given in args.data:
+        data = resized_copy(given, args.resize, args.out) if args.resize else given
         priors[data.name] = prior_for(data.name, data, args)
         for seed in args.seeds:
             for row in row_names:
                 cell = cell_dir(args.out, data.name, seed, row)
                 try:
                     record = run_cell(cell, data, row, seed, row_options(row, args, priors[data.name], seed), args, localization)
-                except AnomalygenError as error:
-                    failures.append(f"{data.name} seed {seed} {row}: {error}")
+                except Exception as error:  # one line here, the traceback in the cell's error.txt; the next cell runs
+                    cell.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(cell / "error.txt", traceback.format_exc())
+                    failures.append(f"{data.name} seed {seed} {row}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
                     print(f"FAILED {failures[-1]}", file=sys.stderr, flush=True)
                     continue
                 records.append({**record, "dataset": data.name})

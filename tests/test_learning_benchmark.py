@@ -87,3 +87,31 @@ def test_a_broken_run_reports_one_line(argv, message, demo_root, tmp_path, monke
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_crashing_cell_is_one_line_and_the_others_run(learning, demo_root, tmp_path, monkeypatch, capsys):
+    real = learning["run_cell"].__globals__["benchmark"]
+
+    def crash_croppaste(data, methods, *args, **kwargs):
+        if methods == ["croppaste"]:
+            raise RuntimeError("stack expects each tensor to be equal size\nsecond line")
+        return real(data, methods, *args, **kwargs)
+
+    monkeypatch.setitem(learning["run_cell"].__globals__, "benchmark", crash_croppaste)
+    argv = ["--data", str(demo_root / "fabric"), "--out", str(tmp_path), *TINY, "--methods", "cutpaste,croppaste"]
+    assert learning["main"](argv) == 1
+    failed = [line for line in capsys.readouterr().err.splitlines() if "FAILED" in line or "Traceback" in line]
+    assert failed == ["FAILED fabric seed 0 croppaste: RuntimeError: stack expects each tensor to be equal size"]
+    assert "Traceback" in (tmp_path / "cells" / "fabric" / "seed-0" / "croppaste" / "error.txt").read_text()
+    result = json.loads((tmp_path / "learning.json").read_text())
+    assert [c["row"] for c in result["cells"]] == ["cutpaste"] and len(result["failures"]) == 1
+
+
+def test_resized_copy_keeps_layout_and_masks(learning, demo_root, tmp_path):
+    from anomalygen.data import load_category, load_defects
+
+    copy = learning["resized_copy"](demo_root / "fabric", 24, tmp_path)
+    original, resized = load_category(demo_root / "fabric"), load_category(copy)
+    assert resized.defect_types == original.defect_types and len(resized.train_good) == len(original.train_good)
+    defects = load_defects([r for records in resized.defects.values() for r in records])
+    assert all(d.image.shape == (24, 24, 3) and d.mask.shape == (24, 24) and d.mask.any() for d in defects)
