@@ -234,7 +234,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unet-base", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--resize", type=int, help="first copy each dataset with images and masks resized to this square size "
-                   "(textual-inversion and anomalydiffusion cannot fit on mixed-size images: magnetic_tile's)")
+                   "(textual-inversion and anomalydiffusion cannot fit on mixed-size images: magnetic_tile's); "
+                   "masks are nearest-resampled, so a thin one can become empty (see --skip-bad)")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad real files (e.g. an empty mask) instead of stopping")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
     args = p.parse_args(argv)

@@ -110,8 +110,8 @@ def test_a_crashing_cell_is_one_line_and_the_others_run(learning, demo_root, tmp
 def test_resized_copy_keeps_layout_and_masks(learning, demo_root, tmp_path):
     from anomalygen.data import load_category, load_defects
 
-    copy = learning["resized_copy"](demo_root / "fabric", 24, tmp_path)
+    copy = learning["resized_copy"](demo_root / "fabric", 64, tmp_path)
     original, resized = load_category(demo_root / "fabric"), load_category(copy)
     assert resized.defect_types == original.defect_types and len(resized.train_good) == len(original.train_good)
     defects = load_defects([r for records in resized.defects.values() for r in records])
-    assert all(d.image.shape == (24, 24, 3) and d.mask.shape == (24, 24) and d.mask.any() for d in defects)
+    assert all(d.image.shape == (64, 64, 3) and d.mask.shape == (64, 64) and d.mask.any() for d in defects)
