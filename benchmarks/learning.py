@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in row_names:
                 cell = cell_dir(args.out, data.name, seed, row)
                 try:
-                    record = run_cell(cell, data, row, seed, row_options(row, args, priors[data.name], seed), args, localization)
+                    record = run_cell(cell, data, row, seed, row_options(row, args, priors[data.name], seed), args,
+                                      replace(localization, seed=seed))
                 except Exception as error:  # one line here, the traceback in the cell's error.txt; the next cell runs
                     cell.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(cell / "error.txt", traceback.format_exc())

@@ -115,3 +115,11 @@ def test_resized_copy_keeps_layout_and_masks(learning, demo_root, tmp_path):
     assert resized.defect_types == original.defect_types and len(resized.train_good) == len(original.train_good)
     defects = load_defects([r for records in resized.defects.values() for r in records])
     assert all(d.image.shape == (64, 64, 3) and d.mask.shape == (64, 64) and d.mask.any() for d in defects)
+
+
+def test_each_seed_seeds_the_unet_too(learning, demo_root, tmp_path):
+    argv = ["--data", str(demo_root / "fabric"), "--out", str(tmp_path), *TINY, "--methods", "cutpaste"]
+    argv[argv.index("--seeds") + 1] = "1"
+    assert learning["main"](argv) == 0
+    report = json.loads((tmp_path / "cells" / "fabric" / "seed-1" / "cutpaste" / "cutpaste" / "fabric" / "report.json").read_text())
+    assert report["localization"]["config"]["seed"] == 1
