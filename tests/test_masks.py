@@ -153,3 +153,13 @@ def test_augment_mask_without_foreground_keeps_shape_and_rejects_empty():
     assert m.shape == (50, 50) and 50 <= m.sum() <= 100
     with pytest.raises(AnomalygenError, match="empty"):
         augment_mask(np.zeros((5, 5), bool), np.random.default_rng(0))
+
+
+def test_resize_mask_is_nearest_and_keeps_a_fitting_mask():
+    from anomalygen.masks import resize_mask
+
+    mask = np.zeros((4, 6), bool)
+    mask[1:3, 2:4] = True
+    assert resize_mask(mask, (4, 6)) is not None and np.array_equal(resize_mask(mask, (4, 6)), mask)
+    big = resize_mask(mask, (8, 12))
+    assert big.dtype == bool and big.sum() == 4 * mask.sum() and big[2:6, 4:8].all()

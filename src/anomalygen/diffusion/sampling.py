@@ -136,6 +136,7 @@ def sample_latents(
     rows or inputs alongside the sampled ones; it gets the CFG-stacked batch and returns ε for it.
     """
     device, dtype = backbone.device, backbone.unet.dtype
+    denoiser = denoiser or (lambda x, t, context: backbone.unet(x, t, encoder_hidden_states=context).sample)
     batch = encoder_hidden_states.shape[0]
     if len(generators) != batch:
         raise ValueError(f"{len(generators)} generators for a batch of {batch}")
@@ -165,10 +166,7 @@ def sample_latents(
         if guided:
             model_in = torch.cat([model_in, model_in])
             context = torch.cat([uncond_hidden_states.expand_as(encoder_hidden_states), encoder_hidden_states])
-        if denoiser is None:
-            noise_pred = backbone.unet(model_in.to(dtype), t, encoder_hidden_states=context.to(device, dtype)).sample.float()
-        else:
-            noise_pred = denoiser(model_in.to(dtype), t, context.to(device, dtype)).float()
+        noise_pred = denoiser(model_in.to(dtype), t, context.to(device, dtype)).float()
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance_scale * (cond - uncond)

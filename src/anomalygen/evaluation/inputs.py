@@ -15,6 +15,7 @@ from rich.progress import track
 
 from anomalygen.data import load_category, load_defect, load_goods, paper_split
 from anomalygen.errors import DataError
+from anomalygen.masks.resize import resize_mask as resize_to_shape
 from anomalygen.types import DefectExample
 
 
@@ -71,4 +72,4 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """Nearest-neighbour resample a bool mask to ``size`` x ``size``."""
-    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return resize_to_shape(mask, (size, size))

@@ -13,6 +13,7 @@ from anomalygen.masks.foreground import (
     resolve_mode,
 )
 from anomalygen.masks.perlin import perlin_mask, perlin_noise
+from anomalygen.masks.resize import resize_mask
 from anomalygen.masks.shapes import brush_mask, ellipse_mask
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "object_mask",
     "perlin_mask",
     "perlin_noise",
+    "resize_mask",
     "resolve_mode",
 ]

@@ -11,11 +11,10 @@ from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from anomalygen.errors import AnomalygenError
-from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resolve_mode
+from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resize_mask, resolve_mode
 from anomalygen.methods.base import AnomalyGenerator
 from anomalygen.methods.options import Choice
 from anomalygen.seeding import sample_rng
@@ -42,10 +41,7 @@ def fit_mask(mask: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
     mask = np.asarray(mask).astype(bool)
     if mask.ndim == 3:
         mask = mask.any(axis=2)
-    if mask.shape != shape:
-        mask = cv2.resize(
-            mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST
-        ).astype(bool)
+    mask = resize_mask(mask, shape)
     if not mask.any():
         raise AnomalygenError(f"{what}: the mask is empty (no anomalous pixel)")
     return mask

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from anomalygen.diffusion.sampling import (
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
-from anomalygen.masks import augment_mask
+from anomalygen.masks import augment_mask, resize_mask
 from anomalygen.methods.anomalydiffusion.aar import (
     AAR_VARIANTS, APPLY, DEFAULT_APPLY, HOOK_STAGE, dilation_scale, latent_weights, paper_weights,
 )
@@ -198,7 +197,7 @@ class AnomalyDiffusion(AnomalyGenerator):
         type_indices = [index[d.defect_type] for d in defects]
         size = self.opt["resolution"]
         self.training_masks = {t: [d.mask for d in defects if d.defect_type == t] for t in types}
-        self.mask_stats = {t: MaskStats.from_masks([_resize_mask(m, (size, size)) for m in ms])
+        self.mask_stats = {t: MaskStats.from_masks([resize_mask(m, (size, size)) for m in ms])
                            for t, ms in self.training_masks.items()}
         self.loss_log = self._train(defects, type_indices)
 
@@ -267,7 +266,7 @@ class AnomalyDiffusion(AnomalyGenerator):
                 sampled = self._sample_masks([types[j] for j in pending], seeds)
                 for j, mask in zip(pending, sampled):
                     if mask is not None:
-                        result[j] = (_resize_mask(mask, good_shapes[j]), {"mask_source": "learned", "mask_draws": attempt + 1})
+                        result[j] = (resize_mask(mask, good_shapes[j]), {"mask_source": "learned", "mask_draws": attempt + 1})
                 pending = [j for j in pending if j not in result]
         for j in range(len(indices)):
             if j not in result:
@@ -343,7 +342,7 @@ class AnomalyDiffusion(AnomalyGenerator):
         images = [np.asarray(good[s]) for s in sources]
         if given_masks is not None:
             chosen = [np.asarray(given_masks[i % len(given_masks)], bool) for i in indices]
-            masks = [m if m.shape == im.shape[:2] else _resize_mask(m, im.shape[:2]) for m, im in zip(chosen, images)]
+            masks = [resize_mask(m, im.shape[:2]) for m, im in zip(chosen, images)]
             mask_meta = [{"mask_source": "given"}] * len(indices)
         else:
             masks, mask_meta = self._masks_for(indices, types, [im.shape[:2] for im in images], seed)
@@ -369,7 +368,7 @@ class AnomalyDiffusion(AnomalyGenerator):
         on the cross-attention of the anomaly tokens (``aar.py``)."""
         opt, backbone = self.opt, self.backbone
         size = opt["resolution"]
-        square = torch.stack([torch.from_numpy(_resize_mask(m, (size, size))) for m in masks])[:, None].float()
+        square = torch.stack([torch.from_numpy(resize_mask(m, (size, size))) for m in masks])[:, None].float()
         sampling = dict(sampler=opt["sampler"], num_inference_steps=opt["num_inference_steps"], eta=opt["eta"],
                         guidance_scale=opt["guidance_scale"], progress=len(indices) > 1)
         installed = None
@@ -432,11 +431,4 @@ class AnomalyDiffusion(AnomalyGenerator):
         self.mask_stats = mask_stats
         self.training_masks = read_masks(mask_files)
         self.loss_log = loss_log
-
-
-def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a bool mask to ``shape`` (H, W)."""
-    if mask.shape == tuple(shape):
-        return np.asarray(mask, bool)
-    return cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
 

@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from anomalygen.diffusion.sampling import (
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_text, read_json
-from anomalygen.masks import FOREGROUND_MODES, augment_mask, foreground_mask, perlin_mask, resolve_mode
+from anomalygen.masks import FOREGROUND_MODES, augment_mask, foreground_mask, perlin_mask, resize_mask, resolve_mode
 from anomalygen.methods.base import malformed_as_corrupt, model_path, read_masks, write_masks
 from anomalygen.methods.cagen.control import build_controlnet, control_image, controlled_eps
 from anomalygen.methods.diffusion_base import DiffusionGenerator
@@ -113,7 +112,7 @@ class CAGen(DiffusionGenerator):
         checkpoints in ``work_dir``, exact resume, bf16)."""
         opt, backbone = self.opt, self.backbone
         size = opt["resolution"]
-        latents = encode_images(backbone, torch.cat([_square(d.image, size) for d in chosen]))
+        latents = encode_images(backbone, to_tensor([d.image for d in chosen], (size, size)))
         control = control_image([d.mask for d in chosen], size)
         contexts = self._contexts(self._defect_types)
         type_of = torch.tensor([self._defect_types.index(d.defect_type) for d in chosen])
@@ -168,9 +167,7 @@ class CAGen(DiffusionGenerator):
             source = int(rng.integers(len(good)))
             image = np.asarray(good[source])
             if given is not None:
-                mask = np.asarray(given[i % len(given)], bool)
-                mask = mask if mask.shape == image.shape[:2] else cv2.resize(
-                    mask.astype(np.uint8), image.shape[1::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+                mask = resize_mask(given[i % len(given)], image.shape[:2])
             else:
                 mask = self.location_mask(image, name, rng)
             types.append(name), images.append(image), masks.append(mask), sources.append(source)
@@ -242,6 +239,3 @@ class CAGen(DiffusionGenerator):
         self.category, self.foreground_mode, self.loss_log = category, mode, loss_log
         self.training_masks = read_masks(files)
 
-
-def _square(image: np.ndarray, size: int) -> torch.Tensor:
-    return to_tensor([np.asarray(image)], (size, size))

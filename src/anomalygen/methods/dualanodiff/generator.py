@@ -36,7 +36,7 @@ from anomalygen.diffusion.sampling import (
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
-from anomalygen.masks.foreground import FOREGROUND_MODES, foreground_mask, resolve_mode
+from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resize_mask, resolve_mode
 from anomalygen.methods.base import malformed_as_corrupt, model_path
 from anomalygen.methods.dualanodiff.bcm import BCM_MIXES, BackgroundMix
 from anomalygen.methods.dualanodiff.saim import SAIM
@@ -186,7 +186,7 @@ class DualAnoDiff(DiffusionGenerator):
     def _square(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Images of any sizes -> (B, 3, R, R) in [0, 1] at the working resolution R."""
         size = self.opt["resolution"]
-        return torch.cat([to_tensor([np.asarray(im)], (size, size)) for im in images])
+        return to_tensor(images, (size, size))
 
     def _background(self, image: np.ndarray) -> np.ndarray:
         """I_b = (1 − M_f)·I (Eq. 5): the image with its object (foreground) blacked out."""
@@ -344,7 +344,7 @@ class DualAnoDiff(DiffusionGenerator):
             image, mask, draws = result[j]
             if image.shape[:2] != size:
                 image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-                mask = cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+                mask = resize_mask(mask, size)
             meta: dict[str, Any] = {"mask_source": self.opt["mask_source"], "mask_draws": draws,
                                     "model": self.backbone.label}
             if sources[j] is None:
