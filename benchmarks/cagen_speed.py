@@ -18,7 +18,7 @@ import argparse
 import sys
 
 import torch
-from common import run_all, synthetic_data, timed
+from common import run_all, sampling_speed, synthetic_data, training_speed
 
 from anomalygen.diffusion.architectures import random_backbone
 from anomalygen.diffusion.backbone import resolve_dtype
@@ -31,19 +31,17 @@ def bench(dtype_name: str, args, device: torch.device) -> dict:
     generator = CAGen(resolution=size, batch_size=args.train_batch, mixed_precision=dtype_name, checkpoint_every=0,
                       generate_batch_size=args.batch, category="object")
     generator._backbone = random_backbone("sd15", device, resolve_dtype(dtype_name))
-    runs = {}
-    for steps in (2, 2 + args.train_steps):  # the first includes the set-up (ControlNet copy, latents)
+
+    def fit(steps: int) -> None:  # the first steps include the set-up (ControlNet copy, latents)
         generator.opt["max_steps"] = steps
-        _, runs[steps], memory = timed(lambda: generator.fit(defects, good), device)
+        generator.fit(defects, good)
+
+    speed, memory = training_speed(fit, args.train_steps, device)
     result = {"arch": "sd15", "dtype": dtype_name, "resolution": size, "train_batch": args.train_batch,
-              "train_steps_per_s": args.train_steps / max(runs[2 + args.train_steps] - runs[2], 1e-9),
-              "train_peak_gib": memory}
+              "train_steps_per_s": speed, "train_peak_gib": memory}
     for label, guidance in (("no_cfg", 1.0), ("cfg", 7.5)):
-        generator.opt.update(guidance_scale=guidance, num_inference_steps=2)
-        list(generator.generate(good, args.batch))  # warm-up
-        generator.opt["num_inference_steps"] = args.steps
-        _, seconds, memory = timed(lambda: list(generator.generate(good, args.batch)), device)
-        result.update({f"sample_{label}_images_per_s": args.batch / seconds, f"sample_{label}_peak_gib": memory})
+        speed, memory = sampling_speed(generator, good, args.batch, args.steps, device, guidance_scale=guidance)
+        result.update({f"sample_{label}_images_per_s": speed, f"sample_{label}_peak_gib": memory})
     return result
 
 

@@ -40,6 +40,24 @@ def timed(function, device):
     return result, time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
 
 
+def training_speed(fit: Callable[[int], object], steps: int, device) -> tuple[float, float]:
+    """(steps/s, peak GiB) of ``fit(n)`` (a fresh fit of ``n`` steps): a fit of 2 + ``steps`` steps
+    minus one of 2 steps, so the set-up and the first steps do not count."""
+    _, warm, _ = timed(lambda: fit(2), device)
+    _, total, memory = timed(lambda: fit(2 + steps), device)
+    return steps / max(total - warm, 1e-9), memory
+
+
+def sampling_speed(generator, good, batch: int, steps: int, device, **options) -> tuple[float, float]:
+    """(images/s, peak GiB) of ``generator.generate(good, batch)`` at ``steps`` sampling steps with
+    ``options`` set, after a 2-step warm-up."""
+    generator.opt.update(options, num_inference_steps=2)
+    list(generator.generate(good, batch))
+    generator.opt["num_inference_steps"] = steps
+    _, seconds, memory = timed(lambda: list(generator.generate(good, batch)), device)
+    return batch / seconds, memory
+
+
 def architectures(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in ARCHITECTURES]

@@ -20,21 +20,20 @@ import argparse
 import sys
 
 import torch
-from common import run_all, synthetic_data, timed
+from common import run_all, sampling_speed, synthetic_data, training_speed
 
 from anomalygen.diffusion.architectures import random_backbone
 from anomalygen.diffusion.backbone import resolve_dtype
 from anomalygen.methods.dualanodiff import DualAnoDiff
 
 
-def fit_seconds(generator: DualAnoDiff, defects, good, steps: int, device) -> tuple[float, float]:
-    """Wall time and peak memory of a fresh one-type fit of ``steps`` steps (adapters removed after)."""
+def fit(generator: DualAnoDiff, defects, good, steps: int) -> None:
+    """A fresh one-type fit of ``steps`` steps; its adapters are removed after, for the next fit."""
     generator.opt["max_steps"] = steps
-    _, seconds, memory = timed(lambda: generator.fit(defects, good), device)
+    generator.fit(defects, good)
     generator.backbone.unet.delete_adapters(["whole_0", "part_0"])
     if generator.opt["text_encoder_lora"]:
         generator.backbone.text_encoder.delete_adapter("text_0")
-    return seconds, memory
 
 
 def unet_gflop(generator: DualAnoDiff, size: int, device) -> float:
@@ -61,19 +60,15 @@ def bench(dtype_name: str, args, device: torch.device) -> dict:
               "unet_gflop_per_row_step": unet_gflop(generator, size, device), "unet_rows_per_image_step": rows}
     for label, checkpointing in (("train", False), ("train_checkpointing", True)):
         generator.opt["gradient_checkpointing"] = checkpointing
-        warm, _ = fit_seconds(generator, defects, good, 2, device)  # setup + 2 steps
-        total, memory = fit_seconds(generator, defects, good, 2 + args.train_steps, device)
-        result.update({f"{label}_steps_per_s": args.train_steps / max(total - warm, 1e-9), f"{label}_peak_gib": memory})
+        speed, memory = training_speed(lambda steps: fit(generator, defects, good, steps), args.train_steps, device)
+        result.update({f"{label}_steps_per_s": speed, f"{label}_peak_gib": memory})
     generator.opt["gradient_checkpointing"] = False
     generator.opt["max_steps"] = 1
     generator.fit(defects, good)  # a fitted model to sample from
     for label, sampler, steps in (("paper", "pndm", args.steps), ("fast", "dpm++", args.fast_steps)):
-        generator.opt.update(sampler=sampler, num_inference_steps=2)
-        list(generator.generate(good, args.batch))  # warm-up
-        generator.opt["num_inference_steps"] = steps
-        _, seconds, memory = timed(lambda: list(generator.generate(good, args.batch)), device)
+        speed, memory = sampling_speed(generator, good, args.batch, steps, device, sampler=sampler)
         result.update({f"sample_{label}": f"{sampler} {steps} steps, CFG {generator.opt['guidance_scale']}",
-                       f"sample_{label}_images_per_s": args.batch / seconds, f"sample_{label}_peak_gib": memory})
+                       f"sample_{label}_images_per_s": speed, f"sample_{label}_peak_gib": memory})
     return result
 
 
