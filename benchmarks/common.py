@@ -1,9 +1,13 @@
-"""Helpers the speed benchmarks share: synthetic defect data, a timer with peak GPU memory, --arch parsing."""
+"""Helpers the speed benchmarks share: synthetic defect data, timers (in-process with peak GPU memory, CUDA
+events, a CLI subprocess), FLOP counts and the measured bf16 peak, --arch parsing."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -105,3 +109,51 @@ def run_all(bench: Callable[..., dict], configs: Sequence[tuple], args: argparse
             with open(args.out, "w") as handle:
                 json.dump(results, handle, indent=2)
     return 0
+
+
+def cuda_time(fn, repeats: int = 10, warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def matmul_peak() -> float:
+    """Measured dense bf16 matmul TFLOP/s (8192³, random data)."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    seconds = cuda_time(lambda: a @ b, repeats=10)
+    return 2 * 8192**3 / seconds / 1e12
+
+
+def unet_flops(unet, dtype, latent: int, tokens: int = 77) -> float:
+    """FLOPs of one forward of a text-conditioned ``unet`` for one ``latent``² latent (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(unet.parameters()).device
+    x = torch.randn(1, unet.config.in_channels, latent, latent, device=device, dtype=dtype)
+    ctx = torch.randn(1, tokens, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, 500, encoder_hidden_states=ctx)
+    return counter.get_total_flops()
+
+
+def cli_seconds(args: list[str], timeout: float | None = None) -> float:
+    """Wall seconds of ``anomalygen ARGS`` in its own process, from start to exit; a failure (or a run
+    past ``timeout``) stops the benchmark with its output."""
+    started = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "anomalygen.cli", *args], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"anomalygen {' '.join(args)} ran past {timeout:.0f} s")
+    if done.returncode:
+        sys.exit(f"anomalygen {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
 import torch
+from common import cuda_time, matmul_peak, unet_flops
 
 UNET_CONFIG = dict(  # Stable Diffusion 1.5 UNet
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -34,39 +34,6 @@ VAE_CONFIG = dict(  # Stable Diffusion 1.5 VAE
     scaling_factor=0.18215,
 )
 RESOLUTION, LATENT, TEXT_TOKENS = 256, 32, 77
-
-
-def cuda_time(fn, repeats: int = 10, warmup: int = 3) -> float:
-    """Median seconds of ``fn()`` timed with CUDA events after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
-
-
-def matmul_peak() -> float:
-    """Measured dense bf16 matmul TFLOP/s (8192³, random data)."""
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    seconds = cuda_time(lambda: a @ b, repeats=10)
-    return 2 * 8192**3 / seconds / 1e12
-
-
-def unet_flops(unet, dtype) -> float:
-    """FLOPs of one UNet forward for one 256-px image (``torch.utils.flop_counter``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randn(1, 4, LATENT, LATENT, device="cuda", dtype=dtype)
-    ctx = torch.randn(1, TEXT_TOKENS, 768, device="cuda", dtype=dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(x, 500, encoder_hidden_states=ctx)
-    return counter.get_total_flops()
 
 
 def build(dtype):
@@ -188,12 +155,12 @@ def main() -> int:
     if args.only_compiled:
         torch.backends.cuda.matmul.allow_tf32 = False
         unet, vae = build(torch.bfloat16)
-        flops = unet_flops(unet, torch.bfloat16)
+        flops = unet_flops(unet, torch.bfloat16, LATENT, TEXT_TOKENS)
         return compiled_runs(args, unet, vae, flops, peak, results, save)
     # (a) official-like: fp32, batch 8, DDIM 200, eta 1, explicit attention
     torch.backends.cuda.matmul.allow_tf32 = False
     unet, vae = build(torch.float32)
-    flops = unet_flops(unet, torch.float32)
+    flops = unet_flops(unet, torch.float32, LATENT, TEXT_TOKENS)
     results["unet_gflop_per_image_step"] = flops / 1e9
     print(f"UNet: {flops / 1e9:.1f} GFLOP per image per step at {RESOLUTION} px", flush=True)
     unet.set_attn_processor(AttnProcessor())

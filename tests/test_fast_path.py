@@ -25,7 +25,7 @@ def test_auto_precision_is_bf16_on_cuda_and_fp32_elsewhere():
 def test_every_diffusion_method_defaults_to_the_fast_path(method):
     defaults = get_method(method).OPTIONS.defaults()
     assert defaults["mixed_precision"] == "auto"
-    assert defaults.get("generate_batch_size", 0) == 0
+    assert defaults["generate_batch_size"] == 0
 
 
 def test_training_loop_runs_fp32_on_the_cpu_by_default(tmp_path):
@@ -65,6 +65,26 @@ def test_cpu_sampling_batch_reaches_the_methods():
     generator = create("cagen", model="tiny", device="cpu", resolution=32)
     assert generator.opt["generate_batch_size"] == 0
     assert fast.sampling_batch(generator.backbone, generator.opt["generate_batch_size"], 8, 32) == 8
+
+
+def test_textual_inversion_samples_in_the_batch_the_fast_path_chooses(monkeypatch):
+    import numpy as np
+
+    from anomalygen.methods import textual_inversion
+    from anomalygen.types import DefectExample
+
+    mask = np.zeros((32, 32), bool)
+    mask[8:20, 8:20] = True
+    good = [np.full((32, 32, 3), 128, np.uint8)]
+    generator = create("textual-inversion", model="tiny", device="cpu", resolution=32, max_steps=1, batch_size=4,
+                       num_inference_steps=1, checkpoint_every=0)
+    generator.fit([DefectExample(good[0], mask, "crack")], good)
+    asked, sizes = [], []
+    monkeypatch.setattr(textual_inversion, "sampling_batch", lambda *a, **k: asked.append((a[1:3], k)) or 3)
+    monkeypatch.setattr(textual_inversion, "blended_generate",
+                        lambda backbone, context, images, *a, **k: sizes.append(len(images)) or images)
+    assert len(list(generator.generate(good, 7))) == 7
+    assert asked == [((0, 4), {"rows_per_sample": 1})] and sizes == [3, 3, 1]
 
 
 @cuda

@@ -159,7 +159,7 @@ def run_localization(data: EvaluationData, config: LocalizationConfig, device: t
     with Progress(transient=True) as progress:
         task = progress.add_task("U-Net training", total=config.epochs)
         for epoch in range(config.epochs):
-            losses = []
+            loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
             for start in range(0, config.samples_per_epoch, config.batch_size):
                 count = min(config.batch_size, config.samples_per_epoch - start)
                 use_good = torch.from_numpy(rng.random(count) < 0.5).to(device)
@@ -173,12 +173,13 @@ def run_localization(data: EvaluationData, config: LocalizationConfig, device: t
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
+                loss_sum += loss.detach()
             scheduler.step()
+            mean_loss = loss_sum.item() / -(-config.samples_per_epoch // config.batch_size)
             if (test_during and (epoch + 1) % config.eval_every == 0) or epoch == config.epochs - 1:
                 metrics, maps, scores = measure(model, test_images, test_masks, device, epoch + 1)
-                history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **metrics})
-            progress.update(task, advance=1, description=f"U-Net epoch {epoch + 1} loss {np.mean(losses):.4f}")
+                history.append({"epoch": epoch + 1, "loss": mean_loss, **metrics})
+            progress.update(task, advance=1, description=f"U-Net epoch {epoch + 1} loss {mean_loss:.4f}")
 
     masks_np = test_masks.numpy()
     result: dict[str, object] = {

@@ -21,6 +21,7 @@ from torch import nn
 
 from anomalygen.diffusion.backbone import load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
+from anomalygen.diffusion.fast import sampling_batch
 from anomalygen.diffusion.sampling import blended_generate, encode_images, sample_generators, to_tensor
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError
@@ -57,6 +58,7 @@ class TextualInversionGenerator(AnomalyGenerator):
         num_inference_steps=Int(50, 1),
         eta=Float(0.0, 0, 1),
         prompt=Text("a photo of {}", contains="{}"),
+        generate_batch_size=Int(0, 0),  # 0: auto (fast.sampling_batch; batch_size on the CPU)
     )
 
     def __init__(self, **options: Any):
@@ -161,8 +163,10 @@ class TextualInversionGenerator(AnomalyGenerator):
         prompt = self._prompt()
         uncond = encoder([""]).hidden_states if o["guidance_scale"] > 1 else None
         indices = list(range(start, start + n))
-        for first in range(0, n, o["batch_size"]):
-            batch = indices[first : first + o["batch_size"]]
+        chunk = sampling_batch(backbone, o["generate_batch_size"], o["batch_size"], self.resolution,
+                               rows_per_sample=2 if uncond is not None else 1)
+        for first in range(0, n, chunk):
+            batch = indices[first : first + chunk]
             types = [defect_type or self._defect_types[i % len(self._defect_types)] for i in batch]
             images = [good[i % len(good)] for i in batch]
             batch_masks = [
