@@ -89,6 +89,28 @@ def test_reweight_each_stage_equals_the_hand_computation(stage):
     torch.testing.assert_close(_run(attn, [hook], x, ctx), expected, atol=1e-6, rtol=1e-5)
 
 
+def test_reweight_follows_a_new_map_or_new_positions_set_between_steps():
+    """The factor is made once per map and reused by the layers (no device sync per layer); a map or
+    positions assigned by a sampling callback must replace it."""
+    attn = _layer(cross=True)
+    x, ctx = torch.randn(2, 16, 8), torch.randn(2, 5, 6)
+    first, second = 1 + torch.rand(2, 1, 4, 4), 2 + torch.rand(2, 1, 4, 4)
+
+    def expected(weights, positions):
+        factor = _factor(weights, positions)
+        with torch.no_grad():
+            return _by_hand(attn, x, ctx, lambda l: l * factor)[0]
+
+    hook = AttentionReweight("logits")
+    hook.weights, hook.positions = first, [[1, 2], [3]]
+    torch.testing.assert_close(_run(attn, [hook], x, ctx), expected(first, [[1, 2], [3]]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(_run(attn, [hook], x, ctx), expected(first, [[1, 2], [3]]), atol=1e-6, rtol=1e-5)
+    hook.weights = second
+    torch.testing.assert_close(_run(attn, [hook], x, ctx), expected(second, [[1, 2], [3]]), atol=1e-6, rtol=1e-5)
+    hook.positions = [[4], [0, 1]]
+    torch.testing.assert_close(_run(attn, [hook], x, ctx), expected(second, [[4], [0, 1]]), atol=1e-6, rtol=1e-5)
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.floats(1.0, 3.0))
 def test_log_logits_equal_renormalised_probabilities(seed, high):

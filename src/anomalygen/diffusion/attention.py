@@ -259,20 +259,46 @@ class AttentionReweight(AttentionHook):
         if stage not in self.STAGES:
             raise ValueError(f"stage must be one of {self.STAGES}, got {stage!r}")
         self.stage, self.renormalise = stage, renormalise
+        self._factors: dict[tuple, torch.Tensor] = {}
         self.weights: torch.Tensor | None = None
         self.positions: list[list[int]] = []
         self.rows: slice | None = None
 
+    # a new map or new positions (set by reassignment) drop the factors made from the old ones
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._weights = value
+        self._factors.clear()
+
+    @property
+    def positions(self) -> list[list[int]]:
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: list[list[int]]) -> None:
+        self._positions = value
+        self._factors.clear()
+
     def _factor(self, scores: torch.Tensor) -> torch.Tensor:
-        """(n, 1, N, S) per-pixel, per-token factor for the rows this hook changes."""
+        """(n, 1, N, S) per-pixel, per-token factor for the rows this hook changes; made once per
+        map, positions and layer shape (the layers of one resolution share it), on the host side
+        without a device sync."""
         _, _, pixels, tokens = scores.shape
-        weight = _per_pixel(self.weights, pixels).to(scores.device, scores.dtype)
-        selected = torch.zeros(len(self.positions), tokens, dtype=torch.bool, device=scores.device)
-        for row, cols in enumerate(self.positions):
-            selected[row, cols] = True
-        if weight.shape[0] != selected.shape[0]:
-            raise ValueError(f"{weight.shape[0]} weight maps for {selected.shape[0]} rows of token positions")
-        return torch.where(selected[:, None, :], weight[:, :, None], torch.ones_like(weight[:, :, None]))[:, None]
+        key = (pixels, tokens, scores.device, scores.dtype)
+        if key not in self._factors:
+            weight = _per_pixel(self.weights, pixels).to(scores.device, scores.dtype)
+            selected = torch.zeros(len(self.positions), tokens, dtype=torch.bool)
+            for row, cols in enumerate(self.positions):
+                selected[row, cols] = True
+            if weight.shape[0] != selected.shape[0]:
+                raise ValueError(f"{weight.shape[0]} weight maps for {selected.shape[0]} rows of token positions")
+            selected = selected.to(scores.device, non_blocking=True)
+            self._factors[key] = torch.where(selected[:, None, :], weight[:, :, None], torch.ones_like(weight[:, :, None]))[:, None]
+        return self._factors[key]
 
     def _reweight_rows(self, scores: torch.Tensor, change) -> torch.Tensor:
         rows = slice(None) if self.rows is None else self.rows
