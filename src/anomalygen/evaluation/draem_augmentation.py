@@ -29,7 +29,6 @@ import cv2
 import numpy as np
 import torch
 from rich.progress import Progress
-from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
 from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError
@@ -188,6 +187,8 @@ def draem_loss(reconstruction, logits, target, mask, has_target) -> torch.Tensor
     reconstruction = reconstruction.float()
     weight = has_target.float()
     l2 = ((reconstruction - target) ** 2).flatten(1).mean(1)
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim  # seconds to import
+
     structural = 1 - ssim(reconstruction, target, data_range=1.0, reduction="none")
     rec = ((l2 + structural) * weight).sum() / weight.sum().clamp(min=1)
     return rec + focal_loss(logits, mask)

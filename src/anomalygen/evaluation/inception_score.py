@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from rich.progress import track
 from torch import nn
-from torchmetrics.image.inception import InceptionScore
 
 from anomalygen.weights import find_weights, load_state_dict, missing, state_mismatch
 
@@ -60,6 +59,8 @@ def inception_score(
     Images are fed to ``extractor`` as uint8 tensors (it resizes to its input size), batched
     among consecutive images of equal size. ``seed`` fixes torchmetrics' random split order.
     """
+    from torchmetrics.image.inception import InceptionScore  # torchmetrics takes seconds to import
+
     metric = InceptionScore(feature=extractor, splits=min(splits, len(images))).to(device)
     batch: list[np.ndarray] = []
     for image in images:
