@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import auc
 
-from anomalygen.evaluation.metrics import au_pro, detection_metrics, f1_max, image_scores, localization_metrics
+from anomalygen.evaluation.metrics import au_pro, detection_metrics, f1_max, image_scores, localization_metrics, pr_curve
 
 
 def _direct_auroc(labels, scores):
@@ -62,6 +62,34 @@ def test_detection_metrics_match_direct_implementations(pairs):
     assert result["auroc"] == pytest.approx(_direct_auroc(labels, scores))
     assert result["ap"] == pytest.approx(_direct_ap(labels, scores))
     assert result["f1_max"] == pytest.approx(_direct_f1_max(labels, scores))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 300), st.sampled_from([3, 50, None]), st.floats(0.01, 0.99))
+def test_one_sort_metrics_equal_scikit_learn(seed, n, levels, share):
+    """The metrics are scikit-learn's (computed from one sort): equal to its functions to the last
+    bit or within 1e-15, with ties (``levels`` distinct scores) and without."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < share).astype(np.uint8)
+    labels[:2] = [0, 1]
+    scores = rng.random(n).astype(np.float32)
+    if levels:
+        scores = np.floor(scores * levels) / levels
+    result = detection_metrics(labels, scores)
+    assert result["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-15, rel=0)
+    assert result["ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-15, rel=0)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+    assert result["f1_max"] == pytest.approx(f1.max(), abs=1e-15, rel=0)
+    keep = np.unique(np.linspace(0, len(precision) - 1, min(200, len(precision))).astype(int))
+    assert pr_curve(labels, scores) == {"precision": precision[keep].tolist(), "recall": recall[keep].tolist()}
+
+
+def test_auroc_of_one_class_is_an_error_as_in_scikit_learn():
+    with pytest.raises(ValueError, match="Only one class"):
+        detection_metrics(np.ones(4), np.arange(4.0))
 
 
 def test_f1_max_is_one_for_a_perfect_ranking_and_handles_ties():
