@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs of benchmarks/GPU.md on a lent GPU machine, in order, inside one device call:
+#   bash benchmarks/gpu_session.sh 8 9        (from the repository root, with carry [".whl"])
+# Installs the carried wheels once per machine, compiles them (the image ships torch without .pyc),
+# keeps models and samples under /tmp/b (a warm machine's next call reuses them) and copies each
+# run's JSON / Markdown / log to $OUT. Every run is cut at DEADLINE seconds (default 570) after the
+# start of this script, so the call returns inside the device's 10-minute limit with what it measured.
+set -u
+deadline=${DEADLINE:-570}
+out=${OUT:-/tmp/b/out}
+mkdir -p /tmp/b "$out"
+if [ ! -f /tmp/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    python3 -m compileall -q -j 16 /tmp/site src > /dev/null
+    touch /tmp/site/.installed
+fi
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+
+ad="--method anomalydiffusion --arch ldm --model-dir /tmp/b/ldm --fit-steps 30 --epochs 0"
+declare -A runs=(
+    [1]="python3 benchmarks/dualanodiff_speed.py --out $out/dualanodiff_speed.json"
+    [2]="python3 benchmarks/dualanodiff_speed.py --no-bcm --out $out/dualanodiff_nobcm.json"
+    [3]="python3 benchmarks/anomalydiffusion_speed.py --arch ldm --dtypes fp32 bf16 --out $out/ad_ldm.json"
+    [4]="python3 benchmarks/anomalydiffusion_speed.py --arch sd15 --dtypes bf16 --out $out/ad_sd15.json"
+    [5]="python3 benchmarks/cagen_speed.py --out $out/cagen_speed.json"
+    [6]="python3 benchmarks/draem_augmentation_speed.py --out $out/draem_speed.json"
+    [7]="python3 benchmarks/anomalyxfusion_speed.py --out $out/anomalyxfusion_speed.json"
+    [8]="python3 benchmarks/cli_speed.py $ad --num 400 --num-official 16 --set mask_source=augment --unet-calls 200 --out /tmp/b/run8"
+    [9]="python3 benchmarks/cli_speed.py $ad --only ours --num 128 --compile --set mask_tries=1 --unet-calls 400 --out /tmp/b/run9"
+    [10]="python3 benchmarks/cli_speed.py --method croppaste --num 500 --out /tmp/b/run10"
+)
+for run in "$@"; do
+    left=$((deadline - SECONDS))
+    if [ "$left" -lt 30 ]; then echo "run $run: skipped, ${left} s left"; continue; fi
+    echo "run $run (${left} s left): ${runs[$run]}"
+    timeout "$left" ${runs[$run]} > "$out/run$run.log" 2>&1
+    echo "run $run: exit $? after $SECONDS s"
+    [ -f "/tmp/b/run$run/cli_speed.json" ] && cp "/tmp/b/run$run/cli_speed.json" "$out/run$run.json"  # 8 files come back at most
+    tail -n 3 "$out/run$run.log"
+done
