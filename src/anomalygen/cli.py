@@ -7,6 +7,7 @@ act on (``AnomalygenError``) print as one line and exit with code 2, without a t
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -218,7 +219,7 @@ def info_table(info: dict[str, Any]) -> Table:
 
 
 def _evaluation_options(
-    metrics: Optional[str], protocol: str, device: Optional[str], epochs: int, samples_per_epoch: int, resolution: int,
+    *, metrics: Optional[str], protocol: str, device: Optional[str], epochs: int, samples_per_epoch: int, resolution: int,
     base: int, batch_size: int, eval_every: int, cls_epochs: int, cls_random_init: bool, inception_weights: Optional[Path],
     lpips_net: str, seed: int, skip_bad: bool, draem_ratio: float, draem_epochs: Optional[int],
     draem_resolution: Optional[int], draem_test: str, draem_textures: str, draem_baseline: bool,
@@ -243,82 +244,79 @@ def _evaluation_options(
         "inception_weights": None if inception_weights is None else str(inception_weights),
         "lpips_net": lpips_net,
         "skip_bad": skip_bad,
+        "seed": seed,
     }
 
 
-EVAL_OPTIONS = {
-    "metrics": typer.Option(None, "--metrics", help="Comma-separated metrics from is, ic-lpips, localization, "
-                            "classification, draem-augmentation (default: all but draem-augmentation; those whose "
-                            "weights are missing offline are skipped with a note, while a metric named here without "
-                            "its weights is an error)."),
-    "protocol": typer.Option("both", "--protocol", help="paper (best test epoch), clean (last epoch) or both."),
-    "device": typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
-    "epochs": typer.Option(200, "--epochs", help="U-Net epochs (papers: 200)."),
-    "samples_per_epoch": typer.Option(500, "--samples-per-epoch", help="U-Net samples per epoch (papers: 500)."),
-    "resolution": typer.Option(256, "--resolution", help="U-Net / ResNet input size in px (multiple of 32)."),
-    "base": typer.Option(64, "--base", help="U-Net base width (papers: 64)."),
-    "batch_size": typer.Option(8, "--batch-size", help="U-Net batch size."),
-    "eval_every": typer.Option(1, "--eval-every", help="paper protocol: test every N epochs (official: 1)."),
-    "cls_epochs": typer.Option(30, "--cls-epochs", help="ResNet-34 epochs (papers: 30)."),
-    "cls_random_init": typer.Option(False, "--cls-random-init", help="Train the ResNet-34 from random init "
-                                    "(without this, its ImageNet weights must be in the torch hub cache; papers: ImageNet)."),
-    "inception_weights": typer.Option(None, "--inception-weights", help="Inception weights file (else env / torch hub "
-                                      "cache); read without pickle code."),
-    "lpips_net": typer.Option("vgg", "--lpips-net", help="IC-LPIPS backbone: vgg or alex."),
-    "seed": typer.Option(0, "--seed"),
-    "skip_bad": typer.Option(False, "--skip-bad", help="Warn about bad real files (e.g. empty masks) and leave them out."),
-    "draem_ratio": typer.Option(0.3, "--draem-ratio", help="draem-augmentation: share of DRAEM's simulated anomalies "
-                                "replaced by generated pairs (CAGen: 0.3)."),
-    "draem_epochs": typer.Option(None, "--draem-epochs", help="draem-augmentation: DRAEM epochs (default: 700 on cuda "
-                                 "as DRAEM, 20 on cpu, labelled reduced)."),
-    "draem_resolution": typer.Option(None, "--draem-resolution", help="draem-augmentation: px (default: 256 on cuda, "
-                                     "64 on cpu; network widths follow: DRAEM's on cuda, 1/8 on cpu)."),
-    "draem_test": typer.Option("clean", "--draem-test", help="draem-augmentation test set: clean (the generator's "
-                               "training defects left out) or full (every real test image, as CAGen's paper)."),
-    "draem_textures": typer.Option("skimage", "--draem-textures", help="draem-augmentation: DRAEM's anomaly texture "
-                                   "folder (DRAEM uses DTD) or skimage (bundled textures)."),
-    "draem_baseline": typer.Option(True, "--draem-baseline/--no-draem-baseline", help="draem-augmentation: also "
-                                   "train DRAEM alone (same seed) for the comparison."),
+# name: (type, option) of the options `evaluate` and `benchmark` share (added by ``evaluation_options``)
+EVAL_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "metrics": (Optional[str], typer.Option(None, "--metrics", help="Comma-separated metrics from is, ic-lpips, localization, "
+                                            "classification, draem-augmentation (default: all but draem-augmentation; those whose "
+                                            "weights are missing offline are skipped with a note, while a metric named here without "
+                                            "its weights is an error).")),
+    "protocol": (str, typer.Option("both", "--protocol", help="paper (best test epoch), clean (last epoch) or both.")),
+    "device": (Optional[str], typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")),
+    "epochs": (int, typer.Option(200, "--epochs", help="U-Net epochs (papers: 200).")),
+    "samples_per_epoch": (int, typer.Option(500, "--samples-per-epoch", help="U-Net samples per epoch (papers: 500).")),
+    "resolution": (int, typer.Option(256, "--resolution", help="U-Net / ResNet input size in px (multiple of 32).")),
+    "base": (int, typer.Option(64, "--base", help="U-Net base width (papers: 64).")),
+    "batch_size": (int, typer.Option(8, "--batch-size", help="U-Net batch size.")),
+    "eval_every": (int, typer.Option(1, "--eval-every", help="paper protocol: test every N epochs (official: 1).")),
+    "cls_epochs": (int, typer.Option(30, "--cls-epochs", help="ResNet-34 epochs (papers: 30).")),
+    "cls_random_init": (bool, typer.Option(False, "--cls-random-init", help="Train the ResNet-34 from random init "
+                                           "(without this, its ImageNet weights must be in the torch hub cache; papers: ImageNet).")),
+    "inception_weights": (Optional[Path], typer.Option(None, "--inception-weights", help="Inception weights file (else env / torch hub "
+                                                       "cache); read without pickle code.")),
+    "lpips_net": (str, typer.Option("vgg", "--lpips-net", help="IC-LPIPS backbone: vgg or alex.")),
+    "seed": (int, typer.Option(0, "--seed")),
+    "skip_bad": (bool, typer.Option(False, "--skip-bad", help="Warn about bad real files (e.g. empty masks) and leave them out.")),
+    "draem_ratio": (float, typer.Option(0.3, "--draem-ratio", help="draem-augmentation: share of DRAEM's simulated anomalies "
+                                        "replaced by generated pairs (CAGen: 0.3).")),
+    "draem_epochs": (Optional[int], typer.Option(None, "--draem-epochs", help="draem-augmentation: DRAEM epochs (default: 700 on cuda "
+                                                 "as DRAEM, 20 on cpu, labelled reduced).")),
+    "draem_resolution": (Optional[int], typer.Option(None, "--draem-resolution", help="draem-augmentation: px (default: 256 on cuda, "
+                                                     "64 on cpu; network widths follow: DRAEM's on cuda, 1/8 on cpu).")),
+    "draem_test": (str, typer.Option("clean", "--draem-test", help="draem-augmentation test set: clean (the generator's "
+                                     "training defects left out) or full (every real test image, as CAGen's paper).")),
+    "draem_textures": (str, typer.Option("skimage", "--draem-textures", help="draem-augmentation: DRAEM's anomaly texture "
+                                         "folder (DRAEM uses DTD) or skimage (bundled textures).")),
+    "draem_baseline": (bool, typer.Option(True, "--draem-baseline/--no-draem-baseline", help="draem-augmentation: also "
+                                          "train DRAEM alone (same seed) for the comparison.")),
 }
+
+
+def evaluation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` the ``EVAL_OPTIONS``; it receives them checked, as one dict ``evaluation``
+    (``_evaluation_options``: keyword arguments of ``evaluation.run.evaluate``, seed included)."""
+    signature = inspect.signature(command)
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in EVAL_OPTIONS.items()]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values() if p.name != "evaluation"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        evaluation = _evaluation_options(**{name: kwargs.pop(name) for name in EVAL_OPTIONS})
+        return command(**kwargs, evaluation=evaluation)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)  # what typer reads
+    return wrapper
 
 
 @app.command()
 @user_errors
+@evaluation_options
 def evaluate(
     generated: Path = typer.Option(..., "--generated", help="Generated output root (OUT/<category>/test/<type>/...)."),
     data: Path = typer.Option(..., "--data", help="The real dataset root or category folder."),
     category: Optional[str] = typer.Option(None, "--category"),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where to write report.json/html (default OUT/<category>)."),
-    metrics: Optional[str] = EVAL_OPTIONS["metrics"],
-    protocol: str = EVAL_OPTIONS["protocol"],
-    device: Optional[str] = EVAL_OPTIONS["device"],
-    epochs: int = EVAL_OPTIONS["epochs"],
-    samples_per_epoch: int = EVAL_OPTIONS["samples_per_epoch"],
-    resolution: int = EVAL_OPTIONS["resolution"],
-    base: int = EVAL_OPTIONS["base"],
-    batch_size: int = EVAL_OPTIONS["batch_size"],
-    eval_every: int = EVAL_OPTIONS["eval_every"],
-    cls_epochs: int = EVAL_OPTIONS["cls_epochs"],
-    cls_random_init: bool = EVAL_OPTIONS["cls_random_init"],
-    inception_weights: Optional[Path] = EVAL_OPTIONS["inception_weights"],
-    lpips_net: str = EVAL_OPTIONS["lpips_net"],
-    seed: int = EVAL_OPTIONS["seed"],
-    skip_bad: bool = EVAL_OPTIONS["skip_bad"],
-    draem_ratio: float = EVAL_OPTIONS["draem_ratio"],
-    draem_epochs: Optional[int] = EVAL_OPTIONS["draem_epochs"],
-    draem_resolution: Optional[int] = EVAL_OPTIONS["draem_resolution"],
-    draem_test: str = EVAL_OPTIONS["draem_test"],
-    draem_textures: str = EVAL_OPTIONS["draem_textures"],
-    draem_baseline: bool = EVAL_OPTIONS["draem_baseline"],
+    *,
+    evaluation: dict[str, Any],  # the EVAL_OPTIONS (evaluation_options)
 ) -> None:
     """Evaluate generated defects: IS, IC-LPIPS, downstream U-Net localisation, ResNet-34 classification."""
     from anomalygen.evaluation.run import evaluate as run_evaluation
 
-    options = _evaluation_options(metrics, protocol, device, epochs, samples_per_epoch, resolution, base,
-                                  batch_size, eval_every, cls_epochs, cls_random_init, inception_weights, lpips_net, seed,
-                                  skip_bad, draem_ratio, draem_epochs, draem_resolution, draem_test, draem_textures,
-                                  draem_baseline)
-    report = run_evaluation(generated, data, category=category, out=report_dir, seed=seed, **options)
+    report = run_evaluation(generated, data, category=category, out=report_dir, **evaluation)
     for note in report["notes"]:
         _warn(note)
     console.print(f"report: {' and '.join(report['files'])}", highlight=False)
@@ -326,46 +324,24 @@ def evaluate(
 
 @app.command()
 @user_errors
+@evaluation_options
 def benchmark(
     data: Path = typer.Option(..., "--data", help="The real dataset root or category folder."),
     methods: str = typer.Option("cutpaste,croppaste,draem", "--methods", help="Comma-separated method names."),
     out: Path = typer.Option(..., "--out", help="Benchmark folder (samples, reports, comparison.md/html)."),
     category: Optional[str] = typer.Option(None, "--category", help="One category (default: every category)."),
     num_per_type: int = typer.Option(500, "--num-per-type", help="Generated samples per defect type (papers: 500)."),
-    metrics: Optional[str] = EVAL_OPTIONS["metrics"],
-    protocol: str = EVAL_OPTIONS["protocol"],
-    device: Optional[str] = EVAL_OPTIONS["device"],
-    epochs: int = EVAL_OPTIONS["epochs"],
-    samples_per_epoch: int = EVAL_OPTIONS["samples_per_epoch"],
-    resolution: int = EVAL_OPTIONS["resolution"],
-    base: int = EVAL_OPTIONS["base"],
-    batch_size: int = EVAL_OPTIONS["batch_size"],
-    eval_every: int = EVAL_OPTIONS["eval_every"],
-    cls_epochs: int = EVAL_OPTIONS["cls_epochs"],
-    cls_random_init: bool = EVAL_OPTIONS["cls_random_init"],
-    inception_weights: Optional[Path] = EVAL_OPTIONS["inception_weights"],
-    lpips_net: str = EVAL_OPTIONS["lpips_net"],
-    seed: int = EVAL_OPTIONS["seed"],
-    skip_bad: bool = EVAL_OPTIONS["skip_bad"],
-    draem_ratio: float = EVAL_OPTIONS["draem_ratio"],
-    draem_epochs: Optional[int] = EVAL_OPTIONS["draem_epochs"],
-    draem_resolution: Optional[int] = EVAL_OPTIONS["draem_resolution"],
-    draem_test: str = EVAL_OPTIONS["draem_test"],
-    draem_textures: str = EVAL_OPTIONS["draem_textures"],
-    draem_baseline: bool = EVAL_OPTIONS["draem_baseline"],
     settings: list[str] = typer.Option([], "--set", help="Method option key=value for every method, or "
                                        "METHOD.key=value for one (e.g. anomalydiffusion.model=tiny)."),
+    *,
+    evaluation: dict[str, Any],  # the EVAL_OPTIONS (evaluation_options)
 ) -> None:
     """Generate with each method, evaluate each, and write one comparison table (Markdown + HTML)."""
     from anomalygen.benchmark import benchmark as run_benchmark
 
-    options = _evaluation_options(metrics, protocol, device, epochs, samples_per_epoch, resolution, base,
-                                  batch_size, eval_every, cls_epochs, cls_random_init, inception_weights, lpips_net, seed,
-                                  skip_bad, draem_ratio, draem_epochs, draem_resolution, draem_test, draem_textures,
-                                  draem_baseline)
     chosen = [name.strip() for name in methods.split(",") if name.strip()]
-    result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, seed=seed,
-                           settings=pipeline.parse_settings(settings), **options)
+    result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type,
+                           settings=pipeline.parse_settings(settings), **evaluation)
     console.print(f"comparison: {out / 'comparison.md'} ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
                   highlight=False)
 
