@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs of benchmarks/GPU.md on a lent GPU machine, in order, inside one device call:
-#   bash benchmarks/gpu_session.sh 8 9        (from the repository root, with carry [".whl"])
+#   bash benchmarks/gpu_session.sh 8 9        (from the repository root, with carry [".whl"];
+#   run 11 also needs [".carry"], made by benchmarks/gpu_data.py)
 # Installs the carried wheels once per machine, compiles them (the image ships torch without .pyc),
 # keeps models and samples under /tmp/b (a warm machine's next call reuses them) and copies each
 # run's JSON / Markdown / log to $OUT. Every run is cut at DEADLINE seconds (default 570) after the
@@ -28,6 +29,7 @@ declare -A runs=(
     [8]="python3 benchmarks/cli_speed.py $ad --num 400 --num-official 16 --set mask_source=augment --unet-calls 200 --out /tmp/b/run8"
     [9]="python3 benchmarks/cli_speed.py $ad --only ours --num 128 --compile --set mask_tries=1 --unet-calls 400 --out /tmp/b/run9"
     [10]="python3 benchmarks/cli_speed.py --method croppaste --num 500 --out /tmp/b/run10"
+    [11]="python3 -m anomalygen.cli pretrain --data .carry/data/magnetic_tile --data .carry/data/hazelnut_toy --out /tmp/b/prior128 --resolution 128 --size base --time-budget ${BUDGET_MIN:-7.5} --device cuda"
 )
 for run in "$@"; do
     left=$((deadline - SECONDS))
@@ -36,5 +38,10 @@ for run in "$@"; do
     timeout "$left" ${runs[$run]} > "$out/run$run.log" 2>&1
     echo "run $run: exit $? after $SECONDS s"
     [ -f "/tmp/b/run$run/cli_speed.json" ] && cp "/tmp/b/run$run/cli_speed.json" "$out/run$run.json"  # 8 files come back at most
+    if [ "$run" = 11 ]; then  # the prior stays on the machine: its report, grids and loss logs come back
+        for f in pretrain.json samples.png loss.png training/vae/loss.csv training/unet/loss.csv; do
+            [ -f "/tmp/b/prior128/$f" ] && cp "/tmp/b/prior128/$f" "$out/prior128-$(echo "$f" | tr / -)"
+        done
+    fi
     tail -n 3 "$out/run$run.log"
 done
