@@ -67,6 +67,17 @@ def test_cpu_sampling_batch_reaches_the_methods():
     assert fast.sampling_batch(generator.backbone, generator.opt["generate_batch_size"], 8, 32) == 8
 
 
+CPU_BATCH = {"anomalydiffusion": 8, "anomalyxfusion": 4, "cagen": 8, "dualanodiff": 4, "textual-inversion": 4}
+
+
+@pytest.mark.parametrize("method", DIFFUSION)
+def test_generation_batch_is_the_requested_or_the_cpu_default(method):
+    """The batch generate() samples in, which --processes deals as its block (sharding relies on it)."""
+    options = dict(model="tiny", device="cpu", resolution=32)
+    assert create(method, **options, generate_batch_size=3).generation_batch() == 3
+    assert create(method, **options).generation_batch() == CPU_BATCH[method]
+
+
 def test_textual_inversion_samples_in_the_batch_the_fast_path_chooses(monkeypatch):
     import numpy as np
 
@@ -80,11 +91,11 @@ def test_textual_inversion_samples_in_the_batch_the_fast_path_chooses(monkeypatc
                        num_inference_steps=1, checkpoint_every=0)
     generator.fit([DefectExample(good[0], mask, "crack")], good)
     asked, sizes = [], []
-    monkeypatch.setattr(textual_inversion, "sampling_batch", lambda *a, **k: asked.append((a[1:3], k)) or 3)
+    monkeypatch.setattr(textual_inversion, "sampling_batch", lambda backbone, *a: asked.append(a) or 3)
     monkeypatch.setattr(textual_inversion, "blended_generate",
                         lambda backbone, context, images, *a, **k: sizes.append(len(images)) or images)
     assert len(list(generator.generate(good, 7))) == 7
-    assert asked == [((0, 4), {"rows_per_sample": 1})] and sizes == [3, 3, 1]
+    assert asked == [(0, 4, 32, 1)] and sizes == [3, 3, 1]  # (requested, CPU default, px, rows)
 
 
 @cuda

@@ -35,12 +35,30 @@ def test_two_processes_write_what_one_writes_and_resume(demo_root, tmp_path):
 
 @pytest.mark.slow
 def test_a_fitted_diffusion_model_shards_identically(demo_root, tmp_path):
-    options = {"model": "tiny", "max_steps": 2, "resolution": 32, "num_inference_steps": 2, "device": "cpu"}
+    # batches of 3 (generate_batch_size 0: the CPU default, batch_size): the processes' blocks must
+    # follow them, since a sample's numbers depend on the batch it is made in
+    options = {"model": "tiny", "max_steps": 2, "resolution": 32, "num_inference_steps": 2, "device": "cpu", "batch_size": 3}
     model = pipeline.fit("textual-inversion", demo_root / "nut", tmp_path / "model", options=options)
-    one = pipeline.generate(None, demo_root / "nut", tmp_path / "one", 5, checkpoint=model, filter=False)
-    two = pipeline.generate(None, demo_root / "nut", tmp_path / "two", 5, checkpoint=model, filter=False, processes=2)
+    one = pipeline.generate(None, demo_root / "nut", tmp_path / "one", 9, checkpoint=model, filter=False)
+    two = pipeline.generate(None, demo_root / "nut", tmp_path / "two", 9, checkpoint=model, filter=False, processes=2)
     assert _files(one.out).keys() == _files(two.out).keys()
     assert _files(one.out) == _files(two.out)
+
+
+def test_the_processes_get_blocks_of_the_generators_batch(demo_root, tmp_path, monkeypatch):
+    from anomalygen.methods.croppaste import CropPaste
+
+    class Seen(Exception):
+        pass
+
+    def capture(job, generator):
+        raise Seen(job.block)
+
+    monkeypatch.setattr(CropPaste, "generation_batch", lambda self: 5)
+    monkeypatch.setattr(pipeline, "sharded_samples", capture)
+    with pytest.raises(Seen) as seen:
+        pipeline.generate("croppaste", demo_root / "nut", tmp_path, 12, processes=2, filter=False)
+    assert seen.value.args == (5,)
 
 
 def test_bad_process_counts_are_one_line_errors(demo_root, tmp_path):

@@ -190,7 +190,7 @@ def generate(
                 calibration = Calibration.fit([(d.image, d.mask, d.defect_type) for d in defects], goods[:8])
             with _progress(console) as progress:
                 if processes > 1:
-                    block = int(generator.config().get("generate_batch_size", 8))
+                    block = generator.generation_batch()  # the processes batch as this one would
                     job = ShardJob(None if checkpoint is None else str(checkpoint), str(data), category, skip_bad,
                                    seed, start, num, block, processes, defect_type, calibration, max_attempts)
                     samples = sharded_samples(job, generator)

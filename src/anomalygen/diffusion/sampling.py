@@ -57,7 +57,7 @@ class StepState:
     """What a per-step callback sees and may change (the sampler reads the fields back)."""
 
     index: int
-    timestep: torch.Tensor
+    timestep: torch.Tensor  # on the host: int(state.timestep) costs no device sync
     latents: torch.Tensor
     encoder_hidden_states: torch.Tensor
     known_latents: torch.Tensor | None
@@ -111,6 +111,15 @@ def latent_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (F.adaptive_max_pool2d(masks.float(), size) > 0.5).float()
 
 
+def _noise(shape, generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Gaussian noise drawn per sample on the CPU (the same numbers at any batch size and on any
+    device), sent to ``device`` from pinned memory without waiting for the device's queued work."""
+    noise = randn_tensor(shape, generator=list(generators), device=torch.device("cpu"))
+    if device.type != "cuda":
+        return noise.to(device)
+    return noise.pin_memory().to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def sample_latents(
     backbone: Backbone,
@@ -150,23 +159,27 @@ def sample_latents(
     if len(generators) != batch:
         raise ValueError(f"{len(generators)} generators for a batch of {batch}")
     scheduler = make_scheduler(backbone.scheduler_config, sampler)
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    # the scheduler steps on host timesteps (diffusers keeps its tables there) and the UNet gets a copy
+    # made once on the device: no host-device sync per step (indexing a host table with a device
+    # timestep, or copying a host one to the device, waits for the queued UNet work)
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    timesteps = scheduler.timesteps
+    device_timesteps = timesteps.to(device)
     shape = (batch, backbone.latent_channels, *latent_size)
-    latents = randn_tensor(shape, generator=list(generators), device=torch.device("cpu")).to(device) * scheduler.init_noise_sigma
+    latents = _noise(shape, generators, device) * scheduler.init_noise_sigma
     blending = known_latents is not None and mask is not None
     if blending:
         known_latents, mask = known_latents.to(device), mask.to(device)
     guided = guidance_scale > 1.0
-    timesteps = scheduler.timesteps
     iterator = range(len(timesteps))
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc=f"{sampler} sampling", leave=False)
     for i in iterator:
-        t = timesteps[i]
+        t, unet_t = timesteps[i], device_timesteps[i]
         if conditioning is not None:
-            encoder_hidden_states = conditioning(t)
+            encoder_hidden_states = conditioning(unet_t)
         state = StepState(i, t, latents, encoder_hidden_states, known_latents, mask,
                           slice(batch, 2 * batch) if guided else slice(0, batch))
         if callback is not None:
@@ -177,21 +190,21 @@ def sample_latents(
         if guided:
             model_in = torch.cat([model_in, model_in])
             context = torch.cat([uncond_hidden_states.expand_as(encoder_hidden_states), encoder_hidden_states])
-        noise_pred = denoiser(model_in.to(dtype), t, context.to(device, dtype)).float()
+        noise_pred = denoiser(model_in.to(dtype), unet_t, context.to(device, dtype)).float()
         report_compile(backbone)
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance_scale * (cond - uncond)
         if sampler == "ddim" and eta > 0:
             # diffusers draws the DDIM variance noise on the latents' device; draw it on CPU per sample
-            noise = randn_tensor(latents.shape, generator=list(generators), device=torch.device("cpu")).to(device)
+            noise = _noise(latents.shape, generators, device)
             latents = scheduler.step(noise_pred, t, latents, eta=eta, variance_noise=noise).prev_sample
         else:
             latents = scheduler.step(noise_pred, t, latents).prev_sample
         if blending:
             if i + 1 < len(timesteps):
-                noise = randn_tensor(latents.shape, generator=list(generators), device=torch.device("cpu")).to(device)
-                background = scheduler.add_noise(known_latents, noise, timesteps[i + 1 : i + 2])
+                noise = _noise(latents.shape, generators, device)
+                background = scheduler.add_noise(known_latents, noise, device_timesteps[i + 1 : i + 2])
             else:
                 background = known_latents
             latents = mask * latents + (1 - mask) * background

@@ -130,6 +130,12 @@ class AnomalyGenerator(ABC):
         ``defect_type`` restricts generation to one learned type; otherwise types cycle.
         """
 
+    def generation_batch(self) -> int:
+        """How many samples one batched pass of ``generate`` makes, counted from ``start``. Sharded
+        generation deals blocks of this size, so that every process batches exactly as a one-process
+        run does (batched numerics depend on the batch). Methods that make one sample at a time: 8."""
+        return 8
+
     @property
     def defect_types(self) -> list[str]:
         """The defect types this generator can produce (after ``fit``)."""

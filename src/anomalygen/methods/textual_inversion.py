@@ -150,6 +150,11 @@ class TextualInversionGenerator(AnomalyGenerator):
         masks = self.train_masks[defect_type]
         return augment_mask(masks[rng.integers(len(masks))], rng, shape=shape)
 
+    def generation_batch(self) -> int:
+        backbone, _ = self._setup()
+        rows = 2 if self.options["guidance_scale"] > 1 else 1
+        return sampling_batch(backbone, self.options["generate_batch_size"], self.options["batch_size"], self.resolution, rows)
+
     def generate(self, good, n, *, masks=None, seed=0, start=0, defect_type=None) -> Iterator[AnomalySample]:
         if self.embeddings is None:
             raise AnomalygenError("textual-inversion: not fitted (call fit or load a saved model)")
@@ -163,8 +168,7 @@ class TextualInversionGenerator(AnomalyGenerator):
         prompt = self._prompt()
         uncond = encoder([""]).hidden_states if o["guidance_scale"] > 1 else None
         indices = list(range(start, start + n))
-        chunk = sampling_batch(backbone, o["generate_batch_size"], o["batch_size"], self.resolution,
-                               rows_per_sample=2 if uncond is not None else 1)
+        chunk = self.generation_batch()
         for first in range(0, n, chunk):
             batch = indices[first : first + chunk]
             types = [defect_type or self._defect_types[i % len(self._defect_types)] for i in batch]

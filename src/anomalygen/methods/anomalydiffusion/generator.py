@@ -319,6 +319,10 @@ class AnomalyDiffusion(AnomalyGenerator):
             hook.weights = paper_weights(decode_latents(backbone, x0) * 2 - 1, good * 2 - 1, masks)[:, None]
         return callback
 
+    def generation_batch(self) -> int:
+        # the learned masks sample with CFG: 2 UNet rows per sample
+        return sampling_batch(self.backbone, self.opt["generate_batch_size"], 8, self.opt["resolution"], rows_per_sample=2)
+
     def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
                  seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
         if not self._defect_types or not hasattr(self, "anomaly_tokens"):
@@ -327,8 +331,7 @@ class AnomalyDiffusion(AnomalyGenerator):
             raise DataError(None, "anomalydiffusion.generate needs at least one good image")
         if defect_type is not None:
             self.anomaly_tokens.index(defect_type)
-        # the learned masks sample with CFG: 2 UNet rows per sample
-        chunk = sampling_batch(self.backbone, self.opt["generate_batch_size"], 8, self.opt["resolution"], rows_per_sample=2)
+        chunk = self.generation_batch()
         for first in range(start, start + n, chunk):
             yield from self._generate_batch(good, list(range(first, min(first + chunk, start + n))),
                                             masks, seed, defect_type)

@@ -234,6 +234,10 @@ class AnomalyXFusion(DiffusionGenerator):
             return train(modules, loss_fn, config, work_dir).losses
 
     # ----------------------------------------------------------------- generation
+    def generation_batch(self) -> int:
+        rows = 2 if self.opt["guidance_scale"] > 1 else 1
+        return sampling_batch(self.backbone, self.opt["generate_batch_size"], 4, self.opt["resolution"], rows)
+
     def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
                  seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
         if not self._defect_types or not self.captions:
@@ -242,8 +246,7 @@ class AnomalyXFusion(DiffusionGenerator):
             raise DataError(None, "anomalyxfusion.generate needs at least one good image")
         if defect_type is not None and defect_type not in self._defect_types:
             raise AnomalygenError(f"anomalyxfusion: defect type {defect_type!r} not learned; have {', '.join(self._defect_types)}")
-        rows = 2 if self.opt["guidance_scale"] > 1 else 1
-        chunk = sampling_batch(self.backbone, self.opt["generate_batch_size"], 4, self.opt["resolution"], rows)
+        chunk = self.generation_batch()
         for first in range(start, start + n, chunk):
             yield from self._generate_batch(good, list(range(first, min(first + chunk, start + n))), masks, seed, defect_type)
 

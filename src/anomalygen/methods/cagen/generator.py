@@ -168,6 +168,10 @@ class CAGen(DiffusionGenerator):
         return perlin_mask(shape, rng, threshold=self.opt["perlin_threshold"],
                            foreground=None if foreground.all() else foreground)
 
+    def generation_batch(self) -> int:
+        rows = (2 if self.opt["guidance_scale"] > 1 else 1) * 1.5  # the ControlNet adds about half a UNet
+        return sampling_batch(self.backbone, self.opt["generate_batch_size"], 8, self.opt["resolution"], rows)
+
     def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
                  seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
         if self.controlnet is None or not self._defect_types:
@@ -176,8 +180,7 @@ class CAGen(DiffusionGenerator):
             raise DataError(None, "cagen.generate needs at least one good image")
         if defect_type is not None and defect_type not in self._defect_types:
             raise AnomalygenError(f"cagen: defect type {defect_type!r} not learned; have {', '.join(self._defect_types)}")
-        rows = (2 if self.opt["guidance_scale"] > 1 else 1) * 1.5  # the ControlNet adds about half a UNet
-        chunk = sampling_batch(self.backbone, self.opt["generate_batch_size"], 8, self.opt["resolution"], rows)
+        chunk = self.generation_batch()
         for first in range(start, start + n, chunk):
             yield from self._generate_batch(good, list(range(first, min(first + chunk, start + n))), masks, seed, defect_type)
 

@@ -299,6 +299,10 @@ class DualAnoDiff(DiffusionGenerator):
         return result.losses
 
     # ----------------------------------------------------------------- generation
+    def generation_batch(self) -> int:
+        rows = 2 * (2 if self.opt["guidance_scale"] > 1 else 1) + self.opt["bcm"]  # whole + part (x CFG) + background
+        return sampling_batch(self.backbone, self.opt["generate_batch_size"], 4, self.opt["resolution"], rows)
+
     def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
                  seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
         """Samples ``start .. start+n-1``; sample ``i`` is of type ``defect_type`` or the i-th in turn.
@@ -314,8 +318,7 @@ class DualAnoDiff(DiffusionGenerator):
             raise AnomalygenError(f"dualanodiff: defect type {defect_type!r} not learned; have {', '.join(self._defect_types)}")
         if self.opt["bcm"] and not good:
             raise DataError(None, "dualanodiff with BCM needs at least one good image for the background")
-        rows = 2 * (2 if self.opt["guidance_scale"] > 1 else 1) + self.opt["bcm"]  # whole + part (x CFG) + background
-        chunk = sampling_batch(self.backbone, self.opt["generate_batch_size"], 4, self.opt["resolution"], rows)
+        chunk = self.generation_batch()
         for first in range(start, start + n, chunk):
             indices = list(range(first, min(first + chunk, start + n)))
             types = [self._defect_types.index(defect_type) if defect_type else i % len(self._defect_types) for i in indices]
