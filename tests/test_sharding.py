@@ -61,6 +61,28 @@ def test_the_processes_get_blocks_of_the_generators_batch(demo_root, tmp_path, m
     assert seen.value.args == (5,)
 
 
+def test_a_resumed_run_restarts_at_the_batch_of_its_first_missing_sample(demo_root, tmp_path, monkeypatch):
+    """Samples are made in the batches of an uninterrupted run: after 4 of 9 samples in batches of
+    3, the resumed run makes 3..8 (and drops sample 3, already written); the files are identical."""
+    from anomalygen.methods.croppaste import CropPaste
+
+    monkeypatch.setattr(CropPaste, "generation_batch", lambda self: 3)
+    calls = []
+    generate = CropPaste.generate
+
+    def spy(self, good, n, **kwargs):
+        calls.append((kwargs["start"], n))
+        return generate(self, good, n, **kwargs)
+
+    monkeypatch.setattr(CropPaste, "generate", spy)
+    whole = pipeline.generate("croppaste", demo_root / "nut", tmp_path / "whole", 9, filter=False)
+    pipeline.generate("croppaste", demo_root / "nut", tmp_path / "resumed", 4, filter=False)
+    calls.clear()
+    resumed = pipeline.generate("croppaste", demo_root / "nut", tmp_path / "resumed", 9, filter=False)
+    assert calls == [(3, 6)] and resumed.written == 5
+    assert _files(whole.out) == _files(resumed.out)
+
+
 def test_bad_process_counts_are_one_line_errors(demo_root, tmp_path):
     for bad in (0, 65, True):
         with pytest.raises(AnomalygenError, match=f"--processes {bad}"):

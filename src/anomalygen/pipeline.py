@@ -8,6 +8,7 @@ checkpoint — and writes ``num`` samples built on the ``train/good`` images wit
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -188,17 +189,22 @@ def generate(
             calibration = None
             if filter:
                 calibration = Calibration.fit([(d.image, d.mask, d.defect_type) for d in defects], goods[:8])
+            # a sample's numbers depend on the batch it is made in: a resumed run starts at the batch of
+            # its first missing sample (and drops what is already written), and the processes of a
+            # sharded run get whole batches, so every sample is made as in one uninterrupted run
+            block = generator.generation_batch()
+            first = start - start % block
             with _progress(console) as progress:
                 if processes > 1:
-                    block = generator.generation_batch()  # the processes batch as this one would
                     job = ShardJob(None if checkpoint is None else str(checkpoint), str(data), category, skip_bad,
-                                   seed, start, num, block, processes, defect_type, calibration, max_attempts)
+                                   seed, first, num, block, processes, defect_type, calibration, max_attempts)
                     samples = sharded_samples(job, generator)
                 else:
-                    made = generator.generate(goods, num - start, seed=seed, start=start, defect_type=defect_type)
+                    made = generator.generate(goods, num - first, seed=seed, start=first, defect_type=defect_type)
                     samples = made if calibration is None else (
                         filtered(sample, generator, goods, calibration, seed, index, defect_type, max_attempts)
-                        for index, sample in enumerate(made, start))
+                        for index, sample in enumerate(made, first))
+                samples = itertools.islice(samples, start - first, None)
                 label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
                 task = progress.add_task(label, total=num, completed=start)
                 for sample in samples:

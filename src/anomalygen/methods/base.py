@@ -131,10 +131,11 @@ class AnomalyGenerator(ABC):
         """
 
     def generation_batch(self) -> int:
-        """How many samples one batched pass of ``generate`` makes, counted from ``start``. Sharded
-        generation deals blocks of this size, so that every process batches exactly as a one-process
-        run does (batched numerics depend on the batch). Methods that make one sample at a time: 8."""
-        return 8
+        """How many samples one batched pass of ``generate`` makes, counted from ``start``: a resumed
+        run restarts at such a batch, and sharded generation deals blocks of this size, so that
+        every sample is made in the batch of a one-process, uninterrupted run (batched numerics
+        depend on the batch). Methods that make one sample at a time: 1."""
+        return 1
 
     @property
     def defect_types(self) -> list[str]:
