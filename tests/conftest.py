@@ -15,12 +15,14 @@ SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").r
 
 
 def pytest_collection_modifyitems(config, items):
-    # Longest first (modules holding a ``slow`` test, and those tests first in their module): under
-    # pytest-xdist (README: ``-n 2 --dist loadgroup``) a worker takes the next test when it is free,
-    # so long tests started last would leave one core idle at the end.
-    slow_modules = {item.path for item in items if "slow" in item.keywords}
-    module_order = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
-    items.sort(key=lambda item: (item.path not in slow_modules, module_order[item.path], "slow" not in item.keywords))
+    if config.getoption("dist", "no") == "loadgroup":
+        # Longest first (modules holding a ``slow`` test, and those tests first in their module):
+        # with ``-n 2 --dist loadgroup`` a worker takes the next test when it is free, so long tests
+        # started last would leave one core idle at the end. (``--dist load`` hands out chunks in
+        # this order: there the slow tests would all land on one worker.)
+        slow_modules = {item.path for item in items if "slow" in item.keywords}
+        module_order = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
+        items.sort(key=lambda item: (item.path not in slow_modules, module_order[item.path], "slow" not in item.keywords))
     if not SHARED_DATA.is_dir():
         skip = pytest.mark.skip(reason=f"{SHARED_DATA} is absent")
         for item in items:
