@@ -1,5 +1,6 @@
-"""Simulated OS faults for the harness: ``run_cli(..., fault=F)`` runs the CLI through ``main()``
-here with ``ANOMALYGEN_TEST_FAULT=F`` set, which patches the OS calls first:
+"""Simulated OS faults for the harness: ``run_cli(..., fault=F)`` runs the CLI with the OS calls
+patched (in the test process: ``with installed(F)``, which undoes the patches afterwards; in a fresh
+interpreter, ``run_cli_process``: ``main()`` here with ``ANOMALYGEN_TEST_FAULT=F`` set):
 
 - ``enospc:N``            every PNG write after the first N fails with ENOSPC (disk full)
 - ``deny:ERRNO:PREFIX``   creating or writing anything under PREFIX fails with ERRNO (EACCES, EROFS)
@@ -14,7 +15,17 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+Patch = tuple[object, str, object]  # (module, attribute, the value it had)
+
+
+def _set(patches: list[Patch], module, name: str, value) -> None:
+    patches.append((module, name, getattr(module, name)))
+    setattr(module, name, value)
 
 
 def _fail(code: int, path) -> OSError:
@@ -26,7 +37,7 @@ def _under(path, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + os.sep)
 
 
-def _enospc(after: int) -> None:
+def _enospc(patches: list[Patch], after: int) -> None:
     import anomalygen.io
 
     real = anomalygen.io.atomic_write_bytes
@@ -39,10 +50,13 @@ def _enospc(after: int) -> None:
                 raise _fail(errno.ENOSPC, path)
         real(path, data)
 
-    anomalygen.io.atomic_write_bytes = atomic_write_bytes
+    # every module bound to it (a module imported before the fault holds its own reference)
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "anomalygen" and getattr(module, "atomic_write_bytes", None) is real:
+            _set(patches, module, "atomic_write_bytes", atomic_write_bytes)
 
 
-def _deny(code: int, prefix: str) -> None:
+def _deny(patches: list[Patch], code: int, prefix: str) -> None:
     real_mkdir, real_open, real_builtin_open = os.mkdir, os.open, builtins.open
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -63,10 +77,12 @@ def _deny(code: int, prefix: str) -> None:
             raise _fail(code, file)
         return real_builtin_open(file, mode, *args, **kwargs)
 
-    os.mkdir, os.open, builtins.open = mkdir, open_, builtin_open
+    _set(patches, os, "mkdir", mkdir)
+    _set(patches, os, "open", open_)
+    _set(patches, builtins, "open", builtin_open)
 
 
-def _noread(prefix: str) -> None:
+def _noread(patches: list[Patch], prefix: str) -> None:
     real_listdir, real_scandir = os.listdir, os.scandir
 
     def listdir(path="."):
@@ -79,38 +95,58 @@ def _noread(prefix: str) -> None:
             raise _fail(errno.EACCES, path)
         return real_scandir(path)
 
-    os.listdir, os.scandir = listdir, scandir
+    _set(patches, os, "listdir", listdir)
+    _set(patches, os, "scandir", scandir)
 
 
-def _bug() -> None:
+def _bug(patches: list[Patch]) -> None:
     from anomalygen import pipeline
 
     def generate(*args, **kwargs):
         return 1 / 0
 
-    pipeline.generate = generate
+    _set(patches, pipeline, "generate", generate)
 
 
-def install(fault: str) -> None:
+def install(fault: str) -> list[Patch]:
+    """Patch in ``fault``; returns what was replaced (``uninstall`` puts it back)."""
+    patches: list[Patch] = []
     kind, _, rest = fault.partition(":")
     if kind == "enospc":
-        _enospc(int(rest))
+        _enospc(patches, int(rest))
     elif kind == "deny":
         code, _, prefix = rest.partition(":")
-        _deny(getattr(errno, code), str(Path(prefix).absolute()))
+        _deny(patches, getattr(errno, code), str(Path(prefix).absolute()))
     elif kind == "noread":
-        _noread(str(Path(rest).absolute()))
+        _noread(patches, str(Path(rest).absolute()))
     elif kind == "bug":
-        _bug()
+        _bug(patches)
     else:
         raise ValueError(f"unknown fault {fault!r}")
+    return patches
+
+
+def uninstall(patches: list[Patch]) -> None:
+    for module, name, value in reversed(patches):
+        setattr(module, name, value)
+
+
+@contextmanager
+def installed(fault: str | None) -> Iterator[None]:
+    """``fault`` (if any) in place while the block runs."""
+    patches = install(fault) if fault else []
+    try:
+        yield
+    finally:
+        uninstall(patches)
 
 
 def main() -> None:
     install(os.environ["ANOMALYGEN_TEST_FAULT"])
-    from anomalygen.cli import app
+    from anomalygen.cli import main as cli_main
 
-    app(prog_name="anomalygen")
+    sys.argv[0] = "anomalygen"
+    cli_main()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""The robustness harness: run the real CLI in a subprocess and check what a user would see.
+"""The robustness harness: run the real CLI and check what a user would see.
 
-``run_cli(*args)`` runs ``python -m anomalygen.cli ARGS``; ``assert_user_error(result, *fragments)``
+``run_cli(*args)`` runs ``anomalygen ARGS`` in this process, through the console script's own entry
+point (``anomalygen.cli.main``, so every error goes through the handlers a user hits) with its
+argv, environment, cwd and file descriptors 1 and 2 of its own; an exception escaping ``main`` is
+reported the way the interpreter would (a traceback on stderr, exit 1). ``run_cli_process(*args)``
+runs ``python -m anomalygen.cli ARGS`` in a fresh interpreter (seconds of imports each: kept for the
+cases about the process itself). ``assert_user_error(result, *fragments)``
 checks exit code 2, no traceback, one ``error:`` line naming every fragment (a path or an option);
 ``snapshot(root)`` / ``assert_unchanged(before, root)`` prove nothing outside the output folder (and
 nothing written before) changed, byte for byte, mode and symlink targets included.
@@ -12,10 +17,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import cli_faults
 
 CASES: list[str] = []  # names of the harness cases run in this session (for the counts in the note)
 
@@ -44,12 +54,90 @@ def cli_env(env: dict | None = None, fault: str | None = None) -> dict:
             **({"ANOMALYGEN_TEST_FAULT": fault} if fault else {})}
 
 
-def run_cli(*args, cwd: str | Path | None = None, env: dict | None = None, timeout: float = 300,
-            fault: str | None = None) -> CliResult:
+def run_cli_process(*args, cwd: str | Path | None = None, env: dict | None = None, timeout: float = 300,
+                    fault: str | None = None) -> CliResult:
     """``anomalygen ARGS`` in a fresh interpreter; ``fault``: a simulated OS fault (see ``cli_faults``)."""
     done = subprocess.run(cli_command(*args, fault=fault), cwd=cwd, env=cli_env(env, fault),
                           capture_output=True, text=True, timeout=timeout)
     return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+# the interpreter's own warning filters (pytest's are replaced for the call, as a fresh process has them)
+DEFAULT_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                           ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                           ("ignore", ResourceWarning, "")]
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextmanager
+def _own_process_state(argv: list[str], cwd: str | Path | None, env: dict) -> Iterator[None]:
+    """sys.argv, the environment, the cwd and the warning filters of the call, restored afterwards."""
+    saved_argv, saved_env, saved_cwd = sys.argv, dict(os.environ), os.getcwd()
+    sys.argv = argv
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in reversed(DEFAULT_WARNING_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.showwarning = _show_warning
+            yield
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+
+
+@contextmanager
+def _captured_output() -> Iterator[list[str]]:
+    """File descriptors 1 and 2 (and sys.stdout / sys.stderr on them) into temporary files, so
+    output from C code and child processes is caught too; yields [stdout, stderr], filled at the end."""
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush(), sys.stderr.flush()
+        saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+        try:
+            os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+            sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+            sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+            yield captured
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            sys.stdout, sys.stderr = saved_streams
+            for fd, saved in zip((1, 2), saved_fds):
+                os.dup2(saved, fd)
+                os.close(saved)
+            for file in (out, err):
+                file.seek(0)
+                captured.append(file.read().decode("utf-8", errors="replace"))
+
+
+def run_cli(*args, cwd: str | Path | None = None, env: dict | None = None, fault: str | None = None) -> CliResult:
+    """``anomalygen ARGS`` in this process (see the module docstring); ``fault``: a simulated OS
+    fault (``cli_faults``), in place for the call only."""
+    from anomalygen import cli
+
+    with _captured_output() as captured:
+        with _own_process_state(["anomalygen", *map(str, args)], cwd, cli_env(env)), cli_faults.installed(fault):
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as done:  # as the interpreter exits: None 0, an int itself, else printed, 1
+                code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+                if code == 1 and not isinstance(done.code, int):
+                    print(done.code, file=sys.stderr)
+            except KeyboardInterrupt:  # pytest's own Ctrl-C
+                raise
+            except BaseException:  # what reaches the user as a traceback
+                traceback.print_exc()
+                code = 1
+    return CliResult(code, *captured)
 
 
 def assert_user_error(result: CliResult, *fragments: str) -> str:

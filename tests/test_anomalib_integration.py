@@ -291,6 +291,7 @@ def test_use_augmenter_swaps_the_perlin_generator(ai, data, out, tmp_path, monke
 
 # --- end to end: anomalib Draem trained on generated defects; metrics agree with anomalygen's ----------
 
+@pytest.mark.slow
 def test_draem_trains_on_generated_defects_and_metrics_agree(ai, data, out, tmp_path):
     from anomalib.engine import Engine
     from anomalib.models import Draem

@@ -17,6 +17,27 @@ def test_tiny_tokenizer_spells_prompt_words():
     assert tokens == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "sks</w>", "crack</w>", "<|endoftext|>"]
 
 
+def test_tiny_tokenizer_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """Each process used to leave a /tmp/anomalygen-tiny-tokenizer-* folder (hundreds per test run);
+    the tokenizer, saved and loaded again, still spells the words once its files are gone."""
+    import tempfile
+
+    from anomalygen.diffusion import tiny
+    from transformers import CLIPTokenizer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for cached in [f for f in vars(tiny).values() if hasattr(f, "cache_clear")]:  # as in a fresh process
+        cached.cache_clear()
+    tokenizer = tiny_tokenizer()
+    tiny_tokenizer()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    tokenizer.save_pretrained(tmp_path / "saved")
+    again = CLIPTokenizer.from_pretrained(tmp_path / "saved")
+    assert again("a photo of sks crack").input_ids == tokenizer("a photo of sks crack").input_ids
+    assert len(again("a photo of sks crack").input_ids) == 7
+
+
 def test_tiny_backbone_is_labelled_untrained():
     backbone = load_backbone("tiny", device="cpu", dtype="bf16")
     assert backbone.untrained and "UNTRAINED" in backbone.label

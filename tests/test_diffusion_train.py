@@ -72,6 +72,21 @@ def test_time_budget_stops_and_checkpoints(tmp_path):
     assert latest_checkpoint(tmp_path).name == f"step-{result.step:07d}"
 
 
+def test_no_checkpoints_in_a_temporary_work_directory(tmp_path):
+    """work_directory(None) is removed when fit ends, so nothing could resume from a checkpoint in
+    it: none is written (the periodic ones nor the final one), the log still is; a given folder keeps them."""
+    from anomalygen.diffusion.train import CHECKPOINTS, work_directory
+
+    config = TrainConfig(max_steps=4, checkpoint_every=2, device="cpu")
+    with work_directory(None) as scratch:
+        result = train(_modules(), _loss(), config, scratch / "type-000")
+        assert result.step == 4 and (scratch / "type-000" / "loss.csv").is_file()
+        assert not (scratch / "type-000" / CHECKPOINTS).exists()
+    with work_directory(tmp_path) as kept:
+        train(_modules(), _loss(), config, kept)
+    assert latest_checkpoint(tmp_path).name == "step-0000004"
+
+
 def _log_without_elapsed(path):
     return [row[:3] for row in csv.reader(path.open(newline=""))]
 

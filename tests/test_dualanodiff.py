@@ -549,6 +549,7 @@ def test_options_are_checked_when_built():
     assert DualAnoDiff(defect_word="{type}", object_word="bottle").words("broken_large") == ("a bottle with broken large", "broken large")
 
 
+@pytest.mark.slow
 def test_cli_fit_generate_round_trip(demo_root, tmp_path):
     from typer.testing import CliRunner
 

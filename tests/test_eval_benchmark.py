@@ -75,6 +75,7 @@ DIFFUSION_SETTINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(DIFFUSION_SETTINGS))
 def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo_root, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))

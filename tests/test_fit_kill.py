@@ -65,6 +65,7 @@ def data(tmp_path_factory) -> Path:
                              categories=("fabric",))
 
 
+@pytest.mark.slow
 def test_killed_fit_rerun_equals_uninterrupted(data, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()

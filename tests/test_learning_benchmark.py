@@ -28,6 +28,7 @@ def run(learning, demo_root, tmp_path_factory):
     return out, argv
 
 
+@pytest.mark.slow
 def test_table_has_every_row_and_controls_train_zero_steps(run, learning):
     out, _ = run
     rows = ["cutpaste", "croppaste", "draem", "textual-inversion", "textual-inversion (untrained)", "anomalydiffusion",

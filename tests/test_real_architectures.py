@@ -164,6 +164,7 @@ def _data(size: int = 64):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("real-architectures")  # one worker builds them in turn, the other goes on (conftest's order)
 @pytest.mark.parametrize("arch", ["sd15", "ldm"])
 def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
     backbone = random_backbone(arch, device="cpu")

@@ -1,4 +1,5 @@
-"""The robustness harness (issue 11): malformed inputs and faults through the real CLI, in a subprocess.
+"""The robustness harness (issue 11): malformed inputs and faults through the real CLI (its entry point, run in
+this process by `cli_harness.run_cli`; a few cases in a fresh interpreter).
 
 Each case builds its fault in a fresh copy of a small world (a tiny dataset, an output folder
 holding a finished 3-sample run, and a sibling ``outside`` folder that symbolic links point to),
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +22,9 @@ import pytest
 
 import cli_harness
 from anomalygen import pipeline
-from anomalygen.io import LOCK_FILE, MANIFEST, RUN_FILE, folder_lock
-from cli_harness import assert_kept, assert_unchanged, assert_user_error, run_cli, snapshot
+from anomalygen.io import LOCK_FILE, MANIFEST, RUN_FILE
+from cli_harness import (assert_kept, assert_unchanged, assert_user_error, lock_held_elsewhere, run_cli,
+                         run_cli_process, snapshot)
 from test_cli import BREAKERS
 from test_pipeline import make_tiny_dataset, tree_bytes
 
@@ -77,7 +80,7 @@ class Case:
     name: str
     setup: Callable[[World], tuple[list, list]]  # -> (CLI args, fragments the error line must hold)
     fault: str | None = None  # a simulated OS fault (cli_faults)
-    hold_lock: bool = False  # the test process holds out/nut's lock while the CLI runs
+    hold_lock: bool = False  # another process holds out/nut's lock while the CLI runs (its pid is in the line)
 
 
 def _data_case(breaker) -> Case:
@@ -171,8 +174,8 @@ CASES = [
     Case("fit-out-permission-denied", lambda w: (w.fit(w.root / "model"), [str(w.root / "model"), "permission denied"]),
          fault="deny:EACCES:{root}/model"),
     # 5: a folder in use
-    Case("lock-held", lambda w: (w.generate("--num", 6), [str(w.nut), "in use by another anomalygen generate",
-                                                         f"pid {os.getpid()}"]), hold_lock=True),
+    Case("lock-held", lambda w: (w.generate("--num", 6), [str(w.nut), "in use by another anomalygen generate"]),
+         hold_lock=True),
     # 7, 10: tampered or corrupt state files
     Case("run-json-not-json", lambda w: ((w.nut / RUN_FILE).write_text("{oops") and w.generate("--num", 6),
                                          [str(w.nut / RUN_FILE), "corrupt (not valid JSON"])),
@@ -209,14 +212,11 @@ def _fault(case: Case, w: World) -> str | None:
 def test_case_is_one_clear_line_and_damages_nothing(world, case):
     cli_harness.CASES.append(case.name)
     args, fragments = case.setup(world)
-    before = {path: snapshot(path) for path in (world.data, world.outside)}
-    written = snapshot(world.out)
-    if case.hold_lock:
-        with folder_lock(world.nut, "generate"):
-            result = run_cli(*args, fault=_fault(case, world))
-    else:
+    with lock_held_elsewhere(world.nut, "generate") if case.hold_lock else nullcontext() as holder:
+        before = {path: snapshot(path) for path in (world.data, world.outside)}
+        written = snapshot(world.out)  # the holder's lock record included: it stays when the holder is killed
         result = run_cli(*args, fault=_fault(case, world))
-    assert_user_error(result, *fragments)
+    assert_user_error(result, *fragments, *([f"pid {holder.pid}"] if holder else []))
     for path, state in before.items():
         assert_unchanged(state, path)
     assert_kept(written, world.out, appended=("nut/" + MANIFEST,))
@@ -247,13 +247,18 @@ def test_stale_lock_does_not_block(world):
     assert (world.nut / LOCK_FILE).read_bytes() == b""  # emptied when the run ended
 
 
-def test_internal_error_is_one_line_unless_debug(world):
-    result = run_cli(*world.generate("--num", 4), fault="bug")
+@pytest.mark.parametrize("run", [run_cli, run_cli_process], ids=["in-process", "subprocess"])
+def test_internal_error_is_one_line_unless_debug(world, run):
+    """Also the harness's own check: a traceback that reaches the user in this process is reported
+    as the interpreter reports it (exit 1, "Traceback" on stderr), so ``assert_user_error`` fails."""
+    result = run(*world.generate("--num", 4), fault="bug")
     assert result.returncode == 1 and "Traceback" not in result.output, result.output
     assert "error: internal error (ZeroDivisionError: division by zero)" in result.stderr
     assert "ANOMALYGEN_DEBUG=1" in result.stderr
-    debug = run_cli(*world.generate("--num", 4), fault="bug", env={"ANOMALYGEN_DEBUG": "1"})
+    debug = run(*world.generate("--num", 4), fault="bug", env={"ANOMALYGEN_DEBUG": "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ZeroDivisionError" in debug.stderr
+    with pytest.raises(AssertionError, match="exit 1"):
+        assert_user_error(debug)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits (the fault-injected cases cover it)")

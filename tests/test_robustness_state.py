@@ -1,5 +1,5 @@
 """Robustness harness, state and options side (issue 11, items 6, 7, 10): malformed `--set` values
-and tampered saved models through the real CLI in a subprocess. Each case: exit 2, no traceback,
+and tampered saved models through the real CLI (`cli_harness.run_cli`). Each case: exit 2, no traceback,
 one error line naming the option or the file, the data and model folders byte-identical after the
 run, nothing written to the output folder.
 """

@@ -109,14 +109,20 @@ def clip_words(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _tokenizer_dir() -> Path:
-    return write_tokenizer_files(Path(tempfile.mkdtemp(prefix="anomalygen-tiny-tokenizer-")))
+def _tokenizer_files() -> dict[str, bytes]:
+    """``vocab.json`` and ``merges.txt`` of the tiny tokenizer (built once per process)."""
+    with tempfile.TemporaryDirectory(prefix="anomalygen-tiny-tokenizer-") as directory:
+        write_tokenizer_files(Path(directory))
+        return {name: (Path(directory) / name).read_bytes() for name in ("vocab.json", "merges.txt")}
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer over the locally written tiny vocabulary (77 tokens, like SD's)."""
-    directory = _tokenizer_dir()
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+    """A CLIP tokenizer over the locally written tiny vocabulary (77 tokens, like SD's); its files
+    live in a temporary folder only while it is read (it keeps them in memory)."""
+    with tempfile.TemporaryDirectory(prefix="anomalygen-tiny-tokenizer-") as directory:
+        for name, data in _tokenizer_files().items():
+            (Path(directory) / name).write_bytes(data)
+        return CLIPTokenizer(str(Path(directory) / "vocab.json"), str(Path(directory) / "merges.txt"), model_max_length=77)
 
 
 def tiny_image_encoder_config() -> dict:

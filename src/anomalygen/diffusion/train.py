@@ -79,15 +79,23 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # every step's loss, resumed runs included
 
 
+_SCRATCH: set[Path] = set()  # the temporary folders of work_directory(None) now in use
+
+
 @contextmanager
 def work_directory(path: str | Path | None) -> Iterator[Path]:
     """``path`` when given (kept: its checkpoints let a re-run resume), else a temporary folder
-    that is removed when the block ends."""
+    that is removed when the block ends: ``train`` saves no checkpoints there (nothing could
+    resume from them; a full-size ControlNet's would be gigabytes written for nothing)."""
     if path is not None:
         yield Path(path)
         return
     with tempfile.TemporaryDirectory(prefix="anomalygen-train-") as tmp:
-        yield Path(tmp)
+        _SCRATCH.add(Path(tmp))
+        try:
+            yield Path(tmp)
+        finally:
+            _SCRATCH.discard(Path(tmp))
 
 
 def batch_share(batch_size: int) -> slice:
@@ -237,8 +245,10 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
     except ImportError:
         board = None
 
+    scratch = any(folder == out_dir or folder in out_dir.parents for folder in _SCRATCH)
+
     def save_checkpoint() -> None:
-        if not accelerator.is_main_process:
+        if not accelerator.is_main_process or scratch:
             return
         final = out_dir / CHECKPOINTS / f"step-{step:07d}"
         tmp = final.with_name(final.name + ".tmp")
