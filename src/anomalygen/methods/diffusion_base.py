@@ -3,16 +3,20 @@ built, the base model and a plain prompt encoder loaded on first use."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from anomalygen.diffusion.backbone import Backbone, default_model, load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
+from anomalygen.diffusion.fast import sampling_batch
 from anomalygen.methods.base import AnomalyGenerator
 
 
 class DiffusionGenerator(AnomalyGenerator):
     """``opt`` (the validated options), ``backbone`` (``--model``, else ``$ANOMALYGEN_MODEL``, else
-    SD 1.5; the working ``resolution`` settled against its native size) and ``prompts``."""
+    SD 1.5; the working ``resolution`` settled against its native size), ``prompts``, and the batch
+    ``generate`` samples in (``generation_batch``: ``generate_batch_size``, 0 = the fast path's)."""
+
+    CPU_BATCH: ClassVar[int] = 8  # the sampling batch on the CPU when generate_batch_size is 0
 
     def __init__(self, **options: Any):
         self.opt = self.OPTIONS.validate(self.name, options)
@@ -33,3 +37,11 @@ class DiffusionGenerator(AnomalyGenerator):
         if self._prompts is None:
             self._prompts = PromptEncoder(self.backbone.text_encoder, self.backbone.tokenizer, {})
         return self._prompts
+
+    def sampling_rows(self) -> float:
+        """UNet rows one sample costs per sampling step (2 under classifier-free guidance)."""
+        return 2 if self.opt["guidance_scale"] > 1 else 1
+
+    def generation_batch(self) -> int:
+        return sampling_batch(self.backbone, self.opt["generate_batch_size"], self.CPU_BATCH, self.opt["resolution"],
+                              self.sampling_rows())

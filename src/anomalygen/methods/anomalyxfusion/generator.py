@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save
 
 from anomalygen.data.captions import caption_for, default_caption, load_captions
 from anomalygen.diffusion.backbone import default_model
-from anomalygen.diffusion.fast import sampling_batch
 from anomalygen.diffusion.image_encoder import image_embeds, load_image_encoder
 from anomalygen.diffusion.sampling import blended_generate, encode_images, sample_generators, to_tensor
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
@@ -86,6 +85,7 @@ class AnomalyXFusion(DiffusionGenerator):
     name = "anomalyxfusion"
     outside_mask = "changed"  # exactly kept with final_paste (default); the decoder's small changes without it
     OPTIONS = _options()
+    CPU_BATCH = 4
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -234,10 +234,6 @@ class AnomalyXFusion(DiffusionGenerator):
             return train(modules, loss_fn, config, work_dir).losses
 
     # ----------------------------------------------------------------- generation
-    def generation_batch(self) -> int:
-        rows = 2 if self.opt["guidance_scale"] > 1 else 1
-        return sampling_batch(self.backbone, self.opt["generate_batch_size"], 4, self.opt["resolution"], rows)
-
     def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
                  seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
         if not self._defect_types or not self.captions:

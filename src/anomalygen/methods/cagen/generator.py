@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel
 
 from anomalygen.data.captions import caption_for, load_captions
-from anomalygen.diffusion.fast import sampling_batch
 from anomalygen.diffusion.sampling import (
     blended_generate, encode_images, sample_generators, to_tensor,
 )
@@ -168,9 +167,8 @@ class CAGen(DiffusionGenerator):
         return perlin_mask(shape, rng, threshold=self.opt["perlin_threshold"],
                            foreground=None if foreground.all() else foreground)
 
-    def generation_batch(self) -> int:
-        rows = (2 if self.opt["guidance_scale"] > 1 else 1) * 1.5  # the ControlNet adds about half a UNet
-        return sampling_batch(self.backbone, self.opt["generate_batch_size"], 8, self.opt["resolution"], rows)
+    def sampling_rows(self) -> float:
+        return super().sampling_rows() * 1.5  # the ControlNet adds about half a UNet
 
     def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
                  seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:

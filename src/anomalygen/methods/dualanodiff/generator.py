@@ -29,7 +29,6 @@ from safetensors.torch import load_file, save
 
 from anomalygen.diffusion import lora
 from anomalygen.diffusion.attention import AttentionRecorder, ReferenceKV, attention_layers, install_hooks, remove_hooks
-from anomalygen.diffusion.fast import sampling_batch
 from anomalygen.diffusion.sampling import (
     SAMPLERS, StepState, decode_latents, encode_images, encode_posterior, sample_generators, sample_latents, to_tensor,
     to_uint8,
@@ -94,6 +93,7 @@ class DualAnoDiff(DiffusionGenerator):
     name = "dualanodiff"
     outside_mask = "none"
     OPTIONS = _options()
+    CPU_BATCH = 4
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -299,9 +299,8 @@ class DualAnoDiff(DiffusionGenerator):
         return result.losses
 
     # ----------------------------------------------------------------- generation
-    def generation_batch(self) -> int:
-        rows = 2 * (2 if self.opt["guidance_scale"] > 1 else 1) + self.opt["bcm"]  # whole + part (x CFG) + background
-        return sampling_batch(self.backbone, self.opt["generate_batch_size"], 4, self.opt["resolution"], rows)
+    def sampling_rows(self) -> float:
+        return 2 * super().sampling_rows() + self.opt["bcm"]  # whole + part (x CFG) + background
 
     def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
                  seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
