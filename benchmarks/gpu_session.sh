@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs of benchmarks/GPU.md on a lent GPU machine, in order, inside one device call:
 #   bash benchmarks/gpu_session.sh 8 9        (from the repository root, with carry [".whl"];
-#   run 11 also needs [".carry"], made by benchmarks/gpu_data.py)
+#   run 11 also needs [".carry/data"], runs 12-13 [".carry/data256"], made by benchmarks/gpu_data.py)
 # Installs the carried wheels once per machine, compiles them (the image ships torch without .pyc),
 # keeps models and samples under /tmp/b (a warm machine's next call reuses them) and copies each
 # run's JSON / Markdown / log to $OUT. Every run is cut at DEADLINE seconds (default 570) after the
@@ -30,6 +30,9 @@ declare -A runs=(
     [9]="python3 benchmarks/cli_speed.py $ad --only ours --num 128 --compile --set mask_tries=1 --unet-calls 400 --out /tmp/b/run9"
     [10]="python3 benchmarks/cli_speed.py --method croppaste --num 500 --out /tmp/b/run10"
     [11]="python3 -m anomalygen.cli pretrain --data .carry/data/magnetic_tile --data .carry/data/hazelnut_toy --out /tmp/b/prior128 --resolution 128 --size base --time-budget ${BUDGET_MIN:-7.5} --device cuda"
+    # issue 13 at GPU size: run 12 twice (it resumes) gives a ~17-min prior, then run 13 as often as needed (it resumes its cells)
+    [12]="python3 -m anomalygen.cli pretrain --data .carry/data256/magnetic_tile --data .carry/data256/hazelnut_toy --out /tmp/b/prior256 --resolution 256 --size base --time-budget ${BUDGET_MIN:-8.5} --device cuda ${PRIOR_FLAGS:-}"
+    [13]="python3 benchmarks/learning.py --data .carry/data256/magnetic_tile --data .carry/data256/hazelnut_toy --out /tmp/b/learning256 --prior magnetic_tile=/tmp/b/prior256 --prior hazelnut_toy=/tmp/b/prior256 --device cuda --resolution 256 --skip-bad --num-per-type 32 --steps 500 --sampling-steps 50 --batch-size 4 --epochs 20 --samples-per-epoch 200 --unet-base 64 --set dualanodiff.lr=1e-4 --seeds 0 1"
 )
 for run in "$@"; do
     left=$((deadline - SECONDS))
@@ -38,10 +41,15 @@ for run in "$@"; do
     timeout "$left" ${runs[$run]} > "$out/run$run.log" 2>&1
     echo "run $run: exit $? after $SECONDS s"
     [ -f "/tmp/b/run$run/cli_speed.json" ] && cp "/tmp/b/run$run/cli_speed.json" "$out/run$run.json"  # 8 files come back at most
-    if [ "$run" = 11 ]; then  # the prior stays on the machine: its report, grids and loss logs come back
+    if [ "$run" = 11 ] || [ "$run" = 12 ]; then  # the prior stays on the machine: its report, grids and loss logs come back
+        prior=$([ "$run" = 11 ] && echo prior128 || echo prior256)
         for f in pretrain.json samples.png loss.png training/vae/loss.csv training/unet/loss.csv; do
-            [ -f "/tmp/b/prior128/$f" ] && cp "/tmp/b/prior128/$f" "$out/prior128-$(echo "$f" | tr / -)"
+            [ -f "/tmp/b/$prior/$f" ] && cp "/tmp/b/$prior/$f" "$out/$prior-$(echo "$f" | tr / -)"
         done
+    fi
+    if [ "$run" = 13 ]; then  # finished cells' records and, once all are done, the table and grids
+        (cd /tmp/b/learning256 && find cells -name cell.json -o -name error.txt | tar czf "$out/learning256-cells.tgz" -T -)
+        cp /tmp/b/learning256/learning.* /tmp/b/learning256/samples-*.png "$out/" 2>/dev/null
     fi
     tail -n 3 "$out/run$run.log"
 done

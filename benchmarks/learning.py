@@ -120,10 +120,10 @@ def run_cell(cell: Path, data: Path, row: str, seed: int, options: dict[str, Any
     return {**record, "resumed": False}
 
 
-def resized_copy(data: Path, size: int, out: Path) -> Path:
-    """``data`` copied once into ``OUT/data/<name>`` with every image area-resampled and every mask
-    nearest-resampled to ``size``×``size`` (the evaluation's own resizers), names and layout kept."""
-    target = out / "data" / data.name
+def resized_copy(data: Path, size: int, target: Path) -> Path:
+    """``data`` copied once into ``target`` with every image area-resampled and every mask
+    nearest-resampled to ``size``×``size`` (the evaluation's own resizers), names and layout kept;
+    grayscale images stay one-channel files."""
     if (target / ".complete").is_file():
         return target
     for path in sorted(p for p in data.rglob("*") if is_image_file(p)):
@@ -133,7 +133,9 @@ def resized_copy(data: Path, size: int, out: Path) -> Path:
             levels = np.asarray(Image.open(path).convert("L"))
             Image.fromarray(resize_mask(levels > (127 if levels.max() > 1 else 0), size).astype(np.uint8) * 255).save(target / rel)
         else:
-            Image.fromarray(resize_image(load_image(path), size)).save(target / rel)
+            image = resize_image(load_image(path), size)
+            gray = (image == image[..., :1]).all()
+            Image.fromarray(image[..., 0] if gray else image).save(target / rel)
     atomic_write_text(target / ".complete", f"{data.resolve()} at {size} px\n")
     return target
 
@@ -148,7 +150,7 @@ def prior_for(name: str, data: Path, args: argparse.Namespace) -> str:
     out, done = args.out / "priors" / name, args.out / "priors" / f"{name}.json"
     if not done.is_file():
         config = PretrainConfig(resolution=args.resolution, size=args.prior_size, time_budget_s=args.prior_minutes * 60,
-                                device=args.device, batch_size=8)
+                                device=args.device, batch_size=8, include_defects=args.prior_defects)
         report = pretrain([data], out, config, say=lambda line: print(f"[pretrain {name}] {line}", flush=True))
         atomic_write_text(done, json.dumps(report, indent=2, default=str))
     return str(out.resolve())
@@ -223,6 +225,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="use this model for every dataset instead of a prior (e.g. tiny, for tests)")
     p.add_argument("--prior-minutes", type=float, default=10.0, help="pretrain time budget per dataset")
     p.add_argument("--prior-size", default="small")
+    p.add_argument("--prior-defects", action="store_true",
+                   help="pretrain the priors on the training third's defect images too (pretrain --include-defects; "
+                        "never the test two-thirds)")
     p.add_argument("--methods", default=",".join(MODEL_FREE + DIFFUSION))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--num-per-type", type=int, default=16, help="generated pairs per defect type")
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [d.name for d in args.data]
     records, failures, priors = [], [], {}
     for given in args.data:
-        data = resized_copy(given, args.resize, args.out) if args.resize else given
+        data = resized_copy(given, args.resize, args.out / "data" / given.name) if args.resize else given
         priors[data.name] = prior_for(data.name, data, args)
         for seed in args.seeds:
             for row in row_names:
@@ -312,7 +317,7 @@ def write_results(args, names, row_names, records, failures, priors, localizatio
     compute_s = sum(r["wall_s"] for r in records)
     setup = {
         "command": command, "machine": machine(), "wall_s_this_run": round(wall_s), "cells_compute_s": round(compute_s),
-        "priors": priors, "seeds": args.seeds, "num_per_type": args.num_per_type,
+        "priors": priors, "prior_defects": args.prior_defects, "seeds": args.seeds, "num_per_type": args.num_per_type,
         "localization": {k: getattr(localization, k) for k in ("epochs", "samples_per_epoch", "resolution", "base", "batch_size", "protocol")},
         "diffusion_options": {m: diffusion_options(m, args, "PRIOR", 0) for m in DIFFUSION if m in args.methods},
         "untrained_control": UNTRAINED,
@@ -325,7 +330,8 @@ def write_results(args, names, row_names, records, failures, priors, localizatio
         f"Command: `{command}`", "",
         f"Machine: {setup['machine']}. Wall time: this run {wall_s / 60:.1f} min; all cells (fit + generate + evaluate, "
         f"summed over runs) {compute_s / 60:.1f} min; priors not included.", "",
-        f"Priors: {', '.join(f'{n}: {p}' for n, p in priors.items())}. Seeds {args.seeds} (method, sampling and U-Net seed); "
+        f"Priors: {', '.join(f'{n}: {p}' for n, p in priors.items())}"
+        f"{' (trained here on good images and the training third defect images)' if args.prior_defects else ''}. Seeds {args.seeds} (method, sampling and U-Net seed); "
         f"{args.num_per_type} generated pairs per defect type; U-Net {loc['epochs']} epochs × {loc['samples_per_epoch']} samples, "
         f"{loc['resolution']} px, base {loc['base']}, batch {loc['batch_size']}, last epoch (clean protocol); "
         f"pixel AP and AU-PRO on the real test two-thirds. Cells: mean over seeds (per-seed values). "

@@ -2,10 +2,12 @@
 
 import json
 import runpy
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 torch.set_num_threads(1)
 
@@ -111,11 +113,17 @@ def test_a_crashing_cell_is_one_line_and_the_others_run(learning, demo_root, tmp
 def test_resized_copy_keeps_layout_and_masks(learning, demo_root, tmp_path):
     from anomalygen.data import load_category, load_defects
 
-    copy = learning["resized_copy"](demo_root / "fabric", 64, tmp_path)
-    original, resized = load_category(demo_root / "fabric"), load_category(copy)
+    source = tmp_path / "fabric"
+    shutil.copytree(demo_root / "fabric", source)
+    gray = sorted((source / "train" / "good").glob("*.png"))[0]
+    Image.open(gray).convert("L").save(gray)
+    copy = learning["resized_copy"](source, 64, tmp_path / "copy")
+    original, resized = load_category(source), load_category(copy)
     assert resized.defect_types == original.defect_types and len(resized.train_good) == len(original.train_good)
     defects = load_defects([r for records in resized.defects.values() for r in records])
     assert all(d.image.shape == (64, 64, 3) and d.mask.shape == (64, 64) and d.mask.any() for d in defects)
+    assert Image.open(copy / "train" / "good" / gray.name).mode == "L"  # grayscale stays one channel (smaller files)
+    assert Image.open(resized.train_good[-1].path).mode == "RGB"
 
 
 def test_each_seed_seeds_the_unet_too(learning, demo_root, tmp_path):
@@ -124,3 +132,17 @@ def test_each_seed_seeds_the_unet_too(learning, demo_root, tmp_path):
     assert learning["main"](argv) == 0
     report = json.loads((tmp_path / "cells" / "fabric" / "seed-1" / "cutpaste" / "cutpaste" / "fabric" / "report.json").read_text())
     assert report["localization"]["config"]["seed"] == 1
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_prior_defects_reaches_pretrain(learning, demo_root, tmp_path, monkeypatch, flag):
+    seen = []
+
+    def fake_pretrain(data, out, config, say):
+        seen.append(config.include_defects)
+        return {}
+
+    monkeypatch.setitem(learning["prior_for"].__globals__, "pretrain", fake_pretrain)
+    args = learning["parse"](["--data", str(demo_root / "fabric"), "--out", str(tmp_path), *(["--prior-defects"] if flag else [])])
+    learning["prior_for"]("fabric", demo_root / "fabric", args)
+    assert seen == [flag]
