@@ -21,6 +21,7 @@ from anomalygen.data import load_category, load_image, paper_split
 from anomalygen.data.demo import make_demo_dataset
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import MANIFEST, read_manifest
+from cli_harness import run_cli
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CATEGORY = "fabric"
@@ -52,8 +53,7 @@ def ai():
 
 
 def _cli(*args) -> None:
-    result = subprocess.run([sys.executable, "-m", "anomalygen.cli", *map(str, args)], capture_output=True, text=True,
-                            env={"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    result = run_cli(*args)  # in this process (tests/cli_harness.py): a fresh interpreter would only add its imports
     assert result.returncode == 0, result.stderr
 
 
