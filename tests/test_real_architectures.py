@@ -4,7 +4,7 @@ Layout loading: small-dimension components of the real classes saved as a diffus
 each layout (Stable Diffusion; CompVis LDM text-to-image with ``vqvae/`` + ``bert/`` + BERT
 tokenizer) load by path; a folder of another layout is reported as such. Full shape: randomly
 initialised backbones built from the published SD 1.5 and ``CompVis/ldm-text2im-large-256``
-configs (``anomalygen.diffusion.architectures``, nothing downloaded) run fit (2 steps) + generate (1 sample) of
+configs (``anomalygen.diffusion.architectures``, nothing downloaded) run fit (1 step) + generate (1 sample, 1 step) of
 textual-inversion, AnomalyDiffusion, DualAnoDiff, CAGen and (SD 1.5) AnomalyXFusion on CPU: 768-d CLIP / 1280-d LDMBert context, f8
 autoencoders, 4-channel latents.
 """
