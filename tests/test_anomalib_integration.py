@@ -21,6 +21,7 @@ from anomalygen.data import load_category, load_image, paper_split
 from anomalygen.data.demo import make_demo_dataset
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import MANIFEST, read_manifest
+from cli_harness import run_cli
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CATEGORY = "fabric"
@@ -52,9 +53,18 @@ def ai():
 
 
 def _cli(*args) -> None:
-    result = subprocess.run([sys.executable, "-m", "anomalygen.cli", *map(str, args)], capture_output=True, text=True,
-                            env={"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    result = run_cli(*args)  # in this process (tests/cli_harness.py): a fresh interpreter would only add its imports
     assert result.returncode == 0, result.stderr
+
+
+def _engine(root: Path):
+    """anomalib's Engine for 2 CPU steps, writing no checkpoint (``save_top_k=0``: the tests use the
+    model in memory; a checkpoint is hundreds of MB and seconds to write)."""
+    from anomalib.callbacks import ModelCheckpoint
+    from anomalib.engine import Engine
+
+    return Engine(max_steps=2, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
+                  enable_progress_bar=False, callbacks=[ModelCheckpoint(dirpath=root, save_top_k=0)])
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -184,7 +194,6 @@ def test_training_datamodule_puts_generated_pairs_in_training(ai, data, out):
 
 def test_supervised_supersimplenet_trains_on_generated_pairs(ai, data, out, tmp_path, monkeypatch):
     import timm
-    from anomalib.engine import Engine
     from anomalib.models import Supersimplenet
 
     create = timm.create_model
@@ -195,8 +204,7 @@ def test_supervised_supersimplenet_trains_on_generated_pairs(ai, data, out, tmp_
     step = model.training_step
     monkeypatch.setattr(model, "training_step", lambda batch, *a, **k: labels.append(batch.gt_label) or step(batch, *a, **k))
     datamodule = ai.training_datamodule(out, data, CATEGORY, num_workers=0, train_batch_size=7, eval_batch_size=8, seed=0)
-    engine = Engine(max_steps=2, accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
-                    enable_progress_bar=False)
+    engine = _engine(tmp_path)
     engine.fit(model, datamodule=datamodule)
     assert sum(int(label.sum()) for label in labels) > 0  # generated (anomalous) images reached the training step
     assert np.isfinite(engine.test(model, datamodule=datamodule)[0]["pixel_AUROC"])
@@ -293,7 +301,6 @@ def test_use_augmenter_swaps_the_perlin_generator(ai, data, out, tmp_path, monke
 
 @pytest.mark.slow
 def test_draem_trains_on_generated_defects_and_metrics_agree(ai, data, out, tmp_path):
-    from anomalib.engine import Engine
     from anomalib.models import Draem
 
     from anomalygen.evaluation.metrics import localization_metrics
@@ -305,8 +312,7 @@ def test_draem_trains_on_generated_defects_and_metrics_agree(ai, data, out, tmp_
     assert model.augmenter is augmenter and augmenter.probability == 0.5
     datamodule = ai.folder_datamodule(out, data, CATEGORY, num_workers=0, train_batch_size=4, eval_batch_size=16,
                                       val_split_mode="same_as_test")
-    engine = Engine(max_steps=2, accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
-                    enable_progress_bar=False)
+    engine = _engine(tmp_path)
     engine.fit(model, datamodule=datamodule)
     assert augmenter.drawn == 8  # 2 steps x batch 4
     theirs = engine.test(model, datamodule=datamodule)[0]

@@ -4,7 +4,7 @@ Layout loading: small-dimension components of the real classes saved as a diffus
 each layout (Stable Diffusion; CompVis LDM text-to-image with ``vqvae/`` + ``bert/`` + BERT
 tokenizer) load by path; a folder of another layout is reported as such. Full shape: randomly
 initialised backbones built from the published SD 1.5 and ``CompVis/ldm-text2im-large-256``
-configs (``anomalygen.diffusion.architectures``, nothing downloaded) run fit (2 steps) + generate (1 sample) of
+configs (``anomalygen.diffusion.architectures``, nothing downloaded) run fit (1 step) + generate (1 sample, 1 step) of
 textual-inversion, AnomalyDiffusion, DualAnoDiff, CAGen and (SD 1.5) AnomalyXFusion on CPU: 768-d CLIP / 1280-d LDMBert context, f8
 autoencoders, 4-channel latents.
 """
@@ -183,18 +183,18 @@ def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
                    "anomalygen.methods.diffusion_base"):
         monkeypatch.setattr(f"{module}.load_backbone", lambda *args, **kwargs: backbone)
     defects, good = _data()
-    common = dict(model=arch, device="cpu", resolution=64, batch_size=1, max_steps=2, num_inference_steps=2, checkpoint_every=0)
+    common = dict(model=arch, device="cpu", resolution=64, batch_size=1, max_steps=1, num_inference_steps=1, checkpoint_every=0)
     runs = {
         "textual-inversion": {},
         # augmented masks: the learned-mask branch doubles the LDMBert backward passes (tested on tiny)
         "anomalydiffusion": dict(spatial_encoder="resnet50", mask_source="augment", generate_batch_size=1),
         # a full-size ControlNet from the UNet, its mask encoder downsampling by 8 (before DualAnoDiff,
         # whose LoRA layers stay on this shared UNet)
-        "cagen": dict(max_steps=1, generate_batch_size=1, mask_source="augment"),
+        "cagen": dict(generate_batch_size=1, mask_source="augment"),
         # SD 1.5 only (its CLIP text encoder gives e_sem): MIF on a full-size CLIP ViT-L/14 image encoder, DDF
-        "anomalyxfusion": dict(max_steps=1, generate_batch_size=1),
+        "anomalyxfusion": dict(generate_batch_size=1),
         # both branches + background rows, SAIM on every attention width, LoRA on the real text encoder
-        "dualanodiff": dict(rank=4, mask_tries=1, max_steps=1, generate_batch_size=1),
+        "dualanodiff": dict(rank=4, mask_tries=1, generate_batch_size=1),
     }
     if arch == "sd15":
         encoder = build_image_encoder(SD15_IMAGE_ENCODER).requires_grad_(False).eval()
