@@ -179,7 +179,11 @@ def test_overlay_and_grid():
     assert tuple(out[2, 2]) == (255, 0, 0)  # outline
     picture = grid([[image, mask], [None, out]], ["good", "mask"], cell=20, pad=2)
     assert picture.shape == (18 + 2 * 22 + 2, 2 * 22 + 2, 3)
-    assert (picture[18 + 2 + 5, 2 + 5] == 100).all()  # first cell, upscaled grey image
+    assert (picture[18 + 2 + 5, 2 + 5] == 100).all()  # first cell: the grey image (centred, never upscaled)
+    whole = grid([[np.ones((20, 20), bool), None]], cell=20, pad=2)  # a mask covering everything vs an empty cell
+    assert (whole[2:22, 2:22] == 255).all() and (whole[2:22, 24:44] == 255).all()
+    assert (whole[1, 1:23] == 160).all() and (whole[1:23, 22] == 160).all()  # only the tile is framed
+    assert (whole[1, 24:45] == 255).all()
     labelled = grid([[image], [image]], row_labels=["a/b", "c"], cell=20, pad=2)
     assert labelled.shape == (2 * 22 + 2, 6 * 3 + 2 + 22 + 2, 3)
     assert (labelled[2:20, :20] < 128).any()  # the label's dark pixels

@@ -20,6 +20,8 @@ from skimage.segmentation import find_boundaries
 
 from anomalygen.io import atomic_write_text, encode_png, save_png
 
+FRAME = (160, 160, 160)  # the grey frame round each tile of a grid
+
 
 def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 0), alpha: float = 0.4) -> np.ndarray:
     """The image with the mask tinted in ``color`` (opacity ``alpha``) and its outline drawn solid."""
@@ -45,7 +47,9 @@ def grid(
     """One RGB image of ``rows`` of images, each fitted into a ``cell``×``cell`` square.
 
     ``labels`` (optional) head the columns, ``row_labels`` (optional) stand left of the rows.
-    ``None`` entries leave a cell empty; masks (2-D bool) are shown white on black.
+    ``None`` entries leave a cell empty; masks (2-D bool) are shown white on black. Every image
+    gets a grey 1-px frame, so that a white tile (e.g. a mask covering the whole image) is told
+    apart from an empty cell.
     """
     if not rows:
         raise ValueError("grid needs at least one row")
@@ -70,6 +74,7 @@ def grid(
             x = left + pad + c * (cell + pad) + (cell - tile.width) // 2
             y = header + pad + r * (cell + pad) + (cell - tile.height) // 2
             canvas.paste(tile, (x, y))
+            draw.rectangle((x - 1, y - 1, x + tile.width, y + tile.height), outline=FRAME)
     return np.asarray(canvas)
 
 
