@@ -2,6 +2,7 @@
 the tokenizer knows every name of the data, bad input is one line; the loop's EMA is exact."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,8 @@ def test_bad_input_is_one_line_and_damages_nothing(demo, tmp_path):
         (["--data", tmp_path / "missing", "--out", tmp_path / "o4"], [str(tmp_path / "missing")]),
         (["--data", demo, "--out", tmp_path / "o5", "--device", "quantum"], ["--device quantum", "cpu"]),
         (["--data", demo, "--out", tmp_path / "o6", "--device", "cuda:7"], ["--device cuda:7", "cpu"]),
+        (["--data", demo, "--out", tmp_path / "o7", "--lr", 0], ["--lr 0", "learning rate"]),
+        (["--data", demo, "--out", tmp_path / "o8", "--vae-lr", "nan"], ["--vae-lr nan", "learning rate"]),
     ]
     for args, fragments in cases:  # in this process (typer's runner): a fresh interpreter costs seconds each
         result = CliRunner().invoke(app, [str(a) for a in base + args])
@@ -240,3 +243,17 @@ def test_a_spent_time_budget_still_writes_a_loadable_model_and_a_rerun_goes_on(d
     report = pretrain([demo], out, PretrainConfig(**TINY), say=lambda m: None)
     assert report["unet"]["steps"] == TINY["max_steps"] and report["vae"]["steps"] == 0  # the autoencoder stays fixed
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae
+
+
+def test_cli_learning_rates_reach_both_stages(demo, tmp_path, monkeypatch):
+    seen = []
+    real_train = run.train
+    monkeypatch.setattr(run, "train", lambda modules, loss_fn, config, *a, **k: (seen.append((*modules, config.lr)),
+                                                                                 real_train(modules, loss_fn, config, *a, **k))[1])
+    args = ["pretrain", "--data", demo, "--out", tmp_path / "p", "--size", "tiny", "--resolution", 32, "--max-steps", 1,
+            "--vae-steps", 1, "--batch-size", 2, "--device", "cpu", "--lr", 0.0123, "--vae-lr", 0.0456]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert seen == [("vae", 0.0456), ("unet", 0.0123)]
+    settings = json.loads((tmp_path / "p" / run.SETTINGS).read_text())
+    assert (settings["unet_lr"], settings["vae_lr"]) == (0.0123, 0.0456)

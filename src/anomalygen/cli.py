@@ -145,6 +145,8 @@ def pretrain_command(
     max_steps: int = typer.Option(30000, "--max-steps", help="UNet training steps."),
     vae_steps: int = typer.Option(3000, "--vae-steps", help="Autoencoder training steps (trained first)."),
     batch_size: int = typer.Option(16, "--batch-size"),
+    lr: float = typer.Option(2e-4, "--lr", help="The UNet's AdamW learning rate."),
+    vae_lr: float = typer.Option(2e-4, "--vae-lr", help="The autoencoder's AdamW learning rate."),
     include_defects: bool = typer.Option(False, "--include-defects", help="Also train on the training third of each defect type."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
     seed: int = typer.Option(0, "--seed"),
@@ -153,7 +155,7 @@ def pretrain_command(
     from anomalygen.pretrain import PretrainConfig, pretrain
 
     config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
-                            include_defects=include_defects, device=device, seed=seed,
+                            unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, device=device, seed=seed,
                             time_budget_s=None if time_budget is None else time_budget * 60)
     report = pretrain(data, out, config, say=lambda message: console.print(message, highlight=False))
     console.print(f"model saved in {out} (autoencoder PSNR {report.get('vae', {}).get('psnr_db')} dB, UNet {report['unet']['steps']} "

@@ -99,6 +99,9 @@ class PretrainConfig:
         for name in ("vae_steps", "max_steps", "batch_size", "checkpoint_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise AnomalygenError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for flag, value in (("--lr", self.unet_lr), ("--vae-lr", self.vae_lr)):
+            if not (math.isfinite(value) and 0 < value <= 1):
+                raise AnomalygenError(f"{flag} {value:g}: must be a learning rate in (0, 1]")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise AnomalygenError(f"--time-budget {self.time_budget_s / 60:g}: must be more than 0 minutes")
         if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1 and 0 < self.vae_share < 1):
