@@ -248,8 +248,12 @@ def test_a_spent_time_budget_still_writes_a_loadable_model_and_a_rerun_goes_on(d
 def test_cli_learning_rates_reach_both_stages(demo, tmp_path, monkeypatch):
     seen = []
     real_train = run.train
-    monkeypatch.setattr(run, "train", lambda modules, loss_fn, config, *a, **k: (seen.append((*modules, config.lr)),
-                                                                                 real_train(modules, loss_fn, config, *a, **k))[1])
+
+    def train(modules, loss_fn, config, *args, **kwargs):
+        seen.append((*modules, config.lr))
+        return real_train(modules, loss_fn, config, *args, **kwargs)
+
+    monkeypatch.setattr(run, "train", train)
     args = ["pretrain", "--data", demo, "--out", tmp_path / "p", "--size", "tiny", "--resolution", 32, "--max-steps", 1,
             "--vae-steps", 1, "--batch-size", 2, "--device", "cpu", "--lr", 0.0123, "--vae-lr", 0.0456]
     result = CliRunner().invoke(app, [str(a) for a in args])
