@@ -108,7 +108,7 @@ def run_classification(
     torch.manual_seed(config.seed)
     model, label = build_resnet34(len(classes), weights)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     with Progress(transient=True) as progress:
         task = progress.add_task("ResNet-34 training", total=config.epochs)
         for epoch in range(config.epochs):

@@ -201,7 +201,7 @@ def train_draem(good: list[np.ndarray], pairs: list[GeneratedPair], config: Drae
     model = Draem(config.rec_base, config.disc_base).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     milestones = [int(config.epochs * 0.8), int(config.epochs * 0.9)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
     samples = TrainingSamples(good, pairs, config.ratio, config.texture_source, config.seed)

@@ -151,7 +151,7 @@ def run_localization(data: EvaluationData, config: LocalizationConfig, device: t
     model = DiscriminativeUNet(3, 2, config.base).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     milestones = [int(config.epochs * 0.8), int(config.epochs * 0.9)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
     test_during = config.protocol in ("paper", "both")
