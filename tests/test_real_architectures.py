@@ -4,9 +4,11 @@ Layout loading: small-dimension components of the real classes saved as a diffus
 each layout (Stable Diffusion; CompVis LDM text-to-image with ``vqvae/`` + ``bert/`` + BERT
 tokenizer) load by path; a folder of another layout is reported as such. Full shape: randomly
 initialised backbones built from the published SD 1.5 and ``CompVis/ldm-text2im-large-256``
-configs (``anomalygen.diffusion.architectures``, nothing downloaded) run fit (1 step) + generate (1 sample, 1 step) of
-textual-inversion, AnomalyDiffusion, DualAnoDiff, CAGen and (SD 1.5) AnomalyXFusion on CPU: 768-d CLIP / 1280-d LDMBert context, f8
-autoencoders, 4-channel latents.
+configs (``anomalygen.diffusion.architectures``, nothing downloaded) run fit (1 step) + generate (1 sample, 1 step) on
+CPU: SD 1.5 every method (textual inversion, AnomalyDiffusion, DualAnoDiff, CAGen, AnomalyXFusion), LDM the two
+methods published on it (textual inversion, AnomalyDiffusion): 768-d CLIP / 1280-d LDMBert context, f8 autoencoders,
+4-channel latents. The other methods run on the LDM layout at small width (``small_configs``), where a width taken
+from SD 1.5 instead of the model would fail just the same (32 ≠ 768).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from anomalygen.diffusion.backbone import build_backbone, load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.image_encoder import build_image_encoder
 from anomalygen.diffusion.tiny import SCALED_LINEAR_SCHEDULE, tiny_tokenizer
-from anomalygen.errors import DataError, ModelNotFoundError
+from anomalygen.errors import AnomalygenError, DataError, ModelNotFoundError
 from anomalygen.methods.base import create
 from anomalygen.types import DefectExample
 
@@ -163,6 +165,45 @@ def _data(size: int = 64):
     return defects, [rng.integers(0, 256, (size, size, 3), dtype=np.uint8)]
 
 
+def _fit_generate_each(methods: dict[str, dict], common: dict, seen: list, width: int, tokens: dict[str, int]) -> None:
+    """Fit + generate each method; every UNet call saw 4-channel 8 x 8 latents and a (tokens, width) context."""
+    defects, good = _data()
+    for method, options in methods.items():
+        seen.clear()
+        generator = create(method, **{**common, **options})
+        generator.fit(defects, good)
+        sample = next(iter(generator.generate(good, 1, seed=0)))
+        assert sample.image.shape == good[0].shape and sample.image.dtype == np.uint8
+        assert sample.mask.any() or method == "dualanodiff"  # its mask is segmented from a random model's output
+        assert seen and all(latent == (4, 8, 8) and context == (tokens.get(method, 77), width) for latent, context in seen), \
+            (method, seen[:3])
+
+
+def _record_unet_calls(unet) -> list:
+    seen = []
+    unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((tuple(args[0].shape[1:]), tuple(kwargs["encoder_hidden_states"].shape[1:]))),
+        with_kwargs=True)
+    return seen
+
+
+def test_every_sd_method_runs_on_the_ldm_layout_at_small_width(ldm_folder, monkeypatch):
+    """DualAnoDiff (LoRA on LDMBert's q/k/v/out projections) and CAGen (a ControlNet from a 1280-d context UNet,
+    here 32-d) on the LDM layout; AnomalyXFusion refuses it in one line (its e_sem needs CLIP)."""
+    backbone = load_backbone(str(ldm_folder), device="cpu")
+    seen = _record_unet_calls(backbone.unet)
+    monkeypatch.setattr("anomalygen.methods.diffusion_base.load_backbone", lambda *args, **kwargs: backbone)
+    common = dict(model=str(ldm_folder), device="cpu", resolution=64, batch_size=1, max_steps=1, num_inference_steps=1,
+                  checkpoint_every=0, generate_batch_size=1)
+    _fit_generate_each({"cagen": dict(mask_source="augment"), "dualanodiff": dict(rank=2, mask_tries=1)}, common, seen, 32, {})
+    def no_image_encoder(*args, **kwargs):
+        raise AssertionError("the 1.7 GB image encoder is loaded before the text encoder is found unusable")
+
+    monkeypatch.setattr("anomalygen.methods.anomalyxfusion.generator.load_image_encoder", no_image_encoder)
+    with pytest.raises(AnomalygenError, match=r"^anomalyxfusion: e_sem needs a CLIP text encoder whose pooled embedding is 32-d"):
+        create("anomalyxfusion", **common).fit(*_data())
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("real-architectures")  # one worker builds them in turn, the other goes on (conftest's order)
 @pytest.mark.parametrize("arch", ["sd15", "ldm"])
@@ -175,41 +216,29 @@ def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
     assert backbone.native_resolution == (512 if arch == "sd15" else 256)
     assert sum(p.numel() for p in backbone.unet.parameters()) > 850e6
     assert backbone.text_encoder.get_input_embeddings().num_embeddings == (49408 if arch == "sd15" else 30522)  # published vocab
-    seen = []
-    backbone.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((tuple(args[0].shape[1:]), tuple(kwargs["encoder_hidden_states"].shape[1:]))),
-        with_kwargs=True)
+    seen = _record_unet_calls(backbone.unet)
     for module in ("anomalygen.methods.textual_inversion", "anomalygen.methods.anomalydiffusion.generator",
                    "anomalygen.methods.diffusion_base"):
         monkeypatch.setattr(f"{module}.load_backbone", lambda *args, **kwargs: backbone)
-    defects, good = _data()
     common = dict(model=arch, device="cpu", resolution=64, batch_size=1, max_steps=1, num_inference_steps=1, checkpoint_every=0)
     runs = {
         "textual-inversion": {},
         # augmented masks: the learned-mask branch doubles the LDMBert backward passes (tested on tiny)
         "anomalydiffusion": dict(spatial_encoder="resnet50", mask_source="augment", generate_batch_size=1),
-        # a full-size ControlNet from the UNet, its mask encoder downsampling by 8 (before DualAnoDiff,
-        # whose LoRA layers stay on this shared UNet)
-        "cagen": dict(generate_batch_size=1, mask_source="augment"),
-        # SD 1.5 only (its CLIP text encoder gives e_sem): MIF on a full-size CLIP ViT-L/14 image encoder, DDF
-        "anomalyxfusion": dict(generate_batch_size=1),
-        # both branches + background rows, SAIM on every attention width, LoRA on the real text encoder
-        "dualanodiff": dict(rank=4, mask_tries=1, generate_batch_size=1),
     }
-    if arch == "sd15":
+    if arch == "sd15":  # the methods published on SD 1.5 (on LDM at small width above)
+        runs.update({
+            # a full-size ControlNet from the UNet, its mask encoder downsampling by 8 (before DualAnoDiff,
+            # whose LoRA layers stay on this shared UNet)
+            "cagen": dict(generate_batch_size=1, mask_source="augment"),
+            # its CLIP text encoder gives e_sem: MIF on a full-size CLIP ViT-L/14 image encoder, DDF
+            "anomalyxfusion": dict(generate_batch_size=1),
+            # both branches + background rows, SAIM on every attention width, LoRA on the real text encoder
+            "dualanodiff": dict(rank=4, mask_tries=1, generate_batch_size=1),
+        })
         encoder = build_image_encoder(SD15_IMAGE_ENCODER).requires_grad_(False).eval()
         monkeypatch.setattr("anomalygen.methods.anomalyxfusion.generator.load_image_encoder", lambda *args, **kwargs: encoder)
-    for method, options in runs.items():
-        if method == "anomalyxfusion" and arch != "sd15":
-            continue
-        seen.clear()
-        generator = create(method, **{**common, **options})
-        generator.fit(defects, good)
-        sample = next(iter(generator.generate(good, 1, seed=0)))
-        assert sample.image.shape == good[0].shape and sample.image.dtype == np.uint8
-        assert sample.mask.any() or method == "dualanodiff"  # its mask is segmented from a random model's output
-        tokens = 77 + 3 * 4 if method == "anomalyxfusion" else 77  # the caption's, then e_t's 3k (k = 4)
-        assert seen and all(latent == (4, 8, 8) and context == (tokens, width) for latent, context in seen), (method, seen[:3])
+    _fit_generate_each(runs, common, seen, width, {"anomalyxfusion": 77 + 3 * 4})  # the caption's, then e_t's 3k (k = 4)
 
 
 @pytest.mark.slow

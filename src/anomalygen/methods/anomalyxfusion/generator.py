@@ -189,7 +189,7 @@ class AnomalyXFusion(DiffusionGenerator):
         captions = [self._caption(d) for d in defects]
         self.captions = {t: [c for c, d in zip(captions, defects) if d.defect_type == t] for t in self._defect_types}
         self.training_masks = {t: [np.asarray(d.mask, bool) for d in defects if d.defect_type == t] for t in self._defect_types}
-        self.backbone  # loading it settles the working resolution
+        self.encode_text(captions[:1])  # loads the backbone (settling the resolution); refuses a text encoder without e_sem
         size = self.opt["resolution"]
         images, masks = to_tensor([d.image for d in defects], (size, size)), _mask_tensor([d.mask for d in defects], size)
         type_ids = torch.tensor([self._defect_types.index(d.defect_type) for d in defects])
