@@ -22,7 +22,7 @@ from anomalygen.data.demo import make_demo_dataset
 from anomalygen.diffusion.tiny import clip_words, write_tokenizer_files
 from anomalygen.diffusion.train import TrainConfig, latest_checkpoint, train
 from anomalygen.pretrain import PretrainConfig, pretrain
-from anomalygen.pretrain.data import load_pretrain_images, prompt_name
+from anomalygen.pretrain.data import CHANNEL_ORDERS, colour_variant, colour_variants, load_pretrain_images, prompt_name
 
 torch.set_num_threads(1)
 TINY = dict(resolution=32, size="tiny", vae_steps=3, max_steps=4, batch_size=2, checkpoint_every=2, sample_every=2,
@@ -187,6 +187,7 @@ def test_bad_input_is_one_line_and_damages_nothing(demo, tmp_path):
         (["--data", demo, "--out", tmp_path / "o6", "--device", "cuda:7"], ["--device cuda:7", "cpu"]),
         (["--data", demo, "--out", tmp_path / "o7", "--lr", 0], ["--lr 0", "learning rate"]),
         (["--data", demo, "--out", tmp_path / "o8", "--vae-lr", "nan"], ["--vae-lr nan", "learning rate"]),
+        (["--data", demo, "--out", tmp_path / "o9", "--vae-colour-augment", 1.5], ["--vae-colour-augment 1.5", "[0, 1]"]),
     ]
     for args, fragments in cases:  # in this process (typer's runner): a fresh interpreter costs seconds each
         result = CliRunner().invoke(app, [str(a) for a in base + args])
@@ -261,3 +262,59 @@ def test_cli_learning_rates_reach_both_stages(demo, tmp_path, monkeypatch):
     assert seen == [("vae", 0.0456), ("unet", 0.0123)]
     settings = json.loads((tmp_path / "p" / run.SETTINGS).read_text())
     assert (settings["unet_lr"], settings["vae_lr"]) == (0.0123, 0.0456)
+
+
+def _variant_of(image: torch.Tensor, original: torch.Tensor) -> int | None:
+    """Which colouring (0 = the original, 1..11) of ``original`` ``image`` is; None if none."""
+    for v in range(2 * len(CHANNEL_ORDERS)):
+        if torch.equal(image, colour_variant(original, v % len(CHANNEL_ORDERS), v >= len(CHANNEL_ORDERS))):
+            return v
+    return None
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**31 - 1))
+def test_colour_variants_are_recolourings_of_their_own_image_at_rate_p(p, seed):
+    pixels = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    out = colour_variants(pixels, torch.Generator().manual_seed(seed), p)
+    variants = [_variant_of(out[i : i + 1], pixels[i : i + 1]) for i in range(len(pixels))]
+    assert None not in variants  # every output image is a recolouring of the input image at its index
+    recoloured = sum(v != 0 for v in variants)
+    assert {0.0: recoloured == 0, 1.0: recoloured == 64, 0.3: 8 <= recoloured <= 32}[p], (p, recoloured)
+    assert torch.equal(out, colour_variants(pixels, torch.Generator().manual_seed(seed), p))  # drawn from the generator
+
+
+def test_colour_variants_reach_every_colouring_and_inversion_gives_the_complement():
+    pixels = torch.rand(600, 3, 2, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = colour_variants(pixels, torch.Generator().manual_seed(1), 1.0)
+    assert {_variant_of(out[i : i + 1], pixels[i : i + 1]) for i in range(len(pixels))} == set(range(1, 12))
+    yellow = torch.tensor([0.8, 0.75, 0.2]).view(1, 3, 1, 1) * 2 - 1  # a hazelnut-yellow pixel in [-1, 1]
+    blue = (colour_variant(yellow, 0, True) + 1) / 2
+    torch.testing.assert_close(blue.flatten(), torch.tensor([0.2, 0.25, 0.8]))
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_the_autoencoder_trains_on_recoloured_crops_and_reports_them(demo, tmp_path, monkeypatch, share):
+    """Every crop the autoencoder trains on is the one ``batch`` drew (share 0) or another colouring of it (share 1)."""
+    drawn, encoded = [], []
+    real_batch, real_encode = run.PretrainImages.batch, run.AutoencoderKL.encode
+
+    def batch(self, *args, **kwargs):
+        pixels, ids = real_batch(self, *args, **kwargs)
+        drawn.append(pixels)
+        return pixels, ids
+
+    def encode(self, x, *args, **kwargs):
+        if torch.is_grad_enabled() and self.training:
+            encoded.append(x.detach().clone())
+        return real_encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(run.PretrainImages, "batch", batch)
+    monkeypatch.setattr(run.AutoencoderKL, "encode", encode)
+    report = pretrain([demo], tmp_path / "p", PretrainConfig(**{**TINY, "vae_steps": 2, "max_steps": 1, "batch_size": 4},
+                                                            vae_colour_augment=share), say=lambda m: None)
+    assert len(encoded) == 2
+    for pixels, original in zip(encoded, drawn):
+        variants = [_variant_of(pixels[i : i + 1], original[i : i + 1]) for i in range(len(pixels))]
+        assert (all(v == 0 for v in variants) if share == 0 else all(v not in (0, None) for v in variants)), variants
+    assert report["vae"]["psnr_recoloured_db"] < 60 and np.isfinite(report["vae"]["psnr_recoloured_db"])

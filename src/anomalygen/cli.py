@@ -148,6 +148,9 @@ def pretrain_command(
     lr: float = typer.Option(2e-4, "--lr", help="The UNet's AdamW learning rate."),
     vae_lr: float = typer.Option(2e-4, "--vae-lr", help="The autoencoder's AdamW learning rate."),
     include_defects: bool = typer.Option(False, "--include-defects", help="Also train on the training third of each defect type."),
+    vae_colour_augment: float = typer.Option(
+        0.5, "--vae-colour-augment", help="Share of autoencoder crops recoloured (channel orders, inversion) so it can "
+        "encode colours your good images lack, as defects have; 0: none."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -155,7 +158,8 @@ def pretrain_command(
     from anomalygen.pretrain import PretrainConfig, pretrain
 
     config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
-                            unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, device=device, seed=seed,
+                            unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, vae_colour_augment=vae_colour_augment,
+                            device=device, seed=seed,
                             time_budget_s=None if time_budget is None else time_budget * 60)
     report = pretrain(data, out, config, say=lambda message: console.print(message, highlight=False))
     console.print(f"model saved in {out} (autoencoder PSNR {report.get('vae', {}).get('psnr_db')} dB, UNet {report['unet']['steps']} "

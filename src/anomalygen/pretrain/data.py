@@ -7,10 +7,16 @@ training third of each defect type (``paper_split``: never the test two-thirds),
 (bicubic, aspect kept) so that its shorter side is the training resolution, and training takes
 random square crops of it (and horizontal flips). A few good images per category are held back
 (never trained on) to measure the autoencoder.
+
+``colour_variants`` recolours images for the autoencoder stage: the good images of one part show
+few colours, and an autoencoder trained on them alone decodes every latent into those colours (on
+hazelnut_toy, 33 images: a gray or a blue image came back hazelnut yellow), so no method on top can
+draw a defect of another colour (a blue stain) or DualAnoDiff's gray anomaly-part background.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +33,28 @@ GOOD_PROMPT = "a photo of {category}"
 DEFECT_PROMPT = "a photo of {category} with {defect}"
 HELD_BACK = 0.05  # share of each category's good images held back (at least 1 when it has 2, at most 8)
 MAX_HELD_BACK = 8
+
+
+CHANNEL_ORDERS = list(itertools.permutations(range(3)))  # (0, 1, 2) first: the original colours
+
+
+def colour_variant(pixels: torch.Tensor, order: int, invert: bool) -> torch.Tensor:
+    """(N, 3, H, W) images in [-1, 1] with their channels in ``CHANNEL_ORDERS[order]``, negated (the
+    complementary colours) when ``invert``."""
+    out = pixels[:, list(CHANNEL_ORDERS[order])]
+    return -out if invert else out
+
+
+def colour_variants(pixels: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+    """Each image, with probability ``p``, in one of the 11 other colourings (``colour_variant``: 6
+    channel orders x inverted or not, the original excluded); else unchanged. Draws from ``generator``."""
+    out = pixels.clone()
+    for i in range(len(pixels)):
+        recolour = torch.rand(1, generator=generator).item() < p
+        variant = 1 + int(torch.randint(2 * len(CHANNEL_ORDERS) - 1, (1,), generator=generator))
+        if recolour:
+            out[i : i + 1] = colour_variant(pixels[i : i + 1], variant % len(CHANNEL_ORDERS), variant >= len(CHANNEL_ORDERS))
+    return out
 
 
 def prompt_name(name: str) -> str:

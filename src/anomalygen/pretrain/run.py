@@ -6,8 +6,12 @@ time budget, ``loss.csv``), then a diffusers Stable Diffusion folder:
 1. the autoencoder (``AutoencoderKL``): L1 reconstruction + ``kl_weight`` × KL to N(0, I), as the
    KL-regularised autoencoder of LDM (Rombach et al., CVPR 2022, Sec. 3 and App. G: KL weight
    1e-6) without its LPIPS and adversarial terms (their pretrained networks cannot be downloaded
-   here). Its latent scale is then set to 1 / std of the training latents, as SD's 0.18215 was
-   chosen; its PSNR on held-back good images is reported. Once the UNet stage has begun the
+   here). A share ``vae_colour_augment`` (default 0.5) of its training crops is recoloured
+   (``data.colour_variants``: channel orders, inversion) so that it encodes colours the good images
+   lack (defects, DualAnoDiff's gray part background); LDM's autoencoder gets them from OpenImages.
+   0 trains on the images as they are. Its latent scale is then set to 1 / std of the training latents, as SD's 0.18215 was
+   chosen; its PSNR on held-back good images is reported, and on those images in the 11 other
+   colourings (``psnr_recoloured_db``). Once the UNet stage has begun the
    autoencoder is never trained again, so a re-run cannot pull the latents from under the UNet.
 2. the UNet (``UNet2DConditionModel``): the ε-prediction loss of DDPM (Ho et al. 2020, Eq. 14) on
    latents of random crops, conditioned on the prompt's text-encoder states; the prompt is dropped
@@ -60,7 +64,7 @@ from anomalygen.diffusion.sampling import decode_latents, sample_generators, sam
 from anomalygen.diffusion.train import LOG_FILE, TrainConfig, latest_checkpoint, load_trainable, save_grid, train
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import LOCK_FILE, atomic_write_text, folder_lock, read_json
-from anomalygen.pretrain.data import PretrainImages, load_pretrain_images
+from anomalygen.pretrain.data import CHANNEL_ORDERS, PretrainImages, colour_variant, colour_variants, load_pretrain_images
 from anomalygen.pretrain.models import PRESETS, build_tokenizer, component_configs
 
 SETTINGS = "training/settings.json"
@@ -80,6 +84,7 @@ class PretrainConfig:
     vae_lr: float = 2e-4
     unet_lr: float = 2e-4
     kl_weight: float = 1e-6
+    vae_colour_augment: float = 0.5  # share of autoencoder crops recoloured (data.colour_variants)
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     include_defects: bool = False
@@ -104,6 +109,8 @@ class PretrainConfig:
                 raise AnomalygenError(f"{flag} {value:g}: must be a learning rate in (0, 1]")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise AnomalygenError(f"--time-budget {self.time_budget_s / 60:g}: must be more than 0 minutes")
+        if not (math.isfinite(self.vae_colour_augment) and 0 <= self.vae_colour_augment <= 1):
+            raise AnomalygenError(f"--vae-colour-augment {self.vae_colour_augment:g}: must be a share in [0, 1]")
         if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1 and 0 < self.vae_share < 1):
             raise AnomalygenError("uncond_prob, ema_decay and vae_share must lie in [0, 1)")
         resolve_device(self.device)
@@ -185,7 +192,7 @@ def _vae_stage(vae: AutoencoderKL, images: PretrainImages, config: PretrainConfi
     def loss_fn(modules, step, generator):
         model = modules["vae"]
         pixels, _ = images.batch(config.batch_size, generator)
-        pixels = pixels.to(model.device)
+        pixels = colour_variants(pixels, generator, config.vae_colour_augment).to(model.device)
         posterior = model.encode(pixels).latent_dist
         recon = model.decode(posterior.sample(generator=generator)).sample
         # LDM's per-image sums (KL weight 1e-6 against the summed L1), divided by the pixel count
@@ -209,7 +216,10 @@ def _vae_stage(vae: AutoencoderKL, images: PretrainImages, config: PretrainConfi
     vae.register_to_config(scaling_factor=round(1 / float(latents.float().std()), 5))
     return {"steps": result.step, "stopped_by": result.stopped_by, "last_loss": result.last_loss,
             "scaling_factor": vae.config.scaling_factor, "held_back_images": len(images.held_back),
-            "psnr_db": round(_psnr(vae, images.held_back_batch()), 2) if images.held_back else None}
+            "psnr_db": round(_psnr(vae, images.held_back_batch()), 2) if images.held_back else None,
+            "psnr_recoloured_db": round(_psnr(vae, torch.cat([
+                colour_variant(images.held_back_batch(), v % len(CHANNEL_ORDERS), v >= len(CHANNEL_ORDERS))
+                for v in range(1, 2 * len(CHANNEL_ORDERS))])), 2) if images.held_back else None}
 
 
 def _sample(backbone: Backbone, states: torch.Tensor, uncond: torch.Tensor, seed: int) -> list[np.ndarray]:
@@ -291,7 +301,8 @@ def _pretrain(images: PretrainImages, out: Path, config: PretrainConfig, say: Sa
         report["vae"] = _vae_stage(vae, images, config, work / "vae", remaining(config.vae_share), train_config)
         _save(vae, work / "vae_final")
         atomic_write_text(out / REPORT, json.dumps(report, indent=2))
-        say(f"autoencoder: PSNR {report['vae']['psnr_db']} dB on {len(images.held_back)} held-back images")
+        say(f"autoencoder: PSNR {report['vae']['psnr_db']} dB on {len(images.held_back)} held-back images "
+            f"({report['vae']['psnr_recoloured_db']} dB recoloured)")
     vae.requires_grad_(False).eval()
     with torch.no_grad():
         ids = tokenizer(images.prompts + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
