@@ -11,6 +11,7 @@ from anomalygen.benchmark import benchmark, markdown_table, method_options
 from anomalygen.errors import AnomalygenError
 from anomalygen.evaluation.classification import ClassificationConfig
 from anomalygen.evaluation.localization import LocalizationConfig
+from anomalygen.methods.base import AnomalyGenerator
 from anomalygen.methods.croppaste import CropPaste
 
 torch.set_num_threads(1)
@@ -85,6 +86,9 @@ def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo
     # (test_validity's) only repeated the generation
     monkeypatch.setattr(pipeline, "generate", functools.partial(pipeline.generate, max_attempts=1))
     settings = {f"{method}.{key}": value for key, value in {"model": "tiny", "device": "cpu", **DIFFUSION_SETTINGS[method]}.items()}
+    loads = []
+    real_load = AnomalyGenerator.load.__func__
+    monkeypatch.setattr(AnomalyGenerator, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
     result = benchmark(demo_root, [method], tmp_path / "bench", category="nut", num_per_type=2,
                        metrics=["localization"], device="cpu", settings=settings,
                        localization=LocalizationConfig(epochs=1, samples_per_epoch=2, resolution=32, base=4, batch_size=2))
@@ -93,3 +97,12 @@ def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo
     report = result["reports"]["nut"][method]
     assert set(report["generated_counts"].values()) == {2}
     assert method in (tmp_path / "bench" / "comparison.md").read_text()
+    assert len(loads) == 1  # the fitted model is loaded once for the 3 defect types
+    # ... and generates what a fresh load of it generates for each type
+    for defect_type in ("dent", "stain"):
+        fresh = pipeline.generate(None, demo_root, tmp_path / "fresh" / defect_type, 2, category="nut", seed=0,
+                                  checkpoint=tmp_path / "bench" / method / "models" / "nut", defect_type=defect_type)
+        ours = tmp_path / "bench" / method / "runs" / defect_type / "nut"
+        files = sorted(p.relative_to(fresh.out) for p in fresh.out.rglob("*.png"))
+        assert files and files == sorted(p.relative_to(ours) for p in ours.rglob("*.png"))
+        assert all((fresh.out / f).read_bytes() == (ours / f).read_bytes() for f in files)

@@ -28,7 +28,7 @@ from anomalygen.evaluation.localization import SELECT_BY
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
 from anomalygen.evaluation.run import evaluate, prepare
 from anomalygen.io import atomic_write_text
-from anomalygen.methods.base import CONFIG_FILE, get_method
+from anomalygen.methods.base import CONFIG_FILE, AnomalyGenerator, get_method
 from anomalygen.visualize import Section, write_html
 
 
@@ -60,12 +60,12 @@ def generate_per_type(
 ) -> Path:
     """Write ``num_per_type`` samples of every real defect type; return the merged category folder.
 
-    A method that learns is fitted once (``OUT/<method>/models/<category>``) and every type is
-    generated from that model; a saved model is reused, so a re-run does not train again.
+    A method that learns is fitted once (``OUT/<method>/models/<category>``), loaded once, and
+    every type is generated from it; a saved model is reused, so a re-run does not train again.
     """
     real = load_category(data, category, skip_bad=skip_bad)
     merged = out / method / real.name
-    checkpoint = None
+    checkpoint = model = None
     if get_method(method).needs_fit:
         checkpoint = out / method / "models" / real.name
         saved = checkpoint / CONFIG_FILE
@@ -74,10 +74,11 @@ def generate_per_type(
         elif json.loads(saved.read_text())["options"] != pipeline.build(method, options or {}).config():
             raise AnomalygenError(f"{checkpoint}: a {method} model fitted with other options; delete it or "
                                   f"benchmark into another --out")
+        model = AnomalyGenerator.load(checkpoint)  # once for every type
     for defect_type in real.defect_types:
         run = out / method / "runs" / defect_type
         result = pipeline.generate(None if checkpoint else method, data, run, num_per_type, category=category,
-                                   seed=seed, checkpoint=checkpoint, defect_type=defect_type,
+                                   seed=seed, checkpoint=checkpoint, loaded=model, defect_type=defect_type,
                                    options=None if checkpoint else options, skip_bad=skip_bad)
         for part in ("test", "ground_truth"):
             _link(result.out / part / defect_type, merged / part / defect_type)

@@ -122,6 +122,7 @@ def generate(
     category: str | None = None,
     seed: int = 0,
     checkpoint: str | Path | None = None,
+    loaded: AnomalyGenerator | None = None,
     defect_type: str | None = None,
     options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -142,6 +143,8 @@ def generate(
     ``processes`` > 1 shards the samples over that many processes (``anomalygen.sharding``; one per
     GPU): the same output as one process.
     With ``with_good`` the real good images are copied too (``copy_goods``).
+    ``loaded``: the model at ``checkpoint``, already loaded by the caller (e.g. once for all defect
+    types), used instead of loading it again.
     """
     if not 1 <= num <= MAX_SAMPLES:
         raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
@@ -149,8 +152,10 @@ def generate(
         raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 100")
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
         raise AnomalygenError(f"--processes {processes}: give a number from 1 to 64")
+    if loaded is not None and checkpoint is None:
+        raise ValueError("loaded needs the checkpoint it was loaded from")
     if checkpoint is not None:
-        generator = AnomalyGenerator.load(checkpoint)
+        generator = loaded or AnomalyGenerator.load(checkpoint)
         if options:
             raise AnomalygenError("--set cannot change a model loaded with --checkpoint; fit a new one")
         if method is not None and method != generator.name:
