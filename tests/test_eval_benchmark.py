@@ -1,6 +1,5 @@
 """``benchmark``: generate + evaluate per method on the demo dataset, then the comparison tables."""
 
-import functools
 import json
 
 import pytest
@@ -72,6 +71,19 @@ def test_benchmark_two_methods_on_demo_fabric(demo_root, tmp_path, monkeypatch):
                   metrics=["localization"], settings={"croppaste.feather": 5.0})
 
 
+def test_max_attempts_reaches_every_generate_and_is_checked_first(demo_root, tmp_path, monkeypatch):
+    calls = []
+    real = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: calls.append(k["max_attempts"]) or real(*a, **k))
+    with pytest.raises(AnomalygenError, match=r"^--max-attempts 0: give a number from 1 to 100"):
+        benchmark(demo_root, ["cutpaste"], tmp_path / "bad", category="fabric", num_per_type=2, max_attempts=0)
+    assert not (tmp_path / "bad").exists() and not calls
+    benchmark(demo_root, ["cutpaste"], tmp_path / "bench", category="fabric", num_per_type=2, metrics=["localization"],
+              device="cpu", max_attempts=3,
+              localization=LocalizationConfig(epochs=1, samples_per_epoch=2, resolution=32, base=4, batch_size=2))
+    assert calls == [3, 3, 3]  # one writer run per defect type
+
+
 DIFFUSION_SETTINGS = {
     "anomalydiffusion": {"resolution": 32, "batch_size": 2, "max_steps": 2, "num_inference_steps": 2, "mask_source": "augment"},
     "dualanodiff": {"resolution": 32, "batch_size": 2, "max_steps": 1, "num_inference_steps": 2, "rank": 4, "mask_tries": 1},
@@ -82,15 +94,15 @@ DIFFUSION_SETTINGS = {
 @pytest.mark.parametrize("method", list(DIFFUSION_SETTINGS))
 def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo_root, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
-    # one draw per sample: a random tiny model's samples fail the validity checks, and redrawing them
-    # (test_validity's) only repeated the generation
-    monkeypatch.setattr(pipeline, "generate", functools.partial(pipeline.generate, max_attempts=1))
     settings = {f"{method}.{key}": value for key, value in {"model": "tiny", "device": "cpu", **DIFFUSION_SETTINGS[method]}.items()}
     loads = []
     real_load = AnomalyGenerator.load.__func__
     monkeypatch.setattr(AnomalyGenerator, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
     result = benchmark(demo_root, [method], tmp_path / "bench", category="nut", num_per_type=2,
                        metrics=["localization"], device="cpu", settings=settings,
+                       # one draw per sample: a random tiny model's samples fail the validity checks, and
+                       # redrawing them (test_validity's) only repeated the generation
+                       max_attempts=1,
                        localization=LocalizationConfig(epochs=1, samples_per_epoch=2, resolution=32, base=4, batch_size=2))
     model = json.loads((tmp_path / "bench" / method / "models" / "nut" / "generator.json").read_text())
     assert model["options"]["model"] == "tiny" and model["options"]["max_steps"] == DIFFUSION_SETTINGS[method]["max_steps"]
@@ -101,7 +113,8 @@ def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo
     # ... and generates what a fresh load of it generates for each type
     for defect_type in ("dent", "stain"):
         fresh = pipeline.generate(None, demo_root, tmp_path / "fresh" / defect_type, 2, category="nut", seed=0,
-                                  checkpoint=tmp_path / "bench" / method / "models" / "nut", defect_type=defect_type)
+                                  checkpoint=tmp_path / "bench" / method / "models" / "nut", defect_type=defect_type,
+                                  max_attempts=1)
         ours = tmp_path / "bench" / method / "runs" / defect_type / "nut"
         files = sorted(p.relative_to(fresh.out) for p in fresh.out.rglob("*.png"))
         assert files and files == sorted(p.relative_to(ours) for p in ours.rglob("*.png"))

@@ -339,6 +339,7 @@ def benchmark(
     num_per_type: int = typer.Option(500, "--num-per-type", help="Generated samples per defect type (papers: 500)."),
     settings: list[str] = typer.Option([], "--set", help="Method option key=value for every method, or "
                                        "METHOD.key=value for one (e.g. anomalydiffusion.model=tiny)."),
+    max_attempts: int = typer.Option(5, "--max-attempts", help="Draws per sample at most (validity filter)."),
     *,
     evaluation: dict[str, Any],  # the EVAL_OPTIONS (evaluation_options)
 ) -> None:
@@ -347,7 +348,7 @@ def benchmark(
 
     chosen = [name.strip() for name in methods.split(",") if name.strip()]
     result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type,
-                           settings=pipeline.parse_settings(settings), **evaluation)
+                           settings=pipeline.parse_settings(settings), max_attempts=max_attempts, **evaluation)
     console.print(f"comparison: {out / 'comparison.md'} ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
                   highlight=False)
 

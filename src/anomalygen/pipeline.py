@@ -113,6 +113,11 @@ def fit(
     return Path(out)
 
 
+def check_max_attempts(max_attempts: int) -> None:
+    if not 1 <= max_attempts <= 100:
+        raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 100")
+
+
 def generate(
     method: str | None,
     data: str | Path,
@@ -148,8 +153,7 @@ def generate(
     """
     if not 1 <= num <= MAX_SAMPLES:
         raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
-    if not 1 <= max_attempts <= 100:
-        raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 100")
+    check_max_attempts(max_attempts)
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
         raise AnomalygenError(f"--processes {processes}: give a number from 1 to 64")
     if loaded is not None and checkpoint is None:
