@@ -31,7 +31,7 @@ declare -A runs=(
     [10]="python3 benchmarks/cli_speed.py --method croppaste --num 500 --out /tmp/b/run10"
     [11]="python3 -m anomalygen.cli pretrain --data .carry/data/magnetic_tile --data .carry/data/hazelnut_toy --out /tmp/b/prior128 --resolution 128 --size base --time-budget ${BUDGET_MIN:-7.5} --device cuda"
     # issue 13 at GPU size: run 12 twice (it resumes) gives a ~17-min prior, then run 13 as often as needed (it resumes its cells)
-    [12]="python3 -m anomalygen.cli pretrain --data .carry/data256/magnetic_tile --data .carry/data256/hazelnut_toy --out /tmp/b/prior256 --resolution 256 --size base --time-budget ${BUDGET_MIN:-8.5} --device cuda ${PRIOR_FLAGS:-}"
+    [12]="python3 -m anomalygen.cli pretrain --data .carry/data256/magnetic_tile --data .carry/data256/hazelnut_toy --out /tmp/b/prior256 --resolution 256 --size base --time-budget ${BUDGET_MIN:-8.5} --vae-share 0.6 --device cuda ${PRIOR_FLAGS:-}"
     [13]="python3 benchmarks/learning.py --data .carry/data256/magnetic_tile --data .carry/data256/hazelnut_toy --out /tmp/b/learning256 --prior magnetic_tile=/tmp/b/prior256 --prior hazelnut_toy=/tmp/b/prior256 --device cuda --resolution 256 --skip-bad --num-per-type 32 --steps 500 --sampling-steps 50 --batch-size 4 --epochs 20 --samples-per-epoch 200 --unet-base 64 --set dualanodiff.lr=1e-4 --seeds 0 1"
 )
 for run in "$@"; do

@@ -188,6 +188,7 @@ def test_bad_input_is_one_line_and_damages_nothing(demo, tmp_path):
         (["--data", demo, "--out", tmp_path / "o7", "--lr", 0], ["--lr 0", "learning rate"]),
         (["--data", demo, "--out", tmp_path / "o8", "--vae-lr", "nan"], ["--vae-lr nan", "learning rate"]),
         (["--data", demo, "--out", tmp_path / "o9", "--vae-colour-augment", 1.5], ["--vae-colour-augment 1.5", "[0, 1]"]),
+        (["--data", demo, "--out", tmp_path / "o10", "--vae-share", 1], ["--vae-share 1", "(0, 1)"]),
     ]
     for args, fragments in cases:  # in this process (typer's runner): a fresh interpreter costs seconds each
         result = CliRunner().invoke(app, [str(a) for a in base + args])
@@ -246,20 +247,23 @@ def test_a_spent_time_budget_still_writes_a_loadable_model_and_a_rerun_goes_on(d
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae
 
 
-def test_cli_learning_rates_reach_both_stages(demo, tmp_path, monkeypatch):
-    seen = []
+def test_cli_learning_rates_and_vae_share_reach_both_stages(demo, tmp_path, monkeypatch):
+    seen, budgets = [], []
     real_train = run.train
 
     def train(modules, loss_fn, config, *args, **kwargs):
         seen.append((*modules, config.lr))
+        budgets.append(config.time_budget_s)
         return real_train(modules, loss_fn, config, *args, **kwargs)
 
     monkeypatch.setattr(run, "train", train)
     args = ["pretrain", "--data", demo, "--out", tmp_path / "p", "--size", "tiny", "--resolution", 32, "--max-steps", 1,
-            "--vae-steps", 1, "--batch-size", 2, "--device", "cpu", "--lr", 0.0123, "--vae-lr", 0.0456]
+            "--vae-steps", 1, "--batch-size", 2, "--device", "cpu", "--lr", 0.0123, "--vae-lr", 0.0456,
+            "--time-budget", 10, "--vae-share", 0.4]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert seen == [("vae", 0.0456), ("unet", 0.0123)]
+    assert 200 < budgets[0] <= 240 and 400 < budgets[1] <= 600  # 0.4 x 10 min for the autoencoder, the rest after it
     settings = json.loads((tmp_path / "p" / run.SETTINGS).read_text())
     assert (settings["unet_lr"], settings["vae_lr"]) == (0.0123, 0.0456)
 

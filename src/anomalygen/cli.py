@@ -142,6 +142,7 @@ def pretrain_command(
     resolution: int = typer.Option(64, "--resolution", help="Training size in px: 64, 128 or 256 (any multiple of 32 up to 512)."),
     size: str = typer.Option("small", "--size", help="Model size: tiny (tests), small (CPU) or base (GPU)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop this run after MINUTES (re-run to go on)."),
+    vae_share: float = typer.Option(0.25, "--vae-share", help="Share of --time-budget the autoencoder may take (it trains first)."),
     max_steps: int = typer.Option(30000, "--max-steps", help="UNet training steps."),
     vae_steps: int = typer.Option(3000, "--vae-steps", help="Autoencoder training steps (trained first)."),
     batch_size: int = typer.Option(16, "--batch-size"),
@@ -159,7 +160,7 @@ def pretrain_command(
 
     config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
                             unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, vae_colour_augment=vae_colour_augment,
-                            device=device, seed=seed,
+                            vae_share=vae_share, device=device, seed=seed,
                             time_budget_s=None if time_budget is None else time_budget * 60)
     report = pretrain(data, out, config, say=lambda message: console.print(message, highlight=False))
     console.print(f"model saved in {out} (autoencoder PSNR {report.get('vae', {}).get('psnr_db')} dB, UNet {report['unet']['steps']} "

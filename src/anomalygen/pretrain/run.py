@@ -70,7 +70,7 @@ from anomalygen.pretrain.models import PRESETS, build_tokenizer, component_confi
 SETTINGS = "training/settings.json"
 REPORT = "pretrain.json"
 # settings that may change when a run is resumed (the others define the model)
-RESUMABLE = ("vae_steps", "max_steps", "time_budget_s", "checkpoint_every", "sample_every", "device")
+RESUMABLE = ("vae_steps", "max_steps", "time_budget_s", "vae_share", "checkpoint_every", "sample_every", "device")
 Say = Callable[[str], None]
 
 
@@ -111,8 +111,10 @@ class PretrainConfig:
             raise AnomalygenError(f"--time-budget {self.time_budget_s / 60:g}: must be more than 0 minutes")
         if not (math.isfinite(self.vae_colour_augment) and 0 <= self.vae_colour_augment <= 1):
             raise AnomalygenError(f"--vae-colour-augment {self.vae_colour_augment:g}: must be a share in [0, 1]")
-        if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1 and 0 < self.vae_share < 1):
-            raise AnomalygenError("uncond_prob, ema_decay and vae_share must lie in [0, 1)")
+        if not (math.isfinite(self.vae_share) and 0 < self.vae_share < 1):
+            raise AnomalygenError(f"--vae-share {self.vae_share:g}: must be a share of the time budget in (0, 1)")
+        if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1):
+            raise AnomalygenError("uncond_prob and ema_decay must lie in [0, 1)")
         resolve_device(self.device)
 
 
