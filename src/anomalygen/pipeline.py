@@ -159,7 +159,7 @@ def generate(
     if loaded is not None and checkpoint is None:
         raise ValueError("loaded needs the checkpoint it was loaded from")
     if checkpoint is not None:
-        generator = loaded or AnomalyGenerator.load(checkpoint)
+        generator = loaded if loaded is not None else AnomalyGenerator.load(checkpoint)
         if options:
             raise AnomalygenError("--set cannot change a model loaded with --checkpoint; fit a new one")
         if method is not None and method != generator.name:

@@ -36,24 +36,25 @@ MAX_HELD_BACK = 8
 
 
 CHANNEL_ORDERS = list(itertools.permutations(range(3)))  # (0, 1, 2) first: the original colours
+COLOURINGS = 2 * len(CHANNEL_ORDERS)  # each channel order, as it is and inverted; 0 = the original
 
 
-def colour_variant(pixels: torch.Tensor, order: int, invert: bool) -> torch.Tensor:
-    """(N, 3, H, W) images in [-1, 1] with their channels in ``CHANNEL_ORDERS[order]``, negated (the
-    complementary colours) when ``invert``."""
-    out = pixels[:, list(CHANNEL_ORDERS[order])]
-    return -out if invert else out
+def colour_variant(pixels: torch.Tensor, colouring: int) -> torch.Tensor:
+    """(N, 3, H, W) images in [-1, 1] in ``colouring`` (0 .. COLOURINGS - 1): their channels in
+    ``CHANNEL_ORDERS[colouring % 6]``, negated (the complementary colours) from ``colouring`` 6 on."""
+    out = pixels[:, list(CHANNEL_ORDERS[colouring % len(CHANNEL_ORDERS)])]
+    return -out if colouring >= len(CHANNEL_ORDERS) else out
 
 
 def colour_variants(pixels: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
-    """Each image, with probability ``p``, in one of the 11 other colourings (``colour_variant``: 6
-    channel orders x inverted or not, the original excluded); else unchanged. Draws from ``generator``."""
+    """Each image, with probability ``p``, in one of the 11 other colourings (``colour_variant``, the
+    original excluded); else unchanged. Draws from ``generator``, the same draws whatever ``p``."""
     out = pixels.clone()
     for i in range(len(pixels)):
         recolour = torch.rand(1, generator=generator).item() < p
-        variant = 1 + int(torch.randint(2 * len(CHANNEL_ORDERS) - 1, (1,), generator=generator))
+        colouring = 1 + int(torch.randint(COLOURINGS - 1, (1,), generator=generator))
         if recolour:
-            out[i : i + 1] = colour_variant(pixels[i : i + 1], variant % len(CHANNEL_ORDERS), variant >= len(CHANNEL_ORDERS))
+            out[i : i + 1] = colour_variant(pixels[i : i + 1], colouring)
     return out
 
 

@@ -9,9 +9,9 @@ time budget, ``loss.csv``), then a diffusers Stable Diffusion folder:
    here). A share ``vae_colour_augment`` (default 0.5) of its training crops is recoloured
    (``data.colour_variants``: channel orders, inversion) so that it encodes colours the good images
    lack (defects, DualAnoDiff's gray part background); LDM's autoencoder gets them from OpenImages.
-   0 trains on the images as they are. Its latent scale is then set to 1 / std of the training latents, as SD's 0.18215 was
-   chosen; its PSNR on held-back good images is reported, and on those images in the 11 other
-   colourings (``psnr_recoloured_db``). Once the UNet stage has begun the
+   0 trains on the images as they are. Its latent scale is then set to 1 / std of the training
+   latents, as SD's 0.18215 was chosen; its PSNR on held-back good images is reported, and on those
+   images in the 11 other colourings (``psnr_recoloured_db``). Once the UNet stage has begun the
    autoencoder is never trained again, so a re-run cannot pull the latents from under the UNet.
 2. the UNet (``UNet2DConditionModel``): the ε-prediction loss of DDPM (Ho et al. 2020, Eq. 14) on
    latents of random crops, conditioned on the prompt's text-encoder states; the prompt is dropped
@@ -64,7 +64,7 @@ from anomalygen.diffusion.sampling import decode_latents, sample_generators, sam
 from anomalygen.diffusion.train import LOG_FILE, TrainConfig, latest_checkpoint, load_trainable, save_grid, train
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import LOCK_FILE, atomic_write_text, folder_lock, read_json
-from anomalygen.pretrain.data import CHANNEL_ORDERS, PretrainImages, colour_variant, colour_variants, load_pretrain_images
+from anomalygen.pretrain.data import COLOURINGS, PretrainImages, colour_variant, colour_variants, load_pretrain_images
 from anomalygen.pretrain.models import PRESETS, build_tokenizer, component_configs
 
 SETTINGS = "training/settings.json"
@@ -216,12 +216,12 @@ def _vae_stage(vae: AutoencoderKL, images: PretrainImages, config: PretrainConfi
         sample, _ = images.batch(min(64, 4 * config.batch_size), torch.Generator().manual_seed(config.seed))
         latents = vae.encode(sample.to(vae.device)).latent_dist.sample(generator=torch.Generator().manual_seed(config.seed))
     vae.register_to_config(scaling_factor=round(1 / float(latents.float().std()), 5))
+    held = images.held_back_batch() if images.held_back else None
     return {"steps": result.step, "stopped_by": result.stopped_by, "last_loss": result.last_loss,
             "scaling_factor": vae.config.scaling_factor, "held_back_images": len(images.held_back),
-            "psnr_db": round(_psnr(vae, images.held_back_batch()), 2) if images.held_back else None,
-            "psnr_recoloured_db": round(_psnr(vae, torch.cat([
-                colour_variant(images.held_back_batch(), v % len(CHANNEL_ORDERS), v >= len(CHANNEL_ORDERS))
-                for v in range(1, 2 * len(CHANNEL_ORDERS))])), 2) if images.held_back else None}
+            "psnr_db": None if held is None else round(_psnr(vae, held), 2),
+            "psnr_recoloured_db": None if held is None else round(_psnr(vae, torch.cat(
+                [colour_variant(held, c) for c in range(1, COLOURINGS)])), 2)}
 
 
 def _sample(backbone: Backbone, states: torch.Tensor, uncond: torch.Tensor, seed: int) -> list[np.ndarray]:
