@@ -196,6 +196,7 @@ def test_every_sd_method_runs_on_the_ldm_layout_at_small_width(ldm_folder, monke
     common = dict(model=str(ldm_folder), device="cpu", resolution=64, batch_size=1, max_steps=1, num_inference_steps=1,
                   checkpoint_every=0, generate_batch_size=1)
     _fit_generate_each({"cagen": dict(mask_source="augment"), "dualanodiff": dict(rank=2, mask_tries=1)}, common, seen, 32, {})
+
     def no_image_encoder(*args, **kwargs):
         raise AssertionError("the 1.7 GB image encoder is loaded before the text encoder is found unusable")
 
