@@ -108,3 +108,7 @@ def fit_all(out: Path, tag: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     fit_all(Path(sys.argv[1]), f"rank{os.environ['RANK']}")
+    # the gloo group accelerate opened, closed before exit: left to the interpreter's teardown, a rank
+    # was once seen aborting there ("terminate called without an active exception", exit -6)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
