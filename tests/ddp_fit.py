@@ -1,8 +1,9 @@
 """Fit AnomalyDiffusion, textual inversion, DualAnoDiff, CAGen and AnomalyXFusion a few steps on the tiny preset; save what was learned.
 
-Run under ``torchrun --nproc_per_node N`` (gloo, CPU) by tests/test_ddp.py, each rank writes
-``<out>/<method>-rank<r>.safetensors`` (+ ``.json``: the rows of its UNet calls); imported, ``fit_all(out, "single")`` is the one-process
-reference on the same global batch.
+Run as ``torchrun --nproc_per_node N ddp_fit.py OUT DATA`` (gloo, CPU) by tests/test_ddp.py, each rank writes
+``<out>/<method>-rank<r>.safetensors`` (+ ``.json``: the rows of its UNet calls), then runs ``anomalygen fit
+CLI_FIT --data DATA --out OUT/cli-fit``; imported, ``fit_all(out, "single")`` is the one-process reference on
+the same global batch.
 """
 
 from __future__ import annotations
@@ -105,10 +106,18 @@ def fit_all(out: Path, tag: str) -> None:
         (out / f"{method}-{tag}.json").write_text(json.dumps({"unet_rows": rows}))
 
 
+CLI_FIT = ["fit", "--method", "textual-inversion", "--category", "fabric", "--model", "tiny", "--max-steps", "3", "--device", "cpu",
+           "--set", "batch_size=4", "--set", "resolution=32", "--set", "lr=0.01", "--set", "checkpoint_every=0"]
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    fit_all(Path(sys.argv[1]), f"rank{os.environ['RANK']}")
-    # the gloo group accelerate opened, closed before exit: left to the interpreter's teardown, a rank
-    # was once seen aborting there ("terminate called without an active exception", exit -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    out = Path(sys.argv[1])
+    fit_all(out, f"rank{os.environ['RANK']}")
+    # then the command line's fit, as `accelerate launch -m anomalygen fit` runs it: the first process
+    # alone saves, and main() closes the gloo group accelerate opened before exit (left to the
+    # interpreter's teardown, a rank was once seen aborting: "terminate called without an active exception")
+    from anomalygen.cli import main
+
+    sys.argv = ["anomalygen", *CLI_FIT, "--data", sys.argv[2], "--out", str(out / "cli-fit")]
+    main()

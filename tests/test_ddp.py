@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ddp_fit import METHODS, ROWS_PER_SAMPLE, fit_all, toy_data  # tests/ is on sys.path (pytest's rootdir-less import mode)
+from ddp_fit import CLI_FIT, METHODS, ROWS_PER_SAMPLE, fit_all, toy_data  # tests/ is on sys.path (pytest's rootdir-less import mode)
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from anomalygen.cli import app
+from anomalygen.data.demo import make_demo_dataset
 from anomalygen.methods.base import create
 
 torch.set_num_threads(1)
@@ -29,9 +32,16 @@ def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
     root = Path(__file__).parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
            "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(root / "tests" / "ddp_fit.py"), str(tmp_path)],
+    data = make_demo_dataset(tmp_path / "data", n_good=2, n_test_good=0, n_defect=3, size=64, categories=("fabric",))
+    run = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(root / "tests" / "ddp_fit.py"), str(tmp_path), str(data)],
                          env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-3000:]
+    # the command line's fit: one process saved (the other's lock would have refused it), what one process on the whole batch saves
+    assert run.stderr.count("model saved in") == 1 and "error" not in run.stderr, run.stderr[-3000:]
+    single = CliRunner().invoke(app, [*CLI_FIT, "--data", str(data), "--out", str(tmp_path / "cli-single")])
+    assert single.exit_code == 0, single.output
+    two, one = (load_file(str(tmp_path / folder / "embeddings.safetensors"))["vectors"] for folder in ("cli-fit", "cli-single"))
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-5)
     fit_all(tmp_path, "single")
     for method in METHODS:
         rank0, rank1, single, initial = (load_file(str(tmp_path / f"{method}-{tag}.safetensors"))

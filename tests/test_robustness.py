@@ -81,6 +81,7 @@ class Case:
     setup: Callable[[World], tuple[list, list]]  # -> (CLI args, fragments the error line must hold)
     fault: str | None = None  # a simulated OS fault (cli_faults)
     hold_lock: bool = False  # another process holds out/nut's lock while the CLI runs (its pid is in the line)
+    env: dict | None = None  # the CLI's environment variables
 
 
 def _data_case(breaker) -> Case:
@@ -199,6 +200,10 @@ CASES = [
     Case("evaluate-report-dir-is-a-file", lambda w: (w.evaluate("--report-dir", _file(w.root / "r")),
                                                      [str(w.root / "r"), "not a folder"])),
     Case("evaluate-epochs-zero", lambda w: (w.evaluate("--epochs", 0), ["--epochs 0"])),
+    # launched as several processes (accelerate launch, torchrun): only fit trains across them
+    Case("launch-generate-as-two-processes", lambda w: (w.generate("--num", 6), ["`anomalygen generate` runs as one process, not 2",
+                                                                                "--processes N"]), env={"WORLD_SIZE": "2", "RANK": "1"}),
+    Case("launch-world-size-malformed", lambda w: (w.fit(w.root / "model"), ["WORLD_SIZE='two'"]), env={"WORLD_SIZE": "two"}),
     Case("evaluate-inception-weights-missing", lambda w: (w.evaluate("--metrics", "is", "--inception-weights",
                                                                      w.root / "nope.pth"), [str(w.root / "nope.pth")])),
 ]
@@ -215,7 +220,7 @@ def test_case_is_one_clear_line_and_damages_nothing(world, case):
     with lock_held_elsewhere(world.nut, "generate") if case.hold_lock else nullcontext() as holder:
         before = {path: snapshot(path) for path in (world.data, world.outside)}
         written = snapshot(world.out)  # the holder's lock record included: it stays when the holder is killed
-        result = run_cli(*args, fault=_fault(case, world))
+        result = run_cli(*args, fault=_fault(case, world), env=case.env)
     assert_user_error(result, *fragments, *([f"pid {holder.pid}"] if holder else []))
     for path, state in before.items():
         assert_unchanged(state, path)

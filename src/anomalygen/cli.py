@@ -131,7 +131,8 @@ def fit(
     options = {key: value for key, value in given.items() if value is not None}
     options.update(pipeline.parse_settings(settings))
     saved = pipeline.fit(method, data, out, category=category, options=options, skip_bad=skip_bad, warn=_warn)
-    console.print(f"{method}: model saved in {saved}", highlight=False)
+    if pipeline.launched()[0] == 0:  # the process that saved
+        console.print(f"{method}: model saved in {saved}", highlight=False)
 
 
 @app.command("pretrain")
@@ -375,7 +376,27 @@ def main() -> None:
             sys.exit(2)
         command = error.ctx.command_path if getattr(error, "ctx", None) else "anomalygen"
         _error(f"{error.format_message()} (see `{command} --help`)", 2)
+    finally:
+        _close_process_group()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+@app.callback()
+@user_errors
+def _one_process_unless_fit(context: typer.Context) -> None:
+    processes = pipeline.launched()[1]
+    if processes > 1 and context.invoked_subcommand != "fit":
+        _error(f"`anomalygen {context.invoked_subcommand}` runs as one process, not {processes} (only `fit` trains "
+               "across processes); launch it without accelerate/torchrun" + (
+                   ", with --processes N to shard generation" if context.invoked_subcommand == "generate" else ""), 2)
+
+
+def _close_process_group() -> None:
+    """Close the process group a multi-process ``fit`` opened (accelerate does not): left to the
+    interpreter's teardown, gloo can abort the process ("terminate called without an active exception")."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

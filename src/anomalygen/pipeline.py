@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,16 @@ def parse_settings(pairs: Iterable[str]) -> dict[str, Any]:
     return settings
 
 
+def launched() -> tuple[int, int]:
+    """(rank, number of processes) of a multi-process launch (``accelerate launch``, ``torchrun``: their
+    ``RANK`` and ``WORLD_SIZE``); ``(0, 1)`` for a plain run."""
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise AnomalygenError(f"RANK={os.environ.get('RANK')!r}, WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: "
+                              "not the whole numbers a multi-process launcher sets") from None
+
+
 def build(method: str, options: Mapping[str, Any]) -> AnomalyGenerator:
     """``create(method, **options)``, with a wrong option reported as a user error."""
     try:
@@ -104,12 +116,16 @@ def fit(
 
     ``out`` is locked (``anomalygen.io.folder_lock``) before fitting: a file in the way, a place
     that cannot be written or a second fit into it is refused before any training time is spent.
+    Under a multi-process launch every process fits (the core trainer averages their gradients)
+    and the first one alone locks ``out`` and saves.
     """
     generator = build(method, options or {})
     _, defects, goods = load_training(data, category, skip_bad=skip_bad, warn=warn)
-    with folder_lock(out, "fit"):
+    first = launched()[0] == 0
+    with folder_lock(out, "fit") if first else nullcontext():
         generator.fit(defects, goods)
-        generator.save(out)
+        if first:
+            generator.save(out)
     return Path(out)
 
 
