@@ -191,11 +191,12 @@ def install_hooks(
     Returns the installed processors by layer name: the handle to pass to ``remove_hooks``.
     """
     installed = {}
+    device = unet.device  # (diffusers' ``device`` walks every submodule: once, not per layer)
     for layer in attention_layers(unet) if layers is None else layers:
         previous = layer.module.processor
         earlier = list(previous.hooks) if isinstance(previous, HookedAttnProcessor) else []
         processor = HookedAttnProcessor(layer.name, [*earlier, *factory(layer)], previous)
-        processor.to(device=unet.device)
+        processor.to(device=device)
         layer.module.set_processor(processor)
         installed[layer.name] = processor
     return installed
