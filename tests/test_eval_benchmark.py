@@ -98,6 +98,8 @@ def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo
     loads = []
     real_load = AnomalyGenerator.load.__func__
     monkeypatch.setattr(AnomalyGenerator, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
+    reads, real_read = [], pipeline.load_training
+    monkeypatch.setattr(pipeline, "load_training", lambda *a, **k: reads.append(a) or real_read(*a, **k))
     result = benchmark(demo_root, [method], tmp_path / "bench", category="nut", num_per_type=2,
                        metrics=["localization"], device="cpu", settings=settings,
                        # one draw per sample: a random tiny model's samples fail the validity checks, and
@@ -110,6 +112,7 @@ def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo
     assert set(report["generated_counts"].values()) == {2}
     assert method in (tmp_path / "bench" / "comparison.md").read_text()
     assert len(loads) == 1  # the fitted model is loaded once for the 3 defect types
+    assert len(reads) == 1  # the category's images are read once for the fit and the 3 types
     # ... and generates what a fresh load of it generates for each type
     for defect_type in ("dent", "stain"):
         fresh = pipeline.generate(None, demo_root, tmp_path / "fresh" / defect_type, 2, category="nut", seed=0,

@@ -62,15 +62,17 @@ def generate_per_type(
 
     A method that learns is fitted once (``OUT/<method>/models/<category>``), loaded once, and
     every type is generated from it; a saved model is reused, so a re-run does not train again.
+    The category's images are read once for the fit and every type.
     """
-    real = load_category(data, category, skip_bad=skip_bad)
+    training = pipeline.load_training(data, category, skip_bad=skip_bad)
+    real = training[0]
     merged = out / method / real.name
     checkpoint = model = None
     if get_method(method).needs_fit:
         checkpoint = out / method / "models" / real.name
         saved = checkpoint / CONFIG_FILE
         if not saved.is_file():
-            pipeline.fit(method, data, checkpoint, category=category, options=options, skip_bad=skip_bad)
+            pipeline.fit(method, data, checkpoint, category=category, options=options, skip_bad=skip_bad, training=training)
         elif json.loads(saved.read_text())["options"] != pipeline.build(method, options or {}).config():
             raise AnomalygenError(f"{checkpoint}: a {method} model fitted with other options; delete it or "
                                   f"benchmark into another --out")
@@ -78,7 +80,7 @@ def generate_per_type(
     for defect_type in real.defect_types:
         run = out / method / "runs" / defect_type
         result = pipeline.generate(None if checkpoint else method, data, run, num_per_type, category=category,
-                                   seed=seed, checkpoint=checkpoint, loaded=model, defect_type=defect_type,
+                                   seed=seed, checkpoint=checkpoint, loaded=model, training=training, defect_type=defect_type,
                                    options=None if checkpoint else options, skip_bad=skip_bad, max_attempts=max_attempts)
         for part in ("test", "ground_truth"):
             _link(result.out / part / defect_type, merged / part / defect_type)

@@ -29,6 +29,7 @@ from anomalygen.sharding import ShardJob, sharded_samples
 from anomalygen.validity import Calibration, first_valid, judge, sub_seed
 
 Warn = Callable[[str], None]
+Training = tuple[CategoryData, list, list]  # what ``load_training`` returns
 
 
 @dataclass
@@ -85,7 +86,7 @@ def build(method: str, options: Mapping[str, Any]) -> AnomalyGenerator:
 
 def load_training(
     data: str | Path, category: str | None = None, *, skip_bad: bool = False, warn: Warn | None = None
-) -> tuple[CategoryData, list, list]:
+) -> Training:
     """The category, its paper-split training defects and its ``train/good`` images.
 
     With ``skip_bad`` every file is checked first; each bad one is passed to ``warn`` and left out.
@@ -111,16 +112,18 @@ def fit(
     options: Mapping[str, Any] | None = None,
     skip_bad: bool = False,
     warn: Warn | None = None,
+    training: Training | None = None,
 ) -> Path:
     """Fit ``create(method, **options)`` on the training split of a category and save it to ``out``.
 
     ``out`` is locked (``anomalygen.io.folder_lock``) before fitting: a file in the way, a place
     that cannot be written or a second fit into it is refused before any training time is spent.
     Under a multi-process launch every process fits (the core trainer averages their gradients)
-    and the first one alone locks ``out`` and saves.
+    and the first one alone locks ``out`` and saves. ``training``: ``load_training(data, category,
+    skip_bad=skip_bad)``, already loaded by the caller.
     """
     generator = build(method, options or {})
-    _, defects, goods = load_training(data, category, skip_bad=skip_bad, warn=warn)
+    _, defects, goods = training or load_training(data, category, skip_bad=skip_bad, warn=warn)
     first = launched()[0] == 0
     with folder_lock(out, "fit") if first else nullcontext():
         generator.fit(defects, goods)
@@ -144,6 +147,7 @@ def generate(
     seed: int = 0,
     checkpoint: str | Path | None = None,
     loaded: AnomalyGenerator | None = None,
+    training: Training | None = None,
     defect_type: str | None = None,
     options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -165,7 +169,8 @@ def generate(
     GPU): the same output as one process.
     With ``with_good`` the real good images are copied too (``copy_goods``).
     ``loaded``: the model at ``checkpoint``, already loaded by the caller (e.g. once for all defect
-    types), used instead of loading it again.
+    types), used instead of loading it again; ``training`` likewise ``load_training(data, category,
+    skip_bad=skip_bad)``.
     """
     if not 1 <= num <= MAX_SAMPLES:
         raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
@@ -184,7 +189,7 @@ def generate(
         raise AnomalygenError("give --method (or --checkpoint with a fitted model)")
     else:
         generator = build(method, options or {})
-    category_data, defects, goods = load_training(data, category, skip_bad=skip_bad, warn=warn)
+    category_data, defects, goods = training or load_training(data, category, skip_bad=skip_bad, warn=warn)
     run = {
         "method": generator.name,
         "seed": seed,
