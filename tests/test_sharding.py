@@ -1,5 +1,7 @@
 """generate --processes N: the same files as one process, resumable, errors as one line."""
 
+import os
+
 import pytest
 
 from anomalygen import pipeline
@@ -98,3 +100,27 @@ def test_a_failing_process_stops_the_run_with_its_error(demo_root, tmp_path, mon
     with pytest.raises(AnomalygenError, match="generation process .: .*not a saved anomalygen model"):
         pipeline.generate("croppaste", demo_root / "nut", tmp_path / "out", 4, processes=2)
     assert (tmp_path / "out" / "nut" / "manifest.jsonl").exists() is False or not (tmp_path / "out" / "nut" / "manifest.jsonl").read_text()
+
+
+def test_a_process_works_in_the_environment_its_job_was_made_in(demo_root, tmp_path, monkeypatch):
+    """The processes fork from a server started with the environment of its first use; each takes on
+    the caller's environment of the job's making (e.g. ``--compile``'s ``ANOMALYGEN_COMPILE``)."""
+    import queue
+
+    from anomalygen import sharding
+    from anomalygen.methods.base import create
+
+    model = tmp_path / "model"
+    _, defects, goods = pipeline.load_training(demo_root / "nut")
+    generator = create("croppaste")
+    generator.fit(defects, goods)
+    generator.save(model)
+    monkeypatch.setenv("ANOMALYGEN_COMPILE", "1")
+    job = ShardJob(str(model), str(demo_root / "nut"), None, False, 0, start=0, num=2, block=2, processes=1,
+                   defect_type=None, calibration=None, max_attempts=1)
+    monkeypatch.setenv("ANOMALYGEN_COMPILE", "0")  # what the server's environment would be
+    monkeypatch.setenv("LEFT_OVER", "1")
+    out = queue.Queue()
+    sharding._work(job, 0, out)
+    assert os.environ.get("ANOMALYGEN_COMPILE") == "1" and "LEFT_OVER" not in os.environ
+    assert [out.get()[0] for _ in range(3)] == ["sample", "sample", "done"]

@@ -3,8 +3,9 @@
 Sample ``i`` depends only on the run's seed and ``i`` (``seeding.sample_rng``), so the indices can be
 made anywhere. The still-missing indices are cut into blocks of ``block`` samples (one batched
 ``generate`` call each), dealt to the processes in turn (block ``j`` to process ``j mod N``). Each
-process loads the fitted model from a saved folder, reads the good images itself, makes (and, with the
-filter, checks and redraws) its samples and sends them back; this process writes them in index order
+process (forked from a server that imported the libraries once, with the caller's environment) loads
+the fitted model from a saved folder, reads the good images itself, makes (and, with the filter, checks
+and redraws) its samples and sends them back; this process writes them in index order
 through the one ``SampleWriter``, so the output, its manifest and resume are exactly those of a
 one-process run. Process ``k`` uses ``cuda:k mod (number of GPUs)``, or its share of the CPU cores.
 """
@@ -16,7 +17,7 @@ import os
 import queue as queues
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class ShardJob:
     defect_type: str | None
     calibration: Any  # validity.Calibration with the filter on, else None
     max_attempts: int
+    environment: dict[str, str] = field(default_factory=lambda: dict(os.environ))  # the caller's, at the job's making
 
 
 def blocks(job: ShardJob, rank: int) -> list[tuple[int, int]]:
@@ -50,6 +52,8 @@ def blocks(job: ShardJob, rank: int) -> list[tuple[int, int]]:
 
 def _work(job: ShardJob, rank: int, out: mp.Queue) -> None:
     """One process: make its blocks and send ``("sample", index, sample)``, then ``("done", rank, None)``."""
+    os.environ.clear()  # the forkserver's environment is the one it started with
+    os.environ.update(job.environment)
     try:
         import torch
 
@@ -84,7 +88,7 @@ def sharded_samples(job: ShardJob, generator: Any) -> Iterator[AnomalySample]:
 
 
 def _collect(job: ShardJob) -> Iterator[AnomalySample]:
-    context = mp.get_context("spawn")  # CUDA cannot be forked
+    context = _context()
     results = context.Queue()
     workers = [context.Process(target=_work, args=(job, rank, results), daemon=True) for rank in range(job.processes)]
     for worker in workers:
@@ -116,6 +120,16 @@ def _collect(job: ShardJob) -> Iterator[AnomalySample]:
             if worker.is_alive():
                 worker.terminate()
             worker.join()
+
+
+def _context() -> mp.context.BaseContext:
+    """Processes forked from a server that imported torch and the package once (CUDA, not yet
+    initialised there, is safe), not each importing them again; spawned where there is no forkserver."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "diffusers", "transformers", "anomalygen.pipeline", "anomalygen.methods"])
+    return context
 
 
 def shard_model(generator: Any, folder: Path) -> str:
