@@ -254,6 +254,28 @@ def test_folder_lock_refuses_a_second_process_and_frees_on_exit(tmp_path):
     assert _lock_from_another_process(tmp_path / "w").stdout == "got it\n"
 
 
+def test_a_holder_caught_before_writing_its_record_is_still_named(tmp_path):
+    """Between a holder's flock and its record there is a moment with an empty record: the refused
+    one reads it again and names the holder."""
+    import fcntl
+    import threading
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held, its record not written yet
+    record = json.dumps({"what": "fit", "pid": 4242, "host": "h", "started": "then", "command": "c"}).encode()
+    writer = threading.Timer(0.1, lambda: os.pwrite(fd, record, 0))
+    writer.start()
+    try:
+        with pytest.raises(AnomalygenError, match=r"in use by another anomalygen fit \(pid 4242 on h"):
+            with folder_lock(folder, "generate"):
+                pass
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_folder_lock_survives_kill_9(tmp_path):
     """flock dies with its process: a holder killed with SIGKILL leaves a record but no lock."""
     with lock_held_elsewhere(tmp_path, "fit") as holder:

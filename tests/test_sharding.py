@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from anomalygen import pipeline
 from anomalygen.errors import AnomalygenError
@@ -120,7 +121,10 @@ def test_a_process_works_in_the_environment_its_job_was_made_in(demo_root, tmp_p
                    defect_type=None, calibration=None, max_attempts=1)
     monkeypatch.setenv("ANOMALYGEN_COMPILE", "0")  # what the server's environment would be
     monkeypatch.setenv("LEFT_OVER", "1")
-    out = queue.Queue()
-    sharding._work(job, 0, out)
+    out, threads = queue.Queue(), torch.get_num_threads()
+    try:
+        sharding._work(job, 0, out)
+    finally:
+        torch.set_num_threads(threads)  # (a process sets its share of the cores: not this one's to keep)
     assert os.environ.get("ANOMALYGEN_COMPILE") == "1" and "LEFT_OVER" not in os.environ
     assert [out.get()[0] for _ in range(3)] == ["sample", "sample", "done"]

@@ -34,6 +34,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from datetime import datetime
@@ -141,14 +142,18 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _holder(fd: int) -> str:
-    """Who holds a lock, from the record its holder wrote."""
-    try:
-        record = json.loads(os.pread(fd, 4096, 0))
-        return (f"another anomalygen {record['what']} (pid {record['pid']} on {record['host']}, "
-                f"started {record['started']}: {record['command']})")
-    except (OSError, ValueError, TypeError, KeyError):
-        return "another anomalygen process"
+def _holder(fd: int, tries: int = 20) -> str:
+    """Who holds a lock, from the record its holder wrote (it writes it just after taking the lock:
+    an empty record is read again for up to ``tries`` x 25 ms)."""
+    for attempt in range(tries):
+        try:
+            record = json.loads(os.pread(fd, 4096, 0))
+            return (f"another anomalygen {record['what']} (pid {record['pid']} on {record['host']}, "
+                    f"started {record['started']}: {record['command']})")
+        except (OSError, ValueError, TypeError, KeyError):
+            if attempt + 1 < tries:
+                time.sleep(0.025)
+    return "another anomalygen process"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
