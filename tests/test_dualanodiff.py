@@ -17,7 +17,7 @@ from anomalygen.methods.base import AnomalyGenerator, create
 from anomalygen.methods.dualanodiff import DualAnoDiff
 from anomalygen.methods.dualanodiff.bcm import BackgroundMix
 from anomalygen.methods.dualanodiff.saim import SAIM
-from anomalygen.methods.dualanodiff.segment import mask_from_attention, mask_from_part, token_attention
+from anomalygen.methods.dualanodiff.segment import decoded_background, mask_from_attention, mask_from_part, token_attention
 from anomalygen.types import DefectExample
 
 torch.set_num_threads(1)
@@ -395,6 +395,40 @@ def test_threshold_mask_matches_the_drawn_region(cx, cy, rx, ry, contrast, darke
     noise = background + rng.uniform(-0.05, 0.05, (128, 128, 3)).clip(-background, None)  # the VAE's speckle
     part = (np.where(region[..., None], texture, noise) * 255).round().astype(np.uint8)
     assert iou(mask_from_part(part, background), region) > 0.9
+
+
+def test_a_shifted_background_is_all_defect_against_gray_and_none_against_itself():
+    """A small prior's autoencoder returns gray as another colour: against the nominal gray the whole
+    part image is "defect", against that colour (``mask_reference="decoded"``) only the defect is."""
+    shifted = (0.70, 0.49, 0.38)
+    part = np.empty((64, 64, 3), np.uint8)
+    part[:] = np.round(np.array(shifted) * 255)
+    part[20:40, 10:30] = (40, 200, 60)
+    region = np.zeros((64, 64), bool)
+    region[20:40, 10:30] = True
+    assert mask_from_part(part, 0.5).all()
+    assert iou(mask_from_part(part, shifted), region) > 0.98  # (the opening may round the corners)
+
+
+def test_decoded_reference_is_a_plain_image_through_the_autoencoder_and_reaches_the_mask(fitted, monkeypatch):
+    import anomalygen.methods.dualanodiff.generator as module
+
+    generator, good = fitted
+    vae = generator.backbone.vae
+    with torch.no_grad():  # diffusers' AutoencoderKL round trip of a plain gray image, by hand
+        decoded = vae.decode(vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean).sample
+    expected = ((decoded + 1) / 2).clamp(0, 1)[0].mean((1, 2)).numpy()
+    np.testing.assert_allclose(decoded_background(generator.backbone, 0.5, 32), expected, atol=1e-5)
+    backgrounds = []
+    monkeypatch.setattr(module, "decoded_background", lambda backbone, value, size: (value, 0.25, 0.75))
+    monkeypatch.setattr(module, "mask_from_part", lambda part, background, *a: (backgrounds.append(background), np.ones(part.shape[:2], bool))[1])
+    for reference in ("nominal", "decoded"):
+        generator.opt["mask_reference"] = reference
+        try:
+            list(generator.generate(good, 1, seed=3))
+        finally:
+            generator.opt["mask_reference"] = "nominal"
+    assert backgrounds == [0.5, (0.5, 0.25, 0.75)]
 
 
 def test_token_attention_reads_the_chosen_rows_and_tokens_and_sums_the_layers():

@@ -40,7 +40,9 @@ from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resize_mask, res
 from anomalygen.methods.base import malformed_as_corrupt, model_path
 from anomalygen.methods.dualanodiff.bcm import BCM_MIXES, BackgroundMix
 from anomalygen.methods.dualanodiff.saim import SAIM
-from anomalygen.methods.dualanodiff.segment import MASK_SOURCES, mask_from_attention, mask_from_part, token_attention
+from anomalygen.methods.dualanodiff.segment import (
+    MASK_REFERENCES, MASK_SOURCES, decoded_background, mask_from_attention, mask_from_part, token_attention,
+)
 from anomalygen.methods.diffusion_base import DiffusionGenerator
 from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, Text, diffusion_options
 from anomalygen.seeding import sample_rng
@@ -79,6 +81,7 @@ def _options() -> OptionSpec:
         num_inference_steps=Int(100, 1),
         mask_source=Choice("threshold", MASK_SOURCES),
         mask_threshold=Float(0.15, 0, 1),  # how far from the part background ([0, 1]) a pixel must be
+        mask_reference=Choice("nominal", MASK_REFERENCES),  # that background: its value | as the autoencoder returns it
         attention_threshold=Float(0.5, 0, 1),  # of the attention map scaled to [0, 1]
         mask_min_area=Float(5e-4, 0, 1),  # components smaller than this share of the image are dropped
         mask_tries=Int(4, 1),  # draws per sample until its mask is not empty
@@ -416,6 +419,9 @@ class DualAnoDiff(DiffusionGenerator):
                 images = to_uint8(decode_latents(backbone, latents))
         finally:
             remove_hooks(backbone.unet, handle)
+        background = PART_BACKGROUNDS[opt["part_background"]]
+        if recorder is None and opt["mask_reference"] == "decoded":
+            background = decoded_background(backbone, background, size)
         out = []
         for j in range(n):
             whole, part = images[j], images[n + j]
@@ -423,8 +429,7 @@ class DualAnoDiff(DiffusionGenerator):
                 mask = mask_from_attention(attention[j].numpy(), part.shape[:2], opt["attention_threshold"],
                                            opt["mask_min_area"])
             else:
-                mask = mask_from_part(part, PART_BACKGROUNDS[opt["part_background"]], opt["mask_threshold"],
-                                      opt["mask_min_area"])
+                mask = mask_from_part(part, background, opt["mask_threshold"], opt["mask_min_area"])
             out.append((whole, mask))
         return out
 

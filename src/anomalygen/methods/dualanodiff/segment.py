@@ -8,12 +8,17 @@ construction. Two ways, as the paper names them:
   ``threshold`` in any channel ([0, 1] scale), cleaned by morphology (opening removes specks,
   closing and hole filling close the region) and with components below ``min_area`` of the image
   dropped. The official code segments with a U²-Net saliency model at 0.5; its weights cannot be
-  assumed here, and on a plain background the difference from it is what saliency finds.
+  assumed here, and on a plain background the difference from it is what saliency finds. The
+  background is the nominal value (gray 0.5), or, with ``decoded``, that plain image as the model's
+  autoencoder returns it (``decoded_background``): an autoencoder that shifts the colour (a small
+  prior's) would otherwise make the whole image "defect".
 - ``attention``: the mean cross-attention map of the defect token in the anomaly branch, scaled to
   [0, 1] by its maximum, above ``threshold``, with the same clean-up.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -21,7 +26,11 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from anomalygen.diffusion.backbone import Backbone
+from anomalygen.diffusion.sampling import decode_latents, encode_images
+
 MASK_SOURCES = ("threshold", "attention")
+MASK_REFERENCES = ("nominal", "decoded")
 
 
 def clean(mask: np.ndarray, min_area: float = 5e-4) -> np.ndarray:
@@ -40,12 +49,21 @@ def clean(mask: np.ndarray, min_area: float = 5e-4) -> np.ndarray:
     return out.astype(bool)
 
 
-def mask_from_part(part: np.ndarray, background: float = 0.5, threshold: float = 0.15,
+def mask_from_part(part: np.ndarray, background: float | Sequence[float] = 0.5, threshold: float = 0.15,
                    min_area: float = 5e-4) -> np.ndarray:
     """Bool (H, W) mask of a uint8 (H, W, 3) anomaly-part image on a plain ``background`` (its
-    value in [0, 1]: 0.5 gray, 0 black): the pixels farther than ``threshold`` from it in any channel."""
+    value in [0, 1], one or per channel: 0.5 gray, 0 black): the pixels farther than ``threshold``
+    from it in any channel."""
     values = np.asarray(part, np.float32).reshape(*part.shape[:2], -1) / 255
-    return clean(np.abs(values - background).max(axis=-1) > threshold, min_area)
+    return clean(np.abs(values - np.asarray(background, np.float32)).max(axis=-1) > threshold, min_area)
+
+
+def decoded_background(backbone: Backbone, value: float, size: int) -> tuple[float, ...]:
+    """The per-channel mean, in [0, 1], of a plain ``value`` image of ``size`` px after the
+    backbone's autoencoder (encoded to its posterior mean, decoded)."""
+    plain = torch.full((1, 3, size, size), float(value))
+    decoded = decode_latents(backbone, encode_images(backbone, plain.to(backbone.device)))
+    return tuple(float(c) for c in decoded[0].mean((1, 2)))
 
 
 def token_attention(maps: dict[str, torch.Tensor], rows: slice, tokens: slice, size: tuple[int, int]) -> torch.Tensor:
