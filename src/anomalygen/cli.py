@@ -24,6 +24,7 @@ from anomalygen import pipeline
 from anomalygen.errors import AnomalygenError
 from anomalygen.io import os_error
 from anomalygen.methods.base import available_methods
+from anomalygen.pretrain.config import PretrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 datasets_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
@@ -140,24 +141,24 @@ def fit(
 def pretrain_command(
     data: list[Path] = typer.Option(..., "--data", help="Dataset root or category folder (repeat for more); its train/good images."),
     out: Path = typer.Option(..., "--out", help="Folder for the model (diffusers format, for --model); re-running resumes."),
-    resolution: int = typer.Option(64, "--resolution", help="Training size in px: 64, 128 or 256 (any multiple of 32 up to 512)."),
-    size: str = typer.Option("small", "--size", help="Model size: tiny (tests), small (CPU) or base (GPU)."),
+    resolution: int = typer.Option(PretrainConfig.resolution, "--resolution", help="Training size in px: 64, 128 or 256 (any multiple of 32 up to 512)."),
+    size: str = typer.Option(PretrainConfig.size, "--size", help="Model size: tiny (tests), small (CPU) or base (GPU)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop this run after MINUTES (re-run to go on)."),
-    vae_share: float = typer.Option(0.25, "--vae-share", help="Share of --time-budget the autoencoder may take (it trains first)."),
-    max_steps: int = typer.Option(30000, "--max-steps", help="UNet training steps."),
-    vae_steps: int = typer.Option(3000, "--vae-steps", help="Autoencoder training steps (trained first)."),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    lr: float = typer.Option(2e-4, "--lr", help="The UNet's AdamW learning rate."),
-    vae_lr: float = typer.Option(2e-4, "--vae-lr", help="The autoencoder's AdamW learning rate."),
-    include_defects: bool = typer.Option(False, "--include-defects", help="Also train on the training third of each defect type."),
+    vae_share: float = typer.Option(PretrainConfig.vae_share, "--vae-share", help="Share of --time-budget the autoencoder may take (it trains first)."),
+    max_steps: int = typer.Option(PretrainConfig.max_steps, "--max-steps", help="UNet training steps."),
+    vae_steps: int = typer.Option(PretrainConfig.vae_steps, "--vae-steps", help="Autoencoder training steps (trained first)."),
+    batch_size: int = typer.Option(PretrainConfig.batch_size, "--batch-size"),
+    lr: float = typer.Option(PretrainConfig.unet_lr, "--lr", help="The UNet's AdamW learning rate."),
+    vae_lr: float = typer.Option(PretrainConfig.vae_lr, "--vae-lr", help="The autoencoder's AdamW learning rate."),
+    include_defects: bool = typer.Option(PretrainConfig.include_defects, "--include-defects", help="Also train on the training third of each defect type."),
     vae_colour_augment: float = typer.Option(
-        0.5, "--vae-colour-augment", help="Share of autoencoder crops recoloured (channel orders, inversion) so it can "
+        PretrainConfig.vae_colour_augment, "--vae-colour-augment", help="Share of autoencoder crops recoloured (channel orders, inversion) so it can "
         "encode colours your good images lack, as defects have; 0: none."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(PretrainConfig.seed, "--seed"),
 ) -> None:
     """Train a base diffusion model from scratch on your own images (air-gapped: nothing is downloaded)."""
-    from anomalygen.pretrain import PretrainConfig, pretrain
+    from anomalygen.pretrain import pretrain
 
     config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
                             unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, vae_colour_augment=vae_colour_augment,

@@ -3,10 +3,20 @@ images, for machines that cannot download one (see ``pretrain.run`` for the meth
 
 ``pretrain(data, out, PretrainConfig(...))`` writes a diffusers Stable Diffusion folder that
 ``load_backbone(out)`` (every method's ``--model``) and ``StableDiffusionPipeline.from_pretrained``
-load. ``pretrain.data`` reads the images and prompts, ``pretrain.models`` holds the component
-configs (presets ``tiny``, ``small``, ``base``) and the tokenizer.
+load. ``pretrain.config`` holds the settings, ``pretrain.data`` reads the images and prompts,
+``pretrain.models`` holds the component configs (presets ``tiny``, ``small``, ``base``) and the tokenizer.
 """
 
-from anomalygen.pretrain.run import PretrainConfig, pretrain
+from typing import Any
+
+from anomalygen.pretrain.config import PretrainConfig
 
 __all__ = ["PretrainConfig", "pretrain"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "pretrain":  # torch, diffusers and transformers: loaded when the work is asked for
+        from anomalygen.pretrain.run import pretrain
+
+        return pretrain
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

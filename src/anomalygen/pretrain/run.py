@@ -47,7 +47,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,10 @@ from anomalygen.devices import resolve_device
 from anomalygen.diffusion.backbone import Backbone
 from anomalygen.diffusion.sampling import decode_latents, sample_generators, sample_latents, to_uint8
 from anomalygen.diffusion.train import LOG_FILE, TrainConfig, latest_checkpoint, load_trainable, save_grid, train
-from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.errors import DataError
 from anomalygen.io import LOCK_FILE, atomic_write_text, folder_lock, read_json
 from anomalygen.pretrain.data import COLOURINGS, PretrainImages, colour_variant, colour_variants, load_pretrain_images
+from anomalygen.pretrain.config import PretrainConfig
 from anomalygen.pretrain.models import PRESETS, build_tokenizer, component_configs
 
 SETTINGS = "training/settings.json"
@@ -72,50 +73,6 @@ REPORT = "pretrain.json"
 # settings that may change when a run is resumed (the others define the model)
 RESUMABLE = ("vae_steps", "max_steps", "time_budget_s", "vae_share", "checkpoint_every", "sample_every", "device")
 Say = Callable[[str], None]
-
-
-@dataclass
-class PretrainConfig:
-    resolution: int = 64
-    size: str = "small"  # tiny | small | base (pretrain.models.PRESETS)
-    vae_steps: int = 3000
-    max_steps: int = 30000  # UNet steps
-    batch_size: int = 16
-    vae_lr: float = 2e-4
-    unet_lr: float = 2e-4
-    kl_weight: float = 1e-6
-    vae_colour_augment: float = 0.5  # share of autoencoder crops recoloured (data.colour_variants)
-    ema_decay: float = 0.999
-    uncond_prob: float = 0.1
-    include_defects: bool = False
-    time_budget_s: float | None = None  # this run's wall time; the autoencoder gets at most vae_share of it
-    vae_share: float = 0.25
-    checkpoint_every: int = 250
-    sample_every: int = 500
-    seed: int = 0
-    device: str | None = None
-
-    def check(self) -> None:
-        """Every value, before anything is read or written."""
-        if self.resolution % 32 or not 32 <= self.resolution <= 512:
-            raise AnomalygenError(f"--resolution {self.resolution}: use a multiple of 32 from 32 to 512 (64, 128 or 256)")
-        if self.size not in PRESETS:
-            raise AnomalygenError(f"--size {self.size!r}: use one of {', '.join(PRESETS)}")
-        for name in ("vae_steps", "max_steps", "batch_size", "checkpoint_every", "sample_every"):
-            if getattr(self, name) < 1:
-                raise AnomalygenError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for flag, value in (("--lr", self.unet_lr), ("--vae-lr", self.vae_lr)):
-            if not (math.isfinite(value) and 0 < value <= 1):
-                raise AnomalygenError(f"{flag} {value:g}: must be a learning rate in (0, 1]")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise AnomalygenError(f"--time-budget {self.time_budget_s / 60:g}: must be more than 0 minutes")
-        if not (math.isfinite(self.vae_colour_augment) and 0 <= self.vae_colour_augment <= 1):
-            raise AnomalygenError(f"--vae-colour-augment {self.vae_colour_augment:g}: must be a share in [0, 1]")
-        if not (math.isfinite(self.vae_share) and 0 < self.vae_share < 1):
-            raise AnomalygenError(f"--vae-share {self.vae_share:g}: must be a share of the time budget in (0, 1)")
-        if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1):
-            raise AnomalygenError("uncond_prob and ema_decay must lie in [0, 1)")
-        resolve_device(self.device)
 
 
 def _check_out(out: Path) -> None:

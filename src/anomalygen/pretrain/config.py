@@ -1,0 +1,59 @@
+"""``PretrainConfig``: the settings of a ``pretrain`` run, their defaults and their checks.
+
+Light to import (torch and the models load only in ``check``), so that the command line takes its
+defaults from here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from anomalygen.errors import AnomalygenError
+
+
+@dataclass
+class PretrainConfig:
+    resolution: int = 64
+    size: str = "small"  # tiny | small | base (pretrain.models.PRESETS)
+    vae_steps: int = 3000
+    max_steps: int = 30000  # UNet steps
+    batch_size: int = 16
+    vae_lr: float = 2e-4
+    unet_lr: float = 2e-4
+    kl_weight: float = 1e-6
+    vae_colour_augment: float = 0.5  # share of autoencoder crops recoloured (data.colour_variants)
+    ema_decay: float = 0.999
+    uncond_prob: float = 0.1
+    include_defects: bool = False
+    time_budget_s: float | None = None  # this run's wall time; the autoencoder gets at most vae_share of it
+    vae_share: float = 0.25
+    checkpoint_every: int = 250
+    sample_every: int = 500
+    seed: int = 0
+    device: str | None = None
+
+    def check(self) -> None:
+        """Every value, before anything is read or written."""
+        from anomalygen.devices import resolve_device  # (torch: not for the command line's defaults)
+        from anomalygen.pretrain.models import PRESETS
+
+        if self.resolution % 32 or not 32 <= self.resolution <= 512:
+            raise AnomalygenError(f"--resolution {self.resolution}: use a multiple of 32 from 32 to 512 (64, 128 or 256)")
+        if self.size not in PRESETS:
+            raise AnomalygenError(f"--size {self.size!r}: use one of {', '.join(PRESETS)}")
+        for name in ("vae_steps", "max_steps", "batch_size", "checkpoint_every", "sample_every"):
+            if getattr(self, name) < 1:
+                raise AnomalygenError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for flag, value in (("--lr", self.unet_lr), ("--vae-lr", self.vae_lr)):
+            if not (math.isfinite(value) and 0 < value <= 1):
+                raise AnomalygenError(f"{flag} {value:g}: must be a learning rate in (0, 1]")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise AnomalygenError(f"--time-budget {self.time_budget_s / 60:g}: must be more than 0 minutes")
+        if not (math.isfinite(self.vae_colour_augment) and 0 <= self.vae_colour_augment <= 1):
+            raise AnomalygenError(f"--vae-colour-augment {self.vae_colour_augment:g}: must be a share in [0, 1]")
+        if not (math.isfinite(self.vae_share) and 0 < self.vae_share < 1):
+            raise AnomalygenError(f"--vae-share {self.vae_share:g}: must be a share of the time budget in (0, 1)")
+        if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1):
+            raise AnomalygenError("uncond_prob and ema_decay must lie in [0, 1)")
+        resolve_device(self.device)
