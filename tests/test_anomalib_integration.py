@@ -57,14 +57,14 @@ def _cli(*args) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _engine(root: Path, *callbacks):
+def _engine(root: Path):
     """anomalib's Engine for 2 CPU steps, writing no checkpoint (``save_top_k=0``: the tests use the
     model in memory; a checkpoint is hundreds of MB and seconds to write)."""
     from anomalib.callbacks import ModelCheckpoint
     from anomalib.engine import Engine
 
     return Engine(max_steps=2, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
-                  enable_progress_bar=False, callbacks=[ModelCheckpoint(dirpath=root, save_top_k=0), *callbacks])
+                  enable_progress_bar=False, callbacks=[ModelCheckpoint(dirpath=root, save_top_k=0)])
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -317,19 +317,11 @@ def test_draem_trains_on_generated_defects_and_metrics_agree(ai, data, out, tmp_
     assert model.augmenter is augmenter and augmenter.probability == 0.5
     datamodule = ai.folder_datamodule(out, data, CATEGORY, num_workers=0, train_batch_size=4, eval_batch_size=16,
                                       val_split_mode="same_as_test")
-    from lightning.pytorch.callbacks import Callback
-
-    class TestBatches(Callback):  # the test pass's outputs (a predict pass would run the model again)
-        batches = []
-
-        def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
-            self.batches.append(outputs)
-
-    engine = _engine(tmp_path, TestBatches())
+    engine = _engine(tmp_path)
     engine.fit(model, datamodule=datamodule)
     assert augmenter.drawn == 8  # 2 steps x batch 4
     theirs = engine.test(model, datamodule=datamodule)[0]
-    batches = TestBatches.batches
+    batches = engine.predict(model, dataloaders=datamodule.test_dataloader())
     paths = [p for b in batches for p in b.image_path]
     maps = torch.cat([b.anomaly_map for b in batches]).numpy()
     scores = torch.cat([b.pred_score for b in batches]).numpy()
