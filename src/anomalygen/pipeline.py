@@ -123,7 +123,7 @@ def fit(
     skip_bad=skip_bad)``, already loaded by the caller.
     """
     generator = build(method, options or {})
-    _, defects, goods = training or load_training(data, category, skip_bad=skip_bad, warn=warn)
+    _, defects, goods = training if training is not None else load_training(data, category, skip_bad=skip_bad, warn=warn)
     first = launched()[0] == 0
     with folder_lock(out, "fit") if first else nullcontext():
         generator.fit(defects, goods)
@@ -189,7 +189,8 @@ def generate(
         raise AnomalygenError("give --method (or --checkpoint with a fitted model)")
     else:
         generator = build(method, options or {})
-    category_data, defects, goods = training or load_training(data, category, skip_bad=skip_bad, warn=warn)
+    category_data, defects, goods = training if training is not None else load_training(data, category, skip_bad=skip_bad,
+                                                                                          warn=warn)
     run = {
         "method": generator.name,
         "seed": seed,
