@@ -124,6 +124,14 @@ def test_other_seed_refused_then_overwrite(tmp_path, data, fake_method):
     assert read_manifest(tmp_path / "nut" / MANIFEST)[0]["seed"] == 5
 
 
+def test_a_summary_with_a_long_path_stays_one_line(tmp_path, data, fake_method):
+    """Rich wraps at 80 columns when not on a terminal: a path in a log cut in two could not be copied."""
+    out = tmp_path / ("long-folder-name-" * 8)
+    result = invoke("generate", "--method", "fake", "--data", data / "nut", "--out", out, "--num", 2)
+    assert result.exit_code == 0, result.output
+    assert f"fake: 2 samples in {out / 'nut'} (2 new)\n" in result.stderr
+
+
 def test_fit_and_generate_from_checkpoint(tmp_path, data, fake_method):
     model = tmp_path / "model"
     result = invoke("fit", "--method", "fake", "--data", data / "nut", "--out", model, "--set", "size=3", "--max-steps", 10)

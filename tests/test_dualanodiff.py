@@ -603,7 +603,7 @@ def test_cli_fit_generate_round_trip(demo_root, tmp_path):
                "--num", "3", "--seed", "1", "--max-attempts", "1"]
     first = runner.invoke(app, [*command, "--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
-    assert "3 threshold" in first.output.replace("\n", " ")
+    assert "(3 new, 3 threshold)" in first.output
     manifest = [json.loads(line) for line in (tmp_path / "a" / "fabric" / "manifest.jsonl").read_text().splitlines()]
     assert [m["defect_type"] for m in manifest] == ["cut", "hole", "stain"]
     assert all(m["source"] and m["meta"]["good_image"].startswith("background") for m in manifest)

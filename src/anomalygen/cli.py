@@ -29,7 +29,7 @@ from anomalygen.pretrain.config import PretrainConfig
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 datasets_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(datasets_app, name="datasets")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a line stays one line: paths in it can be copied, logs grepped
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,7 +62,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _error(message: str, code: int) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     sys.exit(code)
 
 
