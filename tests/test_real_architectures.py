@@ -187,13 +187,10 @@ def cheap_random_fills():
             return tensor
         return fill
 
-    for name in pools:
-        setattr(torch.Tensor, name, filler(name))
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for name in pools:
+            patch.setattr(torch.Tensor, name, filler(name))
         yield
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def _data(size: int = 64):
