@@ -67,7 +67,7 @@ def _error(message: str, code: int) -> None:
 
 
 def _warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
 
 
 @app.command()
