@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +28,17 @@ def images(folders: list[Path], size: int, limit: int = 48) -> dict[str, list[np
     found = {kind: sorted(p for f in folders for p in (f / part).glob("*/*.png"))
              for kind, part in (("image", "test"), ("mask", "ground_truth"))}
     found = {kind: paths[:: max(1, len(paths) // limit)][:limit] for kind, paths in found.items()}
-    return {"image": [np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in found["image"]],
-            "mask": [np.asarray(Image.open(p).convert("L").resize((size, size), Image.NEAREST)) for p in found["mask"]]}
+    return {"image": [read(p, "RGB", size, Image.BICUBIC) for p in found["image"]],
+            "mask": [read(p, "L", size, Image.NEAREST) for p in found["mask"]]}
+
+
+def read(path: Path, mode: str, size: int, resample: int) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode).resize((size, size), resample))
+    except OSError as error:  # PIL's unreadable or truncated file
+        print(f"error: {path}: unreadable image ({error})", file=sys.stderr)
+        sys.exit(2)
 
 
 def encode(arrays: list[np.ndarray], level: int, repeats: int = 3) -> tuple[float, int]:
@@ -47,6 +57,11 @@ def main() -> None:
     parser.add_argument("folders", nargs="*", type=Path)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
+    for folder in args.folders:
+        if not any((folder / "test").glob("*/*.png")) or not any((folder / "ground_truth").glob("*/*.png")):
+            parser.exit(2, f"error: {folder}: no test/*/*.png images with ground_truth/*/*.png masks (MVTec AD layout)\n")
+    if args.size < 1:
+        parser.exit(2, f"error: --size {args.size}: must be at least 1 px\n")
     with tempfile.TemporaryDirectory() as tmp:
         folders = args.folders or [make_demo_dataset(Path(tmp)) / name for name in ("fabric", "nut")]
         arrays = images(folders, args.size)
