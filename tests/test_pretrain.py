@@ -161,6 +161,39 @@ def test_mixed_sizes_are_resized_and_defects_only_on_request(demo, tmp_path):
     assert "a photo of nut with scratch" in with_defects.prompts
 
 
+@pytest.mark.parametrize("balanced", [True, False])
+def test_each_category_is_drawn_as_often_whatever_its_image_count(tmp_path, balanced):
+    """Balanced: a category of 1 training image gets half the crops beside one of 8; else 1 in 9."""
+    for i in range(9):
+        _image(tmp_path / "data" / "many" / "train" / "good" / f"{i}.png", (32, 32), i)
+    for i in range(2):  # one of the two is held back
+        _image(tmp_path / "data" / "few" / "train" / "good" / f"{i}.png", (32, 32), 10 + i)
+    for name in ("many", "few"):
+        (tmp_path / "data" / name / "test").mkdir()
+    data = load_pretrain_images([tmp_path / "data"], 32, balanced=balanced)
+    assert sorted(data.categories) == ["few", "many"] and len(data.images) == 8 + 1
+    few = data.prompts.index("a photo of few")
+    ids = [i for _ in range(20) for i in data.batch(100, torch.Generator().manual_seed(_))[1]]
+    share = ids.count(few) / len(ids)
+    assert (0.45 < share < 0.55) if balanced else (0.08 < share < 0.15), share
+    images = [torch.tensor(im).permute(2, 0, 1).float() / 127.5 - 1 for im in data.images]
+    drawn = {k for crop in data.batch(200, torch.Generator().manual_seed(0))[0]  # 32 px crops: whole images, or flipped
+             for k, im in enumerate(images) if torch.equal(crop, im) or torch.equal(crop, im.flip(-1))}
+    assert drawn == set(range(len(data.images)))  # every image of each category
+
+
+def test_a_folder_from_before_balance_resumes_only_with_balance_images(demo, tmp_path):
+    out = tmp_path / "prior"
+    config = {**TINY, "max_steps": 0, "vae_steps": 1}
+    pretrain([demo], out, PretrainConfig(**config, balance="images"), say=lambda m: None)
+    settings = json.loads((out / run.SETTINGS).read_text())
+    assert settings.pop("balance") == "images"
+    (out / run.SETTINGS).write_text(json.dumps(settings))  # as an older version wrote it
+    with pytest.raises(run.DataError, match="balance 'images' -> 'categories'"):
+        pretrain([demo], out, PretrainConfig(**config), say=lambda m: None)
+    pretrain([demo], out, PretrainConfig(**config, balance="images"), say=lambda m: None)
+
+
 def test_bad_input_is_one_line_and_damages_nothing(demo, tmp_path):
     no_good = tmp_path / "nogood" / "cat"
     (no_good / "train" / "good").mkdir(parents=True)
@@ -189,6 +222,7 @@ def test_bad_input_is_one_line_and_damages_nothing(demo, tmp_path):
         (["--data", demo, "--out", tmp_path / "o8", "--vae-lr", "nan"], ["--vae-lr nan", "learning rate"]),
         (["--data", demo, "--out", tmp_path / "o9", "--vae-colour-augment", 1.5], ["--vae-colour-augment 1.5", "[0, 1]"]),
         (["--data", demo, "--out", tmp_path / "o10", "--vae-share", 1], ["--vae-share 1", "(0, 1)"]),
+        (["--data", demo, "--out", tmp_path / "o11", "--balance", "prompts"], ["--balance 'prompts'", "categories, images"]),
     ]
     for args, fragments in cases:  # in this process (typer's runner): a fresh interpreter costs seconds each
         result = CliRunner().invoke(app, [str(a) for a in base + args])
@@ -245,6 +279,38 @@ def test_a_spent_time_budget_still_writes_a_loadable_model_and_a_rerun_goes_on(d
     report = pretrain([demo], out, PretrainConfig(**TINY), say=lambda m: None)
     assert report["unet"]["steps"] == TINY["max_steps"] and report["vae"]["steps"] == 0  # the autoencoder stays fixed
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae
+
+
+def test_the_autoencoder_alone_can_be_extended_until_the_unet_begins(demo, prior, tmp_path):
+    """``max_steps=0`` trains the autoencoder only; a re-run with more ``vae_steps`` trains it on from
+    its checkpoint (equal to one run of that length); once the UNet stage has begun it is kept, and
+    a raised ``vae_steps`` is said, not silently dropped."""
+    out, said = tmp_path / "prior", []
+    report = pretrain([demo], out, PretrainConfig(**{**TINY, "vae_steps": 2, "max_steps": 0}), say=said.append)
+    assert report["vae"]["steps"] == 2 and "unet" not in report and not (out / "model_index.json").exists()
+    assert any("autoencoder only" in line for line in said)
+    assert latest_checkpoint(out / "training" / "unet") is None
+    report = pretrain([demo], out, PretrainConfig(**{**TINY, "max_steps": 0}), say=said.append)  # 2 -> 3 steps
+    assert report["vae"]["steps"] == TINY["vae_steps"] and np.isfinite(report["vae"]["last_loss"])
+    assert (out / "training" / "vae_final" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (prior / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()  # as the fixture's uninterrupted 3 steps
+    report = pretrain([demo], out, PretrainConfig(**TINY), say=said.append)
+    for name in WEIGHTS:  # and the UNet trained on it as the fixture's
+        assert (out / name).read_bytes() == (prior / name).read_bytes(), name
+    said.clear()
+    report = pretrain([demo], out, PretrainConfig(**{**TINY, "vae_steps": 5}), say=said.append)
+    assert report["vae"]["steps"] == TINY["vae_steps"] and np.isfinite(report["unet"]["last_loss"])
+    assert (out / WEIGHTS[1]).read_bytes() == (prior / WEIGHTS[1]).read_bytes()
+    assert [line for line in said if "kept at its 3 steps (not --vae-steps 5)" in line], said
+
+
+def test_cli_max_steps_zero_says_no_model_yet_and_negative_is_refused(demo, tmp_path):
+    base = ["pretrain", "--data", demo, "--size", "tiny", "--resolution", 32, "--vae-steps", 1, "--batch-size", 2,
+            "--device", "cpu"]
+    result = CliRunner().invoke(app, [str(a) for a in base + ["--out", tmp_path / "p", "--max-steps", 0]])
+    assert result.exit_code == 0 and "autoencoder 1 steps" in result.output and "no model yet" in result.output, result.output
+    result = CliRunner().invoke(app, [str(a) for a in base + ["--out", tmp_path / "q", "--max-steps", -1]])
+    assert result.exit_code == 2 and "--max-steps -1" in result.stderr and not (tmp_path / "q").exists(), result.output
 
 
 def test_cli_learning_rates_and_vae_share_reach_both_stages(demo, tmp_path, monkeypatch):
@@ -322,3 +388,19 @@ def test_the_autoencoder_trains_on_recoloured_crops_and_reports_them(demo, tmp_p
         variants = [_variant_of(pixels[i : i + 1], original[i : i + 1]) for i in range(len(pixels))]
         assert (all(v == 0 for v in variants) if share == 0 else all(v not in (0, None) for v in variants)), variants
     assert report["vae"]["psnr_recoloured_db"] < 60 and np.isfinite(report["vae"]["psnr_recoloured_db"])
+
+
+def test_vae_psnr_curve_script_ends_at_the_reported_psnr(prior, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "vae_psnr_curve.py"))
+    monkeypatch.setattr("sys.argv", ["vae_psnr_curve.py", str(prior)])
+    script["main"]()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    report = json.loads((prior / run.REPORT).read_text())["vae"]
+    assert [row.split(" | ")[0] for row in rows] == ["| 2", "| 3"]  # checkpoint_every 2, then the last step
+    assert rows[-1] == f"| 3 | {report['psnr_db']} dB | {report['psnr_recoloured_db']} dB |"
+    monkeypatch.setattr("sys.argv", ["vae_psnr_curve.py", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        script["main"]()
+    assert exit_.value.code == 2 and str(tmp_path) in capsys.readouterr().err

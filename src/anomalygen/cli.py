@@ -145,12 +145,13 @@ def pretrain_command(
     size: str = typer.Option(PretrainConfig.size, "--size", help="Model size: tiny (tests), small (CPU) or base (GPU)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop this run after MINUTES (re-run to go on)."),
     vae_share: float = typer.Option(PretrainConfig.vae_share, "--vae-share", help="Share of --time-budget the autoencoder may take (it trains first)."),
-    max_steps: int = typer.Option(PretrainConfig.max_steps, "--max-steps", help="UNet training steps."),
+    max_steps: int = typer.Option(PretrainConfig.max_steps, "--max-steps", help="UNet training steps; 0: the autoencoder only (re-run to go on)."),
     vae_steps: int = typer.Option(PretrainConfig.vae_steps, "--vae-steps", help="Autoencoder training steps (trained first)."),
     batch_size: int = typer.Option(PretrainConfig.batch_size, "--batch-size"),
     lr: float = typer.Option(PretrainConfig.unet_lr, "--lr", help="The UNet's AdamW learning rate."),
     vae_lr: float = typer.Option(PretrainConfig.vae_lr, "--vae-lr", help="The autoencoder's AdamW learning rate."),
     include_defects: bool = typer.Option(PretrainConfig.include_defects, "--include-defects", help="Also train on the training third of each defect type."),
+    balance: str = typer.Option(PretrainConfig.balance, "--balance", help="categories: each category as often, whatever its image count; images: each image as often."),
     vae_colour_augment: float = typer.Option(
         PretrainConfig.vae_colour_augment, "--vae-colour-augment", help="Share of autoencoder crops recoloured (channel orders, inversion) so it can "
         "encode colours your good images lack, as defects have; 0: none."),
@@ -161,12 +162,16 @@ def pretrain_command(
     from anomalygen.pretrain import pretrain
 
     config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
-                            unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, vae_colour_augment=vae_colour_augment,
-                            vae_share=vae_share, device=device, seed=seed,
+                            unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, balance=balance,
+                            vae_colour_augment=vae_colour_augment, vae_share=vae_share, device=device, seed=seed,
                             time_budget_s=None if time_budget is None else time_budget * 60)
     report = pretrain(data, out, config, say=lambda message: console.print(message, highlight=False))
-    console.print(f"model saved in {out} (autoencoder PSNR {report.get('vae', {}).get('psnr_db')} dB, UNet {report['unet']['steps']} "
-                  f"steps); use it with --model {out}", highlight=False)
+    vae = f"autoencoder {report['vae']['steps']} steps, PSNR {report['vae']['psnr_db']} dB"
+    if "unet" in report:
+        console.print(f"model saved in {out} ({vae}, UNet {report['unet']['steps']} steps); use it with --model {out}",
+                      highlight=False)
+    else:
+        console.print(f"{vae}; no model yet in {out}", highlight=False)
 
 
 @app.command()

@@ -74,7 +74,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     step: int
-    last_loss: float
+    last_loss: float  # of the last step trained, in this run or the one it resumed (NaN before any)
     stopped_by: str  # "max_steps" | "time_budget"
     losses: list[float] = field(default_factory=list)  # every step's loss, resumed runs included
 
@@ -132,10 +132,16 @@ def load_trainable(modules: dict[str, nn.Module], path: str | Path) -> None:
                     target.copy_(value.to(target.device, target.dtype))
 
 
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first (``state.json`` is written last; ``.tmp`` folders are not)."""
+    return sorted(p.parent for p in (out_dir / CHECKPOINTS).glob("step-*/state.json")
+                  if re.fullmatch(r"step-\d+", p.parent.name))
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint (its ``state.json`` is written last; ``.tmp`` folders are not)."""
-    done = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*/state.json") if re.fullmatch(r"step-\d+", p.parent.name))
-    return done[-1].parent if done else None
+    """The newest complete checkpoint."""
+    done = checkpoints(out_dir)
+    return done[-1] if done else None
 
 
 def _log_rows(log_path: Path, checkpoint: Path | None, state: dict) -> list[list[str]]:
@@ -267,7 +273,8 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
         tmp.rename(final)
 
     start = time.monotonic()
-    loss_value, stopped_by = float("nan"), "max_steps"
+    loss_value = float(rows[-1][1]) if rows else float("nan")  # a resumed run with no step left: the last logged
+    stopped_by = "max_steps"
     progress = tqdm(total=config.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
     while step < config.max_steps:
         if config.time_budget_s is not None and time.monotonic() - start > config.time_budget_s:

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 from anomalygen.errors import AnomalygenError
 
+BALANCES = ("categories", "images")
+
 
 @dataclass
 class PretrainConfig:
     resolution: int = 64
     size: str = "small"  # tiny | small | base (pretrain.models.PRESETS)
     vae_steps: int = 3000
-    max_steps: int = 30000  # UNet steps
+    max_steps: int = 30000  # UNet steps; 0: train the autoencoder only
     batch_size: int = 16
     vae_lr: float = 2e-4
     unet_lr: float = 2e-4
@@ -26,6 +28,7 @@ class PretrainConfig:
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     include_defects: bool = False
+    balance: str = "categories"  # categories: each crop's category drawn first | images: any image (data.PretrainImages)
     time_budget_s: float | None = None  # this run's wall time; the autoencoder gets at most vae_share of it
     vae_share: float = 0.25
     checkpoint_every: int = 250
@@ -40,11 +43,15 @@ class PretrainConfig:
 
         if self.resolution % 32 or not 32 <= self.resolution <= 512:
             raise AnomalygenError(f"--resolution {self.resolution}: use a multiple of 32 from 32 to 512 (64, 128 or 256)")
+        if self.balance not in BALANCES:
+            raise AnomalygenError(f"--balance {self.balance!r}: use one of {', '.join(BALANCES)}")
         if self.size not in PRESETS:
             raise AnomalygenError(f"--size {self.size!r}: use one of {', '.join(PRESETS)}")
-        for name in ("vae_steps", "max_steps", "batch_size", "checkpoint_every", "sample_every"):
+        for name in ("vae_steps", "batch_size", "checkpoint_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise AnomalygenError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.max_steps < 0:
+            raise AnomalygenError(f"--max-steps {self.max_steps}: must be at least 0 (0: the autoencoder only)")
         for flag, value in (("--lr", self.unet_lr), ("--vae-lr", self.vae_lr)):
             if not (math.isfinite(value) and 0 < value <= 1):
                 raise AnomalygenError(f"{flag} {value:g}: must be a learning rate in (0, 1]")

@@ -6,7 +6,10 @@ training third of each defect type (``paper_split``: never the test two-thirds),
 ``"a photo of {category} with {defect type}"``. Images of any size are accepted: each is resized
 (bicubic, aspect kept) so that its shorter side is the training resolution, and training takes
 random square crops of it (and horizontal flips). A few good images per category are held back
-(never trained on) to measure the autoencoder.
+(never trained on) to measure the autoencoder. By default each crop's category is drawn first,
+uniformly, then an image of it (``balanced``): a prior of several categories learns each of them,
+however unequal their image counts (magnetic_tile's 280 good images against hazelnut_toy's 32
+would give the second 1 crop in 10); ``balanced=False`` draws uniformly over all images.
 
 ``colour_variants`` recolours images for the autoencoder stage: the good images of one part show
 few colours, and an autoencoder trained on them alone decodes every latent into those colours (on
@@ -75,6 +78,8 @@ class PretrainImages:
     categories: list[str] = field(default_factory=list)
     defect_types: list[str] = field(default_factory=list)
     upscaled: int = 0  # images whose shorter side was below the resolution
+    by_category: dict[int, list[int]] = field(default_factory=dict)  # index in ``categories`` -> its images' indices
+    balanced: bool = True  # draw a category first, then an image of it (else any image)
 
     @property
     def words(self) -> list[str]:
@@ -83,6 +88,7 @@ class PretrainImages:
         return list(dict.fromkeys(clip_words(text)))
 
     def add(self, image: np.ndarray, prompt: str, held_back: bool = False) -> None:
+        """``image`` of the last category added to ``categories``."""
         if held_back:
             self.held_back.append(image)
             return
@@ -90,11 +96,19 @@ class PretrainImages:
             self.prompts.append(prompt)
         self.images.append(image)
         self.prompt_ids.append(self.prompts.index(prompt))
+        self.by_category.setdefault(len(self.categories) - 1, []).append(len(self.images) - 1)
+
+    def _pick(self, size: int, generator: torch.Generator) -> list[int]:
+        if not self.balanced:
+            return torch.randint(len(self.images), (size,), generator=generator).tolist()
+        groups = list(self.by_category.values())
+        chosen = torch.randint(len(groups), (size,), generator=generator).tolist()
+        return [groups[k][int(torch.randint(len(groups[k]), (1,), generator=generator))] for k in chosen]
 
     def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
         """``size`` random crops (B, 3, R, R) in [-1, 1], half of them flipped, and their prompt ids;
         every draw comes from ``generator``."""
-        picks = torch.randint(len(self.images), (size,), generator=generator).tolist()
+        picks = self._pick(size, generator)
         crops = []
         r = self.resolution
         for i in picks:
@@ -134,10 +148,11 @@ def _categories(root: Path) -> list:
     return [load_category(root, name) for name in names]
 
 
-def load_pretrain_images(roots: list[Path], resolution: int, include_defects: bool = False) -> PretrainImages:
+def load_pretrain_images(roots: list[Path], resolution: int, include_defects: bool = False,
+                         balanced: bool = True) -> PretrainImages:
     """Read and decode every training image of ``roots``; a missing ``train/good`` or an unreadable
     file is a ``DataError`` naming it."""
-    data = PretrainImages(resolution)
+    data = PretrainImages(resolution, balanced=balanced)
     for root in roots:
         for category in _categories(Path(root)):
             name = prompt_name(category.name)

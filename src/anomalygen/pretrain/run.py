@@ -11,8 +11,11 @@ time budget, ``loss.csv``), then a diffusers Stable Diffusion folder:
    lack (defects, DualAnoDiff's gray part background); LDM's autoencoder gets them from OpenImages.
    0 trains on the images as they are. Its latent scale is then set to 1 / std of the training
    latents, as SD's 0.18215 was chosen; its PSNR on held-back good images is reported, and on those
-   images in the 11 other colourings (``psnr_recoloured_db``). Once the UNet stage has begun the
-   autoencoder is never trained again, so a re-run cannot pull the latents from under the UNet.
+   images in the 11 other colourings (``psnr_recoloured_db``). ``max_steps=0`` stops after this
+   stage, and a re-run with more ``vae_steps`` trains the autoencoder on from its last checkpoint,
+   so it can be checked and extended before any UNet step is spent on it. Once the UNet stage has
+   saved a checkpoint the autoencoder is never trained again (a re-run says so if ``vae_steps`` asks
+   for more), so a re-run cannot pull the latents from under the UNet.
 2. the UNet (``UNet2DConditionModel``): the ε-prediction loss of DDPM (Ho et al. 2020, Eq. 14) on
    latents of random crops, conditioned on the prompt's text-encoder states; the prompt is dropped
    (empty prompt) with probability ``uncond_prob`` to train the unconditional model that
@@ -33,7 +36,7 @@ UNet, because that is what the methods built on top need:
 - the prompts' hidden states are computed once, which makes each step cheaper.
 
 Layout of ``out``: ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/`` (written at the end of every run, also one stopped by its time budget),
+``scheduler/`` (written at the end of every run with UNet steps, also one stopped by its time budget),
 ``pretrain.json`` (settings and report), ``samples.png`` and ``loss.png``; the training state
 under ``training/`` (``vae/`` and ``unet/`` runs of the shared loop with their ``loss.csv``,
 ``loss.png`` and ``validation/`` grids; it may be deleted once training is finished).
@@ -72,6 +75,8 @@ SETTINGS = "training/settings.json"
 REPORT = "pretrain.json"
 # settings that may change when a run is resumed (the others define the model)
 RESUMABLE = ("vae_steps", "max_steps", "time_budget_s", "vae_share", "checkpoint_every", "sample_every", "device")
+# what runs written before a setting existed did (their settings.json lacks it)
+BEFORE_SETTINGS = {"balance": "images"}
 Say = Callable[[str], None]
 
 
@@ -90,7 +95,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     if not (out / SETTINGS).is_file():
         atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
         return
-    before = read_json(out / SETTINGS)
+    before = {**BEFORE_SETTINGS, **read_json(out / SETTINGS)}
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
     if changed:
         raise DataError(out, f"holds a pretrain run with other settings ({'; '.join(changed)}); "
@@ -128,11 +133,16 @@ def _build(cls: Any, config: dict[str, Any], seed: int) -> torch.nn.Module:
 
 
 def _save(model: Any, folder: Path) -> None:
-    """``save_pretrained`` into a temporary folder renamed into place: ``folder`` is whole or absent."""
-    tmp = folder.with_name(folder.name + ".tmp")
+    """``save_pretrained`` into a temporary folder renamed into place: ``folder`` is whole or absent
+    (the autoencoder, absent, is re-saved from its checkpoints by the next run)."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
     tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
@@ -173,12 +183,20 @@ def _vae_stage(vae: AutoencoderKL, images: PretrainImages, config: PretrainConfi
         sample, _ = images.batch(min(64, 4 * config.batch_size), torch.Generator().manual_seed(config.seed))
         latents = vae.encode(sample.to(vae.device)).latent_dist.sample(generator=torch.Generator().manual_seed(config.seed))
     vae.register_to_config(scaling_factor=round(1 / float(latents.float().std()), 5))
-    held = images.held_back_batch() if images.held_back else None
+    psnr, recoloured = held_back_psnr(vae, images)
     return {"steps": result.step, "stopped_by": result.stopped_by, "last_loss": result.last_loss,
             "scaling_factor": vae.config.scaling_factor, "held_back_images": len(images.held_back),
-            "psnr_db": None if held is None else round(_psnr(vae, held), 2),
-            "psnr_recoloured_db": None if held is None else round(_psnr(vae, torch.cat(
-                [colour_variant(held, c) for c in range(1, COLOURINGS)])), 2)}
+            "psnr_db": psnr, "psnr_recoloured_db": recoloured}
+
+
+def held_back_psnr(vae: AutoencoderKL, images: PretrainImages) -> tuple[float | None, float | None]:
+    """The autoencoder's PSNR (dB, 2 decimals) on the held-back images, and on them in the 11 other
+    colourings; ``(None, None)`` without held-back images."""
+    if not images.held_back:
+        return None, None
+    held = images.held_back_batch()
+    recoloured = torch.cat([colour_variant(held, c) for c in range(1, COLOURINGS)])
+    return round(_psnr(vae, held), 2), round(_psnr(vae, recoloured), 2)
 
 
 def _sample(backbone: Backbone, states: torch.Tensor, uncond: torch.Tensor, seed: int) -> list[np.ndarray]:
@@ -226,7 +244,7 @@ def pretrain(data: list[str | Path], out: str | Path, config: PretrainConfig, sa
     started = time.monotonic()
     config.check()
     out, data = Path(out), [Path(d) for d in data]
-    images = load_pretrain_images(data, config.resolution, config.include_defects)
+    images = load_pretrain_images(data, config.resolution, config.include_defects, config.balance == "categories")
     _check_out(out)
     with folder_lock(out, "pretrain"):
         _check_settings(out, _settings(config, data))
@@ -252,16 +270,26 @@ def _pretrain(images: PretrainImages, out: Path, config: PretrainConfig, say: Sa
         return max(0.0, share * config.time_budget_s - (time.monotonic() - started))
 
     report = read_json(out / REPORT) if (out / REPORT).is_file() else {}
-    if (work / "vae_final").is_dir():  # the UNet stage has begun: the autoencoder is fixed
+    trained = report.get("vae", {}).get("steps", -1) if (work / "vae_final").is_dir() else -1
+    unet_begun = latest_checkpoint(work / "unet") is not None
+    if unet_begun or trained >= config.vae_steps:  # fixed, or as long as asked
         vae = AutoencoderKL.from_pretrained(work / "vae_final").to(device)
+        if trained < config.vae_steps:
+            say(f"autoencoder: kept at its {trained} steps (not --vae-steps {config.vae_steps}): the UNet stage has begun "
+                "on its latents; give a new --out to train a longer one")
     else:
         say(f"[1/2] autoencoder: {config.vae_steps} steps")
         vae = _build(AutoencoderKL, configs["vae"], config.seed).to(device)
         report["vae"] = _vae_stage(vae, images, config, work / "vae", remaining(config.vae_share), train_config)
         _save(vae, work / "vae_final")
         atomic_write_text(out / REPORT, json.dumps(report, indent=2))
-        say(f"autoencoder: PSNR {report['vae']['psnr_db']} dB on {len(images.held_back)} held-back images "
-            f"({report['vae']['psnr_recoloured_db']} dB recoloured)")
+        vae_report = report["vae"]
+        say(f"autoencoder: {vae_report['steps']} steps, PSNR {vae_report['psnr_db']} dB on {len(images.held_back)} "
+            f"held-back images ({vae_report['psnr_recoloured_db']} dB recoloured)")
+    if config.max_steps == 0 and not unet_begun:
+        say("autoencoder only (--max-steps 0): re-run with more --vae-steps to train it on, or with --max-steps N "
+            "to train the UNet on it")
+        return _finish(report, images, out, started)
     vae.requires_grad_(False).eval()
     with torch.no_grad():
         ids = tokenizer(images.prompts + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -279,8 +307,13 @@ def _pretrain(images: PretrainImages, out: Path, config: PretrainConfig, say: Sa
                                        scheduler=DDIMScheduler.from_config(scheduler_config), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(out)
+    report["device"] = str(device)
+    return _finish(report, images, out, started)
+
+
+def _finish(report: dict[str, Any], images: PretrainImages, out: Path, started: float) -> dict[str, Any]:
     report.update({"settings": read_json(out / SETTINGS), "images": len(images.images), "upscaled": images.upscaled,
                    "prompts": images.prompts, "categories": images.categories, "defect_types": images.defect_types,
-                   "device": str(device), "last_run_s": round(time.monotonic() - started, 1)})
+                   "last_run_s": round(time.monotonic() - started, 1)})
     atomic_write_text(out / REPORT, json.dumps(report, indent=2))
     return report
