@@ -37,7 +37,7 @@ def main() -> None:
     images = load_pretrain_images([Path(d) for d in settings["data"]], settings["resolution"], settings["include_defects"])
     words = args.prior / "training" / "tokenizer"
     tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=77)
-    config = component_configs(PRESETS[settings["size"]], settings["resolution"], tokenizer)["vae"]
+    config = component_configs(PRESETS[settings["size"]], settings["resolution"], tokenizer, settings.get("vae_attention"))["vae"]
     vae = AutoencoderKL.from_config(config).eval()
     print(f"{len(images.held_back)} held-back images at {settings['resolution']} px")
     print("| step | PSNR | PSNR recoloured |\n|---:|---:|---:|")

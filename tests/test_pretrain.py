@@ -194,6 +194,27 @@ def test_a_folder_from_before_balance_resumes_only_with_balance_images(demo, tmp
     pretrain([demo], out, PretrainConfig(**config, balance="images"), say=lambda m: None)
 
 
+def test_the_autoencoders_attention_is_an_option_and_older_folders_keep_their_sizes(demo, tmp_path):
+    def attention(out: Path) -> bool:
+        return json.loads((out / "training" / "vae_final" / "config.json").read_text())["mid_block_add_attention"]
+
+    base = ["pretrain", "--data", demo, "--size", "tiny", "--resolution", 32, "--vae-steps", 1, "--batch-size", 2,
+            "--max-steps", 0, "--device", "cpu"]
+    for flag, expected in ((None, False), ("--vae-attention", True), ("--no-vae-attention", False)):  # tiny: off
+        out = tmp_path / str(flag)
+        result = CliRunner().invoke(app, [str(a) for a in base + ["--out", out] + ([flag] if flag else [])])
+        assert result.exit_code == 0, result.output
+        assert attention(out) is expected and json.loads((out / run.SETTINGS).read_text())["vae_attention"] is expected
+    out, config = tmp_path / "None", {**TINY, "max_steps": 0, "vae_steps": 2}
+    settings = json.loads((out / run.SETTINGS).read_text())
+    del settings["vae_attention"]
+    (out / run.SETTINGS).write_text(json.dumps(settings))  # as an older version wrote it: the size's (tiny: off)
+    with pytest.raises(run.DataError, match="vae_attention False -> True"):
+        pretrain([demo], out, PretrainConfig(**config, vae_attention=True), say=lambda m: None)
+    pretrain([demo], out, PretrainConfig(**config, vae_attention=False), say=lambda m: None)  # its own value, named
+    assert json.loads((out / run.REPORT).read_text())["vae"]["steps"] == 2 and attention(out) is False
+
+
 def test_bad_input_is_one_line_and_damages_nothing(demo, tmp_path):
     no_good = tmp_path / "nogood" / "cat"
     (no_good / "train" / "good").mkdir(parents=True)

@@ -151,6 +151,9 @@ def pretrain_command(
     lr: float = typer.Option(PretrainConfig.unet_lr, "--lr", help="The UNet's AdamW learning rate."),
     vae_lr: float = typer.Option(PretrainConfig.vae_lr, "--vae-lr", help="The autoencoder's AdamW learning rate."),
     include_defects: bool = typer.Option(PretrainConfig.include_defects, "--include-defects", help="Also train on the training third of each defect type."),
+    vae_attention: Optional[bool] = typer.Option(
+        None, "--vae-attention/--no-vae-attention", help="The autoencoder's mid-block self-attention (default: on, as LDM's, "
+        "except --size tiny); off avoids a blot in one corner of every image (benchmarks/RESULTS.md)."),
     balance: str = typer.Option(PretrainConfig.balance, "--balance", help="categories: each category as often, whatever its image count; images: each image as often."),
     vae_colour_augment: float = typer.Option(
         PretrainConfig.vae_colour_augment, "--vae-colour-augment", help="Share of autoencoder crops recoloured (channel orders, inversion) so it can "
@@ -163,6 +166,7 @@ def pretrain_command(
 
     config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
                             unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, balance=balance,
+                            vae_attention=vae_attention,
                             vae_colour_augment=vae_colour_augment, vae_share=vae_share, device=device, seed=seed,
                             time_budget_s=None if time_budget is None else time_budget * 60)
     report = pretrain(data, out, config, say=lambda message: console.print(message, highlight=False))

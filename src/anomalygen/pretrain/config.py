@@ -25,6 +25,7 @@ class PretrainConfig:
     unet_lr: float = 2e-4
     kl_weight: float = 1e-6
     vae_colour_augment: float = 0.5  # share of autoencoder crops recoloured (data.colour_variants)
+    vae_attention: bool | None = None  # the autoencoder's mid-block self-attention; None: the size's (LDM's: on)
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
     include_defects: bool = False

@@ -44,8 +44,10 @@ def vae_factor(resolution: int) -> int:
     return 4 if resolution <= 128 else 8
 
 
-def component_configs(preset: Preset, resolution: int, tokenizer: CLIPTokenizer) -> dict[str, dict[str, Any]]:
-    """``vae``, ``unet``, ``text_encoder`` and ``scheduler`` configs (as the diffusers folder's files hold them)."""
+def component_configs(preset: Preset, resolution: int, tokenizer: CLIPTokenizer,
+                      vae_attention: bool | None = None) -> dict[str, dict[str, Any]]:
+    """``vae``, ``unet``, ``text_encoder`` and ``scheduler`` configs (as the diffusers folder's files hold them);
+    ``vae_attention`` overrides the preset's mid-block attention in the autoencoder."""
     levels = {4: 3, 8: 4}[vae_factor(resolution)]
     vae_channels = list(preset.vae_channels[:levels])
     levels = len(preset.unet_channels)
@@ -56,7 +58,7 @@ def component_configs(preset: Preset, resolution: int, tokenizer: CLIPTokenizer)
             "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": vae_channels,
             "down_block_types": ["DownEncoderBlock2D"] * len(vae_channels), "up_block_types": ["UpDecoderBlock2D"] * len(vae_channels),
             "layers_per_block": preset.vae_layers, "norm_num_groups": preset.groups, "sample_size": resolution,
-            "mid_block_add_attention": preset.vae_attention,
+            "mid_block_add_attention": preset.vae_attention if vae_attention is None else vae_attention,
         },
         "unet": {
             "sample_size": resolution // vae_factor(resolution), "in_channels": 4, "out_channels": 4,

@@ -15,7 +15,12 @@ time budget, ``loss.csv``), then a diffusers Stable Diffusion folder:
    stage, and a re-run with more ``vae_steps`` trains the autoencoder on from its last checkpoint,
    so it can be checked and extended before any UNet step is spent on it. Once the UNet stage has
    saved a checkpoint the autoencoder is never trained again (a re-run says so if ``vae_steps`` asks
-   for more), so a re-run cannot pull the latents from under the UNet.
+   for more), so a re-run cannot pull the latents from under the UNet. Its mid-block self-attention
+   (LDM's, on in the ``small`` and ``base`` sizes) can be switched off (``vae_attention=False``,
+   ``--no-vae-attention``): with it, the encoder writes image-wide information, colour among it,
+   into a few outlier latents at one corner that the decoder reads everywhere, which leaves a blot
+   in that corner and a colour that the UNet must learn from those few latents (measured in
+   ``benchmarks/RESULTS.md``, "The autoencoder's corner blot"). The default stays LDM's.
 2. the UNet (``UNet2DConditionModel``): the ε-prediction loss of DDPM (Ho et al. 2020, Eq. 14) on
    latents of random crops, conditioned on the prompt's text-encoder states; the prompt is dropped
    (empty prompt) with probability ``uncond_prob`` to train the unconditional model that
@@ -50,7 +55,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +100,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     if not (out / SETTINGS).is_file():
         atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
         return
-    before = {**BEFORE_SETTINGS, **read_json(out / SETTINGS)}
+    stored = read_json(out / SETTINGS)
+    # a run from before vae_attention existed had its size's
+    before = {**BEFORE_SETTINGS, "vae_attention": PRESETS[stored["size"]].vae_attention, **stored}
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
     if changed:
         raise DataError(out, f"holds a pretrain run with other settings ({'; '.join(changed)}); "
@@ -243,6 +250,8 @@ def pretrain(data: list[str | Path], out: str | Path, config: PretrainConfig, sa
     """Train a prior on the images of ``data`` into ``out`` (resumes a run there); returns the report."""
     started = time.monotonic()
     config.check()
+    if config.vae_attention is None:  # stored as it is, so that naming the size's own value resumes too
+        config = replace(config, vae_attention=PRESETS[config.size].vae_attention)
     out, data = Path(out), [Path(d) for d in data]
     images = load_pretrain_images(data, config.resolution, config.include_defects, config.balance == "categories")
     _check_out(out)
@@ -257,7 +266,7 @@ def _pretrain(images: PretrainImages, out: Path, config: PretrainConfig, say: Sa
     say(f"{len(images.images)} images of {', '.join(images.categories)} ({len(images.prompts)} prompts, "
         f"{images.upscaled} upscaled to {config.resolution} px); {len(images.held_back)} held back; on {device}")
     tokenizer = build_tokenizer(work / "tokenizer", images.words)
-    configs = component_configs(PRESETS[config.size], config.resolution, tokenizer)
+    configs = component_configs(PRESETS[config.size], config.resolution, tokenizer, config.vae_attention)
     if not (work / "text_encoder").is_dir():  # frozen: the one the UNet trains with (see the module docstring)
         _save(_build(CLIPTextModel, configs["text_encoder"], config.seed), work / "text_encoder")
     text_encoder = CLIPTextModel.from_pretrained(work / "text_encoder")
