@@ -425,3 +425,28 @@ def test_vae_psnr_curve_script_ends_at_the_reported_psnr(prior, tmp_path, monkey
     with pytest.raises(SystemExit) as exit_:
         script["main"]()
     assert exit_.value.code == 2 and str(tmp_path) in capsys.readouterr().err
+
+
+def test_prior_corners_script_finds_the_faulty_corner_and_reads_a_prior(prior, tmp_path, monkeypatch, capsys):
+    import runpy
+    from types import SimpleNamespace
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "prior_corners.py"))
+    pixels = torch.zeros(2, 3, 32, 32)
+
+    def blotted(x, sample_posterior):  # wrong by 0.5 in the bottom-left 4 x 4 only
+        out = x.clone()
+        out[..., -4:, :4] += 0.5
+        return SimpleNamespace(sample=out)
+
+    errors = script["corner_errors"](blotted, pixels)
+    assert errors == pytest.approx({"whole": 0.5 * 16 / 1024, "top-left": 0, "top-right": 0, "bottom-left": 0.5,
+                                    "bottom-right": 0})
+    monkeypatch.setattr("sys.argv", ["prior_corners.py", str(prior), "--samples", "1"])
+    script["main"]()
+    out = capsys.readouterr().out
+    assert "| flat gray |" in out and "| a photo of " in out, out
+    monkeypatch.setattr("sys.argv", ["prior_corners.py", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        script["main"]()
+    assert exit_.value.code == 2 and str(tmp_path) in capsys.readouterr().err
