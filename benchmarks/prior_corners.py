@@ -5,8 +5,7 @@ category's colour.
 
 1. The autoencoder (``training/vae_final``) on the held-back images and on a flat gray image: the mean
    absolute reconstruction error (in [-1, 1]) over the whole image and in each corner (an eighth of
-   the side), and where its latent norm peaks. LDM's mid-block attention makes one corner's latents
-   large and leaves a blot there (``pretrain --no-vae-attention``; RESULTS.md).
+   the side), and where its latent norm peaks (a corner blot: RESULTS.md).
 2. If the prior has a model: N samples per prompt (plain diffusers ``StableDiffusionPipeline``, DDIM
    25 steps, guidance 3, seed 0), the distance of each sample's mean colour to the mean colour of
    the category's training images (L1 over RGB in [0, 1], averaged), and the share within 0.1.

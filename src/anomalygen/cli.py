@@ -153,7 +153,7 @@ def pretrain_command(
     include_defects: bool = typer.Option(PretrainConfig.include_defects, "--include-defects", help="Also train on the training third of each defect type."),
     vae_attention: Optional[bool] = typer.Option(
         None, "--vae-attention/--no-vae-attention", help="The autoencoder's mid-block self-attention (default: on, as LDM's, "
-        "except --size tiny); off avoids a blot in one corner of every image (benchmarks/RESULTS.md)."),
+        "except --size tiny); its effect on the samples' colours is measured in benchmarks/RESULTS.md."),
     balance: str = typer.Option(PretrainConfig.balance, "--balance", help="categories: each category as often, whatever its image count; images: each image as often."),
     vae_colour_augment: float = typer.Option(
         PretrainConfig.vae_colour_augment, "--vae-colour-augment", help="Share of autoencoder crops recoloured (channel orders, inversion) so it can "
