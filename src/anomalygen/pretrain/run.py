@@ -101,7 +101,8 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         return
     stored = read_json(out / SETTINGS)
     # a run from before vae_attention existed had its size's
-    before = {**BEFORE_SETTINGS, "vae_attention": PRESETS[stored["size"]].vae_attention, **stored}
+    sized = PRESETS[stored["size"]].vae_attention if stored.get("size") in PRESETS else None
+    before = {**BEFORE_SETTINGS, "vae_attention": sized, **stored}
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
     if changed:
         raise DataError(out, f"holds a pretrain run with other settings ({'; '.join(changed)}); "
@@ -249,7 +250,7 @@ def pretrain(data: list[str | Path], out: str | Path, config: PretrainConfig, sa
     """Train a prior on the images of ``data`` into ``out`` (resumes a run there); returns the report."""
     started = time.monotonic()
     config.check()
-    if config.vae_attention is None:  # stored as it is, so that naming the size's own value resumes too
+    if config.vae_attention is None:  # resolved before it is stored: naming the size's own value resumes the same run
         config = replace(config, vae_attention=PRESETS[config.size].vae_attention)
     out, data = Path(out), [Path(d) for d in data]
     images = load_pretrain_images(data, config.resolution, config.include_defects, config.balance == "categories")
