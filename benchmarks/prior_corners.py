@@ -14,15 +14,13 @@ category's colour.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-from anomalygen.pretrain.data import load_pretrain_images
-from anomalygen.pretrain.run import SETTINGS
+from anomalygen.pretrain.run import SETTINGS, read_run
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
@@ -55,8 +53,7 @@ def main() -> None:
         parser.exit(2, f"error: {args.prior}: no trained autoencoder of an anomalygen pretrain run (training/vae_final/)\n")
     if args.samples < 0:
         parser.exit(2, f"error: --samples {args.samples}: must be at least 0\n")
-    settings = json.loads((args.prior / SETTINGS).read_text())
-    images = load_pretrain_images([Path(d) for d in settings["data"]], settings["resolution"], settings["include_defects"])
+    settings, images = read_run(args.prior)
     vae = AutoencoderKL.from_pretrained(args.prior / "training" / "vae_final").eval()
     r = settings["resolution"]
     print(f"autoencoder: mid-block attention {vae.config.mid_block_add_attention}, {r} px\n")

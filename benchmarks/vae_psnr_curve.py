@@ -10,7 +10,6 @@ A constant learning rate makes the last checkpoint's figure noisy (±1 dB betwee
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -18,8 +17,7 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTokenizer
 
 from anomalygen.diffusion.train import checkpoints, load_trainable
-from anomalygen.pretrain.data import load_pretrain_images
-from anomalygen.pretrain.run import SETTINGS, held_back_psnr
+from anomalygen.pretrain.run import SETTINGS, held_back_psnr, read_run
 from anomalygen.pretrain.models import PRESETS, component_configs
 
 
@@ -33,8 +31,7 @@ def main() -> None:
         parser.exit(2, f"error: {args.prior}: no autoencoder checkpoints of an anomalygen pretrain run under training/vae/\n")
     if args.every < 1:
         parser.exit(2, f"error: --every {args.every}: must be at least 1\n")
-    settings = json.loads((args.prior / SETTINGS).read_text())
-    images = load_pretrain_images([Path(d) for d in settings["data"]], settings["resolution"], settings["include_defects"])
+    settings, images = read_run(args.prior)
     words = args.prior / "training" / "tokenizer"
     tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=77)
     config = component_configs(PRESETS[settings["size"]], settings["resolution"], tokenizer, settings.get("vae_attention"))["vae"]

@@ -196,6 +196,13 @@ def _vae_stage(vae: AutoencoderKL, images: PretrainImages, config: PretrainConfi
             "psnr_db": psnr, "psnr_recoloured_db": recoloured}
 
 
+def read_run(out: Path) -> tuple[dict[str, Any], PretrainImages]:
+    """The settings of the pretrain run in ``out`` and its images, read as that run read them."""
+    settings = read_json(out / SETTINGS)
+    return settings, load_pretrain_images([Path(d) for d in settings["data"]], settings["resolution"],
+                                          settings["include_defects"])
+
+
 def held_back_psnr(vae: AutoencoderKL, images: PretrainImages) -> tuple[float | None, float | None]:
     """The autoencoder's PSNR (dB, 2 decimals) on the held-back images, and on them in the 11 other
     colourings; ``(None, None)`` without held-back images."""
