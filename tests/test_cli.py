@@ -153,6 +153,27 @@ def test_methods_and_datasets_info(data):
     assert "defect image without a mask" in result.stdout
 
 
+
+def test_help_names_every_option_in_full_on_an_80_column_terminal():
+    """A user reads an option's name off --help to type it: none may be cut short, none shown
+    taking a value it does not take."""
+    import typer.main
+    from cli_harness import run_cli
+
+    group = typer.main.get_command(app)
+    commands = [(name, command) for name, command in group.commands.items() if name != "datasets"]
+    commands += [(f"datasets {name}", command) for name, command in group.commands["datasets"].commands.items()]
+    for name, command in commands:
+        result = run_cli(*name.split(), "--help", env={"COLUMNS": "80"})
+        assert result.returncode == 0, result.output
+        assert max(map(len, result.stdout.splitlines())) <= 80, name
+        for param in command.params:
+            for option in param.opts + param.secondary_opts:
+                assert option in result.stdout, (name, option)
+            if getattr(param, "is_flag", False):
+                assert f"{param.opts[0]} <" not in result.stdout, (name, param.opts[0])
+
+
 def test_demo_page(tmp_path, fake_method, monkeypatch):
     import anomalygen.demo
 

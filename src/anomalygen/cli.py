@@ -1,4 +1,4 @@
-"""The ``anomalygen`` command line (typer + rich).
+"""Few-shot anomaly generation: learn defects from a few image + mask pairs, generate many, measure them.
 
 Commands keep only argument parsing here; the work lives in library modules. Errors a user can
 act on (``AnomalygenError``) print as one line and exit with code 2, without a traceback.
@@ -26,8 +26,10 @@ from anomalygen.io import os_error
 from anomalygen.methods.base import available_methods
 from anomalygen.pretrain.config import PretrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
-datasets_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+# click's plain help: rich's option tables cut long option names short on an 80-column terminal
+# ("--vae-colour-aug…") and show flags with a "<bool>" value they do not take
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0], rich_markup_mode=None)
+datasets_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.", rich_markup_mode=None)
 app.add_typer(datasets_app, name="datasets")
 console = Console(stderr=True, soft_wrap=True)  # a line stays one line: paths in it can be copied, logs grepped
 
@@ -81,7 +83,7 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A fitted model (from `anomalygen fit`)."),
     defect_type: Optional[str] = typer.Option(None, "--defect-type", help="Generate only this defect type."),
-    settings: list[str] = typer.Option([], "--set", help="Method option key=value (value parsed as JSON)."),
+    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value (value parsed as JSON)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing output of a different run."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
     filter: bool = typer.Option(True, "--filter/--no-filter", help="Redraw samples that fail the validity checks "
@@ -123,7 +125,7 @@ def fit(
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop training after MINUTES."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
-    settings: list[str] = typer.Option([], "--set", help="Method option key=value (value parsed as JSON)."),
+    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value (value parsed as JSON)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
 ) -> None:
     """Fit METHOD on the paper split's training images of a category and save the model."""
@@ -139,7 +141,7 @@ def fit(
 @app.command("pretrain")
 @user_errors
 def pretrain_command(
-    data: list[Path] = typer.Option(..., "--data", help="Dataset root or category folder (repeat for more); its train/good images."),
+    data: list[Path] = typer.Option(..., "--data", metavar="DIR", help="Dataset root or category folder (repeat for more); its train/good images."),
     out: Path = typer.Option(..., "--out", help="Folder for the model (diffusers format, for --model); re-running resumes."),
     resolution: int = typer.Option(PretrainConfig.resolution, "--resolution", help="Training size in px: 64, 128 or 256 (any multiple of 32 up to 512)."),
     size: str = typer.Option(PretrainConfig.size, "--size", help="Model size: tiny (tests), small (CPU) or base (GPU)."),
@@ -182,7 +184,7 @@ def pretrain_command(
 @user_errors
 def demo(
     out: Path = typer.Option(Path("anomalygen-demo"), "--out", help="Folder for the demo data, samples and index.html."),
-    methods: list[str] = typer.Option([], "--methods", help="Methods to run (repeat or comma-separate); default: the model-free ones."),
+    methods: list[str] = typer.Option([], "--methods", metavar="NAME", help="Methods to run (repeat or comma-separate); default: the model-free ones."),
     num: int = typer.Option(6, "--num", help="Samples per method and category."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -349,7 +351,7 @@ def benchmark(
     out: Path = typer.Option(..., "--out", help="Benchmark folder (samples, reports, comparison.md/html)."),
     category: Optional[str] = typer.Option(None, "--category", help="One category (default: every category)."),
     num_per_type: int = typer.Option(500, "--num-per-type", help="Generated samples per defect type (papers: 500)."),
-    settings: list[str] = typer.Option([], "--set", help="Method option key=value for every method, or "
+    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value for every method, or "
                                        "METHOD.key=value for one (e.g. anomalydiffusion.model=tiny)."),
     max_attempts: int = typer.Option(5, "--max-attempts", help="Draws per sample at most (validity filter)."),
     *,
