@@ -10,8 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from cli_harness import assert_unchanged, assert_user_error, run_cli, snapshot
 from typer.testing import CliRunner
@@ -22,7 +24,8 @@ from anomalygen.data.demo import make_demo_dataset
 from anomalygen.diffusion.tiny import clip_words, write_tokenizer_files
 from anomalygen.diffusion.train import TrainConfig, latest_checkpoint, train
 from anomalygen.pretrain import PretrainConfig, pretrain
-from anomalygen.pretrain.data import COLOURINGS, colour_variant, colour_variants, load_pretrain_images, prompt_name
+from anomalygen.pretrain.data import (COLOURINGS, PretrainImages, colour_variant, colour_variants, load_pretrain_images,
+                                      prompt_name)
 
 torch.set_num_threads(1)
 TINY = dict(resolution=32, size="tiny", vae_steps=3, max_steps=4, batch_size=2, checkpoint_every=2, sample_every=2,
@@ -319,7 +322,9 @@ def test_the_autoencoder_alone_can_be_extended_until_the_unet_begins(demo, prior
     assert report["vae"]["steps"] == TINY["vae_steps"] and np.isfinite(report["vae"]["last_loss"])
     assert (out / "training" / "vae_final" / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (prior / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()  # as the fixture's uninterrupted 3 steps
+    said.clear()
     report = pretrain([demo], out, PretrainConfig(**TINY), say=said.append)
+    assert not [line for line in said if "[1/2] autoencoder" in line], said  # trained as long as asked: not run again
     for name in WEIGHTS:  # and the UNet trained on it as the fixture's
         assert (out / name).read_bytes() == (prior / name).read_bytes(), name
     said.clear()
@@ -454,3 +459,81 @@ def test_prior_corners_script_finds_the_faulty_corner_and_reads_a_prior(prior, t
     with pytest.raises(SystemExit) as exit_:
         script["main"]()
     assert exit_.value.code == 2 and str(tmp_path) in capsys.readouterr().err
+
+
+def test_the_autoencoder_loss_is_l1_plus_kl_weight_times_the_kl_per_pixel(prior):
+    """LDM's objective: L1 of a posterior sample's reconstruction + w · KL(q(z|x) ‖ N(0, I)) / pixels,
+    the KL from its closed form, never subtracted."""
+    vae = AutoencoderKL.from_pretrained(prior / "vae")
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        loss = {w: float(run.autoencoder_loss(vae, pixels, torch.Generator().manual_seed(1), w)) for w in (0.0, 100.0)}
+        posterior = vae.encode(pixels).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(1))
+        l1 = float((vae.decode(posterior.mean + posterior.std * noise).sample - pixels).abs().mean())
+        kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).flatten(1).sum(1).mean()
+    assert loss[0.0] == pytest.approx(l1, rel=1e-5)
+    assert float(kl) > 0 and loss[100.0] - loss[0.0] == pytest.approx(100 * float(kl) / (3 * 32 * 32), rel=1e-4)
+
+
+def test_the_latent_scale_gives_unit_std_on_the_training_crops(prior):
+    settings, images = run.read_run(prior)
+    vae = AutoencoderKL.from_pretrained(prior / "vae")
+    with torch.no_grad():  # the crops and draws the run took (4 × its batch size, its seed)
+        pixels, _ = images.batch(4 * settings["batch_size"], torch.Generator().manual_seed(settings["seed"]))
+        latents = vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(settings["seed"]))
+    assert abs(float(latents.std()) - 1) > 0.05  # the scale has something to correct
+    assert float((latents * vae.config.scaling_factor).std()) == pytest.approx(1, abs=1e-3)
+
+
+class _Decodes(nn.Module):
+    """An "autoencoder" that returns one fixed image whatever it is given (as one trained on a
+    single part's colours does)."""
+
+    def __init__(self, image: torch.Tensor):
+        super().__init__()
+        self.image, self.device = image, torch.device("cpu")
+
+    def forward(self, pixels, sample_posterior=False):
+        return type("Output", (), {"sample": self.image.expand_as(pixels)})
+
+
+def test_held_back_psnr_is_on_the_0_1_scale_and_recoloured_means_the_11_other_colourings():
+    image = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    images = PretrainImages(8, held_back=[image])
+    held = images.held_back_batch()
+    psnr, recoloured = run.held_back_psnr(_Decodes(held), images)
+    assert psnr == 100.0  # exact: the clamp of a zero error
+    expected = [10 * np.log10(1 / float((((held - colour_variant(held, c)) / 2) ** 2).mean())) for c in range(1, COLOURINGS)]
+    assert recoloured == pytest.approx(np.mean(expected), abs=0.01) and recoloured < 20
+
+
+def test_the_unet_sees_every_timestep_range_and_a_tenth_of_its_prompts_dropped(demo, tmp_path, monkeypatch):
+    """The ε-loss is drawn over all T timesteps; each prompt's context is replaced by the empty
+    prompt's with probability ``uncond_prob`` (0.1), for classifier-free guidance; the final grid
+    holds two samples per prompt."""
+    seen, grids, real_forward, real_grid = [], [], UNet2DConditionModel.forward, run.save_grid
+
+    def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        if torch.is_grad_enabled():  # training, not sampling
+            seen.append((timestep.clone(), encoder_hidden_states.detach().clone()))
+        return real_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    monkeypatch.setattr(run, "save_grid", lambda images, path: (grids.append(len(images)), real_grid(images, path)))
+    out = tmp_path / "prior"
+    pretrain([demo], out, PretrainConfig(**{**TINY, "max_steps": 40, "batch_size": 8, "checkpoint_every": 40,
+                                            "sample_every": 40}), say=lambda m: None)
+    tokenizer, encoder = CLIPTokenizer.from_pretrained(out / "tokenizer"), CLIPTextModel.from_pretrained(out / "text_encoder")
+    prompts = json.loads((out / "pretrain.json").read_text())["prompts"]
+    with torch.no_grad():
+        ids = tokenizer(prompts + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        states = encoder(ids)[0]
+    timesteps = torch.cat([t for t, _ in seen])
+    contexts = torch.cat([c for _, c in seen])
+    which = [next(k for k in range(len(states)) if torch.allclose(c, states[k], atol=1e-5)) for c in contexts]
+    assert len(which) == 40 * 8 and len(prompts) == 2
+    assert 0.05 < which.count(len(prompts)) / len(which) < 0.16  # the empty prompt
+    assert all(0.3 < which.count(k) / len(which) < 0.6 for k in range(len(prompts)))
+    assert int(timesteps.min()) < 100 and int(timesteps.max()) > 900 and 400 < float(timesteps.float().mean()) < 600
+    assert grids == [2 * len(prompts)]

@@ -161,18 +161,22 @@ def _psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
     return float((10 * torch.log10(1 / mse)).mean())
 
 
+def autoencoder_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator, kl_weight: float) -> torch.Tensor:
+    """LDM's autoencoder objective without its LPIPS and adversarial terms: L1 of the reconstruction
+    of a posterior sample + ``kl_weight`` × KL(q(z|x) ‖ N(0, I)), both per-image sums as in LDM
+    (weight 1e-6 against the summed L1), divided by the pixel count."""
+    posterior = vae.encode(pixels).latent_dist
+    recon = vae.decode(posterior.sample(generator=generator)).sample
+    return F.l1_loss(recon.float(), pixels) + kl_weight * posterior.kl().mean() / pixels[0].numel()
+
+
 def _vae_stage(vae: AutoencoderKL, images: PretrainImages, config: PretrainConfig, work: Path,
                budget: float | None, train_config: dict[str, Any]) -> dict[str, Any]:
-    pixels_per_image = 3 * config.resolution**2
-
     def loss_fn(modules, step, generator):
         model = modules["vae"]
         pixels, _ = images.batch(config.batch_size, generator)
         pixels = colour_variants(pixels, generator, config.vae_colour_augment).to(model.device)
-        posterior = model.encode(pixels).latent_dist
-        recon = model.decode(posterior.sample(generator=generator)).sample
-        # LDM's per-image sums (KL weight 1e-6 against the summed L1), divided by the pixel count
-        return F.l1_loss(recon.float(), pixels) + config.kl_weight * posterior.kl().mean() / pixels_per_image
+        return autoencoder_loss(model, pixels, generator, config.kl_weight)
 
     def validate(step):
         write_loss_curve(work / LOG_FILE, work / "loss.png")
