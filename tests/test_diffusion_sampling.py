@@ -127,3 +127,54 @@ def test_to_tensor_takes_images_of_mixed_sizes():
     batch = to_tensor([a, b], (16, 16))
     assert batch.shape == (2, 3, 16, 16) and torch.allclose(batch[0], torch.ones(3, 16, 16)) and batch[1].abs().max() == 0
     assert torch.equal(to_tensor([a]), torch.ones(1, 3, 20, 30))
+
+
+def test_the_loop_is_ddim_with_cfg_eta_noise_and_blending_at_the_next_timestep(setup):
+    """The sampling loop against a written-out reference, with a stub ε that tells the unconditional
+    rows (context 0) from the conditional ones (context 1): ε = ε_u + g·(ε_c − ε_u); DDIM's variance
+    noise (η = 1) and the blending noise are drawn from the sample's generator, in that order, and
+    outside the mask the latent is the good latent noised to the *next* timestep (the good latent
+    itself after the last step)."""
+    from anomalygen.diffusion.sampling import make_scheduler
+
+    backbone = setup[0]
+    shape, steps, g = (1, 4, 8, 8), 4, 3.0
+    eps_u, eps_c, known = torch.randn(3, *shape, generator=torch.Generator().manual_seed(5)).unbind(0)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 1:5] = 1
+
+    def mixing(x):  # as a UNet, the latents outside the mask reach the prediction inside it
+        return 0.5 * x.mean(dim=(2, 3), keepdim=True)
+
+    def denoiser(x, t, context):  # ε_c where the context is 1, ε_u where it is 0
+        cond = context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return cond * eps_c + (1 - cond) * eps_u + mixing(x)
+
+    latents = sample_latents(backbone, torch.ones(1, 77, 32), sample_generators(3, [0]), latent_size=(8, 8),
+                             num_inference_steps=steps, eta=1.0, guidance_scale=g, uncond_hidden_states=torch.zeros(1, 77, 32),
+                             known_latents=known, mask=mask, denoiser=denoiser)
+    scheduler = make_scheduler(backbone.scheduler_config, "ddim")
+    scheduler.set_timesteps(steps)
+    generator = sample_generators(3, [0])[0]
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(eps_u + g * (eps_c - eps_u) + mixing(x), t, x, eta=1.0,
+                           variance_noise=torch.randn(shape, generator=generator)).prev_sample
+        background = known if i + 1 == steps else scheduler.add_noise(
+            known, torch.randn(shape, generator=generator), scheduler.timesteps[i + 1 : i + 2])
+        x = mask * x + (1 - mask) * background
+    assert torch.allclose(latents, x, atol=1e-5)
+
+
+def test_a_latent_pixel_is_editable_if_any_of_its_pixels_is_and_decoding_undoes_the_latent_scale(setup):
+    masks = torch.zeros(1, 1, 32, 32)
+    masks[0, 0, 9, 20] = 1  # one pixel
+    latent = latent_mask(masks, (16, 16))
+    assert latent.sum() == 1 and latent[0, 0, 4, 10] == 1
+    backbone = setup[0]
+    images = to_tensor(setup[2], (32, 32))
+    with torch.no_grad():
+        latents = encode_images(backbone, images)
+        direct = backbone.vae.decode(backbone.vae.encode(images * 2 - 1).latent_dist.mean).sample
+    assert backbone.vae.config.scaling_factor != 1
+    assert torch.allclose(decode_latents(backbone, latents), ((direct + 1) / 2).clamp(0, 1), atol=1e-5)
