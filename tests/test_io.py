@@ -252,8 +252,52 @@ def test_folder_lock_refuses_a_second_process_and_frees_on_exit(tmp_path):
         assert other.returncode != 0 and "got it" not in other.stdout
         assert f"{tmp_path / 'w'}: in use by another anomalygen generate (pid {os.getpid()} on " in other.stderr
         assert socket.gethostname() in other.stderr
+        (tmp_path / "w" / "written").write_text("a result")
     assert (tmp_path / "w" / LOCK_FILE).read_bytes() == b""
     assert _lock_from_another_process(tmp_path / "w").stdout == "got it\n"
+
+
+def test_a_job_that_writes_nothing_leaves_nothing_of_its_making(tmp_path):
+    """The lock file and the folders the lock created go when nothing else was written, whether the
+    job failed or not; a folder that was there before stays, and so does anything written."""
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(AnomalygenError, match="refused"):
+        with folder_lock(tmp_path / "new" / "deeper" / "cat", "fit"):
+            raise AnomalygenError("refused")
+    with folder_lock(tmp_path / "kept", "fit"):
+        pass
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+    with folder_lock(tmp_path / "kept" / "a" / "b", "fit"):
+        (tmp_path / "kept" / "a" / "b" / "model.json").write_text("{}")
+    assert (tmp_path / "kept" / "a" / "b" / LOCK_FILE).read_bytes() == b""
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / LOCK_FILE).write_text('{"pid": 1}')  # a killed holder's: not this job's making
+    with folder_lock(tmp_path / "stale", "fit"):
+        pass
+    assert (tmp_path / "stale" / LOCK_FILE).read_bytes() == b""
+
+
+def test_a_lock_taken_on_a_file_removed_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """Between our open and our flock the previous holder may remove its lock file as it leaves:
+    the lock is then taken on the file that is there now, so two jobs never hold one folder."""
+    import fcntl
+
+    from anomalygen import io as io_module
+
+    folder, calls, real_flock = tmp_path / "w", [], fcntl.flock
+    folder.mkdir()
+    (folder / "result").write_text("kept")
+
+    def flock(fd, operation):
+        calls.append(os.fstat(fd).st_ino)
+        if len(calls) == 1:
+            (folder / LOCK_FILE).unlink()  # the previous holder leaving
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(io_module.fcntl, "flock", flock)
+    with folder_lock(folder, "generate"):
+        assert len(calls) == 2 and calls[1] == os.stat(folder / LOCK_FILE).st_ino
+        assert _lock_from_another_process(folder).returncode != 0
 
 
 def test_a_holder_caught_before_writing_its_record_is_still_named(tmp_path):

@@ -105,24 +105,18 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     (pid, host, command, start time). The lock is ``flock`` on ``folder/.anomalygen.lock``: the
     kernel releases it when its process ends in any way (kill -9 included), so a stale lock file
     never blocks a later run. ``what`` names the job in the holder's record ("generate", "fit").
+    A job that ends with nothing in the folder but the lock file it made (refused, say, by a model
+    that does not load) removes that file and the folders it created.
     """
     folder = Path(folder)
     key = folder.resolve()
     if key in _HELD:
         yield
         return
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    lock_is_new = not (folder / LOCK_FILE).exists()
+    fd = _take_lock(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-    except OSError as error:
-        raise os_error(error) from error
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AnomalygenError(
-                f"{folder}: in use by {_holder(fd)}; wait for it to finish (or stop it), then re-run"
-            ) from None
         record = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.now().astimezone().isoformat(timespec="seconds"),
                   "command": shlex.join(sys.argv)[:500]}
@@ -139,6 +133,35 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
             with suppress(OSError):  # emptying the record is cosmetic; the lock goes with the descriptor
                 os.ftruncate(fd, 0)
     finally:
+        if lock_is_new:  # a job refused before it wrote anything leaves no folder of its making behind
+            with suppress(OSError):
+                if [entry.name for entry in os.scandir(folder)] == [LOCK_FILE]:
+                    (folder / LOCK_FILE).unlink()
+                    for path in created:
+                        path.rmdir()
+        os.close(fd)
+
+
+def _take_lock(folder: Path) -> int:
+    """A descriptor of ``folder/LOCK_FILE`` (both created if needed) holding its ``flock``. The
+    holder removes a lock file it made when it leaves the folder empty (``folder_lock``): a lock
+    taken on a file unlinked in between is given up and taken on the file that is there now."""
+    path = folder / LOCK_FILE
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        except OSError as error:
+            raise os_error(error) from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise AnomalygenError(f"{folder}: in use by {holder}; wait for it to finish (or stop it), then re-run") from None
+        with suppress(FileNotFoundError):
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
         os.close(fd)
 
 
