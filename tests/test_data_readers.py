@@ -68,6 +68,9 @@ def test_dataset_root_and_categories(tmp_path):
         load_category(tmp_path, "bolt")
     with pytest.raises(DataError, match="missing: folder not found"):
         load_category(tmp_path / "missing")
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"a\.png: not a folder \(a file\)"):
+        load_category(tmp_path / "a.png")
     with pytest.raises(DataError, match="notes: not a dataset"):
         load_category(tmp_path / "notes")
     with pytest.raises(DataError, match="unknown layout"):

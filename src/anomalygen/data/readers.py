@@ -231,7 +231,7 @@ def list_categories(root: str | Path) -> list[str]:
 def _resolve(root: Path, category: str | None) -> tuple[Path, str | None]:
     """(category folder, VisA object name or None) for ``root`` and ``category``."""
     if not root.is_dir():
-        raise DataError(root, "folder not found")
+        raise DataError(root, "not a folder (a file)" if root.exists() else "folder not found")
     if (root / VISA_CSV).is_file():
         objects = list_categories(root)
         if category not in objects:
