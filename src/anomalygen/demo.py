@@ -16,6 +16,7 @@ from anomalygen import pipeline
 from anomalygen.data import list_categories, load_image
 from anomalygen.data.demo import make_demo_dataset
 from anomalygen.io import MANIFEST, read_manifest
+from anomalygen.seeding import check_seed
 from anomalygen.visualize import Section, grid, overlay, write_html
 
 MODEL_FREE = ("cutpaste", "croppaste", "draem")
@@ -32,6 +33,7 @@ def run_demo(
     warn: pipeline.Warn | None = None,
 ) -> Path:
     """Run the demo into ``out`` and return the path of its ``index.html``."""
+    check_seed(seed)
     out = Path(out)
     methods = list(methods or MODEL_FREE)
     data = make_demo_dataset(out / "data", seed=seed)

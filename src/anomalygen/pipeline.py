@@ -25,6 +25,7 @@ from anomalygen.data import CategoryData, load_category, load_defects, load_good
 from anomalygen.errors import AnomalygenError
 from anomalygen.io import MAX_SAMPLES, SampleWriter, atomic_write_bytes, folder_lock
 from anomalygen.methods.base import AnomalyGenerator, create
+from anomalygen.seeding import check_seed
 from anomalygen.sharding import ShardJob, sharded_samples
 from anomalygen.validity import Calibration, first_valid, judge, sub_seed
 
@@ -175,6 +176,7 @@ def generate(
     if not 1 <= num <= MAX_SAMPLES:
         raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
     check_max_attempts(max_attempts)
+    check_seed(seed)
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
         raise AnomalygenError(f"--processes {processes}: give a number from 1 to 64")
     if loaded is not None and checkpoint is None:

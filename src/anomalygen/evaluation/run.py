@@ -25,6 +25,7 @@ from anomalygen.evaluation.inception_score import inception_scores, load_incepti
 from anomalygen.evaluation.inputs import load_evaluation_data
 from anomalygen.evaluation.localization import LocalizationConfig, run_localization
 from anomalygen.evaluation.report import protocol_labels, write_report
+from anomalygen.seeding import check_seed
 from anomalygen.validity import rejection_rates
 
 METRICS = ("is", "ic-lpips", "localization", "classification")  # the default set
@@ -69,6 +70,7 @@ def prepare(
     a metric named in ``metrics`` whose weights are missing raises ``ModelNotFoundError``.
     ``inception_extractor`` / ``lpips_model`` replace the pretrained networks (tests).
     """
+    check_seed(seed)
     chosen = list(METRICS if metrics is None else metrics)
     unknown = sorted(set(chosen) - set(METRICS + EXTRA_METRICS))
     if unknown or not chosen:
@@ -116,6 +118,7 @@ def evaluate(
     inception_weights, inception_extractor, lpips_net, lpips_model). ``skip_bad`` leaves out bad
     real files (noted in the report) instead of stopping at the first.
     """
+    check_seed(seed)
     nets = networks or prepare(metrics, seed=seed, **prepare_options)
     options.positive_int(lpips_size, "IC-LPIPS size")
     torch_device = nets.device

@@ -46,6 +46,7 @@ from anomalygen import pipeline  # noqa: E402
 from anomalygen.data import CategoryData, load_category, load_defect, paper_split  # noqa: E402
 from anomalygen.masks import resize_mask  # noqa: E402
 from anomalygen.methods.base import CONFIG_FILE, AnomalyGenerator, available_methods  # noqa: E402
+from anomalygen.seeding import check_seed  # noqa: E402
 from anomalygen.types import ImageRecord  # noqa: E402
 
 __all__ = ["AnomalygenAugmenter", "folder_datamodule", "training_datamodule", "use_anomalygen_augmenter"]
@@ -202,6 +203,7 @@ class AnomalygenAugmenter(torch.nn.Module):
         super().__init__()
         if not 0 <= probability <= 1:
             raise AnomalygenError(f"probability {probability}: give a number from 0 to 1")
+        check_seed(seed, "seed")
         self.probability, self.seed, self.drawn = float(probability), int(seed), 0
         self.generator: AnomalyGenerator | None = None
         self.pool: list[tuple[np.ndarray, np.ndarray]] = []

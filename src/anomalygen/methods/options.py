@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from anomalygen.errors import AnomalygenError
+from anomalygen.seeding import MAX_SEED
 
 # CLI flags that set a method option directly (besides --set NAME=VALUE).
 CLI_FLAGS = {"device": "--device", "model": "--model", "max_steps": "--max-steps", "time_budget_s": "--time-budget"}
@@ -204,7 +205,7 @@ def diffusion_options() -> dict[str, Option]:
         device=Device(),
         mixed_precision=Precision(),
         batch_size=Int(4, 1),
-        seed=Int(0, 0),
+        seed=Int(0, 0, MAX_SEED),
         sampler=Choice("ddim", SAMPLERS),
         guidance_scale=Float(1.0, 0),
         init_word=Text("defect"),

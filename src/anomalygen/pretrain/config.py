@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from anomalygen.errors import AnomalygenError
+from anomalygen.seeding import check_seed
 
 BALANCES = ("categories", "images")
 
@@ -62,6 +63,7 @@ class PretrainConfig:
             raise AnomalygenError(f"--vae-colour-augment {self.vae_colour_augment:g}: must be a share in [0, 1]")
         if not (math.isfinite(self.vae_share) and 0 < self.vae_share < 1):
             raise AnomalygenError(f"--vae-share {self.vae_share:g}: must be a share of the time budget in (0, 1)")
+        check_seed(self.seed)
         if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1):
             raise AnomalygenError("uncond_prob and ema_decay must lie in [0, 1)")
         resolve_device(self.device)

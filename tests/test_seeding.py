@@ -1,0 +1,34 @@
+"""Seeds: the range every command takes (``seeding.check_seed``), and its largest value runs end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomalygen import pipeline
+from anomalygen.errors import AnomalygenError
+from anomalygen.io import MANIFEST, read_manifest
+from anomalygen.seeding import MAX_SEED, check_seed
+from test_pipeline import make_tiny_dataset
+
+
+@pytest.mark.parametrize("seed", [0, 1, MAX_SEED, np.int64(7)])
+def test_seeds_in_range_pass(seed):
+    check_seed(seed)
+
+
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 2**70, True, 1.0, "3", None])
+def test_seeds_out_of_range_are_one_line_naming_the_flag(seed):
+    with pytest.raises(AnomalygenError, match=rf"^--demo-seed {seed}: give a seed from 0 to {MAX_SEED}$"):
+        check_seed(seed, "--demo-seed")
+
+
+def test_the_largest_seed_fits_and_generates(tmp_path):
+    """A diffusion method's torch generators and the per-sample numpy streams take ``MAX_SEED``
+    (2**70, say, overflows torch's generators: MAX_SEED must stay below that)."""
+    data = make_tiny_dataset(tmp_path / "data")
+    options = dict(model="tiny", device="cpu", resolution=32, max_steps=1, batch_size=2, seed=MAX_SEED,
+                   num_inference_steps=2)
+    result = pipeline.generate("textual-inversion", data, tmp_path / "out", 2, category="nut", seed=MAX_SEED,
+                               options=options, filter=False)
+    assert len(read_manifest(result.out / MANIFEST)) == 2
