@@ -29,6 +29,9 @@ declare -A runs=(
     [8]="python3 benchmarks/cli_speed.py $ad --num 400 --num-official 16 --set mask_source=augment --unet-calls 200 --out /tmp/b/run8"
     [9]="python3 benchmarks/cli_speed.py $ad --only ours --num 128 --compile --set mask_tries=1 --unet-calls 400 --out /tmp/b/run9"
     [10]="python3 benchmarks/cli_speed.py --method croppaste --num 500 --out /tmp/b/run10"
+    # runs 8 and 9 cut to fit one call together (a session's 15 minutes of device time: GPU.md)
+    [14]="python3 benchmarks/cli_speed.py $ad --num 256 --num-official 8 --set mask_source=augment --unet-calls 200 --out /tmp/b/run14"
+    [15]="python3 benchmarks/cli_speed.py $ad --only ours --num 64 --compile --set mask_tries=1 --unet-calls 400 --out /tmp/b/run15"
     [11]="python3 -m anomalygen.cli pretrain --data .carry/data/magnetic_tile --data .carry/data/hazelnut_toy --out /tmp/b/prior128 --resolution 128 --size base --time-budget ${BUDGET_MIN:-7.5} --device cuda"
     # issue 13 at GPU size: run 12 twice (it resumes) gives a ~17-min prior, then run 13 as often as needed (it resumes its cells)
     [12]="python3 -m anomalygen.cli pretrain --data .carry/data256/magnetic_tile --data .carry/data256/hazelnut_toy --out /tmp/b/prior256 --resolution 256 --size base --time-budget ${BUDGET_MIN:-8.5} --vae-share 0.6 --device cuda ${PRIOR_FLAGS:-}"
