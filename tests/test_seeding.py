@@ -23,6 +23,16 @@ def test_seeds_out_of_range_are_one_line_naming_the_flag(seed):
         check_seed(seed, "--demo-seed")
 
 
+@pytest.mark.parametrize("config", ["LocalizationConfig", "ClassificationConfig", "DraemAugmentationConfig"])
+def test_evaluation_configs_check_their_seed_when_built(config):
+    from anomalygen.evaluation import run
+
+    klass = getattr(run, config)
+    assert klass(seed=MAX_SEED).seed == MAX_SEED
+    with pytest.raises(AnomalygenError, match=r"^--seed -1: give a seed"):
+        klass(seed=-1)
+
+
 def test_the_largest_seed_fits_and_generates(tmp_path):
     """A diffusion method's torch generators and the per-sample numpy streams take ``MAX_SEED``
     (2**70, say, overflows torch's generators: MAX_SEED must stay below that)."""

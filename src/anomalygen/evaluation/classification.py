@@ -22,6 +22,7 @@ from torchvision.models import ResNet34_Weights, resnet34
 from anomalygen.evaluation.inputs import EvaluationData, resize_image
 from anomalygen.evaluation.localization import diverged
 from anomalygen.evaluation import options
+from anomalygen.seeding import check_seed
 from anomalygen.weights import find_weights, load_into, load_state_dict, missing
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -48,6 +49,7 @@ class ClassificationConfig:
         options.resolution(self.resolution)
         options.positive_int(self.batch_size, "classification batch_size")
         options.positive_float(self.lr, "classification lr")
+        check_seed(self.seed)
 
 
 def resnet34_weights(config: ClassificationConfig) -> Path | None:

@@ -38,6 +38,7 @@ from anomalygen.evaluation.localization import as_input, diverged, measure, tens
 from anomalygen.evaluation.unet import DiscriminativeUNet, ReconstructiveNet, focal_loss
 from anomalygen.methods.base import get_method
 from anomalygen.methods.draem import DraemTexture
+from anomalygen.seeding import check_seed
 
 TESTS = ("clean", "full")
 # DRAEM's settings (paper and official code), and the reduced ones used on CPU unless set.
@@ -76,6 +77,7 @@ class DraemAugmentationConfig:
         options.positive_int(self.batch_size, "--draem-batch-size")
         options.positive_float(self.lr, "DRAEM lr")
         options.choice(self.test, "--draem-test", TESTS)
+        check_seed(self.seed)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
             raise AnomalygenError(f"DRAEM workers {self.workers}: must be a whole number >= 0")
         DraemTexture(texture_source=self.texture_source, foreground="texture")  # checks the option now

@@ -33,6 +33,7 @@ from anomalygen.evaluation import options
 from anomalygen.evaluation.inputs import EvaluationData, resize_image, resize_mask
 from anomalygen.evaluation.metrics import image_scores, localization_metrics, pr_curve
 from anomalygen.evaluation.unet import DiscriminativeUNet, focal_loss
+from anomalygen.seeding import check_seed
 
 PROTOCOLS = ("paper", "clean", "both")
 SELECT_BY = "pixel_ap"  # the paper protocol's one-epoch figures are read at this metric's best epoch
@@ -65,6 +66,7 @@ class LocalizationConfig:
         options.positive_float(self.lr, "U-Net lr")
         options.choice(self.protocol, "--protocol", PROTOCOLS)
         options.positive_int(self.eval_every, "--eval-every")
+        check_seed(self.seed)
 
 
 def tensor_images(images: list[np.ndarray], size: int) -> torch.Tensor:

@@ -70,7 +70,6 @@ def prepare(
     a metric named in ``metrics`` whose weights are missing raises ``ModelNotFoundError``.
     ``inception_extractor`` / ``lpips_model`` replace the pretrained networks (tests).
     """
-    check_seed(seed)
     chosen = list(METRICS if metrics is None else metrics)
     unknown = sorted(set(chosen) - set(METRICS + EXTRA_METRICS))
     if unknown or not chosen:
