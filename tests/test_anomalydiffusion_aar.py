@@ -48,6 +48,20 @@ def test_paper_weights_formula_on_a_2x2_mask():
     assert torch.all(free[0][~inside] == 1) and torch.all(bounded[0][~inside] == 1)
 
 
+def test_paper_weights_each_image_sums_to_its_own_mask_area():
+    """Eq. 7 per image of a batch: unbounded W sums to ||m||₁ of its own mask (3 and 5 pixels)."""
+    g = torch.Generator().manual_seed(0)
+    good = torch.randn(2, 3, 4, 5, generator=g)
+    x0 = good + torch.randn(2, 3, 4, 5, generator=g)
+    mask = torch.zeros(2, 1, 4, 5)
+    mask[0, 0, 0, :3] = 1
+    mask[1, 0, 2:, 1:4] = 1
+    mask[1, 0, 3, 1] = 0
+    weights = paper_weights(x0, good, mask, bounds=None)
+    assert weights[0][mask[0, 0] > 0].sum().item() == pytest.approx(3.0)
+    assert weights[1][mask[1, 0] > 0].sum().item() == pytest.approx(5.0)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 3))
 def test_paper_weights_bounded_and_ordered_by_distance(seed, channels):
@@ -279,3 +293,27 @@ def test_learned_mask_fallback_is_counted_in_the_run_summary(rejecting, tmp_path
                                    "--out", str(tmp_path / "cli"), "--num", "2", "--no-filter"])
     assert run.exit_code == 0, run.output
     assert " ".join(run.output.split()).endswith(f"(2 new, 2 {module.FALLBACK})")  # the summary line, wrapped
+
+
+@pytest.mark.parametrize("timestep, radius", [(0, 0), (25, 1), (150, 2), (900, 8)])
+def test_latent_weights_dilate_the_mask_with_the_official_schedule_and_sum_to_its_area(timestep, radius):
+    """``latent_weights`` with its defaults (scale 8, T = 1000): the weights differ from 1 exactly
+    on the two-pixel mask dilated by r = ⌊(t + 100)·8 / 1000⌋ (a (2r+1)×(2r+2) box; t = 900 gives 8, where
+    T = 1001 would give 7 and scale 9 would give 9), and unbounded they are |m̃|·(1/d)/Σ(1/d), so
+    they sum to the dilated area. Distances are below 1 and all different."""
+    size, centre = 24, 11
+    g = torch.Generator().manual_seed(3)
+    good = torch.randn(1, 4, size, size, generator=g)
+    latents = good + 0.1 + 0.4 * torch.rand(1, 1, size, size, generator=g)  # the same gap in every channel
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., centre, centre: centre + 2] = 1
+    weights = latent_weights(latents, good, mask, timestep, bounds=(0.0, math.inf))[0]
+    square = torch.zeros(size, size, dtype=torch.bool)
+    square[centre - radius: centre + radius + 1, centre - radius: centre + radius + 2] = True
+    assert torch.equal(weights != 1, square)
+    assert float(weights[square].sum()) == pytest.approx((2 * radius + 1) * (2 * radius + 2), rel=1e-5)
+    distance = (latents[0, 0] - good[0, 0]) ** 2
+    inverse = 1 / distance[square]
+    assert torch.allclose(weights[square], square.sum() * inverse / inverse.sum(), rtol=1e-5)
+    assert aar.dilation_radius(timestep) == radius
+    assert aar.dilation_radius(999, 16) == 17
