@@ -166,6 +166,14 @@ def test_visa_csv(tmp_path):
     (root / "split_csv/1cls.csv").write_text("object,image\ncandle,x.png\n")
     with pytest.raises(DataError, match="1cls.csv: not a VisA split file: missing columns label, mask, split"):
         load_category(root, "candle")
+    header = rows[0]
+    for body, problem in [("", "no rows below the header"),
+                          (f"{rows[1]}\n\ncandle,test\n", "line 4: fewer columns than the header"),  # a blank line 3
+                          (f"{rows[1]}\ncandle,test,anomaly,,\n", "line 3: no image path")]:
+        (root / "split_csv/1cls.csv").write_text(f"{header}\n{body}")
+        for call in (lambda: list_categories(root), lambda: load_category(root, "candle")):
+            with pytest.raises(DataError, match=f"1cls.csv: {problem}$"):
+                call()
 
 
 def test_generic_folder(tmp_path):

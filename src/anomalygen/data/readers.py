@@ -146,15 +146,24 @@ def _read_mvtec(root: Path, loco: bool, require_good: bool, problems: list[str] 
 
 def _visa_rows(dataset_root: Path) -> list[dict[str, str]]:
     csv_path = dataset_root / VISA_CSV
+    columns = ("object", "split", "label", "image", "mask")
     try:
         with csv_path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(csv_path, f"unreadable split file ({error})") from error
-    missing = {"object", "split", "label", "image", "mask"} - set(rows[0] if rows else {})
+    missing = set(columns) - set(reader.fieldnames or ())
     if missing:
         raise DataError(csv_path, f"not a VisA split file: missing columns {', '.join(sorted(missing))}")
-    return rows
+    if not rows:
+        raise DataError(csv_path, "no rows below the header")
+    for line, row in rows:
+        if any(row[column] is None for column in columns):
+            raise DataError(csv_path, f"line {line}: fewer columns than the header")
+        if not row["image"]:
+            raise DataError(csv_path, f"line {line}: no image path")
+    return [row for _, row in rows]
 
 
 def _read_visa(dataset_root: Path, category: str, require_good: bool, problems: list[str] | None):
