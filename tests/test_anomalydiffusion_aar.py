@@ -60,6 +60,7 @@ def test_paper_weights_each_image_sums_to_its_own_mask_area():
     weights = paper_weights(x0, good, mask, bounds=None)
     assert weights[0][mask[0, 0] > 0].sum().item() == pytest.approx(3.0)
     assert weights[1][mask[1, 0] > 0].sum().item() == pytest.approx(5.0)
+    assert torch.equal(paper_weights(x0, good, mask[:, 0], bounds=None), weights)  # a (B, H, W) mask alike
 
 
 @settings(max_examples=30, deadline=None)
@@ -295,7 +296,7 @@ def test_learned_mask_fallback_is_counted_in_the_run_summary(rejecting, tmp_path
     assert " ".join(run.output.split()).endswith(f"(2 new, 2 {module.FALLBACK})")  # the summary line, wrapped
 
 
-@pytest.mark.parametrize("timestep, radius", [(0, 0), (25, 1), (150, 2), (900, 8)])
+@pytest.mark.parametrize("timestep, radius", [(0, 0), (24, 0), (25, 1), (150, 2), (900, 8)])
 def test_latent_weights_dilate_the_mask_with_the_official_schedule_and_sum_to_its_area(timestep, radius):
     """``latent_weights`` with its defaults (scale 8, T = 1000): the weights differ from 1 exactly
     on the two-pixel mask dilated by r = ⌊(t + 100)·8 / 1000⌋ (a (2r+1)×(2r+2) box; t = 900 gives 8, where
