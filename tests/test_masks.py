@@ -155,6 +155,33 @@ def test_augment_mask_without_foreground_keeps_shape_and_rejects_empty():
         augment_mask(np.zeros((5, 5), bool), np.random.default_rng(0))
 
 
+def test_augment_mask_flips_by_default_both_ways():
+    """Unrotated and unscaled, an L-shaped mask comes back in all four mirror images over a few
+    draws (those cut by the canvas's edge left aside)."""
+    real = np.zeros((100, 100), bool)
+    real[10:20, 10] = True
+    real[19, 10:16] = True
+    shapes = set()
+    for seed in range(40):
+        m = augment_mask(real, np.random.default_rng(seed), scale=(1.0, 1.0), rotate=0.0)
+        ys, xs = np.nonzero(m)
+        if min(ys.min(), xs.min()) > 0 and max(ys.max(), xs.max()) < 99:
+            shapes.add(m[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1].tobytes())
+    crop = real[10:20, 10:16]
+    assert shapes == {c.tobytes() for c in (crop, crop[::-1], crop[:, ::-1], crop[::-1, ::-1])}
+
+
+def test_augment_mask_is_never_empty_even_when_no_draw_lands_on_the_foreground():
+    """Two far-apart pixels centred on a one-pixel foreground never touch it: the result is that pixel."""
+    real = np.zeros((30, 30), bool)
+    real[15, 2] = real[15, 27] = True
+    foreground = np.zeros((30, 30), bool)
+    foreground[8, 21] = True
+    for seed in range(3):
+        m = augment_mask(real, np.random.default_rng(seed), foreground=foreground, scale=(1.0, 1.0))
+        assert np.array_equal(m, foreground)
+
+
 def test_resize_mask_is_nearest_and_keeps_a_fitting_mask():
     from anomalygen.masks import resize_mask
 
