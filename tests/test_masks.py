@@ -171,6 +171,19 @@ def test_augment_mask_flips_by_default_both_ways():
     assert shapes == {c.tobytes() for c in (crop, crop[::-1], crop[:, ::-1], crop[::-1, ::-1])}
 
 
+def test_augmented_mask_is_centred_on_a_foreground_pixel():
+    """A 3 × 3 mask (unrotated, unscaled) over a foreground of two 3 × 3 blocks: centred on any
+    block pixel it keeps at least 4 of its 9 pixels (at a corner), and a draw centred on a block's
+    middle, kept whole, is found in most runs."""
+    real = np.zeros((40, 40), bool)
+    real[5:8, 30:33] = True
+    foreground = np.zeros((40, 40), bool)
+    foreground[10:13, 6:9] = foreground[25:28, 20:23] = True
+    sizes = [augment_mask(real, np.random.default_rng(s), foreground=foreground, scale=(1.0, 1.0), rotate=0.0).sum()
+             for s in range(20)]
+    assert min(sizes) >= 4 and np.median(sizes) == 9
+
+
 def test_augment_mask_is_never_empty_even_when_no_draw_lands_on_the_foreground():
     """Two far-apart pixels centred on a one-pixel foreground never touch it: the result is that pixel."""
     real = np.zeros((30, 30), bool)
