@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.methods import create
 from anomalygen.methods.base import AnomalyGenerator
-from anomalygen.methods.blending import blend, feather_alpha
+from anomalygen.methods.blending import blend, feather_alpha, place, rotate_patch
 from anomalygen.types import DefectExample
 
 cv2.setNumThreads(1)
@@ -283,3 +283,35 @@ def test_int_and_device_options_name_what_is_allowed():
         with pytest.raises(AnomalygenError, match=r"option device \(--device or --set device=\.\.\.\) got .*allowed: auto or a torch device available here \(cpu"):
             spec.validate("m", {"device": device})
     assert spec.validate("m", {"device": "cpu", "n": 2}) == {"n": 2, "device": "cpu"}
+
+
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(-12, 20), st.integers(-12, 20))
+def test_place_puts_each_patch_pixel_at_its_offset_and_crops_the_rest(ph, pw, top, left):
+    """Pixel (i, j) of the patch lands at (top + i, left + j) when that is on the 12 × 15 canvas;
+    nothing else is set."""
+    patch = (np.arange(ph * pw * 3).reshape(ph, pw, 3) % 250 + 1).astype(np.uint8)
+    alpha = (np.arange(ph * pw).reshape(ph, pw) + 1).astype(np.float32)
+    canvas, canvas_alpha = place((12, 15), patch, alpha, top, left)
+    expected, expected_alpha = np.zeros((12, 15, 3), np.uint8), np.zeros((12, 15), np.float32)
+    for i in range(ph):
+        for j in range(pw):
+            if 0 <= top + i < 12 and 0 <= left + j < 15:
+                expected[top + i, left + j], expected_alpha[top + i, left + j] = patch[i, j], alpha[i, j]
+    assert np.array_equal(canvas, expected) and np.array_equal(canvas_alpha, expected_alpha)
+
+
+@pytest.mark.parametrize("degrees", [0, 30, 45, 90, 137, -60])
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_rotate_patch_keeps_the_whole_patch_centred_on_its_canvas(degrees, scale):
+    """The rotated, scaled patch fits its new canvas: its alpha keeps the area (h·w·scale²) within
+    interpolation error, and its centre of mass is the canvas centre, within the half pixel by
+    which rotating about (w/2, h/2) moves the content (times the scale) and the half pixel the
+    canvas's rounded-up size adds."""
+    h, w = 10, 30
+    patch = np.full((h, w, 3), 200, np.uint8)
+    out, alpha = rotate_patch(patch, np.ones((h, w), np.float32), degrees, scale)
+    assert out.shape[:2] == alpha.shape
+    assert alpha.sum() == pytest.approx(h * w * scale**2, rel=0.04)
+    ys, xs = np.mgrid[: alpha.shape[0], : alpha.shape[1]]
+    centre = ((ys * alpha).sum() / alpha.sum(), (xs * alpha).sum() / alpha.sum())
+    assert centre == pytest.approx(((alpha.shape[0] - 1) / 2, (alpha.shape[1] - 1) / 2), abs=0.5 + 0.75 * scale)
