@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.methods import create
 from anomalygen.methods.base import AnomalyGenerator
-from anomalygen.methods.blending import blend, feather_alpha, place, rotate_patch
+from anomalygen.methods.blending import blend, feather_alpha, place, random_point, rotate_patch
 from anomalygen.types import DefectExample
 
 cv2.setNumThreads(1)
@@ -207,6 +207,25 @@ def test_feathered_blend_is_soft_inside_and_exact_outside():
     assert out[10, 10, 0] == 200 and 0 < out[5, 10, 0] < 100 and not out[~mask].any()
 
 
+def test_blend_is_the_convex_combination_rounded():
+    """(1 − α)·image + α·patch, rounded, at a few α; a black patch on black stays black."""
+    alpha = np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)
+    image = np.array([[[40] * 3, [40] * 3, [41] * 3, [40] * 3]], np.uint8)
+    patch = np.array([[[200] * 3, [200] * 3, [200] * 3, [0] * 3]], np.uint8)
+    assert blend(image, patch, alpha)[0, :, 0].tolist() == [40, 80, 120, 0]
+    black = np.zeros((1, 4, 3), np.uint8)
+    assert not blend(black, black, alpha).any()
+
+
+def test_random_point_picks_from_the_region_or_anywhere_when_it_is_empty():
+    region = np.zeros((3, 50), bool)
+    region[2, 40] = True
+    rng = np.random.default_rng(0)
+    assert {random_point(rng, region) for _ in range(5)} == {(2, 40)}
+    points = [random_point(rng, np.zeros((3, 50), bool)) for _ in range(200)]
+    assert all(0 <= y < 3 and 0 <= x < 50 for y, x in points) and max(x for _, x in points) > 40
+
+
 @pytest.mark.parametrize(("category", "mode"), [("fabric", "texture"), ("nut", "object")])
 def test_demo_categories(demo_root, category, mode):
     from anomalygen.data import load_category, load_defects, load_goods, paper_split
@@ -309,8 +328,11 @@ def test_rotate_patch_keeps_the_whole_patch_centred_on_its_canvas(degrees, scale
     canvas's rounded-up size adds."""
     h, w = 10, 30
     patch = np.full((h, w, 3), 200, np.uint8)
-    out, alpha = rotate_patch(patch, np.ones((h, w), np.float32), degrees, scale)
+    args = (degrees, scale) if scale != 1.0 else (degrees,)  # scale 1 is the default (CutPaste's)
+    out, alpha = rotate_patch(patch, np.ones((h, w), np.float32), *args)
     assert out.shape[:2] == alpha.shape
+    ys, xs = np.nonzero(alpha)  # the canvas is tight: the patch reaches (nearly) every side
+    assert ys.min() <= 1 and xs.min() <= 1 and ys.max() >= alpha.shape[0] - 2 and xs.max() >= alpha.shape[1] - 2
     assert alpha.sum() == pytest.approx(h * w * scale**2, rel=0.04)
     ys, xs = np.mgrid[: alpha.shape[0], : alpha.shape[1]]
     centre = ((ys * alpha).sum() / alpha.sum(), (xs * alpha).sum() / alpha.sum())
