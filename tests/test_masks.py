@@ -171,6 +171,25 @@ def test_augment_mask_flips_by_default_both_ways():
     assert shapes == {c.tobytes() for c in (crop, crop[::-1], crop[:, ::-1], crop[::-1, ::-1])}
 
 
+def test_augment_mask_rotates_over_the_whole_circle_and_scales_by_default():
+    """Defaults: angle U(-180, 180) and scale U(0.75, 1.25). A bar's orientation (of its second
+    moments) takes values all over [0, 180) degrees, and its area varies between 0.75² and 1.25²."""
+    real = np.zeros((200, 200), bool)
+    real[95:105, 70:130] = True
+    angles, areas = [], []
+    for seed in range(30):
+        m = augment_mask(real, np.random.default_rng(seed), flip=False)
+        ys, xs = np.nonzero(m)
+        if min(ys.min(), xs.min()) == 0 or max(ys.max(), xs.max()) == 199:
+            continue  # cut by the canvas's edge
+        cov = np.cov(np.stack([xs, ys]))
+        angles.append(np.degrees(0.5 * np.arctan2(2 * cov[0, 1], cov[0, 0] - cov[1, 1])) % 180)
+        areas.append(m.sum() / real.sum())
+    assert len(angles) >= 15
+    assert np.histogram(angles, bins=4, range=(0, 180))[0].min() >= 1  # every quarter of the circle
+    assert 0.75**2 * 0.9 < min(areas) < 0.85 and 1.25 < max(areas) < 1.25**2 * 1.1
+
+
 def test_augmented_mask_is_centred_on_a_foreground_pixel():
     """A 3 × 3 mask (unrotated, unscaled) over a foreground of two 3 × 3 blocks: centred on any
     block pixel it keeps at least 4 of its 9 pixels (at a corner), and a draw centred on a block's
