@@ -463,6 +463,38 @@ def test_specks_are_dropped_and_holes_filled():
     assert 896 <= mask.sum() <= 900  # the opening may round the four corner pixels
 
 
+def test_every_large_component_is_kept_small_ones_dropped_and_thin_cracks_survive():
+    """Two 20 × 20 defects and a 3-px-wide crack are kept whole (the clean-up's disk is 3 px up
+    to 384 px images); a 4 × 4 one, below ``min_area`` (0.2 % of the image), is dropped."""
+    part = np.full((128, 128, 3), 128, np.uint8)
+    part[10:30, 10:30] = part[80:100, 90:110] = (30, 200, 40)
+    part[60:63, 20:70] = (30, 200, 40)  # a crack
+    part[110:114, 20:24] = (30, 200, 40)
+    mask = mask_from_part(part, 0.5, 0.15, min_area=0.002)
+    expected = np.zeros((128, 128), bool)
+    expected[10:30, 10:30] = expected[80:100, 90:110] = expected[60:63, 20:70] = True
+    assert iou(mask, expected) > 0.97 and mask[61, 20:70].all() and not mask[105:, :30].any()
+
+
+def test_the_opening_removes_one_pixel_streaks_the_area_filter_would_keep():
+    """1-px-wide, 40-px-long streaks (above ``min_area``), across and down, are ringing, not
+    defects: the opening's 3-px disk removes them; the defect beside them stays."""
+    part = np.full((128, 128, 3), 128, np.uint8)
+    part[40:60, 40:60] = (30, 200, 40)
+    part[100, 20:60] = part[20:60, 100] = (30, 200, 40)
+    mask = mask_from_part(part, 0.5)
+    assert mask[42:58, 42:58].all() and mask.sum() <= 400
+
+
+def test_attention_mask_of_a_non_square_image():
+    attention = np.zeros((12, 16), np.float32)
+    attention[2:6, 10:14] = 1.0
+    mask = mask_from_attention(attention, (48, 64))
+    expected = np.zeros((48, 64), bool)
+    expected[8:24, 40:56] = True
+    assert mask.shape == (48, 64) and iou(mask, expected) > 0.8
+
+
 # ----------------------------------------------------------------- generation, persistence
 def test_generate_pairs_and_sample_i_depends_on_seed_and_i_only(fitted):
     generator, good = fitted
