@@ -7,7 +7,8 @@ from torch import nn
 from torchmetrics.image.inception import InceptionScore
 
 from anomalygen.errors import DataError, ModelNotFoundError
-from anomalygen.evaluation.ic_lpips import ic_lpips, ic_lpips_scores, load_lpips
+from anomalygen.evaluation.ic_lpips import (ic_lpips, ic_lpips_scores, load_lpips, lpips_matrix, mean_pairwise_lpips,
+                                             to_lpips_tensor)
 from anomalygen.evaluation.inception_score import inception_score, inception_scores, load_inception
 
 torch.set_num_threads(1)
@@ -82,6 +83,47 @@ def test_missing_weights_name_the_file_and_url(tmp_path, monkeypatch):
 def random_lpips():
     torch.manual_seed(0)
     return load_lpips("alex", random_backbone=True)
+
+
+class MeanAbs(nn.Module):
+    """A transparent stand-in for LPIPS: the mean absolute difference of each pair; counts the pairs."""
+
+    pairs = 0
+
+    def forward(self, a, b):
+        self.pairs += len(a)
+        return (a - b).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+
+def test_lpips_inputs_span_minus_one_to_one():
+    images = [np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8), np.full((8, 8, 3), 51, np.uint8)]
+    t = to_lpips_tensor(images, size=8)
+    assert t.shape == (3, 3, 8, 8) and t[0].eq(-1).all() and t[1].eq(1).all()
+    torch.testing.assert_close(t[2], torch.full((3, 8, 8), 51 / 127.5 - 1))
+
+
+@pytest.mark.parametrize("batch_size", [16, 5, 1])
+def test_pairwise_means_and_matrices_cover_every_pair_once(batch_size):
+    """7 images have 21 unordered pairs (more than one batch of 16); 5 × 4 images 20 cells."""
+    images = torch.rand(7, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = np.mean([float((images[i] - images[j]).abs().mean()) for i in range(7) for j in range(i + 1, 7)])
+    model = MeanAbs()
+    assert mean_pairwise_lpips(model, images, batch_size) == pytest.approx(expected) and model.pairs == 21
+    matrix = lpips_matrix(model, images[:5], images[3:], batch_size)
+    brute = torch.tensor([[float((images[i] - images[3 + j]).abs().mean()) for j in range(4)] for i in range(5)])
+    torch.testing.assert_close(matrix, brute)
+
+
+def test_ic_lpips_scores_two_member_clusters_and_draws_50_by_default():
+    """Two images near the dark centre (a cluster of exactly two) and 60 identical ones at the light
+    centre: the score is the mean of the dark pair's distance and 0, and the light cluster's
+    pairs are those of 50 members (1225), after 62 × 2 nearest-centre distances."""
+    dark, light = np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)
+    near_dark = [np.full((8, 8, 3), 10, np.uint8), np.full((8, 8, 3), 30, np.uint8)]
+    model = MeanAbs()
+    score = ic_lpips(model, [dark, light], near_dark + [light] * 60, size=8)
+    assert score == pytest.approx((20 / 127.5) / 2)
+    assert model.pairs == 62 * 2 + 1 + 50 * 49 // 2
 
 
 def test_ic_lpips_identical_images_score_zero(random_lpips):
