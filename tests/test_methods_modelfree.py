@@ -337,3 +337,20 @@ def test_rotate_patch_keeps_the_whole_patch_centred_on_its_canvas(degrees, scale
     ys, xs = np.mgrid[: alpha.shape[0], : alpha.shape[1]]
     centre = ((ys * alpha).sum() / alpha.sum(), (xs * alpha).sum() / alpha.sum())
     assert centre == pytest.approx(((alpha.shape[0] - 1) / 2, (alpha.shape[1] - 1) / 2), abs=0.5 + 0.75 * scale)
+
+
+@pytest.mark.parametrize("rotate", [0.0, 45.0])
+def test_croppaste_rescales_crops_by_the_ratio_of_the_image_sizes(rotate):
+    """A 10 × 12 defect from a 64 px image pasted on 128 px good images (scale 1, no flip, no
+    jitter, hard edges) covers 2² times its area, also rotated by up to 45 degrees (where the
+    canvas's edge does not cut it: the largest of 8 samples)."""
+    source = np.full((64, 64, 3), 90, np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[20:30, 30:42] = True
+    source[mask] = (200, 40, 40)
+    generator = create("croppaste", flip=False, rotate=rotate, scale=[1.0, 1.0], jitter=0.0, feather=0.0,
+                       foreground="texture")
+    generator.fit([DefectExample(source, mask, "stain")], [source])
+    good = [np.full((128, 128, 3), 90, np.uint8)]
+    areas = [int(s.mask.sum()) for s in generator.generate(good, 8, seed=0)]
+    assert abs(max(areas) - 4 * 120) <= 0.12 * 4 * 120, areas
