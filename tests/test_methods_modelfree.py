@@ -354,3 +354,24 @@ def test_croppaste_rescales_crops_by_the_ratio_of_the_image_sizes(rotate):
     good = [np.full((128, 128, 3), 90, np.uint8)]
     areas = [int(s.mask.sum()) for s in generator.generate(good, 8, seed=0)]
     assert abs(max(areas) - 4 * 120) <= 0.12 * 4 * 120, areas
+
+
+def test_croppaste_pastes_a_crop_of_the_requested_type_at_random_angles():
+    """Two types, a red and a blue bar: each sample pastes its own type's colour, and with rotate 90
+    the bar lies across in some samples and upright in others."""
+    source = np.full((64, 64, 3), 90, np.uint8)
+    red, blue = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    red[10:13, 10:40] = blue[40:43, 10:40] = True
+    source[red], source[blue] = (220, 30, 30), (30, 30, 220)
+    generator = create("croppaste", flip=False, rotate=90.0, scale=[1.0, 1.0], jitter=0.0, feather=0.0,
+                       foreground="texture")
+    generator.fit([DefectExample(source, red, "red"), DefectExample(source, blue, "blue")], [source])
+    good = [np.full((64, 64, 3), 90, np.uint8)]
+    upright = set()
+    for wanted in ("red", "blue"):
+        for sample in generator.generate(good, 8, seed=3, defect_type=wanted):
+            colour = sample.image[sample.mask].mean(axis=0)
+            assert sample.defect_type == wanted and (colour[0] > colour[2]) == (wanted == "red")
+            ys, xs = np.nonzero(sample.mask)
+            upright.add(bool(np.ptp(ys) > np.ptp(xs)))
+    assert upright == {True, False}
