@@ -375,3 +375,41 @@ def test_croppaste_pastes_a_crop_of_the_requested_type_at_random_angles():
             ys, xs = np.nonzero(sample.mask)
             upright.add(bool(np.ptp(ys) > np.ptp(xs)))
     assert upright == {True, False}
+
+
+def test_cutpaste_draws_the_papers_patch_and_scar_ranges():
+    """Li et al. (CVPR 2021) Sec. 3: a patch covers U(2 %, 15 %) of the image with aspect ratio
+    exp U(log 0.3, -log 0.3); a scar is U(2, 16) px wide and U(10, 25) px long at 256 px, rotated
+    by U(-45, 45) degrees. Over 60 draws each, the draws stay in those ranges and reach both ends."""
+    good = [np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)]
+    generator = create("cutpaste", foreground="texture")
+    areas, ratios = [], []
+    for sample in generator.generate(good, 60, seed=0, defect_type="patch"):
+        _, _, ph, pw = sample.meta["box"]
+        areas.append(ph * pw / 256**2)
+        ratios.append(ph / pw)
+    assert 0.019 < min(areas) < 0.04 and 0.12 < max(areas) < 0.152
+    assert 0.29 < min(ratios) < 0.5 and 2.0 < max(ratios) < 1 / 0.29
+    sizes, angles = [], []
+    for sample in generator.generate(good, 60, seed=0, defect_type="scar"):
+        ys, xs = np.nonzero(sample.mask)
+        sizes.append(sample.mask.sum())
+        cov = np.cov(np.stack([xs, ys]))
+        low, high = np.linalg.eigvalsh(cov)
+        if high > 4 * low:  # long enough for an axis: length along the rows before rotating
+            angles.append(np.degrees(0.5 * np.arctan2(2 * cov[0, 1], cov[1, 1] - cov[0, 0])))  # from upright
+    assert 2 * 10 * 0.8 < min(sizes) < 60 and 250 < max(sizes) < 16 * 25 * 1.1
+    assert -46 < min(angles) < -25 and 25 < max(angles) < 46
+
+
+def test_cutpaste_into_a_given_mask_changes_every_mask_pixel_and_nothing_else():
+    """With a mask given, the patch is cut to the mask's box: on an image whose pixels all differ,
+    every pixel of the mask changes (a patch one row short would leave a row) and no other does."""
+    yy, xx = np.mgrid[:64, :64]
+    image = np.stack([yy * 4, xx * 4, (yy + xx) * 2], -1).astype(np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[20:31, 12:30] = True
+    generator = create("cutpaste", jitter=0.0)
+    for sample in generator.generate([image], 4, seed=1, masks=[mask] * 4):
+        changed = (sample.image != image).any(-1)
+        assert np.array_equal(changed, mask)
