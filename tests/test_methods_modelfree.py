@@ -413,3 +413,23 @@ def test_cutpaste_into_a_given_mask_changes_every_mask_pixel_and_nothing_else():
     for sample in generator.generate([image], 4, seed=1, masks=[mask] * 4):
         changed = (sample.image != image).any(-1)
         assert np.array_equal(changed, mask)
+
+
+def test_draem_blends_its_source_by_beta_inside_the_mask_only():
+    """DRAEM (Zavrtanik et al., ICCV 2021) Eq. 1: I_a = (1 − β)·I + β·A inside the Perlin mask,
+    β ~ U(0.1, 1); with no augmentation ops and another good image as the texture A, each sample's
+    pixels are that combination with the β it records (rounded to 4 decimals); 3 ops by default."""
+    good = [np.full((48, 48, 3), 40, np.uint8), np.full((48, 48, 3), 240, np.uint8)]
+    betas = []
+    for sample in create("draem", texture_source="good", ops=0, foreground="texture").generate(good, 12, seed=0):
+        texture = good[int(sample.meta["texture"].split(":")[1])]
+        beta = sample.meta["beta"]
+        betas.append(beta)
+        inside = sample.image[sample.mask].astype(float)
+        outside = sample.image[~sample.mask]
+        assert sample.mask.any() and not sample.meta["ops"]
+        base_value = float(outside[0, 0])  # the good image it was made on
+        assert base_value in (40.0, 240.0) and (outside == base_value).all()
+        assert np.abs(inside - ((1 - beta) * base_value + beta * texture[0, 0, 0])).max() <= 1.0
+    assert 0.1 <= min(betas) < 0.4 and 0.7 < max(betas) <= 1.0
+    assert len(next(create("draem").generate(good, 1, seed=0)).meta["ops"]) == 3
