@@ -402,19 +402,6 @@ def test_cutpaste_draws_the_papers_patch_and_scar_ranges():
     assert -46 < min(angles) < -25 and 25 < max(angles) < 46
 
 
-def test_cutpaste_into_a_given_mask_changes_every_mask_pixel_and_nothing_else():
-    """With a mask given, the patch is cut to the mask's box: on an image whose pixels all differ,
-    every pixel of the mask changes (a patch one row short would leave a row) and no other does."""
-    yy, xx = np.mgrid[:64, :64]
-    image = np.stack([yy * 4, xx * 4, (yy + xx) * 2], -1).astype(np.uint8)
-    mask = np.zeros((64, 64), bool)
-    mask[20:31, 12:30] = True
-    generator = create("cutpaste", jitter=0.0)
-    for sample in generator.generate([image], 4, seed=1, masks=[mask] * 4):
-        changed = (sample.image != image).any(-1)
-        assert np.array_equal(changed, mask)
-
-
 def test_draem_blends_its_source_by_beta_inside_the_mask_only():
     """DRAEM (Zavrtanik et al., ICCV 2021) Eq. 1: I_a = (1 − β)·I + β·A inside the Perlin mask,
     β ~ U(0.1, 1); with no augmentation ops and another good image as the texture A, each sample's
@@ -433,3 +420,43 @@ def test_draem_blends_its_source_by_beta_inside_the_mask_only():
         assert np.abs(inside - ((1 - beta) * base_value + beta * texture[0, 0, 0])).max() <= 1.0
     assert 0.1 <= min(betas) < 0.4 and 0.7 < max(betas) <= 1.0
     assert len(next(create("draem").generate(good, 1, seed=0)).meta["ops"]) == 3
+
+
+def test_croppaste_flips_each_crop_with_its_mask():
+    """An L-shaped red defect on gray, flipped at random (no rotation, scale or jitter, hard edges):
+    every pixel under a sample's mask is the defect's red, whichever flips were drawn."""
+    source = np.full((64, 64, 3), 120, np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:30, 10:14] = mask[26:30, 10:30] = True
+    source[mask] = (230, 20, 20)
+    generator = create("croppaste", rotate=0.0, scale=[1.0, 1.0], jitter=0.0, feather=0.0, foreground="texture")
+    generator.fit([DefectExample(source, mask, "stain")], [source])
+    shapes = set()
+    for sample in generator.generate([np.full((64, 64, 3), 120, np.uint8)], 12, seed=2):
+        pixels = sample.image[sample.mask]
+        assert (pixels == (230, 20, 20)).all(), pixels[(pixels != (230, 20, 20)).any(-1)][:3]
+        ys, xs = np.nonzero(sample.mask)
+        shapes.add(sample.mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1].tobytes())
+    assert len(shapes) >= 3  # flipped ways (unclipped) do show up
+
+
+@pytest.mark.parametrize("method, options", [("cutpaste", {"jitter": 0.0}), ("croppaste", {"feather": 0.0, "jitter": 0.0})])
+def test_pasting_into_a_given_mask_changes_every_mask_pixel_and_nothing_else(method, options):
+    """With a mask given, the patch fills the mask's box: on an image whose pixels all differ, every
+    pixel of the mask changes (a patch one row short would leave a row, or black it) to a value the
+    source (the image itself for CutPaste, the crop for Crop-Paste) has, and no other pixel does."""
+    yy, xx = np.mgrid[:64, :64]
+    image = np.stack([yy * 4, xx * 4, (yy + xx) * 2], -1).astype(np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[20:31, 12:30] = True
+    generator, source = create(method, **options), image
+    if generator.needs_fit:
+        defect = np.zeros((64, 64), bool)
+        defect[40:50, 40:56] = True
+        generator.fit([DefectExample(255 - image, defect, "stain")], [image])
+        source = (255 - image)[defect]
+    for sample in generator.generate([image], 4, seed=1, masks=[mask] * 4):
+        changed = (sample.image != image).any(-1)
+        assert np.array_equal(changed, mask)
+        pasted, values = sample.image[mask].astype(int), source.reshape(-1, 3).astype(int)
+        assert (pasted >= values.min(0) - 1).all() and (pasted <= values.max(0) + 1).all()
