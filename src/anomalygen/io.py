@@ -135,7 +135,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     finally:
         if lock_is_new:  # a job refused before it wrote anything leaves no folder of its making behind
             with suppress(OSError):
-                if [entry.name for entry in os.scandir(folder)] == [LOCK_FILE]:
+                if os.listdir(folder) == [LOCK_FILE]:
                     (folder / LOCK_FILE).unlink()
                     for path in created:
                         path.rmdir()
