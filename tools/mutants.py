@@ -7,8 +7,9 @@ Each mutant changes one thing in the module (an arithmetic operator, a compariso
 minus or ``not``, a number, a boolean constant), is written into a copy of the project (``--work``,
 default a temporary folder; the copy's ``src`` shadows the installed package through PYTHONPATH) and
 the given tests run against it with ``-x``. A mutant the tests pass "SURVIVED": either a test is
-missing or the change does not alter behaviour (an equivalent mutant: read the line). Docstrings,
-annotations and defaults of type hints are left alone. The last line counts the survivors.
+missing or the change does not alter behaviour (an equivalent mutant: read the line). Type hints
+are left alone (and strings are never changed). The last line counts the survivors. A temporary
+copy is removed at the end; one given with ``--work`` is kept.
 """
 
 from __future__ import annotations
@@ -123,8 +124,11 @@ def main() -> int:
         survived += not caught
         print(f"{'caught  ' if caught else 'SURVIVED'} #{k} line {line} {kind} ({time.monotonic() - start:.0f} s): "
               f"{lines[line - 1].strip()[:100]}", flush=True)
-    target.write_text(source)
     print(f"{survived} of {len(chosen)} survived", flush=True)
+    if args.work is None:
+        shutil.rmtree(work)
+    else:
+        target.write_text(source)
     return 0
 
 
