@@ -112,6 +112,10 @@ def benchmark(
         raise AnomalygenError("--methods: no method given")
     checks.positive_int(num_per_type, "--num-per-type")
     pipeline.check_max_attempts(max_attempts)
+    for key, value in (settings or {}).items():
+        if "." in key and key.partition(".")[0] not in methods:
+            raise AnomalygenError(f"--set {key}={json.dumps(value)}: {key.partition('.')[0]!r} is not a benchmarked "
+                                  f"method (--methods {','.join(methods)})")
     for method in methods:
         pipeline.build(method, method_options(settings or {}, method))
     networks = prepare(metrics, seed=seed, **evaluate_options)
