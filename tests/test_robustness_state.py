@@ -55,6 +55,21 @@ OPTION_CASES: dict[str, tuple[list[str], list[str]]] = {
                                 ["mask_source", "threshold, attention"]),
     "textual-inversion-prompt": (["fit", "--method", "textual-inversion", "--set", "prompt=a photo"], ["prompt", "{}"]),
     "textual-inversion-device": (["fit", "--method", "textual-inversion", "--device", "cuda:7"], ["device", "cuda:7"]),
+    # size-like options bounded by what a method can use, the limit in the line (before: the allocator's
+    # out-of-memory error, a scheduler's internal error after run.json was written, or minutes of allocating)
+    "cagen-resolution-huge": (["fit", "--method", "cagen", "--model", "tiny", "--set", "resolution=100000"],
+                              ["resolution", "100000", "<= 2048"]),
+    "textual-inversion-steps-past-the-schedule": (["generate", "--method", "textual-inversion", "--set", 'model="tiny"',
+                                                   "--set", "num_inference_steps=5000"], ["num_inference_steps", "<= 1000"]),
+    "anomalydiffusion-mask-steps-past-the-schedule": (["fit", "--method", "anomalydiffusion", "--model", "tiny", "--set",
+                                                       "mask_inference_steps=1001"], ["mask_inference_steps", "<= 1000"]),
+    "dualanodiff-rank-huge": (["fit", "--method", "dualanodiff", "--model", "tiny", "--set", "rank=20000"], ["rank", "<= 320"]),
+    "anomalydiffusion-batch-huge": (["fit", "--method", "anomalydiffusion", "--model", "tiny", "--set", "batch_size=100000"],
+                                    ["batch_size", "<= 256"]),
+    "anomalyxfusion-generate-batch-huge": (["generate", "--method", "anomalyxfusion", "--set", 'model="tiny"', "--set",
+                                            "generate_batch_size=1000000"], ["generate_batch_size", "<= 256"]),
+    "anomalyxfusion-mask-embedding-huge": (["fit", "--method", "anomalyxfusion", "--model", "tiny", "--set",
+                                            "mask_embedding=100000"], ["mask_embedding", "<= 4096"]),
 }
 
 
@@ -253,6 +268,17 @@ REFUSAL_CASES: dict[str, tuple[Callable[[Path, Path], list], Callable[[Path, Pat
         lambda d, t: ["benchmark", "--data", d, "--category", "fabric", "--methods", "cutpaste", "--out", t,
                       "--set", "croppaste.min_area=4"], lambda d, t: ["--set croppaste.min_area=4", "not a benchmarked method"],
         None),
+    # size-like evaluation, pretrain and benchmark options, the limit in the line (before: out of memory)
+    "evaluate-resolution-huge": (lambda d, t: ["evaluate", "--generated", d, "--data", d, "--category", "fabric",
+                                               "--report-dir", t, "--resolution", 100000], lambda d, t: ["--resolution 100000", "1024"], None),
+    "evaluate-base-huge": (lambda d, t: ["evaluate", "--generated", d, "--data", d, "--category", "fabric", "--report-dir", t,
+                                         "--base", 100000], lambda d, t: ["--base 100000", "<= 512"], None),
+    "benchmark-draem-resolution-huge": (lambda d, t: ["benchmark", "--data", d, "--methods", "cutpaste", "--out", t,
+                                                      "--draem-resolution", 65536], lambda d, t: ["--draem-resolution 65536"], None),
+    "benchmark-num-per-type-huge": (lambda d, t: ["benchmark", "--data", d, "--methods", "cutpaste", "--out", t,
+                                                  "--num-per-type", 10**9], lambda d, t: ["--num-per-type 1000000000", "1000000"], None),
+    "pretrain-batch-size-huge": (lambda d, t: ["pretrain", "--data", d, "--out", t, "--size", "tiny", "--batch-size", 100000],
+                                 lambda d, t: ["--batch-size 100000", "256"], None),
     # before: one of the two masks was used without a word
     "generate-ambiguous-mask": (lambda d, t: _generate(d, t, "--method", "croppaste"), lambda d, t: _ambiguous_mask(d), None),
 }
