@@ -101,6 +101,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(demo, prior, tmp_path, monk
     pretrain([demo], out, PretrainConfig(**TINY), say=lambda m: None)
     for name in WEIGHTS:
         assert (out / name).read_bytes() == (prior / name).read_bytes(), name
+    # the whole model folder, every file byte for byte (pretrain.json too: no wall time, no path that
+    # differs); training/ holds wall times (loss.csv's elapsed_s) and may be deleted
+    model = {k: v for k, v in snapshot(out).items() if not k.startswith("training")}
+    assert model == {k: v for k, v in snapshot(prior).items() if not k.startswith("training")}
     for stage in ("vae", "unet"):
         rows = [list(csv.reader((root / "training" / stage / "loss.csv").open())) for root in (out, prior)]
         assert [r[:2] for r in rows[0]] == [r[:2] for r in rows[1]], stage

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cli_harness
@@ -296,3 +297,24 @@ def test_real_read_only_folder(world):
         assert_kept(written, world.out)
     finally:
         os.chmod(world.nut, 0o755)
+
+
+@pytest.mark.parametrize("size", [32, 24, 7])
+def test_thin_defect_labels_survive_a_low_evaluation_resolution(size):
+    """A real test image's 1-px line mask, at a low evaluation resolution, still marks the line
+    (before: nearest-neighbour resizing lost it, and the defect image was scored as a good one):
+    the label the U-Net and DRAEM are scored and trained on (``tensor_masks``, ``resize_mask``)
+    keeps every defect pixel in the cell that covers it, and nothing else."""
+    from anomalygen.evaluation.inputs import resize_mask
+    from anomalygen.evaluation.localization import tensor_masks
+
+    line = np.zeros((256, 250), bool)
+    line[:, 101] = True  # one column
+    label = tensor_masks([line], size)[0].numpy()
+    cell = max(i for i in range(size) if i * 250 // size <= 101)  # the cell whose span holds column 101
+    assert label.shape == (size, size) and label.any()
+    assert np.flatnonzero(label.any(axis=0)).tolist() == [cell]  # that column's cell, and no other
+    assert label[:, cell].all()  # along the whole line
+    dot = np.zeros((256, 256), bool)
+    dot[255, 0] = True  # a single pixel in a corner
+    assert np.flatnonzero(resize_mask(dot, size)).tolist() == [(size - 1) * size]

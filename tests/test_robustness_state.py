@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import anomalygen
 from anomalygen.data.demo import make_demo_dataset
+from anomalygen.methods.base import METHODS
 from cli_harness import CASES, assert_unchanged, assert_user_error, run_cli, snapshot
 
 ENV = {"PYTHONPATH": str(Path(anomalygen.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
@@ -53,6 +55,21 @@ OPTION_CASES: dict[str, tuple[list[str], list[str]]] = {
                                 ["mask_source", "threshold, attention"]),
     "textual-inversion-prompt": (["fit", "--method", "textual-inversion", "--set", "prompt=a photo"], ["prompt", "{}"]),
     "textual-inversion-device": (["fit", "--method", "textual-inversion", "--device", "cuda:7"], ["device", "cuda:7"]),
+    # size-like options bounded by what a method can use, the limit in the line (before: the allocator's
+    # out-of-memory error, a scheduler's internal error after run.json was written, or minutes of allocating)
+    "cagen-resolution-huge": (["fit", "--method", "cagen", "--model", "tiny", "--set", "resolution=100000"],
+                              ["resolution", "100000", "<= 2048"]),
+    "textual-inversion-steps-past-the-schedule": (["generate", "--method", "textual-inversion", "--set", 'model="tiny"',
+                                                   "--set", "num_inference_steps=5000"], ["num_inference_steps", "<= 1000"]),
+    "anomalydiffusion-mask-steps-past-the-schedule": (["fit", "--method", "anomalydiffusion", "--model", "tiny", "--set",
+                                                       "mask_inference_steps=1001"], ["mask_inference_steps", "<= 1000"]),
+    "dualanodiff-rank-huge": (["fit", "--method", "dualanodiff", "--model", "tiny", "--set", "rank=20000"], ["rank", "<= 320"]),
+    "anomalydiffusion-batch-huge": (["fit", "--method", "anomalydiffusion", "--model", "tiny", "--set", "batch_size=100000"],
+                                    ["batch_size", "<= 256"]),
+    "anomalyxfusion-generate-batch-huge": (["generate", "--method", "anomalyxfusion", "--set", 'model="tiny"', "--set",
+                                            "generate_batch_size=1000000"], ["generate_batch_size", "<= 256"]),
+    "anomalyxfusion-mask-embedding-huge": (["fit", "--method", "anomalyxfusion", "--model", "tiny", "--set",
+                                            "mask_embedding=100000"], ["mask_embedding", "<= 4096"]),
 }
 
 
@@ -134,10 +151,23 @@ TAMPER_CASES: dict[str, tuple[str, str, Callable[[Path, Path], None]]] = {
 }
 
 
+def _crop(path: Path, rows: int, columns: int) -> None:
+    image = Image.open(path)
+    image.crop((0, 0, image.width - columns, image.height - rows)).save(path)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("data"), n_good=3, n_test_good=1, n_defect=3, size=64,
+    """The demo's fabric with images of mixed sizes, a pixel or two apart, as KolektorSDD's: every
+    method fits and generates on it (the models below; `test_pristine_models_load_and_generate`)."""
+    root = make_demo_dataset(tmp_path_factory.mktemp("data"), n_good=3, n_test_good=1, n_defect=3, size=64,
                              categories=("fabric",))
+    fabric = root / "fabric"
+    for k, image in enumerate(sorted(fabric.glob("test/[!g]*/*.png"))):  # each type's training image its own size
+        for path in (image, fabric / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"):
+            _crop(path, k % 3, k % 2)
+    _crop(fabric / "train" / "good" / "001.png", 1, 2)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +176,7 @@ def models(data, tmp_path_factory) -> dict[str, Path]:
     from anomalygen import pipeline
 
     root = tmp_path_factory.mktemp("models")
-    options = {"croppaste": {}, "anomalydiffusion": AD_TINY, "dualanodiff": {**TINY, "rank": 4, "mask_tries": 1},
+    options = {"cutpaste": {}, "croppaste": {}, "draem": {}, "anomalydiffusion": AD_TINY, "dualanodiff": {**TINY, "rank": 4, "mask_tries": 1},
                "cagen": {**TINY, "max_per_type": 1},
                "anomalyxfusion": {**TINY, "tokens": 2, "mask_embedding": 16},
                "textual-inversion": {k: v for k, v in TINY.items() if k != "checkpoint_every"}}
@@ -199,9 +229,100 @@ def test_a_rejected_option_leaves_nothing_that_refuses_the_corrected_command(dat
 
 
 def test_pristine_models_load_and_generate(data, models, tmp_path):
-    """The untampered copies work, so every failure above is the tampering's (textual inversion's
-    round trip is in test_textual_inversion)."""
-    for method in ("croppaste", "anomalydiffusion", "dualanodiff", "cagen", "anomalyxfusion"):
-        model = models[method]
+    """The untampered copies work, so every failure above is the tampering's; and every method fits
+    (the ``models`` fixture) and generates on defect and good images of mixed sizes (before: CAGen's
+    fit stacked masks of different sizes, an internal error)."""
+    sizes = {Image.open(p).size for p in (data / "fabric").glob("*/*/*.png")}
+    assert {(64, 64), (63, 63), (64, 63), (63, 64), (62, 63)} <= sizes
+    assert set(models) == set(METHODS)
+    for method, model in models.items():
         result = run_cli(*_generate(data, tmp_path / method, "--checkpoint", str(model), "--max-attempts", "1"), env=ENV)
         assert result.returncode == 0, result.output
+
+
+def _ambiguous_mask(data: Path) -> list[str]:
+    """A second mask of fabric's cut/000.png under the other naming convention (NNN.png), other pixels."""
+    folder = data / "fabric" / "ground_truth" / "cut"
+    Image.open(folder / "001_mask.png").save(folder / "000.png")
+    return [str(folder / "000_mask.png"), str(folder / "000.png"), "ambiguous mask"]
+
+
+# id: (args(data root, target folder), fragments the error line must hold, a file the user put in the
+# target folder before, or None: no target folder); the target must be left as it was (absent: absent)
+REFUSAL_CASES: dict[str, tuple[Callable[[Path, Path], list], Callable[[Path, Path], list], str | None]] = {
+    # before: fit saved into the user's folder and replaced their generator.json, exit 0
+    "fit-out-holds-user-files": (lambda d, t: ["fit", "--method", "croppaste", "--data", d, "--category", "fabric", "--out", t],
+                                 lambda d, t: [str(t), "did not write", "generator.json", "--overwrite"], "generator.json"),
+    # before: run.json and the lock were left in the new output folder
+    "generate-unknown-defect-type": (lambda d, t: _generate(d, t, "--method", "croppaste", "--defect-type", "crack"),
+                                     lambda d, t: ["--defect-type 'crack'", "cut, hole, stain"], None),
+    "generate-unknown-defect-type-checkpoint": (lambda d, t: _generate(d, t, "--checkpoint", t.parent / "model",
+                                                                       "--defect-type", "crack"),
+                                                lambda d, t: ["--defect-type 'crack'", "cut, hole, stain"], None),
+    # before: the demo dataset was written, then --num refused
+    "demo-num-zero": (lambda d, t: ["demo", "--out", t, "--num", 0], lambda d, t: ["--num 0"], None),
+    "demo-unknown-method": (lambda d, t: ["demo", "--out", t, "--methods", "cutpaste,nosuch", "--num", 1],
+                            lambda d, t: ["unknown method 'nosuch'"], None),
+    # before: the setting was ignored
+    "benchmark-set-for-a-method-not-run": (
+        lambda d, t: ["benchmark", "--data", d, "--category", "fabric", "--methods", "cutpaste", "--out", t,
+                      "--set", "croppaste.min_area=4"], lambda d, t: ["--set croppaste.min_area=4", "not a benchmarked method"],
+        None),
+    # size-like evaluation, pretrain and benchmark options, the limit in the line (before: out of memory)
+    "evaluate-resolution-huge": (lambda d, t: ["evaluate", "--generated", d, "--data", d, "--category", "fabric",
+                                               "--report-dir", t, "--resolution", 100000], lambda d, t: ["--resolution 100000", "1024"], None),
+    "evaluate-base-huge": (lambda d, t: ["evaluate", "--generated", d, "--data", d, "--category", "fabric", "--report-dir", t,
+                                         "--base", 100000], lambda d, t: ["--base 100000", "<= 512"], None),
+    "benchmark-draem-resolution-huge": (lambda d, t: ["benchmark", "--data", d, "--methods", "cutpaste", "--out", t,
+                                                      "--draem-resolution", 65536], lambda d, t: ["--draem-resolution 65536"], None),
+    "benchmark-num-per-type-huge": (lambda d, t: ["benchmark", "--data", d, "--methods", "cutpaste", "--out", t,
+                                                  "--num-per-type", 10**9], lambda d, t: ["--num-per-type 1000000000", "1000000"], None),
+    "pretrain-batch-size-huge": (lambda d, t: ["pretrain", "--data", d, "--out", t, "--size", "tiny", "--batch-size", 100000],
+                                 lambda d, t: ["--batch-size 100000", "256"], None),
+    # before: one of the two masks was used without a word
+    "generate-ambiguous-mask": (lambda d, t: _generate(d, t, "--method", "croppaste"), lambda d, t: _ambiguous_mask(d), None),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSAL_CASES))
+def test_a_refusal_writes_nothing(case, data, models, tmp_path):
+    """Every option and input is checked before anything is written: the refused command leaves
+    the target folder as it was (absent stays absent), the data and the model untouched."""
+    args, fragments, user_file = REFUSAL_CASES[case]
+    source = tmp_path / "data"
+    shutil.copytree(data, source)
+    shutil.copytree(models["croppaste"], tmp_path / "model")
+    target = tmp_path / "target"
+    if user_file:
+        target.mkdir()
+        (target / user_file).write_text("the user's own\n")
+        (target / "notes.txt").write_text("mine\n")
+    expected = fragments(source, target)
+    before = {path: snapshot(path) for path in (source, tmp_path / "model", target) if path.exists()}
+    result = run_cli(*map(str, args(source, target)), cwd=tmp_path, env=ENV)
+    assert_user_error(result, *expected)
+    for path, state in before.items():
+        assert_unchanged(state, path)
+    assert target.exists() == bool(user_file)
+    CASES.append(f"refusal:{case}")
+
+
+def test_fit_overwrite_saves_into_a_folder_of_user_files_and_keeps_the_others(data, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine\n")
+    args = ["fit", "--method", "croppaste", "--data", data, "--category", "fabric", "--out", target]
+    assert_user_error(run_cli(*args, env=ENV), str(target), "--overwrite")
+    assert run_cli(*args, "--overwrite", env=ENV).returncode == 0
+    assert (target / "notes.txt").read_text() == "mine\n" and (target / "generator.json").is_file()
+    again = run_cli(*args, env=ENV)  # its own folder now (the lock file it made): a re-fit needs no --overwrite
+    assert again.returncode == 0, again.output
+
+
+def test_datasets_info_lists_an_ambiguous_mask(data, tmp_path):
+    shutil.copytree(data, tmp_path / "data")
+    fragments = _ambiguous_mask(tmp_path / "data")
+    result = run_cli("datasets", "info", tmp_path / "data", "--category", "fabric", env=ENV)
+    assert result.returncode == 0, result.output
+    problems = [line for line in result.stdout.splitlines() if line.startswith("problem")]
+    assert len(problems) == 1 and all(fragment in problems[0] for fragment in fragments), result.stdout

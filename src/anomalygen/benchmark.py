@@ -27,7 +27,7 @@ from anomalygen.evaluation import options as checks
 from anomalygen.evaluation.localization import SELECT_BY
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
 from anomalygen.evaluation.run import evaluate, prepare
-from anomalygen.io import atomic_write_text
+from anomalygen.io import MAX_SAMPLES, atomic_write_text
 from anomalygen.methods.base import CONFIG_FILE, AnomalyGenerator, get_method
 from anomalygen.visualize import Section, write_html
 
@@ -110,8 +110,12 @@ def benchmark(
     data, out = Path(data), Path(out)
     if not methods:
         raise AnomalygenError("--methods: no method given")
-    checks.positive_int(num_per_type, "--num-per-type")
+    checks.positive_int(num_per_type, "--num-per-type", MAX_SAMPLES)
     pipeline.check_max_attempts(max_attempts)
+    for key, value in (settings or {}).items():
+        if "." in key and key.partition(".")[0] not in methods:
+            raise AnomalygenError(f"--set {key}={json.dumps(value)}: {key.partition('.')[0]!r} is not a benchmarked "
+                                  f"method (--methods {','.join(methods)})")
     for method in methods:
         pipeline.build(method, method_options(settings or {}, method))
     networks = prepare(metrics, seed=seed, **evaluate_options)

@@ -127,13 +127,16 @@ def fit(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
     settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value (value parsed as JSON)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Save into an --out that holds files anomalygen did not "
+                                   "write (files named as the model's are replaced, others kept)."),
 ) -> None:
     """Fit METHOD on the paper split's training images of a category and save the model."""
     given = {"model": model, "max_steps": max_steps, "device": device,
              "time_budget_s": None if time_budget is None else time_budget * 60}
     options = {key: value for key, value in given.items() if value is not None}
     options.update(pipeline.parse_settings(settings))
-    saved = pipeline.fit(method, data, out, category=category, options=options, skip_bad=skip_bad, warn=_warn)
+    saved = pipeline.fit(method, data, out, category=category, options=options, skip_bad=skip_bad, warn=_warn,
+                         overwrite=overwrite)
     if pipeline.launched()[0] == 0:  # the process that saved
         console.print(f"{method}: model saved in {saved}", highlight=False)
 

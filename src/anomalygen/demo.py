@@ -34,8 +34,11 @@ def run_demo(
 ) -> Path:
     """Run the demo into ``out`` and return the path of its ``index.html``."""
     check_seed(seed)
+    pipeline.check_num(num)
     out = Path(out)
     methods = list(methods or MODEL_FREE)
+    for method in methods:  # every option checked before the dataset is written
+        pipeline.build(method, {})
     data = make_demo_dataset(out / "data", seed=seed)
     sections = []
     for method in methods:

@@ -142,6 +142,20 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+def check_own_folder(folder: str | Path, option: str = "--out", *, overwrite: bool = False) -> None:
+    """Refuse to write into ``folder`` when it holds files and no lock file of ours (a folder
+    anomalygen did not make: the user's own files), unless ``overwrite``; nothing is written."""
+    folder = Path(folder)
+    if overwrite or not folder.is_dir() or (folder / LOCK_FILE).exists():
+        return
+    with os.scandir(folder) as entries:
+        foreign = sorted(entry.name for entry in entries)
+    if foreign:
+        raise DataError(folder, f"holds files anomalygen did not write ({', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}); give a new or empty {option}, "
+                                "or add --overwrite to write into it anyway")
+
+
 def _take_lock(folder: Path) -> int:
     """A descriptor of ``folder/LOCK_FILE`` (both created if needed) holding its ``flock``. The
     holder removes a lock file it made when it leaves the folder empty (``folder_lock``): a lock

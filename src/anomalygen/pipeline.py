@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from anomalygen.data import CategoryData, load_category, load_defects, load_goods, paper_split
 from anomalygen.errors import AnomalygenError
-from anomalygen.io import MAX_SAMPLES, SampleWriter, atomic_write_bytes, folder_lock
+from anomalygen.io import MAX_SAMPLES, SampleWriter, atomic_write_bytes, check_own_folder, folder_lock
 from anomalygen.methods.base import AnomalyGenerator, create
 from anomalygen.seeding import check_seed
 from anomalygen.sharding import ShardJob, sharded_samples
@@ -114,6 +114,7 @@ def fit(
     skip_bad: bool = False,
     warn: Warn | None = None,
     training: Training | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Fit ``create(method, **options)`` on the training split of a category and save it to ``out``.
 
@@ -121,16 +122,32 @@ def fit(
     that cannot be written or a second fit into it is refused before any training time is spent.
     Under a multi-process launch every process fits (the core trainer averages their gradients)
     and the first one alone locks ``out`` and saves. ``training``: ``load_training(data, category,
-    skip_bad=skip_bad)``, already loaded by the caller.
+    skip_bad=skip_bad)``, already loaded by the caller. A folder holding files anomalygen did not
+    write is refused (``check_own_folder``) unless ``overwrite``.
     """
     generator = build(method, options or {})
-    _, defects, goods = training if training is not None else load_training(data, category, skip_bad=skip_bad, warn=warn)
     first = launched()[0] == 0
+    if first:
+        check_own_folder(out, overwrite=overwrite)
+    _, defects, goods = training if training is not None else load_training(data, category, skip_bad=skip_bad, warn=warn)
     with folder_lock(out, "fit") if first else nullcontext():
         generator.fit(defects, goods)
         if first:
             generator.save(out)
     return Path(out)
+
+
+def check_num(num: int) -> None:
+    if not 1 <= num <= MAX_SAMPLES:
+        raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
+
+
+def check_defect_type(defect_type: str | None, types: Iterable[str], category: str) -> None:
+    """``--defect-type`` names one of ``types``, the defect types there are to generate."""
+    types = sorted(types)
+    if defect_type is not None and defect_type not in types:
+        raise AnomalygenError(f"--defect-type {defect_type!r}: not a defect type of {category!r}; "
+                              f"give one of {', '.join(types) or '(none)'}")
 
 
 def check_max_attempts(max_attempts: int) -> None:
@@ -173,8 +190,7 @@ def generate(
     types), used instead of loading it again; ``training`` likewise ``load_training(data, category,
     skip_bad=skip_bad)``.
     """
-    if not 1 <= num <= MAX_SAMPLES:
-        raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
+    check_num(num)
     check_max_attempts(max_attempts)
     check_seed(seed)
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
@@ -193,6 +209,8 @@ def generate(
         generator = build(method, options or {})
     category_data, defects, goods = training if training is not None else load_training(data, category, skip_bad=skip_bad,
                                                                                           warn=warn)
+    check_defect_type(defect_type, generator.defect_types if checkpoint is not None else {d.defect_type for d in defects},
+                      category_data.name)
     run = {
         "method": generator.name,
         "seed": seed,

@@ -67,16 +67,36 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # Either way nothing ran: the weights-only unpickler stops at the first disallowed opcode.
-        called = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        called = re.search(r"GLOBAL ([\w.]+)", str(error), re.IGNORECASE)  # torch's words vary by version
         if called:
-            raise DataError(path, f"refused: loading it would run pickle code ({called.group(1)}); not a plain weights "
-                                  "file, use the published one") from None
+            raise DataError(path, f"refused: loading it would run pickle code ({called.group(1)}), which is unsafe; not a "
+                                  "plain weights file, use the published one") from None
         raise DataError(path, "not a readable weights file (not a plain torch or safetensors weights file)") from None
     except (OSError, RuntimeError, ValueError, EOFError) as error:
         raise DataError(path, f"not a readable weights file ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise DataError(path, "not a state dict (expected a mapping of parameter names to tensors)")
     return state
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def refused_pickle(error: BaseException, folder: str | Path) -> DataError | None:
+    """When ``error``, raised by a library loading a model from ``folder``, comes from torch's
+    weights-only unpickler refusing a file (pickle code), the ``DataError`` naming that file (found
+    by reading the folder's pickle-format files with ``load_state_dict``); None otherwise."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    for path in sorted(p for p in Path(folder).rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file()):
+        try:
+            load_state_dict(path)
+        except DataError as refusal:
+            return refusal
+    return DataError(folder, "refused: a weights file in it would run pickle code, which is unsafe")
 
 
 @contextmanager

@@ -26,7 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anomalygen.data.images import check_record, is_image_file
+import numpy as np
+
+from anomalygen.data.images import check_record, is_image_file, load_image
 from anomalygen.errors import DataError
 from anomalygen.types import ImageRecord
 
@@ -93,14 +95,30 @@ def _require_dir(folder: Path, why: str) -> None:
 
 
 def _flat_mask_finder(mask_dir: Path):
-    """Find the mask of image ``stem`` in ``mask_dir``: ``<stem>_mask.*`` or ``<stem>.*``."""
-    by_stem = {p.stem: p for p in _images(mask_dir)} if mask_dir.is_dir() else {}
+    """Find the mask of image ``stem`` in ``mask_dir``: ``<stem>_mask.*`` or ``<stem>.*``. Several
+    such files (both conventions, or two extensions) are one mask only when their pixels agree;
+    otherwise the image's mask is ambiguous, a ``DataError`` naming the files."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in _images(mask_dir) if mask_dir.is_dir() else []:
+        by_stem.setdefault(path.stem, []).append(path)
 
     def find(image: Path) -> tuple[Path, ...]:
-        found = by_stem.get(f"{image.stem}_mask") or by_stem.get(image.stem)
-        return (found,) if found else ()
+        found = by_stem.get(f"{image.stem}_mask", []) + by_stem.get(image.stem, [])
+        if len(found) > 1 and any(not _same_pixels(found[0], other) for other in found[1:]):
+            raise DataError(image, f"ambiguous mask: {' and '.join(str(p) for p in found)} differ; remove all but one")
+        return tuple(found[:1])
 
     return find
+
+
+def _same_pixels(a: Path, b: Path) -> bool:
+    """Whether two image files hold the same pixels (unreadable ones do not)."""
+    if a.read_bytes() == b.read_bytes():
+        return True
+    try:
+        return np.array_equal(load_image(a), load_image(b))
+    except DataError:
+        return False
 
 
 def _loco_mask_finder(mask_dir: Path):
@@ -115,11 +133,13 @@ def _defect_records(image_dir: Path, defect_type: str, find_masks, problems: lis
     """Records of ``image_dir`` with their masks; a missing mask raises unless collecting ``problems``."""
     records = []
     for image in _images(image_dir):
-        masks = find_masks(image)
-        if not masks:
-            error = DataError(image, "defect image without a mask")
+        try:
+            masks = find_masks(image)
+            if not masks:
+                raise DataError(image, "defect image without a mask")
+        except DataError as error:
             if problems is None:
-                raise error
+                raise
             problems.append(str(error))
             continue
         records.append(ImageRecord(path=image, defect_type=defect_type, mask_paths=masks, image_id=image.stem))

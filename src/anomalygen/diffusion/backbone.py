@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from transformers import CLIPTextModel
 
 from anomalygen.devices import resolve_device
 from anomalygen.errors import DataError, ModelNotFoundError
+from anomalygen.weights import refused_pickle
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LDM_MODEL = "CompVis/ldm-text2im-large-256"
@@ -246,7 +248,10 @@ def load_backbone(
         parts = {slot: layout[slot][1].from_pretrained(source, subfolder=layout[slot][0]) for slot in ("unet", "vae", "text_encoder")}
         tokenizer = layout["tokenizer"][1].from_pretrained(source, subfolder=layout["tokenizer"][0])
         scheduler_config = dict(DDIMScheduler.load_config(source, subfolder=layout["scheduler"][0]))
-    except (OSError, ValueError) as error:  # huggingface_hub's offline/missing errors are OSErrors
+    except (OSError, ValueError, pickle.UnpicklingError) as error:  # huggingface_hub's offline/missing errors are OSErrors
+        refusal = refused_pickle(error, local) if looks_local else None
+        if refusal is not None:  # a pickle weights file with code in it: refused, not missing
+            raise refusal from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise _not_found(model, reason, looks_local) from error
     return _finish(parts, tokenizer, scheduler_config, model, device, dtype)

@@ -12,6 +12,7 @@ encoder's size, CLIP mean / std), in torch.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from anomalygen.devices import resolve_device
 from anomalygen.diffusion.backbone import TINY, resolve_dtype
 from anomalygen.errors import ModelNotFoundError
+from anomalygen.weights import refused_pickle
 
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 SUBFOLDER = "image_encoder"
@@ -70,7 +72,10 @@ def load_image_encoder(source: str | None, *, model: str | None = None, device: 
             try:
                 encoder = CLIPVisionModelWithProjection.from_pretrained(where, subfolder=subfolder)
                 break
-            except (OSError, ValueError) as error:  # huggingface_hub's offline/missing errors are OSErrors
+            except (OSError, ValueError, pickle.UnpicklingError) as error:  # huggingface_hub's offline/missing errors are OSErrors
+                refusal = refused_pickle(error, local) if looks_local else None
+                if refusal is not None:  # a pickle weights file with code in it: refused, not missing
+                    raise refusal from None
                 errors.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
         else:
             raise _not_found(source, errors[0])

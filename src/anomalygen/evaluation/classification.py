@@ -47,7 +47,7 @@ class ClassificationConfig:
     def __post_init__(self) -> None:
         options.positive_int(self.epochs, "--cls-epochs")
         options.resolution(self.resolution)
-        options.positive_int(self.batch_size, "classification batch_size")
+        options.positive_int(self.batch_size, "classification batch_size", options.MAX_BATCH)
         options.positive_float(self.lr, "classification lr")
         check_seed(self.seed)
 

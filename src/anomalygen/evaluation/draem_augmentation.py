@@ -71,10 +71,11 @@ class DraemAugmentationConfig:
             raise AnomalygenError(f"--draem-ratio {self.ratio}: must be a number in [0, 1]")
         for name in ("epochs", "rec_base", "disc_base"):
             if getattr(self, name) is not None:
-                options.positive_int(getattr(self, name), f"--draem-{name.replace('_', '-')}")
+                options.positive_int(getattr(self, name), f"--draem-{name.replace('_', '-')}",
+                                     None if name == "epochs" else options.MAX_WIDTH)
         if self.resolution is not None:
             options.resolution(self.resolution, "--draem-resolution")
-        options.positive_int(self.batch_size, "--draem-batch-size")
+        options.positive_int(self.batch_size, "--draem-batch-size", options.MAX_BATCH)
         options.positive_float(self.lr, "DRAEM lr")
         options.choice(self.test, "--draem-test", TESTS)
         check_seed(self.seed)

@@ -10,9 +10,15 @@ from typing import Any
 from anomalygen.errors import AnomalygenError
 
 
-def positive_int(value: Any, option: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AnomalygenError(f"{option} {value}: must be a whole number >= 1")
+# the largest input size and network width the evaluation networks can use (the papers: 256 px, U-Net base 64)
+MAX_RESOLUTION = 1024
+MAX_WIDTH = 512
+MAX_BATCH = 256
+
+
+def positive_int(value: Any, option: str, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (high is not None and value > high):
+        raise AnomalygenError(f"{option} {value}: must be a whole number >= 1" + (f" and <= {high}" if high else ""))
 
 
 def positive_float(value: Any, option: str) -> None:
@@ -21,8 +27,8 @@ def positive_float(value: Any, option: str) -> None:
 
 
 def resolution(value: Any, option: str = "--resolution") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 32 or value % 32:
-        raise AnomalygenError(f"{option} {value}: must be a multiple of 32 (32, 64, ..., 256)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 32 <= value <= MAX_RESOLUTION or value % 32:
+        raise AnomalygenError(f"{option} {value}: must be a multiple of 32 from 32 to {MAX_RESOLUTION} (32, 64, ..., 256)")
 
 
 def choice(value: Any, option: str, allowed: tuple[str, ...]) -> None:

@@ -252,7 +252,7 @@ class AnomalygenAugmenter(torch.nn.Module):
             picture, mask = self.pool[int(rng.integers(len(self.pool)))]
         if picture.shape[:2] != (height, width):
             picture = cv2.resize(picture, (width, height), interpolation=cv2.INTER_AREA)
-            mask = resize_mask(mask, (height, width))
+            mask = resize_mask(mask, (height, width), any_pixel=True)  # the label keeps every defect pixel
         picture = picture.astype(np.float32) / 255
         if image.shape[0] == 1:
             picture = picture.mean(axis=2, keepdims=True)

@@ -17,6 +17,13 @@ from typing import Any
 from anomalygen.errors import AnomalygenError
 from anomalygen.seeding import MAX_SEED
 
+# Upper bounds of size-like options, by what a method can use (a larger value only reached the allocator):
+MAX_RESOLUTION = 2048  # px: 4 × SD 1.5's native 512
+MAX_BATCH = 256  # images per training or sampling batch
+MAX_INFERENCE_STEPS = 1000  # the schedulers' training timesteps (SD 1.x, LDM): more cannot be sampled
+MAX_RANK = 320  # LoRA rank: SD 1.5's narrowest attention projection is 320 wide; a higher rank adds nothing
+MAX_TOKENS = 75  # learned tokens of one kind: CLIP's 77 context positions less the start and end tokens
+
 # CLI flags that set a method option directly (besides --set NAME=VALUE).
 CLI_FLAGS = {"device": "--device", "model": "--model", "max_steps": "--max-steps", "time_budget_s": "--time-budget"}
 
@@ -204,7 +211,7 @@ def diffusion_options() -> dict[str, Option]:
         time_budget_s=Float(None, 0, low_open=True, optional=True),
         device=Device(),
         mixed_precision=Precision(),
-        batch_size=Int(4, 1),
+        batch_size=Int(4, 1, MAX_BATCH),
         seed=Int(0, 0, MAX_SEED),
         sampler=Choice("ddim", SAMPLERS),
         guidance_scale=Float(1.0, 0),

@@ -28,7 +28,8 @@ from anomalygen.errors import AnomalygenError
 from anomalygen.io import atomic_write_bytes
 from anomalygen.masks import augment_mask
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt
-from anomalygen.methods.options import Float, Int, OptionSpec, Text, diffusion_options
+from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, Float, Int, OptionSpec, Text,
+                                        diffusion_options)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
@@ -53,12 +54,12 @@ class TextualInversionGenerator(AnomalyGenerator):
     OPTIONS = OptionSpec(
         **diffusion_options(),
         max_steps=Int(1000, 1),
-        resolution=Int(None, 8, optional=True),  # None = the base model's native size
+        resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size
         lr=Float(5e-3, 0, low_open=True),
-        num_inference_steps=Int(50, 1),
+        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS),
         eta=Float(0.0, 0, 1),
         prompt=Text("a photo of {}", contains="{}"),
-        generate_batch_size=Int(0, 0),  # 0: auto (fast.sampling_batch; batch_size on the CPU)
+        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; batch_size on the CPU)
     )
 
     def __init__(self, **options: Any):

@@ -52,6 +52,8 @@ class PretrainConfig:
         for name in ("vae_steps", "batch_size", "checkpoint_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise AnomalygenError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.batch_size > 256:
+            raise AnomalygenError(f"--batch-size {self.batch_size}: at most 256 images per batch")
         if self.max_steps < 0:
             raise AnomalygenError(f"--max-steps {self.max_steps}: must be at least 0 (0: the autoencoder only)")
         for flag, value in (("--lr", self.unet_lr), ("--vae-lr", self.vae_lr)):

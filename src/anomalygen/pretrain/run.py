@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from anomalygen.devices import resolve_device
@@ -150,6 +151,16 @@ def _save(model: Any, folder: Path) -> None:
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_vae(folder: Path) -> AutoencoderKL:
+    """The autoencoder ``_save`` wrote, without the ``_name_or_path`` that ``from_pretrained`` records:
+    that path of the training folder would reach the model's ``vae/config.json``, and a resumed run
+    would differ from an uninterrupted one."""
+    with torch.random.fork_rng(devices=[]):  # its random init, overwritten, draws from no generator of ours
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder))
+    vae.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")))
+    return vae
 
 
 def _psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
@@ -293,7 +304,7 @@ def _pretrain(images: PretrainImages, out: Path, config: PretrainConfig, say: Sa
     trained = report.get("vae", {}).get("steps", -1) if (work / "vae_final").is_dir() else -1
     unet_begun = latest_checkpoint(work / "unet") is not None
     if unet_begun or trained >= config.vae_steps:  # fixed, or as long as asked
-        vae = AutoencoderKL.from_pretrained(work / "vae_final").to(device)
+        vae = _load_vae(work / "vae_final").to(device)
         if trained < config.vae_steps:
             say(f"autoencoder: kept at its {trained} steps (not --vae-steps {config.vae_steps}): the UNet stage has begun "
                 "on its latents; give a new --out to train a longer one")
@@ -333,7 +344,7 @@ def _pretrain(images: PretrainImages, out: Path, config: PretrainConfig, say: Sa
 
 def _finish(report: dict[str, Any], images: PretrainImages, out: Path, started: float) -> dict[str, Any]:
     report.update({"settings": read_json(out / SETTINGS), "images": len(images.images), "upscaled": images.upscaled,
-                   "prompts": images.prompts, "categories": images.categories, "defect_types": images.defect_types,
-                   "last_run_s": round(time.monotonic() - started, 1)})
+                   "prompts": images.prompts, "categories": images.categories, "defect_types": images.defect_types})
+    # the file holds no wall time: a resumed run writes the bytes of an uninterrupted one
     atomic_write_text(out / REPORT, json.dumps(report, indent=2))
-    return report
+    return {**report, "last_run_s": round(time.monotonic() - started, 1)}

@@ -44,7 +44,8 @@ from anomalygen.methods.anomalydiffusion.loss import NORMALISATIONS, latent_mask
 from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, RANDOM, SpatialEncoder
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_masks, write_masks
-from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, diffusion_options
+from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice,
+                                        Float, Int, OptionSpec, diffusion_options)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
@@ -62,10 +63,10 @@ class AnomalyDiffusion(AnomalyGenerator):
     OPTIONS = OptionSpec(
         **diffusion_options(),
         max_steps=Int(2000, 1),
-        resolution=Int(None, 8, optional=True),  # None = the base model's native size (LDM text2im 256, as the paper; SD 1.x 512)
+        resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size (LDM text2im 256, as the paper; SD 1.x 512)
         lr=Float(None, 0, low_open=True, optional=True),  # None = 5e-3 × batch_size, as the official code scales it
-        num_anomaly_tokens=Int(8, 1),  # k (paper; the official code uses 4)
-        num_spatial_tokens=Int(4, 1),  # n
+        num_anomaly_tokens=Int(8, 1, MAX_TOKENS),  # k (paper; the official code uses 4)
+        num_spatial_tokens=Int(4, 1, MAX_TOKENS),  # n
         spatial_encoder=Choice(None, sorted(PRESETS), optional=True),  # None = "tiny" for the tiny model, else "resnet50"
         aar=Choice("latent", AAR_VARIANTS),  # "latent" (official code) | "paper" (Eq. 7, one extra UNet pass per step) | "off"
         aar_apply=Choice(None, APPLY, optional=True),  # "multiply_logits" | "probabilities" | "add_log_logits"; None = the variant's own (aar.py)
@@ -75,15 +76,15 @@ class AnomalyDiffusion(AnomalyGenerator):
         spatial_encoder_lr=Float(None, 0, low_open=True, optional=True),  # None = lr (official: one Adam over e_a, e_m and E)
         spatial_embedding=Bool(True),
         mask_source=Choice("learned", ("learned", "augment")),  # "learned" (Eq. 9) | "augment" (augmented training masks)
-        mask_tokens=Int(4, 1),  # k'
-        num_inference_steps=Int(200, 1),
+        mask_tokens=Int(4, 1, MAX_TOKENS),  # k'
+        num_inference_steps=Int(200, 1, MAX_INFERENCE_STEPS),
         eta=Float(1.0, 0, 1),
         mask_sampler=Choice("ddim", SAMPLERS),
-        mask_inference_steps=Int(100, 1),
+        mask_inference_steps=Int(100, 1, MAX_INFERENCE_STEPS),
         mask_guidance_scale=Float(5.0, 0),
         mask_threshold=Float(0.8, 0, 1),
-        mask_tries=Int(8, 0),
-        generate_batch_size=Int(0, 0),  # 0: auto (fast.sampling_batch; 8 on the CPU)
+        mask_tries=Int(8, 0, 100),
+        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; 8 on the CPU)
     )
 
     def __init__(self, **options: Any):

@@ -42,7 +42,8 @@ from anomalygen.methods.anomalyxfusion.ddf import DDF
 from anomalygen.methods.anomalyxfusion.mif import MIF, MaskEncoder, load_mask_encoder, semantic_embedding, texture_init
 from anomalygen.methods.base import malformed_as_corrupt, model_path, read_masks, write_masks
 from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.methods.options import Bool, Float, Int, OptionSpec, Text, diffusion_options, require
+from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Float, Int,
+                                        OptionSpec, Text, diffusion_options, require)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
@@ -57,19 +58,19 @@ def _options() -> OptionSpec:
         **shared,
         max_steps=Int(1000, 1),
         lr=Float(1e-4, 0, low_open=True),
-        resolution=Int(None, 8, optional=True),  # None = the base model's native size
-        tokens=Int(4, 1),  # k: tokens per modality; e_X has 3k (MIF), e_sem alone k
+        resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size
+        tokens=Int(4, 1, MAX_TOKENS),  # k: tokens per modality; e_X has 3k (MIF), e_sem alone k
         mif=Bool(True),  # Multi-modal In-Fusion (Eqs. 1-5)
         ddf=Bool(True),  # Dynamic Dif-Fusion (Eq. 14)
         captions=Text(None, optional=True),  # {category: {type: [caption of the i-th image]}} JSON; None = "{category} with {type}"
         category=Text(None, optional=True),  # None = the dataset's category folder name (the captions file's key)
         image_encoder=Text(None, optional=True),  # CLIP vision model: hub id / folder / "tiny"; None = model's image_encoder/, else ViT-L/14
         mask_encoder=Text(None, optional=True),  # a pretrained ISTR mask encoder (.safetensors), frozen; None = trained from scratch
-        mask_embedding=Int(256, 1),  # E_mask's output width when trained from scratch
+        mask_embedding=Int(256, 1, 4096),  # E_mask's output width when trained from scratch
         mask_augment=Bool(True),  # generation: flip / rotate / scale / move the training mask
-        num_inference_steps=Int(50, 1),
+        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS),
         final_paste=Bool(True),  # the good image's pixels outside the mask (blending alone keeps its latent)
-        generate_batch_size=Int(0, 0),  # 0: auto (fast.sampling_batch; 4 on the CPU)
+        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; 4 on the CPU)
     )
 
 

@@ -21,9 +21,10 @@ def build_controlnet(unet: torch.nn.Module, vae_scale_factor: int) -> ControlNet
 
 
 def control_image(masks: list[np.ndarray], size: int) -> torch.Tensor:
-    """Binary masks -> (B, 3, size, size) control images in {0, 1} (nearest resize, 3 channels)."""
-    batch = torch.stack([torch.from_numpy(np.asarray(m, np.float32)) for m in masks])[:, None]
-    return F.interpolate(batch, size=(size, size), mode="nearest").expand(-1, 3, -1, -1).contiguous()
+    """Binary masks of any sizes -> (B, 3, size, size) control images in {0, 1} (each resized nearest, 3 channels)."""
+    batch = torch.cat([F.interpolate(torch.from_numpy(np.asarray(m, np.float32))[None, None], size=(size, size), mode="nearest")
+                       for m in masks])
+    return batch.expand(-1, 3, -1, -1).contiguous()
 
 
 def controlled_eps(unet, controlnet, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,

@@ -32,7 +32,8 @@ from anomalygen.masks import FOREGROUND_MODES, augment_mask, foreground_mask, pe
 from anomalygen.methods.base import malformed_as_corrupt, model_path, read_masks, write_masks
 from anomalygen.methods.cagen.control import build_controlnet, control_image, controlled_eps
 from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, Text, diffusion_options
+from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, Bool, Choice, Float, Int,
+                                        OptionSpec, Text, diffusion_options)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
@@ -50,7 +51,7 @@ def _options() -> OptionSpec:
         epochs=Int(1000, 1),  # the paper: 1000 epochs over the training images
         max_steps=Int(None, 1, optional=True),  # None = epochs × images / batch_size
         lr=Float(1e-5, 0, low_open=True),
-        resolution=Int(None, 8, optional=True),  # None = the base model's native size
+        resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size
         max_per_type=Int(3, 1),  # real defects per type the ControlNet trains on (the paper: 3)
         prompt=Text("{defect} {category}", contains="{defect}"),
         captions=Text(None, optional=True),  # a captions file (MVTec Caption format): each training image's caption is its prompt
@@ -59,9 +60,9 @@ def _options() -> OptionSpec:
         foreground=Choice("auto", FOREGROUND_MODES),
         perlin_threshold=Float(0.5, 0, 1),
         fusion=Choice("end", FUSIONS),  # "end": Eqs. 2-5, fused once | "step": blended every step (ablation)
-        num_inference_steps=Int(50, 1),
+        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS),
         final_paste=Bool(False),  # True: the good image's pixels outside the mask (the paper decodes z_f as is)
-        generate_batch_size=Int(0, 0),  # 0: auto (fast.sampling_batch; 8 on the CPU)
+        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; 8 on the CPU)
     )
 
 

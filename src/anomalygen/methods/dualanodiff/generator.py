@@ -44,7 +44,8 @@ from anomalygen.methods.dualanodiff.segment import (
     MASK_REFERENCES, MASK_SOURCES, decoded_background, mask_from_attention, mask_from_part, token_attention,
 )
 from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.methods.options import Bool, Choice, Float, Int, OptionSpec, Text, diffusion_options
+from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RANK, MAX_RESOLUTION, Bool, Choice, Float,
+                                        Int, OptionSpec, Text, diffusion_options)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
@@ -63,12 +64,12 @@ def _options() -> OptionSpec:
     return OptionSpec(
         **shared,
         max_steps=Int(5000, 1),
-        resolution=Int(None, 8, optional=True),  # None = the base model's native size (512 on SD 1.x)
+        resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size (512 on SD 1.x)
         lr=Float(2e-5, 0, low_open=True),
         weight_decay=Float(1e-2, 0),  # AdamW's, as the official code
         flip=Bool(True),  # random horizontal + vertical flips of image and mask (official; it skips them for cable)
         part_background=Choice("gray", PART_BACKGROUNDS),  # I·M in [-1, 1] leaves 0 = gray outside M (official) | black
-        rank=Int(32, 1),  # LoRA rank on every attention projection, per branch
+        rank=Int(32, 1, MAX_RANK),  # LoRA rank on every attention projection, per branch
         text_encoder_lora=Bool(True),  # a LoRA (same rank) on the text encoder too, per type, as the official code
         vae_latents=Choice("sample", ("sample", "mean")),  # a posterior sample per step (official) | its mean
         object_word=Text("vfx"),  # x of "a x with y" (Eq. 2); e.g. the category name
@@ -78,14 +79,14 @@ def _options() -> OptionSpec:
         bcm=Bool(True),
         bcm_mix=Choice("paper", BCM_MIXES),  # "paper" (Eq. 5: φ + γ·MLP(φ_b), γ=0.1) | "official" ((1−a)φ + a·MLP(φ_b), a=0)
         foreground=Choice("auto", FOREGROUND_MODES),  # how BCM finds the object to remove (masks/foreground.py)
-        num_inference_steps=Int(100, 1),
+        num_inference_steps=Int(100, 1, MAX_INFERENCE_STEPS),
         mask_source=Choice("threshold", MASK_SOURCES),
         mask_threshold=Float(0.15, 0, 1),  # how far from the part background ([0, 1]) a pixel must be
         mask_reference=Choice("nominal", MASK_REFERENCES),  # that background: its value | as the autoencoder returns it
         attention_threshold=Float(0.5, 0, 1),  # of the attention map scaled to [0, 1]
         mask_min_area=Float(5e-4, 0, 1),  # components smaller than this share of the image are dropped
-        mask_tries=Int(4, 1),  # draws per sample until its mask is not empty
-        generate_batch_size=Int(0, 0),  # 0: auto (fast.sampling_batch; 4 on the CPU)
+        mask_tries=Int(4, 1, 100),  # draws per sample until its mask is not empty
+        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; 4 on the CPU)
         gradient_checkpointing=Bool(False),  # recompute UNet activations in backward: less memory, ~30 % slower
     )
 
