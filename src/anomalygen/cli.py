@@ -83,7 +83,8 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A fitted model (from `anomalygen fit`)."),
     defect_type: Optional[str] = typer.Option(None, "--defect-type", help="Generate only this defect type."),
-    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value (value parsed as JSON)."),
+    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value (value parsed as JSON); "
+                                       "with --checkpoint only options that act at generation (steps, guidance, thresholds, ...)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing output of a different run."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
     filter: bool = typer.Option(True, "--filter/--no-filter", help="Redraw samples that fail the validity checks "
