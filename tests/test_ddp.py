@@ -108,11 +108,11 @@ def test_anomalydiffusion_share_losses_average_to_the_whole_batch(monkeypatch):
 
 
 def test_masked_loss_norm_option_reaches_the_loss():
-    """``masked_loss_norm="latent"`` (official code) divides by the latent size, larger than any
-    mask area: the same batch gives a smaller loss, by the mean mask fraction."""
+    """``masked_loss_norm="latent_size"`` (official code) divides by the latent size, larger than any
+    mask area (``"mask_area"``): the same batch gives a smaller loss, by the mean mask fraction."""
     defects, _ = toy_data()
     losses = []
-    for normalise in ("mask", "latent"):
+    for normalise in ("mask_area", "latent_size"):
         generator = create("anomalydiffusion", **METHODS["anomalydiffusion"], masked_loss_norm=normalise, mask_source="augment")
         generator._build(["crack", "hole"])
         with torch.no_grad():
