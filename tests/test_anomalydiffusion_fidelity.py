@@ -64,6 +64,19 @@ def test_spatial_tokens_stay_bounded_under_adversarial_adam_steps_at_the_default
     assert peaks["plain"] > 10 * limit, peaks
 
 
+def test_spatial_heads_scale_their_weights_as_the_official_equal_linear():
+    """out = b + (W / sqrt(fan_in)) f: with W = 1, b = 0 and no bound, each coordinate is the sum
+    of the features over sqrt(fan_in) (fan_in = 8 channels x 4 x 4 for the tiny preset)."""
+    encoder = module.SpatialEncoder.from_preset("tiny", 1, torch.zeros(6)).eval()
+    features = []
+    encoder.reduce.register_forward_hook(lambda m, i, out: features.append(out.flatten(1)))
+    with torch.no_grad():
+        encoder.heads[0].weight.fill_(1.0)
+        tokens = encoder(torch.ones(1, 1, 16, 16))
+    assert features[0].shape[1] == 128
+    torch.testing.assert_close(tokens[0, 0], features[0].sum(1).expand(6) / 128 ** 0.5)
+
+
 def test_mask_model_defaults_are_the_official_codes(built, monkeypatch):
     """Threshold 0.8 on the decoded [-1, 1] mean (a pixel at 0.7 is out; ours, 0.6, kept it),
     DDIM η = 1 reaches the mask sampler, and the official border rule rejects only masks over a
@@ -174,6 +187,13 @@ def test_a_fitted_model_takes_sampling_options_and_refuses_fitted_ones(built, tm
         AnomalyGenerator.load(tmp_path / "model", {"lr": 0.1, "masked_loss_norm": "sum"})
     with pytest.raises(Exception, match="option aar .*got 'sometimes'"):
         AnomalyGenerator.load(tmp_path / "model", {"aar": "sometimes"})
+    assert loaded.opt["prompt"] == "official"
+    meta = tmp_path / "model" / "anomalydiffusion.json"
+    record = json.loads(meta.read_text())
+    del record["prompt"], record["spatial_encoder"]["equalized"], record["spatial_encoder"]["bound"]
+    meta.write_text(json.dumps(record))  # a model saved before these options: as it was fitted
+    older = AnomalyGenerator.load(tmp_path / "model")
+    assert (older.opt["prompt"], older.spatial_encoder.gain, older.spatial_encoder.bound) == ("tokens", 1.0, None)
 
 
 def test_cli_generate_checkpoint_set(tmp_path):

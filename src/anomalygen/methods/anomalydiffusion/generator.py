@@ -450,6 +450,7 @@ class AnomalyDiffusion(AnomalyGenerator):
         meta = {"defect_types": self._defect_types,
                 "spatial_encoder": {"preset": self._encoder_preset, "source": self.spatial_encoder.source,
                                     "equalized": self.spatial_encoder.gain != 1.0, "bound": self.spatial_encoder.bound},
+                "prompt": self.opt["prompt"],
                 "mask_stats": {t: s.to_json() for t, s in self.mask_stats.items()},
                 "training_masks": write_masks(directory, self.training_masks, self._defect_types),
                 "loss_log": self.loss_log}
@@ -469,6 +470,9 @@ class AnomalyDiffusion(AnomalyGenerator):
             mask_files = {t: [model_path(directory, name, meta_path) for name in meta["training_masks"][t]] for t in types}
             loss_log = [float(v) for v in meta.get("loss_log", [])]
             encoder = meta.get("spatial_encoder", {"source": RANDOM})
+            fitted_prompt = meta.get("prompt", "tokens")  # models saved before the option: the tokens alone
+            if fitted_prompt not in PROMPTS:
+                raise TypeError(f"prompt must be one of {PROMPTS}, got {fitted_prompt!r}")
             if not isinstance(encoder, dict) or encoder.get("preset") not in (None, *PRESETS):
                 raise TypeError(f"spatial_encoder must be an object naming a preset of {sorted(PRESETS)}, got {encoder!r}")
         self._build(types, encoder)
@@ -479,6 +483,7 @@ class AnomalyDiffusion(AnomalyGenerator):
                 self.mask_tokens.tokens.copy_(tensors.pop("mask_tokens"))
             prefix = "spatial_encoder."
             self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
+        self.opt["prompt"] = fitted_prompt
         self.mask_stats = mask_stats
         self.training_masks = read_masks(mask_files)
         self.loss_log = loss_log
