@@ -35,14 +35,15 @@ def test_masked_loss_gradient_is_zero_outside_the_mask():
     eps_far[outside] += 100
     assert masked_diffusion_loss(eps_pred, eps_far, weight).item() == pytest.approx(
         masked_diffusion_loss(eps_pred, eps, weight).item())
-    assert masked_diffusion_loss(eps_pred, eps, torch.ones_like(weight)).item() == pytest.approx(
-        torch.nn.functional.mse_loss(eps_pred, eps).item(), rel=1e-5)
+    for normalise in ("latent_size", "mask_area"):  # all ones: the plain LDM loss
+        assert masked_diffusion_loss(eps_pred, eps, torch.ones_like(weight), normalise).item() == pytest.approx(
+            torch.nn.functional.mse_loss(eps_pred, eps).item(), rel=1e-5)
     # a change inside moves it by exactly its mean square over the mask (the box is latent-aligned: w in {0, 1})
     assert set(weight.unique().tolist()) == {0.0, 1.0}
     exact = eps.clone()
     assert masked_diffusion_loss(exact, eps, weight).item() == 0
     exact[~outside] += 2
-    assert masked_diffusion_loss(exact, eps, weight).item() == pytest.approx(4.0)
+    assert masked_diffusion_loss(exact, eps, weight, "mask_area").item() == pytest.approx(4.0)
 
 
 def test_latent_mask_keeps_thin_defects():

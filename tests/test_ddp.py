@@ -66,7 +66,7 @@ def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
 
 
 def test_masked_loss_of_a_batch_is_the_mean_of_its_parts():
-    """Eq. 5 per sample (÷ its mask area), averaged: the mean of two half-batch losses (what DDP
+    """Eq. 5 per sample (each normalisation), averaged: the mean of two half-batch losses (what DDP
     averages) is the whole batch's loss, also with masks of very different areas."""
     from anomalygen.methods.anomalydiffusion.loss import masked_diffusion_loss
 
@@ -75,14 +75,14 @@ def test_masked_loss_of_a_batch_is_the_mean_of_its_parts():
     weight = torch.zeros(4, 1, 8, 8)
     for i, side in enumerate([1, 2, 5, 8]):
         weight[i, :, :side, :side] = 1
-    for normalise in ("mask", "latent"):
+    for normalise in ("mask_area", "latent_size", "sum"):
         whole = masked_diffusion_loss(eps_pred, eps, weight, normalise)
         halves = [masked_diffusion_loss(eps_pred[s], eps[s], weight[s], normalise) for s in (slice(0, 2), slice(2, 4))]
         assert whole.item() == pytest.approx(sum(halves).item() / 2, rel=1e-6)
     per_sample = [((eps_pred[i] - eps[i]) ** 2 * weight[i]).sum() / (4 * weight[i].sum()) for i in range(4)]
-    assert masked_diffusion_loss(eps_pred, eps, weight).item() == pytest.approx(sum(per_sample).item() / 4, rel=1e-6)
+    assert masked_diffusion_loss(eps_pred, eps, weight, "mask_area").item() == pytest.approx(sum(per_sample).item() / 4, rel=1e-6)
     official = ((eps_pred * weight - eps * weight) ** 2).mean([1, 2, 3]).mean()  # ddpm.py p_losses
-    assert masked_diffusion_loss(eps_pred, eps, weight, "latent").item() == pytest.approx(official.item(), rel=1e-6)
+    assert masked_diffusion_loss(eps_pred, eps, weight).item() == pytest.approx(official.item(), rel=1e-6)
 
 
 def test_anomalydiffusion_share_losses_average_to_the_whole_batch(monkeypatch):
@@ -108,11 +108,11 @@ def test_anomalydiffusion_share_losses_average_to_the_whole_batch(monkeypatch):
 
 
 def test_masked_loss_norm_option_reaches_the_loss():
-    """``masked_loss_norm="latent"`` (official code) divides by the latent size, larger than any
-    mask area: the same batch gives a smaller loss, by the mean mask fraction."""
+    """``masked_loss_norm="latent_size"`` (official code) divides by the latent size, larger than any
+    mask area (``"mask_area"``): the same batch gives a smaller loss, by the mean mask fraction."""
     defects, _ = toy_data()
     losses = []
-    for normalise in ("mask", "latent"):
+    for normalise in ("mask_area", "latent_size"):
         generator = create("anomalydiffusion", **METHODS["anomalydiffusion"], masked_loss_norm=normalise, mask_source="augment")
         generator._build(["crack", "hole"])
         with torch.no_grad():

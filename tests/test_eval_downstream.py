@@ -72,7 +72,7 @@ def test_evaluate_writes_report_with_both_protocols(tiny, tmp_path, monkeypatch)
     report = evaluate(
         out, data, category="tiles", out=tmp_path / "report", device="cpu",
         localization=LocalizationConfig(epochs=3, samples_per_epoch=8, resolution=64, base=8, batch_size=4),
-        classification=ClassificationConfig(epochs=1, resolution=64, batch_size=8, random_init=True),
+        classification=ClassificationConfig(epochs=1, resolution=64, batch_size=8, passes=1, random_init=True),
     )
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     html = (tmp_path / "report" / "report.html").read_text()
@@ -85,20 +85,22 @@ def test_evaluate_writes_report_with_both_protocols(tiny, tmp_path, monkeypatch)
     assert len(loc["history"]) == 3 and loc["clean"]["epoch"] == 3
     for key, value in loc["clean"].items():
         if key != "epoch":
-            assert 0.0 <= value <= 1.0 and loc["paper"][key] >= value
-    # The paper protocol at one epoch: the epoch with the best pixel AP, every metric read there.
-    selected = loc["paper_selected"]
-    row = max(loc["history"], key=lambda r: r["pixel_ap"])
-    assert selected["selected_by"] == "pixel_ap" and selected["epoch"] == row["epoch"]
+            assert 0.0 <= value <= 1.0 and loc["paper_per_metric"][key] >= value
+    # The paper protocol (the official script's rule): the one epoch with the best sum of image AUROC,
+    # pixel AUROC, pixel AP and PRO, every metric read there.
+    selected = loc["paper"]
+    summed = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_au_pro")
+    row = max(loc["history"], key=lambda r: sum(r[k] for k in summed))
+    assert selected["selected_by"] == " + ".join(summed) and selected["epoch"] == row["epoch"]
     assert all(selected[k] == row[k] for k in row if k not in ("epoch", "loss"))
-    label = f"paper, one epoch (epoch {row['epoch']}, best pixel_ap on the test set)"
-    assert label in html and loc["protocol_labels"]["paper_selected"] == label
+    label = f"paper (official script: epoch {row['epoch']}, best {' + '.join(summed)} on the test set)"
+    assert label in html and loc["protocol_labels"]["paper"] == label
     assert loc["test_images"] == {"good": 4, "hole": 4, "stain": 4}
     cls = saved["classification"]
     assert cls["classes"] == ["hole", "stain"] and cls["weights"].startswith("random")
     assert np.sum(cls["confusion_matrix"]) == 8  # every test defect counted
     assert cls["accuracy"] == pytest.approx(np.trace(cls["confusion_matrix"]) / 8)
-    assert "paper, per metric (each metric at its own best test epoch)" in html and "clean (last epoch)" in html
+    assert "paper, per metric (each metric at its own best test epoch" in html and "clean (last epoch)" in html
     assert any("random initialisation (--cls-random-init)" in note for note in saved["notes"])
     assert report["files"] == [str(tmp_path / "report" / "report.json"), str(tmp_path / "report" / "report.html")]
 
@@ -184,8 +186,8 @@ def test_paper_protocol_never_picks_a_nan_epoch():
     assert best_row(history, "pixel_ap")["epoch"] == 2
     assert best_row(history, "image_ap") is None
     result = paper_protocol(history, ["pixel_ap", "image_ap"])
-    assert result["paper"] == {"pixel_ap": 0.4, "image_ap": None, "best_epoch": {"pixel_ap": 2, "image_ap": None}}
-    assert result["paper_selected"] == {"epoch": 2, "selected_by": "pixel_ap", "pixel_ap": 0.4, "image_ap": None}
+    assert result["paper_per_metric"] == {"pixel_ap": 0.4, "image_ap": None, "best_epoch": {"pixel_ap": 2, "image_ap": None}}
+    assert result["paper"] == {"epoch": 2, "selected_by": "pixel_ap", "selection_sum": 0.4, "pixel_ap": 0.4, "image_ap": None}
 
 
 def test_resnet_without_imagenet_weights_needs_cls_random_init(tiny, tmp_path, monkeypatch):
@@ -233,7 +235,7 @@ def test_a_diverged_resnet_is_one_error(tiny, tmp_path, monkeypatch):
     data, out = tiny
     with pytest.raises(AnomalygenError, match=r"^downstream ResNet-34 diverged at epoch 1: its loss is nan; re-run with"):
         evaluate(out, data, category="tiles", metrics=["classification"], out=tmp_path / "r", device="cpu",
-                 classification=ClassificationConfig(epochs=1, resolution=32, batch_size=8, random_init=True))
+                 classification=ClassificationConfig(epochs=1, resolution=32, batch_size=8, passes=1, random_init=True))
     assert not (tmp_path / "r").exists()
 
 

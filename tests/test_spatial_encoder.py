@@ -115,12 +115,15 @@ def test_saved_model_records_the_encoder_and_load_rebuilds_it(cached, hub, tmp_p
     generator.training_masks, generator.mask_stats = {"crack": [mask]}, {"crack": MaskStats.from_masks([mask])}
     generator.save_state(tmp_path)
     record = json.loads((tmp_path / "anomalydiffusion.json").read_text())["spatial_encoder"]
-    assert record == {"preset": "resnet50", "source": f"imagenet: {FILE}" if cached else "random init"}
+    bound = record.pop("bound")
+    assert record == {"preset": "resnet50", "source": f"imagenet: {FILE}" if cached else "random init", "equalized": True}
+    assert bound == pytest.approx(float(generator.prompts.text_encoder.get_input_embeddings().weight.norm(dim=-1).mean()))
     for path in hub.iterdir():
         path.unlink()  # loading needs no weight file: the architecture comes from the record
     loaded = AnomalyDiffusion(**{**options, "spatial_encoder": "tiny"})
     loaded.load_state(tmp_path)
     assert loaded.spatial_encoder.source == record["source"]
+    assert (loaded.spatial_encoder.gain, loaded.spatial_encoder.bound) == (generator.spatial_encoder.gain, bound)
     assert isinstance(loaded.spatial_encoder.backbone.body.bn1, FrozenBatchNorm2d if cached else torch.nn.GroupNorm)
     saved, restored = generator.spatial_encoder.state_dict(), loaded.spatial_encoder.state_dict()
     assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)

@@ -24,7 +24,7 @@ from anomalygen import pipeline
 from anomalygen.data import list_categories, load_category
 from anomalygen.errors import AnomalygenError
 from anomalygen.evaluation import options as checks
-from anomalygen.evaluation.localization import SELECT_BY
+from anomalygen.evaluation.localization import SELECT_SUM
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
 from anomalygen.evaluation.run import evaluate, prepare
 from anomalygen.io import MAX_SAMPLES, atomic_write_text
@@ -163,11 +163,12 @@ def write_comparison(out: Path, reports: dict[str, dict[str, dict[str, Any]]], m
 
 
 # The localisation protocols as comparison rows: report key -> row label, and what each label means.
-PROTOCOL_ROWS = {"clean": "clean", "paper": "paper, per metric", "paper_selected": "paper, one epoch"}
+PROTOCOL_ROWS = {"clean": "clean", "paper": "paper", "paper_per_metric": "paper, per metric"}
 PROTOCOL_ABOUT = {
     "clean": "last epoch",
+    "paper": f"every metric at the epoch with the best {' + '.join(SELECT_SUM)} on the test set, as the official "
+             "script (row epoch)",
     "paper, per metric": "each metric at its own best test epoch",
-    "paper, one epoch": f"every metric at the epoch with the best {SELECT_BY} on the test set (row epoch)",
 }
 
 
@@ -205,7 +206,7 @@ def comparison_tables(reports: dict[str, dict[str, dict[str, Any]]], methods: li
                             **{f"{m} IC-LPIPS": _value(by_method[m], "ic_lpips", "per_type", t) for m in methods}})
             classification.append({**label, **{m: _value(by_method[m], "classification", "per_class_accuracy", t) for m in methods}})
         for protocol, label in PROTOCOL_ROWS.items():
-            keys = ["epoch", *LOCALIZATION_KEYS] if protocol == "paper_selected" else LOCALIZATION_KEYS
+            keys = ["epoch", *LOCALIZATION_KEYS] if protocol == "paper" else LOCALIZATION_KEYS
             for key in keys:
                 localization.append({"category": name, "protocol": label, "metric": key,
                                      **{m: _value(by_method[m], "localization", protocol, key) for m in methods}})

@@ -83,7 +83,8 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A fitted model (from `anomalygen fit`)."),
     defect_type: Optional[str] = typer.Option(None, "--defect-type", help="Generate only this defect type."),
-    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value (value parsed as JSON)."),
+    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value (value parsed as JSON); "
+                                       "with --checkpoint only options that act at generation (steps, guidance, thresholds, ...)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing output of a different run."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
     filter: bool = typer.Option(True, "--filter/--no-filter", help="Redraw samples that fail the validity checks "
@@ -259,7 +260,7 @@ def _evaluation_options(
         "localization": LocalizationConfig(epochs=epochs, samples_per_epoch=samples_per_epoch, resolution=resolution,
                                            base=base, batch_size=batch_size, protocol=protocol, eval_every=eval_every,
                                            seed=seed),
-        "classification": ClassificationConfig(epochs=cls_epochs, resolution=resolution, seed=seed,
+        "classification": ClassificationConfig(epochs=cls_epochs, resolution=resolution, seed=seed, protocol=protocol,
                                                random_init=cls_random_init),
         "draem": DraemAugmentationConfig(ratio=draem_ratio, epochs=draem_epochs, resolution=draem_resolution,
                                          test=draem_test, texture_source=draem_textures, baseline=draem_baseline,
@@ -277,7 +278,8 @@ EVAL_OPTIONS: dict[str, tuple[Any, Any]] = {
                                             "classification, draem-augmentation (default: all but draem-augmentation; those whose "
                                             "weights are missing offline are skipped with a note, while a metric named here without "
                                             "its weights is an error).")),
-    "protocol": (str, typer.Option("both", "--protocol", help="paper (best test epoch), clean (last epoch) or both.")),
+    "protocol": (str, typer.Option("both", "--protocol", help="paper (the official scripts' best test epoch: U-Net by the sum "
+                                   "image AUROC + pixel AUROC + pixel AP + PRO, ResNet-34 by accuracy), clean (last epoch) or both.")),
     "device": (Optional[str], typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")),
     "epochs": (int, typer.Option(200, "--epochs", help="U-Net epochs (papers: 200).")),
     "samples_per_epoch": (int, typer.Option(500, "--samples-per-epoch", help="U-Net samples per epoch (papers: 500).")),

@@ -198,9 +198,8 @@ def generate(
     if loaded is not None and checkpoint is None:
         raise ValueError("loaded needs the checkpoint it was loaded from")
     if checkpoint is not None:
-        generator = loaded if loaded is not None else AnomalyGenerator.load(checkpoint)
-        if options:
-            raise AnomalygenError("--set cannot change a model loaded with --checkpoint; fit a new one")
+        # --set on a fitted model: sampling-time options only (methods.options.Option.sampling)
+        generator = loaded if loaded is not None and not options else AnomalyGenerator.load(checkpoint, options)
         if method is not None and method != generator.name:
             raise AnomalygenError(f"{checkpoint}: holds a {generator.name!r} model, not {method!r}")
     elif method is None:
@@ -247,7 +246,7 @@ def generate(
             first = start - start % block
             with _progress(console) as progress:
                 if processes > 1:
-                    job = ShardJob(None if checkpoint is None else str(checkpoint), str(data), category, skip_bad,
+                    job = ShardJob(None if checkpoint is None or options else str(checkpoint), str(data), category, skip_bad,
                                    seed, first, num, block, processes, defect_type, calibration, max_attempts)
                     samples = sharded_samples(job, generator)
                 else:

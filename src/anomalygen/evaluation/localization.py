@@ -8,11 +8,15 @@ the epochs (DRAEM's schedule). Test: real test/good + the test two thirds of eve
 anomaly map = softmax probability of the anomalous class; image score = max of its 21 x 21
 average-pooled map (DRAEM, Sec. 3.4).
 
-Protocols: ``paper`` is what the official scripts do (optimistic: the test set picks epochs) and
-is reported twice: per metric (each metric's best value over the tested epochs, possibly from
-different epochs) and at one epoch (the epoch with the best ``SELECT_BY``, every metric read
-there); ``clean`` takes the last epoch (no test-set selection). Non-finite values are never
-"best"; non-finite anomaly maps (a diverged U-Net) stop the run with one error.
+The U-Net's convolutions and batch norms start from DRAEM's ``weights_init`` (``unet.py``).
+
+Protocols: ``paper`` is what the official AnomalyDiffusion script does (``train-localization.py``:
+test after every epoch, keep the one epoch with the best sum image AUROC + pixel AUROC + pixel AP
++ PRO, ``SELECT_SUM``; optimistic: the test set picks the epoch), every metric read at that epoch.
+``paper_per_metric`` (reported with ``paper``) is each metric's best value over the tested epochs,
+possibly from different epochs: more optimistic still and not the official AnomalyDiffusion
+script's rule, kept as its own labelled variant. ``clean`` takes the last epoch (no test-set selection). Non-finite values are
+never "best"; non-finite anomaly maps (a diverged U-Net) stop the run with one error.
 
 Image-level metrics need anomaly-free test images: without real ``test/good`` images they are
 undefined (None, with the reason in ``undefined``), not NaN or a perfect 1.0.
@@ -36,7 +40,7 @@ from anomalygen.evaluation.unet import DiscriminativeUNet, focal_loss
 from anomalygen.seeding import check_seed
 
 PROTOCOLS = ("paper", "clean", "both")
-SELECT_BY = "pixel_ap"  # the paper protocol's one-epoch figures are read at this metric's best epoch
+SELECT_SUM = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_au_pro")  # the official script's epoch rule
 
 
 @dataclass
@@ -122,15 +126,27 @@ def best_row(history: Sequence[dict[str, float | None]], key: str) -> dict[str, 
     return max(finite, key=lambda row: row[key]) if finite else None
 
 
+def selection_sum(row: dict[str, float | None]) -> float | None:
+    """The official epoch score: the sum of the ``SELECT_SUM`` metrics of ``row`` that are defined
+    (image AUROC is undefined without real test/good images; the official script would stop
+    there); None when none is, or one is not finite."""
+    values = [row.get(key) for key in SELECT_SUM if row.get(key) is not None]
+    return float(sum(values)) if values and all(math.isfinite(v) for v in values) else None
+
+
 def paper_protocol(history: Sequence[dict[str, float | None]], keys: Sequence[str]) -> dict[str, dict[str, object]]:
-    """The ``paper`` figures: per metric (each at its own best epoch) and at the one epoch with the
-    best ``SELECT_BY`` (falling back to the last epoch if that metric never has a finite value)."""
+    """``paper``: every metric at the first epoch with the best ``selection_sum`` (the official
+    ``if sum_metric > last_sum``; the last epoch if no sum is finite). ``paper_per_metric``: each
+    metric at its own best epoch."""
     best = {key: best_row(history, key) for key in keys}
     per_metric: dict[str, object] = {key: None if row is None else row[key] for key, row in best.items()}
     per_metric["best_epoch"] = {key: None if row is None else row["epoch"] for key, row in best.items()}
-    chosen = best_row(history, SELECT_BY) or history[-1]
-    selected = {"epoch": chosen["epoch"], "selected_by": SELECT_BY, **{key: chosen[key] for key in keys}}
-    return {"paper": per_metric, "paper_selected": selected}
+    scored = [{**row, "selection_sum": selection_sum(row)} for row in history]
+    chosen = best_row(scored, "selection_sum") or scored[-1]
+    summed = [key for key in SELECT_SUM if chosen.get(key) is not None]
+    selected = {"epoch": chosen["epoch"], "selected_by": " + ".join(summed), "selection_sum": chosen["selection_sum"],
+                **{key: chosen[key] for key in keys}}
+    return {"paper": selected, "paper_per_metric": per_metric}
 
 
 def run_localization(data: EvaluationData, config: LocalizationConfig, device: torch.device) -> dict[str, object]:

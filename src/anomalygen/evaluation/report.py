@@ -19,10 +19,10 @@ LOCALIZATION_KEYS = ["pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_au_pro", 
 
 def protocol_labels(localization: dict[str, Any]) -> dict[str, str]:
     """The label of each protocol present in a localisation result (report, HTML, comparison)."""
-    selected = localization.get("paper_selected", {})
+    selected = localization.get("paper", {})
     labels = {
-        "paper": "paper, per metric (each metric at its own best test epoch)",
-        "paper_selected": f"paper, one epoch (epoch {selected.get('epoch')}, best {selected.get('selected_by')} on the test set)",
+        "paper": f"paper (official script: epoch {selected.get('epoch')}, best {selected.get('selected_by')} on the test set)",
+        "paper_per_metric": "paper, per metric (each metric at its own best test epoch; more optimistic than the official AnomalyDiffusion script)",
         "clean": "clean (last epoch)",
     }
     return {name: label for name, label in labels.items() if name in localization}

@@ -7,6 +7,10 @@ Six encoder levels with widths (b, 2b, 4b, 8b, 8b, 8b) for base width b (64 in t
 parameters with 3 input channels), five bilinear up-sampling decoder stages that
 concatenate the matching encoder features, and a 2-class (normal / anomalous) output at full
 resolution. Input sides must be multiples of 32.
+
+Both networks start from DRAEM's ``weights_init`` (``train_DRAEM.py``, also used by the
+official AnomalyDiffusion ``train-localization.py``): every convolution's weight ~ N(0, 0.02),
+every batch norm's weight ~ N(1, 0.02) and bias 0; convolution biases keep PyTorch's init.
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def weights_init(module: nn.Module) -> None:
+    """DRAEM's initialisation of one module (apply it with ``network.apply(weights_init)``)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
 
 
 def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
@@ -46,6 +59,7 @@ class DiscriminativeUNet(nn.Module):
         skips = widths[-2::-1]
         self.merges = nn.ModuleList(_double_conv(c_out + skip, c_out) for c_out, skip in zip(outs, skips))
         self.head = nn.Conv2d(base, out_channels, 3, padding=1)
+        self.apply(weights_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = []
@@ -82,6 +96,7 @@ class ReconstructiveNet(nn.Module):
         self.ups = nn.ModuleList(_up(c, c) for c in [8 * base, 4 * base, 2 * base, base])
         self.decoder = nn.ModuleList(_decode(c_in, c_out) for c_in, c_out in zip([8 * base, *outs[:-1]], outs))
         self.head = nn.Conv2d(base, channels, 3, padding=1)
+        self.apply(weights_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for level, block in enumerate(self.encoder):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
@@ -162,23 +162,31 @@ class AnomalyGenerator(ABC):
         """Read what ``save_state`` wrote."""
 
     @classmethod
-    def load(cls, directory: str | Path) -> "AnomalyGenerator":
-        """Rebuild a saved generator (any method) from ``directory``."""
+    def load(cls, directory: str | Path, sampling: Mapping[str, Any] | None = None) -> "AnomalyGenerator":
+        """Rebuild a saved generator (any method) from ``directory``.
+
+        ``sampling``: new values of options that act only at generation (``Option.sampling``:
+        steps, guidance, thresholds, ...), e.g. from ``generate --checkpoint --set``; an option that
+        shapes what was fitted is refused with one line saying so, before anything is read."""
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
             raise AnomalygenError(f"{config_path}: not a saved anomalygen model (no {CONFIG_FILE})")
         payload = read_json(config_path)
+        if sampling and isinstance(payload, dict) and isinstance(payload.get("method"), str):
+            get_method(payload["method"]).OPTIONS.check_sampling(payload["method"], sampling)
         try:
             with malformed_as_corrupt(config_path):
                 klass = get_method(payload["method"])
-                generator = klass(**payload["options"])
+                generator = klass(**{**payload["options"], **(sampling or {})})
                 types = payload.get("defect_types", [])
                 if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
                     raise TypeError(f"defect_types must be a list of names, got {types!r}")
         except DataError:
             raise
         except AnomalygenError as error:  # an unknown method or an invalid option
+            if sampling:  # a rule between options the new sampling values break: the user's to fix
+                raise AnomalygenError(f"{config_path} with --set: {error}") from None
             raise corrupt(config_path, str(error)) from None
         generator._defect_types = list(types)
         generator.load_state(directory)

@@ -67,11 +67,11 @@ class CropPaste(ModelFreeGenerator):
     needs_fit = True
 
     OPTIONS = OptionSpec(
-        flip=Bool(True),
-        rotate=Float(180.0, 0, 180),  # degrees
-        scale=Range([0.8, 1.2], 0, low_open=True),
-        jitter=Float(0.1, 0, 1),
-        feather=Float(3.0, 0),  # px; 0 = hard edge
+        flip=Bool(True, sampling=True),
+        rotate=Float(180.0, 0, 180, sampling=True),  # degrees
+        scale=Range([0.8, 1.2], 0, low_open=True, sampling=True),
+        jitter=Float(0.1, 0, 1, sampling=True),
+        feather=Float(3.0, 0, sampling=True),  # px; 0 = hard edge
         min_area=Int(16, 1),  # px of a mask component to be a crop
         foreground=FOREGROUND,
     )

@@ -29,14 +29,14 @@ class CutPaste(ModelFreeGenerator):
     name = "cutpaste"
 
     OPTIONS = OptionSpec(
-        variants=Subset(list(VARIANTS), VARIANTS),
-        area=Range([0.02, 0.15], 0, 1, low_open=True),  # patch area / image area
-        aspect=Float(0.3, 0, 1, low_open=True),
-        scar_width=Range([2, 16], 0, low_open=True),  # px at reference_size
-        scar_length=Range([10, 25], 0, low_open=True),
-        scar_rotation=Float(45.0, 0, 180),  # degrees
-        reference_size=Int(256, 1),
-        jitter=Float(0.1, 0, 1),
+        variants=Subset(list(VARIANTS), VARIANTS, sampling=True),
+        area=Range([0.02, 0.15], 0, 1, low_open=True, sampling=True),  # patch area / image area
+        aspect=Float(0.3, 0, 1, low_open=True, sampling=True),
+        scar_width=Range([2, 16], 0, low_open=True, sampling=True),  # px at reference_size
+        scar_length=Range([10, 25], 0, low_open=True, sampling=True),
+        scar_rotation=Float(45.0, 0, 180, sampling=True),  # degrees
+        reference_size=Int(256, 1, sampling=True),
+        jitter=Float(0.1, 0, 1, sampling=True),
         foreground=FOREGROUND,
     )
 

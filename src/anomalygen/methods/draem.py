@@ -56,12 +56,12 @@ class DraemTexture(ModelFreeGenerator):
     name = "draem"
 
     OPTIONS = OptionSpec(
-        texture_source=Text("skimage"),  # "skimage", "good" or a folder of images
-        beta=Range([0.1, 1.0], 0, 1),  # opacity U(beta)
-        ops=Int(3, 0, len(RAND_AUGMENT_OPS)),
-        threshold=Float(0.5, 0, 1),  # Perlin noise > threshold
-        min_exp=Int(0, 0, 10),  # lattice 2^k cells, k ~ U{min_exp, .., max_exp - 1}
-        max_exp=Int(6, 1, 10),
+        texture_source=Text("skimage", sampling=True),  # "skimage", "good" or a folder of images
+        beta=Range([0.1, 1.0], 0, 1, sampling=True),  # opacity U(beta)
+        ops=Int(3, 0, len(RAND_AUGMENT_OPS), sampling=True),
+        threshold=Float(0.5, 0, 1, sampling=True),  # Perlin noise > threshold
+        min_exp=Int(0, 0, 10, sampling=True),  # lattice 2^k cells, k ~ U{min_exp, .., max_exp - 1}
+        max_exp=Int(6, 1, 10, sampling=True),
         foreground=FOREGROUND,
     )
 

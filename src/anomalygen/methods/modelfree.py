@@ -21,7 +21,7 @@ from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
 # Where anomalies may go: "auto" (decide by ``is_object``), "object" or "texture".
-FOREGROUND = Choice("auto", FOREGROUND_MODES)
+FOREGROUND = Choice("auto", FOREGROUND_MODES, sampling=True)  # acts at generation
 
 
 def as_rgb(image: np.ndarray, what: str) -> np.ndarray:

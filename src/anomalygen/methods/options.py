@@ -35,11 +35,14 @@ class Invalid(ValueError):
 @dataclass(frozen=True)
 class Option:
     """One option: ``default``, a ``check(value)`` raising ``Invalid(allowed)``; ``None`` is
-    accepted when ``optional``."""
+    accepted when ``optional``. ``sampling``: the option acts only when generating (steps, guidance,
+    thresholds, ...), so a fitted model may take a new value (``generate --checkpoint --set``);
+    every other option shapes what is fitted and stays as it was fitted."""
 
     default: Any
     check: Callable[[Any], None]
     optional: bool = False
+    sampling: bool = False
 
     def validate(self, value: Any) -> None:
         if value is None and self.optional:
@@ -70,7 +73,7 @@ def _in_bounds(value: float, low: float | None, high: float | None, low_open: bo
 
 
 def Number(default: Any, low: float | None = None, high: float | None = None, *, integer: bool = False,
-           low_open: bool = False, optional: bool = False) -> Option:
+           low_open: bool = False, optional: bool = False, sampling: bool = False) -> Option:
     """An int (``integer``) or a finite float (ints accepted) in [``low``, ``high``]; ``low_open``
     makes the lower bound strict."""
     allowed = f"{'an integer' if integer else 'a number'} {_bounds(low, high, low_open)}".strip()
@@ -80,37 +83,38 @@ def Number(default: Any, low: float | None = None, high: float | None = None, *,
         if not _number(value, integer) or not _in_bounds(value, low, high, low_open):
             raise Invalid(allowed)
 
-    return Option(default, check, optional)
+    return Option(default, check, optional, sampling)
 
 
-def Int(default: Any, low: int | None = None, high: int | None = None, *, optional: bool = False) -> Option:
-    return Number(default, low, high, integer=True, optional=optional)
+def Int(default: Any, low: int | None = None, high: int | None = None, *, optional: bool = False,
+        sampling: bool = False) -> Option:
+    return Number(default, low, high, integer=True, optional=optional, sampling=sampling)
 
 
 def Float(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-          optional: bool = False) -> Option:
-    return Number(default, low, high, low_open=low_open, optional=optional)
+          optional: bool = False, sampling: bool = False) -> Option:
+    return Number(default, low, high, low_open=low_open, optional=optional, sampling=sampling)
 
 
-def Bool(default: bool) -> Option:
+def Bool(default: bool, *, sampling: bool = False) -> Option:
     def check(value: Any) -> None:
         if not isinstance(value, bool):
             raise Invalid("true or false")
 
-    return Option(default, check)
+    return Option(default, check, sampling=sampling)
 
 
-def Choice(default: Any, choices: Sequence[str], *, optional: bool = False) -> Option:
+def Choice(default: Any, choices: Sequence[str], *, optional: bool = False, sampling: bool = False) -> Option:
     allowed = "one of " + ", ".join(map(str, choices)) + (" or null" if optional else "")
 
     def check(value: Any) -> None:
         if not isinstance(value, str) or value not in choices:
             raise Invalid(allowed)
 
-    return Option(default, check, optional)
+    return Option(default, check, optional, sampling)
 
 
-def Text(default: Any, *, contains: str | None = None, optional: bool = False) -> Option:
+def Text(default: Any, *, contains: str | None = None, optional: bool = False, sampling: bool = False) -> Option:
     """A non-empty string (holding ``contains`` when given)."""
     allowed = "a non-empty string" + (f" containing {contains}" if contains else "") + (" or null" if optional else "")
 
@@ -118,11 +122,11 @@ def Text(default: Any, *, contains: str | None = None, optional: bool = False) -
         if not isinstance(value, str) or not value or (contains and contains not in value):
             raise Invalid(allowed)
 
-    return Option(default, check, optional)
+    return Option(default, check, optional, sampling)
 
 
 def Range(default: Sequence[float], low: float | None = None, high: float | None = None, *,
-          low_open: bool = False) -> Option:
+          low_open: bool = False, sampling: bool = False) -> Option:
     """A ``[min, max]`` pair of numbers with ``min <= max``, both within the bounds."""
     allowed = f"a list [min, max] of two numbers with min <= max, each {_bounds(low, high, low_open)}"
 
@@ -132,10 +136,10 @@ def Range(default: Sequence[float], low: float | None = None, high: float | None
                 or value[0] > value[1]):
             raise Invalid(allowed)
 
-    return Option(default, check)
+    return Option(default, check, sampling=sampling)
 
 
-def Subset(default: Sequence[str], choices: Sequence[str]) -> Option:
+def Subset(default: Sequence[str], choices: Sequence[str], *, sampling: bool = False) -> Option:
     """A non-empty list of distinct names from ``choices``."""
     allowed = "a non-empty list of " + ", ".join(choices)
 
@@ -144,7 +148,7 @@ def Subset(default: Sequence[str], choices: Sequence[str]) -> Option:
                 or any(not isinstance(v, str) or v not in choices for v in value)):
             raise Invalid(allowed)
 
-    return Option(default, check)
+    return Option(default, check, sampling=sampling)
 
 
 def _check_device(value: Any) -> None:
@@ -157,7 +161,7 @@ def _check_device(value: Any) -> None:
 
 def Device(default: Any = None) -> Option:
     """A torch device string that exists on this machine (``None``/``"auto"``: CUDA when available)."""
-    return Option(default, _check_device, optional=True)
+    return Option(default, _check_device, optional=True, sampling=True)
 
 
 PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
@@ -166,7 +170,7 @@ PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
 def Precision(default: str = "auto") -> Option:
     """Mixed precision: ``auto`` (bf16 on CUDA, fp32 on CPU: the fast path), ``no``/``fp32`` (full
     precision), ``bf16`` or ``fp16``."""
-    return Choice(default, PRECISIONS)
+    return Choice(default, PRECISIONS, sampling=True)
 
 
 class OptionSpec:
@@ -180,6 +184,21 @@ class OptionSpec:
 
     def __contains__(self, name: str) -> bool:
         return name in self.options
+
+    def sampling(self) -> list[str]:
+        """The options a fitted model may take new values of (``Option.sampling``)."""
+        return [name for name, option in self.options.items() if option.sampling]
+
+    def check_sampling(self, method: str, given: Mapping[str, Any]) -> None:
+        """Refuse, in one line, options of ``given`` that shape what was fitted (or are unknown),
+        then check the values; for ``generate --checkpoint --set``."""
+        fitted = sorted(name for name in given if name in self.options and not self.options[name].sampling)
+        if fitted:
+            raise AnomalygenError(
+                f"{method}: --set {', '.join(fitted)}: shapes what was fitted, so a model loaded with --checkpoint "
+                f"keeps its fitted value; fit a new model to change it (options that act at generation: "
+                f"{', '.join(self.sampling()) or 'none'})")
+        self.validate(method, given)
 
     def validate(self, method: str, given: Mapping[str, Any]) -> dict[str, Any]:
         """``given`` merged over the defaults; an unknown name or a bad value raises one line."""
@@ -213,8 +232,8 @@ def diffusion_options() -> dict[str, Option]:
         mixed_precision=Precision(),
         batch_size=Int(4, 1, MAX_BATCH),
         seed=Int(0, 0, MAX_SEED),
-        sampler=Choice("ddim", SAMPLERS),
-        guidance_scale=Float(1.0, 0),
+        sampler=Choice("ddim", SAMPLERS, sampling=True),
+        guidance_scale=Float(1.0, 0, sampling=True),
         init_word=Text("defect"),
         checkpoint_every=Int(500, 0),  # 0: only at the end
         work_dir=Text(None, optional=True),  # keep training checkpoints here (a re-run resumes); None = a temporary folder

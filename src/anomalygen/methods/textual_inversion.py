@@ -56,10 +56,10 @@ class TextualInversionGenerator(AnomalyGenerator):
         max_steps=Int(1000, 1),
         resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size
         lr=Float(5e-3, 0, low_open=True),
-        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS),
-        eta=Float(0.0, 0, 1),
+        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS, sampling=True),
+        eta=Float(0.0, 0, 1, sampling=True),
         prompt=Text("a photo of {}", contains="{}"),
-        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; batch_size on the CPU)
+        generate_batch_size=Int(0, 0, MAX_BATCH, sampling=True),  # 0: auto (fast.sampling_batch; batch_size on the CPU)
     )
 
     def __init__(self, **options: Any):

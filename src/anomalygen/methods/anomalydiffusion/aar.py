@@ -26,10 +26,17 @@ Only the conditional rows of a ``[uncond; cond]`` batch are reweighted. Cost per
 ``latent`` none beyond the weights; ``paper`` one extra UNet pass (two under CFG) without
 reweighting to get ε_t → x̂0 → a VAE decode, so roughly twice the UNet time plus one decode.
 
+Which token columns (``AAR_TOKENS``, the ``aar_tokens`` option): the official code's column mask
+(``weight_map[..., 1:start] = 1``, ``weight_map[..., end:] = 1``, start..end the "*" expansion:
+anomaly then spatial tokens) re-weights column 0 (the start token), the anomaly and the spatial
+tokens (``"official"``, default); ``"anomaly"`` (ours) re-weights the anomaly tokens only.
+
+When: the official code applies AAR only when asked (``--adaptive_mask`` of ``run-mvtec.py`` /
+``generate_with_mask.py``, recommended there for texture defects such as wood/color, off for
+structural ones such as capsule/squeeze): the ``aar`` option is ``"off"`` by default.
+
 The official code also blends with the dilated mask; here blending uses the mask itself and only
-the weights see the dilation. Its column mask (``weight_map[..., 1:start] = 1``,
-``weight_map[..., end:] = 1``) also leaves column 0 (the start token) reweighted; here only the
-anomaly tokens are.
+the weights see the dilation.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-AAR_VARIANTS = ("latent", "paper", "off")
+AAR_VARIANTS = ("off", "latent", "paper")
+AAR_TOKENS = ("official", "anomaly")
 APPLY = ("multiply_logits", "probabilities", "add_log_logits")
 DEFAULT_APPLY = {"latent": "multiply_logits", "paper": "probabilities"}
 HOOK_STAGE = {"multiply_logits": "logits", "probabilities": "probabilities", "add_log_logits": "log_logits"}

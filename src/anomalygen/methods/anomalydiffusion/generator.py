@@ -9,7 +9,18 @@ blended latent diffusion of the good image conditioned on {e_a, E(m)} with Adapt
 Re-weighting (Eqs. 7-8) at every step; the good image is pasted back outside the mask.
 
 The ablation switches ``spatial_embedding``, ``masked_loss`` and ``aar`` are the rows of the
-paper's Table 4.
+paper's Table 4. Options that act only at generation (``sampling=True``: AAR, steps, eta,
+guidance, mask sampling and filtering) may be changed on a fitted model (``generate --checkpoint
+--set``), so those rows need no refit.
+
+Where the paper and the official code (``sjtuplayer/anomalydiffusion``) differ, or where a choice
+is ours, each is an option named for its source (defaults in brackets): AAR off unless asked
+[official: ``--adaptive_mask``, meant for texture defects], re-weighting the start column, the
+anomaly and the spatial tokens [official] or the anomaly tokens only (ours); masked loss ÷ latent
+size [official] / plain sum (Eq. 5) / ÷ mask area (ours); prompts from the official templates
+[official] or the tokens alone (ours); mask threshold 0.8 on [-1, 1], η = 1 and the border-third
+rejection [official] or our constants; k = 8 anomaly tokens [paper; the official code uses 4];
+the spatial-token bound is ours (``spatial_encoder.py``).
 """
 
 from __future__ import annotations
@@ -36,12 +47,15 @@ from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
 from anomalygen.masks import augment_mask, resize_mask
 from anomalygen.methods.anomalydiffusion.aar import (
-    AAR_VARIANTS, APPLY, DEFAULT_APPLY, HOOK_STAGE, dilation_scale, latent_weights, paper_weights,
+    AAR_TOKENS, AAR_VARIANTS, APPLY, DEFAULT_APPLY, HOOK_STAGE, dilation_scale, latent_weights, paper_weights,
 )
 from anomalygen.methods.anomalydiffusion.augment import augment_pair
 from anomalygen.methods.anomalydiffusion.embedding import TypeTokens
 from anomalygen.methods.anomalydiffusion.loss import NORMALISATIONS, latent_mask, masked_diffusion_loss
-from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize
+from anomalygen.methods.anomalydiffusion.mask_model import (
+    MASK_FILTERS, OFFICIAL_THRESHOLD, MaskStats, binarize, official_rejection,
+)
+from anomalygen.methods.anomalydiffusion.prompts import PROMPTS, prompt
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, RANDOM, SpatialEncoder
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_masks, write_masks
 from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice,
@@ -68,23 +82,28 @@ class AnomalyDiffusion(AnomalyGenerator):
         num_anomaly_tokens=Int(8, 1, MAX_TOKENS),  # k (paper; the official code uses 4)
         num_spatial_tokens=Int(4, 1, MAX_TOKENS),  # n
         spatial_encoder=Choice(None, sorted(PRESETS), optional=True),  # None = "tiny" for the tiny model, else "resnet50"
-        aar=Choice("latent", AAR_VARIANTS),  # "latent" (official code) | "paper" (Eq. 7, one extra UNet pass per step) | "off"
-        aar_apply=Choice(None, APPLY, optional=True),  # "multiply_logits" | "probabilities" | "add_log_logits"; None = the variant's own (aar.py)
-        aar_dilation_scale=Int(None, 0, optional=True),  # latent AAR; None = the official rule: 16 at 50 DDIM steps, else 8
+        spatial_token_bound=Float(1.0, 0, low_open=True, optional=True),  # ours: |E(m) − init| < this × the vocabulary's mean token norm; None = unbounded (official)
+        prompt=Choice("official", PROMPTS),  # "official": a random textual-inversion template around the tokens (prompts.py) | "tokens": the tokens alone (ours)
+        aar=Choice("off", AAR_VARIANTS, sampling=True),  # "off" unless asked (official: --adaptive_mask, for texture defects) | "latent" (official code) | "paper" (Eq. 7, one extra UNet pass per step)
+        aar_tokens=Choice("official", AAR_TOKENS, sampling=True),  # "official": start column + anomaly + spatial tokens | "anomaly": the anomaly tokens only (ours)
+        aar_apply=Choice(None, APPLY, optional=True, sampling=True),  # "multiply_logits" | "probabilities" | "add_log_logits"; None = the variant's own (aar.py)
+        aar_dilation_scale=Int(None, 0, optional=True, sampling=True),  # latent AAR; None = the official rule: 16 at 50 DDIM steps, else 8
         masked_loss=Bool(True),
-        masked_loss_norm=Choice("mask", NORMALISATIONS),  # per sample ÷ mask area (Eq. 5) | "latent": ÷ latent size (official code)
+        masked_loss_norm=Choice("latent_size", NORMALISATIONS),  # "latent_size": ÷ C·h·w (official code) | "sum": Eq. 5 as written | "mask_area": ÷ C·mask area (ours)
         spatial_encoder_lr=Float(None, 0, low_open=True, optional=True),  # None = lr (official: one Adam over e_a, e_m and E)
         spatial_embedding=Bool(True),
         mask_source=Choice("learned", ("learned", "augment")),  # "learned" (Eq. 9) | "augment" (augmented training masks)
         mask_tokens=Int(4, 1, MAX_TOKENS),  # k'
-        num_inference_steps=Int(200, 1, MAX_INFERENCE_STEPS),
-        eta=Float(1.0, 0, 1),
-        mask_sampler=Choice("ddim", SAMPLERS),
-        mask_inference_steps=Int(100, 1, MAX_INFERENCE_STEPS),
-        mask_guidance_scale=Float(5.0, 0),
-        mask_threshold=Float(0.8, 0, 1),
-        mask_tries=Int(8, 0, 100),
-        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; 8 on the CPU)
+        num_inference_steps=Int(200, 1, MAX_INFERENCE_STEPS, sampling=True),
+        eta=Float(1.0, 0, 1, sampling=True),
+        mask_sampler=Choice("ddim", SAMPLERS, sampling=True),
+        mask_inference_steps=Int(100, 1, MAX_INFERENCE_STEPS, sampling=True),
+        mask_guidance_scale=Float(5.0, 0, sampling=True),
+        mask_eta=Float(1.0, 0, 1, sampling=True),  # official: log_images' ddim_eta = 1
+        mask_threshold=Float(OFFICIAL_THRESHOLD, -1, 1, sampling=True),  # on the decoded mask's [-1, 1] channel mean (official 0.8; ours was 0.6)
+        mask_filter=Choice("official", MASK_FILTERS, sampling=True),  # "official": > 1/3 of a border side (and empty) | "ours": area and border vs the training masks
+        mask_tries=Int(8, 0, 100, sampling=True),
+        generate_batch_size=Int(0, 0, MAX_BATCH, sampling=True),  # 0: auto (fast.sampling_batch; 8 on the CPU)
     )
 
     def __init__(self, **options: Any):
@@ -108,22 +127,27 @@ class AnomalyDiffusion(AnomalyGenerator):
     def _build(self, types: list[str], encoder: dict[str, str] | None = None) -> None:
         """Prompt encoder, e_a, e_m and E for ``types`` (all on the backbone's device, fp32).
 
-        ``encoder``: a saved model's ``{"preset", "source"}`` record of E, rebuilt as it was; None
-        (fitting): the ``spatial_encoder`` option, ImageNet weights when cached (``resnet50``)."""
+        ``encoder``: a saved model's ``{"preset", "source", "equalized", "bound"}`` record of E,
+        rebuilt as it was; None (fitting): the ``spatial_encoder`` and ``spatial_token_bound``
+        options, ImageNet weights when cached (``resnet50``)."""
         backbone, opt = self.backbone, self.opt
         counts = {ANOMALY: opt["num_anomaly_tokens"], SPATIAL: opt["num_spatial_tokens"], MASK: opt["mask_tokens"]}
         self.prompts = PromptEncoder(backbone.text_encoder, backbone.tokenizer, counts)
         init = self.prompts.word_embedding(opt["init_word"]).float()
         self.anomaly_tokens = TypeTokens(types, opt["num_anomaly_tokens"], init).to(backbone.device)
         self.mask_tokens = TypeTokens(types, opt["mask_tokens"], init).to(backbone.device)
-        encoder = encoder or {}
-        preset = encoder.get("preset") or opt["spatial_encoder"] or ("tiny" if backbone.untrained else "resnet50")
+        preset = (encoder or {}).get("preset") or opt["spatial_encoder"] or ("tiny" if backbone.untrained else "resnet50")
         if preset not in PRESETS:
             raise DataError(None, f"anomalydiffusion: spatial_encoder must be one of {sorted(PRESETS)}, got {preset!r}")
+        if encoder is None:  # fitting: the options; a saved model: as it was fitted (older ones: plain heads, unbounded)
+            vocabulary = float(backbone.text_encoder.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
+            bound = opt["spatial_token_bound"]
+            encoder = {"equalized": True, "bound": None if bound is None else bound * vocabulary}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opt["seed"])
             self.spatial_encoder = SpatialEncoder.from_preset(
-                preset, opt["num_spatial_tokens"], init, source=encoder.get("source")).to(backbone.device)
+                preset, opt["num_spatial_tokens"], init, source=encoder.get("source"),
+                equalized=bool(encoder.get("equalized", False)), bound=encoder.get("bound")).to(backbone.device)
         self._encoder_preset = preset
         self._defect_types = list(types)
 
@@ -132,18 +156,24 @@ class AnomalyDiffusion(AnomalyGenerator):
                 "mask_tokens": self.mask_tokens}
 
     def condition(self, type_indices: torch.Tensor, masks: torch.Tensor,
-                  modules: dict[str, torch.nn.Module] | None = None) -> torch.Tensor:
+                  modules: dict[str, torch.nn.Module] | None = None,
+                  rngs: Sequence[np.random.Generator] | None = None) -> torch.Tensor:
         """e = {e_a, E(m)} through the text encoder (Eq. 4): (B, 77, D) cross-attention context.
 
         ``masks`` (B, 1, H, W) in {0, 1}; without the spatial embedding (ablation) only e_a.
-        ``modules``: e_a and E as handed to the loss by the trainer (DDP-wrapped); default ours."""
+        ``modules``: e_a and E as handed to the loss by the trainer (DDP-wrapped); default ours.
+        ``rngs``: one per row, drawing its prompt template (``prompt="official"``)."""
         modules = modules or self._modules()
         vectors = {ANOMALY: modules["anomaly_tokens"](type_indices)}
-        prompt = ANOMALY
+        tokens = ANOMALY
         if self.opt["spatial_embedding"]:
             vectors[SPATIAL] = modules["spatial_encoder"](masks.to(self.backbone.device))
-            prompt = f"{ANOMALY} {SPATIAL}"
-        return self.prompts([prompt] * len(type_indices), vectors)
+            tokens = f"{ANOMALY} {SPATIAL}"
+        return self.prompts(self._prompts(tokens, len(type_indices), rngs), vectors)
+
+    def _prompts(self, tokens: str, count: int, rngs: Sequence[np.random.Generator] | None) -> list[str]:
+        rngs = rngs or [np.random.default_rng(0)] * count
+        return [prompt(self.opt["prompt"], tokens, rng) for rng in rngs]
 
     # ----------------------------------------------------------------- training
     def _noised(self, latents: torch.Tensor, generator: torch.Generator, share: slice):
@@ -171,6 +201,7 @@ class AnomalyDiffusion(AnomalyGenerator):
         size, share = self.opt["resolution"], batch_share(self.opt["batch_size"])
         picks = rng.integers(0, len(defects), self.opt["batch_size"])
         rngs = rng.spawn(len(picks))  # one augmentation stream per row: a share needs only its own
+        prompt_rngs = rng.spawn(len(picks))[share]  # and one drawing its prompt templates
         pairs = [augment_pair(defects[p].image, defects[p].mask, r, size) for p, r in list(zip(picks, rngs))[share]]
         images = torch.stack([p[0] for p in pairs])
         masks = torch.stack([p[1] for p in pairs])
@@ -178,7 +209,7 @@ class AnomalyDiffusion(AnomalyGenerator):
         modules = modules or self._modules()
         latents = encode_images(self.backbone, (images + 1) / 2)
         noisy, noise, timesteps = self._noised(latents, generator, share)
-        context = self.condition(types, masks, modules).hidden_states
+        context = self.condition(types, masks, modules, prompt_rngs).hidden_states
         eps = self._eps(noisy, timesteps, context)
         weight = latent_mask(masks, tuple(latents.shape[-2:])).to(eps.device)
         loss = masked_diffusion_loss(eps, noise, weight if self.opt["masked_loss"] else torch.ones_like(weight),
@@ -186,7 +217,7 @@ class AnomalyDiffusion(AnomalyGenerator):
         if self.opt["mask_source"] == "learned":
             mask_latents = encode_images(self.backbone, masks.expand(-1, 3, -1, -1))
             noisy, noise, timesteps = self._noised(mask_latents, generator, share)
-            context = self.prompts([MASK] * len(types), {MASK: modules["mask_tokens"](types)}).hidden_states
+            context = self.prompts(self._prompts(MASK, len(types), prompt_rngs), {MASK: modules["mask_tokens"](types)}).hidden_states
             loss = loss + F.mse_loss(self._eps(noisy, timesteps, context), noise)
         return loss
 
@@ -229,23 +260,26 @@ class AnomalyDiffusion(AnomalyGenerator):
 
     # ----------------------------------------------------------------- masks
     def _sample_masks(self, type_indices: list[int], seeds: list[np.random.SeedSequence]) -> list[np.ndarray | None]:
-        """Masks from e_m (Eq. 9): guided DDIM from noise, decode, threshold; None where rejected."""
+        """Masks from e_m (Eq. 9): guided DDIM from noise, decode, threshold; None where rejected
+        (``mask_filter``: the official border rule or ours, ``mask_model.py``)."""
         backbone, opt = self.backbone, self.opt
         size = opt["resolution"]
         factor = backbone.vae_scale_factor
         types = torch.tensor(type_indices, device=backbone.device)
         with torch.no_grad():
-            context = self.prompts([MASK] * len(types), {MASK: self.mask_tokens(types)}).hidden_states
+            rngs = [np.random.default_rng(s.spawn(1)[0]) for s in seeds]
+            context = self.prompts(self._prompts(MASK, len(types), rngs), {MASK: self.mask_tokens(types)}).hidden_states
             uncond = self.prompts([""]).hidden_states
             generators = [torch.Generator().manual_seed(int(s.generate_state(1)[0])) for s in seeds]
             latents = sample_latents(
                 backbone, context, generators, latent_size=(size // factor, size // factor),
-                sampler=opt["mask_sampler"], num_inference_steps=opt["mask_inference_steps"],
+                sampler=opt["mask_sampler"], num_inference_steps=opt["mask_inference_steps"], eta=opt["mask_eta"],
                 guidance_scale=opt["mask_guidance_scale"], uncond_hidden_states=uncond)
             masks = binarize(decode_latents(backbone, latents) * 2 - 1, opt["mask_threshold"]).cpu().numpy()
         out: list[np.ndarray | None] = []
         for mask, t in zip(masks, type_indices):
-            out.append(None if self.mask_stats[self._defect_types[t]].rejection(mask) else mask)
+            rule = official_rejection if opt["mask_filter"] == "official" else self.mask_stats[self._defect_types[t]].rejection
+            out.append(None if rule(mask) else mask)
         return out
 
     def _augmented_mask(self, defect_type: str, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -320,6 +354,16 @@ class AnomalyDiffusion(AnomalyGenerator):
             hook.weights = paper_weights(decode_latents(backbone, x0) * 2 - 1, good * 2 - 1, masks)[:, None]
         return callback
 
+    def _aar_positions(self, encoded) -> list[list[int]]:
+        """The token columns AAR re-weights, per row: ``aar_tokens="official"`` the start column
+        (0), the anomaly and the spatial tokens, as the official code (``attention.py``: the weight
+        map is reset to 1 on columns 1 .. start-1 and end .. 76 only); ``"anomaly"`` those tokens only."""
+        anomaly = encoded.positions[ANOMALY]
+        if self.opt["aar_tokens"] == "anomaly":
+            return anomaly
+        spatial = encoded.positions.get(SPATIAL, [[] for _ in anomaly])
+        return [[0, *a, *s] for a, s in zip(anomaly, spatial)]
+
     def generation_batch(self) -> int:
         # the learned masks sample with CFG: 2 UNet rows per sample
         return sampling_batch(self.backbone, self.opt["generate_batch_size"], 8, self.opt["resolution"], rows_per_sample=2)
@@ -380,12 +424,13 @@ class AnomalyDiffusion(AnomalyGenerator):
         installed = None
         try:
             with torch.no_grad():
-                encoded = self.condition(torch.tensor(types, device=backbone.device), square)
+                rngs = [np.random.default_rng(np.random.SeedSequence([seed, i, 3])) for i in indices]
+                encoded = self.condition(torch.tensor(types, device=backbone.device), square, rngs=rngs)
                 uncond = self.prompts([""]).hidden_states if opt["guidance_scale"] > 1 else None
                 sampling["uncond_hidden_states"] = uncond
                 if opt["aar"] != "off":
                     hook = AttentionReweight(HOOK_STAGE[opt["aar_apply"] or DEFAULT_APPLY[opt["aar"]]])
-                    hook.positions = encoded.positions[ANOMALY]
+                    hook.positions = self._aar_positions(encoded)
                     installed = install_hooks(backbone.unet, lambda layer: [hook],
                                               select_layers(backbone.unet, kinds=("cross",)))
                     sampling["callback"] = self._aar_callback(
@@ -404,7 +449,9 @@ class AnomalyDiffusion(AnomalyGenerator):
                         for k, v in self.spatial_encoder.state_dict().items()})
         atomic_write_bytes(directory / STATE_FILE, save(tensors))
         meta = {"defect_types": self._defect_types,
-                "spatial_encoder": {"preset": self._encoder_preset, "source": self.spatial_encoder.source},
+                "spatial_encoder": {"preset": self._encoder_preset, "source": self.spatial_encoder.source,
+                                    "equalized": self.spatial_encoder.gain != 1.0, "bound": self.spatial_encoder.bound},
+                "prompt": self.opt["prompt"],
                 "mask_stats": {t: s.to_json() for t, s in self.mask_stats.items()},
                 "training_masks": write_masks(directory, self.training_masks, self._defect_types),
                 "loss_log": self.loss_log}
@@ -424,6 +471,9 @@ class AnomalyDiffusion(AnomalyGenerator):
             mask_files = {t: [model_path(directory, name, meta_path) for name in meta["training_masks"][t]] for t in types}
             loss_log = [float(v) for v in meta.get("loss_log", [])]
             encoder = meta.get("spatial_encoder", {"source": RANDOM})
+            fitted_prompt = meta.get("prompt", "tokens")  # models saved before the option: the tokens alone
+            if fitted_prompt not in PROMPTS:
+                raise TypeError(f"prompt must be one of {PROMPTS}, got {fitted_prompt!r}")
             if not isinstance(encoder, dict) or encoder.get("preset") not in (None, *PRESETS):
                 raise TypeError(f"spatial_encoder must be an object naming a preset of {sorted(PRESETS)}, got {encoder!r}")
         self._build(types, encoder)
@@ -434,6 +484,7 @@ class AnomalyDiffusion(AnomalyGenerator):
                 self.mask_tokens.tokens.copy_(tensors.pop("mask_tokens"))
             prefix = "spatial_encoder."
             self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
+        self.opt["prompt"] = fitted_prompt
         self.mask_stats = mask_stats
         self.training_masks = read_masks(mask_files)
         self.loss_log = loss_log

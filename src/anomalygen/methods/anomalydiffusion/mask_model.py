@@ -2,9 +2,13 @@
 
 A mask embedding e_m of k' tokens per defect type is learned by textual inversion on the
 training masks (Eq. 9: L = E‖ε − ε_θ(z_t, t, e_m)‖², z = VAE encoding of the mask drawn as an
-image, diffusion model frozen). New masks are sampled from e_m (the official code: DDIM 100 steps,
-classifier-free guidance 5), thresholded at 0.8 and rejected when degenerate: empty, hugging the
-image border, or with an area far outside the range of the training masks.
+image, diffusion model frozen). New masks are sampled from e_m as the official code does
+(``generate_mask.py``): DDIM 100 steps, η = 1, classifier-free guidance 5; the decoded image's
+channel mean, on the decoder's [-1, 1] scale, above 0.8 is the mask; a mask is rejected when it
+covers more than a third of any side of the image border (``check_mask``). Two rules are ours:
+an empty mask is rejected too (the official script keeps it: a "defect" sample without a defect),
+and ``MaskStats`` (``mask_filter="ours"``) also rejects masks whose area is far outside the
+training masks' range.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+OFFICIAL_THRESHOLD = 0.8  # generate_mask.py: mask.mean(0) > 0.8 on the decoded [-1, 1] image
+OURS_THRESHOLD = 0.6  # our earlier default: 0.8 on [0, 1], i.e. 0.6 on [-1, 1]
+MASK_FILTERS = ("official", "ours")
 
-def binarize(decoded: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
-    """Decoded mask images (B, 3, H, W) in [-1, 1] -> bool masks (B, H, W): mean intensity in
-    [0, 1] above ``threshold``."""
-    return (decoded.float().mean(1) + 1) / 2 > threshold
+
+def binarize(decoded: torch.Tensor, threshold: float = OFFICIAL_THRESHOLD) -> torch.Tensor:
+    """Decoded mask images (B, 3, H, W) on the decoder's [-1, 1] scale -> bool masks (B, H, W):
+    channel mean above ``threshold`` (on that same [-1, 1] scale)."""
+    return decoded.float().mean(1) > threshold
 
 
 def border_contact(mask: np.ndarray) -> float:
@@ -27,13 +35,26 @@ def border_contact(mask: np.ndarray) -> float:
     return float(frame.mean())
 
 
+def official_rejection(mask: np.ndarray) -> str | None:
+    """The official rule (``generate_mask.py`` ``check_mask``): rejected when more than a third of
+    the pixels of any one border side (first / last row or column) are in the mask; and, ours,
+    when the mask is empty."""
+    if not mask.any():
+        return "empty"
+    for name, side in (("top", mask[0]), ("bottom", mask[-1]), ("left", mask[:, 0]), ("right", mask[:, -1])):
+        if np.count_nonzero(side) > len(side) / 3:
+            return f"covers {np.count_nonzero(side)}/{len(side)} px of the {name} border (> a third)"
+    return None
+
+
 @dataclass
 class MaskStats:
-    """What an acceptable generated mask looks like, from the training masks of one type.
+    """Our rule (``mask_filter="ours"``): what an acceptable generated mask looks like, from the
+    training masks of one type.
 
     Areas are fractions of the image; a mask is accepted with area in
     [min_area / tolerance, max_area · tolerance] and border contact at most
-    max(border_floor, 1.5 · the training masks' largest contact).
+    max(border_floor, 1.5 · the training masks' largest contact). The constants are ours.
     """
 
     min_area: float

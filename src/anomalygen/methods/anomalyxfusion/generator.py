@@ -67,10 +67,10 @@ def _options() -> OptionSpec:
         image_encoder=Text(None, optional=True),  # CLIP vision model: hub id / folder / "tiny"; None = model's image_encoder/, else ViT-L/14
         mask_encoder=Text(None, optional=True),  # a pretrained ISTR mask encoder (.safetensors), frozen; None = trained from scratch
         mask_embedding=Int(256, 1, 4096),  # E_mask's output width when trained from scratch
-        mask_augment=Bool(True),  # generation: flip / rotate / scale / move the training mask
-        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS),
-        final_paste=Bool(True),  # the good image's pixels outside the mask (blending alone keeps its latent)
-        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; 4 on the CPU)
+        mask_augment=Bool(True, sampling=True),  # generation: flip / rotate / scale / move the training mask
+        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS, sampling=True),
+        final_paste=Bool(True, sampling=True),  # the good image's pixels outside the mask (blending alone keeps its latent)
+        generate_batch_size=Int(0, 0, MAX_BATCH, sampling=True),  # 0: auto (fast.sampling_batch; 4 on the CPU)
     )
 
 

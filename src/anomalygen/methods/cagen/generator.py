@@ -45,7 +45,7 @@ FUSIONS = ("end", "step")
 def _options() -> OptionSpec:
     shared = diffusion_options()
     del shared["init_word"]
-    shared["guidance_scale"] = Float(7.5, 0)  # not in the paper; diffusers' ControlNet pipeline default
+    shared["guidance_scale"] = Float(7.5, 0, sampling=True)  # not in the paper; diffusers' ControlNet pipeline default
     return OptionSpec(
         **shared,
         epochs=Int(1000, 1),  # the paper: 1000 epochs over the training images
@@ -56,13 +56,13 @@ def _options() -> OptionSpec:
         prompt=Text("{defect} {category}", contains="{defect}"),
         captions=Text(None, optional=True),  # a captions file (MVTec Caption format): each training image's caption is its prompt
         category=Text(None, optional=True),  # None = the dataset's category folder name (the captions file's key)
-        mask_source=Choice("perlin", ("perlin", "augment")),  # foreground × Perlin (paper) | augmented training masks
+        mask_source=Choice("perlin", ("perlin", "augment"), sampling=True),  # foreground × Perlin (paper) | augmented training masks
         foreground=Choice("auto", FOREGROUND_MODES),
-        perlin_threshold=Float(0.5, 0, 1),
-        fusion=Choice("end", FUSIONS),  # "end": Eqs. 2-5, fused once | "step": blended every step (ablation)
-        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS),
-        final_paste=Bool(False),  # True: the good image's pixels outside the mask (the paper decodes z_f as is)
-        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; 8 on the CPU)
+        perlin_threshold=Float(0.5, 0, 1, sampling=True),
+        fusion=Choice("end", FUSIONS, sampling=True),  # "end": Eqs. 2-5, fused once | "step": blended every step (ablation)
+        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS, sampling=True),
+        final_paste=Bool(False, sampling=True),  # True: the good image's pixels outside the mask (the paper decodes z_f as is)
+        generate_batch_size=Int(0, 0, MAX_BATCH, sampling=True),  # 0: auto (fast.sampling_batch; 8 on the CPU)
     )
 
 

@@ -59,8 +59,8 @@ FLIPS = ((), (-1,), (-2,), (-2, -1))  # none, horizontal, vertical, both: the of
 def _options() -> OptionSpec:
     shared = diffusion_options()
     del shared["init_word"]  # no learned token to initialise
-    shared["sampler"] = Choice("pndm", SAMPLERS)  # the official code samples with SD's PNDM
-    shared["guidance_scale"] = Float(2.5, 0)
+    shared["sampler"] = Choice("pndm", SAMPLERS, sampling=True)  # the official code samples with SD's PNDM
+    shared["guidance_scale"] = Float(2.5, 0, sampling=True)
     return OptionSpec(
         **shared,
         max_steps=Int(5000, 1),
@@ -79,14 +79,14 @@ def _options() -> OptionSpec:
         bcm=Bool(True),
         bcm_mix=Choice("paper", BCM_MIXES),  # "paper" (Eq. 5: φ + γ·MLP(φ_b), γ=0.1) | "official" ((1−a)φ + a·MLP(φ_b), a=0)
         foreground=Choice("auto", FOREGROUND_MODES),  # how BCM finds the object to remove (masks/foreground.py)
-        num_inference_steps=Int(100, 1, MAX_INFERENCE_STEPS),
-        mask_source=Choice("threshold", MASK_SOURCES),
-        mask_threshold=Float(0.15, 0, 1),  # how far from the part background ([0, 1]) a pixel must be
-        mask_reference=Choice("nominal", MASK_REFERENCES),  # that background: its value | as the autoencoder returns it
-        attention_threshold=Float(0.5, 0, 1),  # of the attention map scaled to [0, 1]
-        mask_min_area=Float(5e-4, 0, 1),  # components smaller than this share of the image are dropped
-        mask_tries=Int(4, 1, 100),  # draws per sample until its mask is not empty
-        generate_batch_size=Int(0, 0, MAX_BATCH),  # 0: auto (fast.sampling_batch; 4 on the CPU)
+        num_inference_steps=Int(100, 1, MAX_INFERENCE_STEPS, sampling=True),
+        mask_source=Choice("threshold", MASK_SOURCES, sampling=True),
+        mask_threshold=Float(0.15, 0, 1, sampling=True),  # how far from the part background ([0, 1]) a pixel must be
+        mask_reference=Choice("nominal", MASK_REFERENCES, sampling=True),  # that background: its value | as the autoencoder returns it
+        attention_threshold=Float(0.5, 0, 1, sampling=True),  # of the attention map scaled to [0, 1]
+        mask_min_area=Float(5e-4, 0, 1, sampling=True),  # components smaller than this share of the image are dropped
+        mask_tries=Int(4, 1, 100, sampling=True),  # draws per sample until its mask is not empty
+        generate_batch_size=Int(0, 0, MAX_BATCH, sampling=True),  # 0: auto (fast.sampling_batch; 4 on the CPU)
         gradient_checkpointing=Bool(False),  # recompute UNet activations in backward: less memory, ~30 % slower
     )
 
