@@ -101,7 +101,12 @@ def test_each_embedding_has_the_papers_shape_and_e_sem_is_unit_norm(fitted):
     e_x = mif(semantic, masks, types)
     assert e_x.shape == (2, 3 * k, d)  # Eq. 5
     assert generator.ddf(e_x, torch.tensor([10, 900])).shape == (2, 3 * k, d)  # Eq. 14
-    assert generator.step_context(generator.modules(), states, e_x, torch.tensor(5)).shape == (2, 77 + 3 * k, d)
+    assert generator.step_context(generator.modules(), states, e_x, torch.tensor(5)).shape == (2, 77, d)  # template
+    generator.opt["placement"] = "caption"
+    try:
+        assert generator.step_context(generator.modules(), states, e_x, torch.tensor(5)).shape == (2, 77 + 3 * k, d)
+    finally:
+        generator.opt["placement"] = "template"
 
 
 def test_location_embedding_reads_the_mask(fitted):
@@ -191,7 +196,7 @@ def test_training_feeds_each_rows_timestep_to_ddf(monkeypatch):
     assert seen["ddf"] == seen["unet"] and len(set(seen["unet"])) > 1
 
 
-def test_a_pretrained_istr_mask_encoder_loads_frozen_and_bad_files_are_one_line(tmp_path, monkeypatch):
+def test_a_pretrained_istr_mask_encoder_is_fine_tuned_or_frozen_and_bad_files_are_one_line(tmp_path, monkeypatch):
     import anomalygen.methods.anomalyxfusion.generator as module
 
     torch.manual_seed(1)
@@ -205,8 +210,12 @@ def test_a_pretrained_istr_mask_encoder_loads_frozen_and_bad_files_are_one_line(
         {f"{n}.{p}" for n, m in modules.items() for p, q in m.named_parameters() if q.requires_grad}) or type("R", (), {"losses": []})())
     defects, good = toy_data()
     generator = AnomalyXFusion(**FAST, mask_encoder=str(tmp_path / "istr.safetensors"))
-    generator.fit(defects, good)
-    assert seen[0] and not any(".mask_encoder." in n for n in seen[0]) and any("location.fc" in n for n in seen[0])
+    generator.fit(defects, good)  # the paper fine-tunes the pretrained encoder (default)
+    assert any(".mask_encoder.encoder.0." in n for n in seen[0]) and any("location.fc" in n for n in seen[0])
+    frozen = AnomalyXFusion(**FAST, mask_encoder=str(tmp_path / "istr.safetensors"), mask_encoder_finetune=False)
+    frozen.fit(defects, good)  # ours: frozen
+    assert seen[1] and not any(".mask_encoder." in n for n in seen[1]) and any("location.fc" in n for n in seen[1])
+    assert not any(p.requires_grad for p in generator.pretrained_mask_encoder.parameters())  # the loaded copy is untouched
     assert generator.config()["mask_embedding"] == 24 and "mask_encoder" not in generator.config()
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")
     save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
@@ -216,6 +225,60 @@ def test_a_pretrained_istr_mask_encoder_loads_frozen_and_bad_files_are_one_line(
         with pytest.raises(DataError, match=fragment) as error:
             AnomalyXFusion(mask_encoder=str(tmp_path / f"{name}.safetensors"))
         assert f"{name}.safetensors" in str(error.value) and "\n" not in str(error.value)
+
+
+def _loss_fn(monkeypatch, **options):
+    """The training loss of a generator built on toy_data with ``options`` (training itself skipped)."""
+    import anomalygen.methods.anomalyxfusion.generator as module
+
+    losses = []
+    monkeypatch.setattr(module, "train", lambda modules, loss_fn, config, out: losses.append((modules, loss_fn))
+                        or type("R", (), {"losses": []})())
+    defects, good = toy_data()
+    generator = AnomalyXFusion(**{**FAST, "batch_size": 4}, **options)
+    generator.fit(defects, good)
+    return generator, defects, *losses[0]
+
+
+def test_the_loss_is_the_authors_masked_eps_mse_by_default_and_plain_as_an_option(monkeypatch):
+    """eps = 0 from the UNet: the loss is the mean over the latent of (noise x mask)^2, the mask resized
+    to the latent and binarised at 0.5 (the authors' p_losses); "plain" is the mean of noise^2."""
+    assert AnomalyXFusion().opt["loss"] == "masked"
+    for loss in ("masked", "plain"):
+        generator, defects, modules, loss_fn = _loss_fn(monkeypatch, loss=loss)
+        handle = generator.backbone.unet.register_forward_hook(lambda m, i, out: type(out)(sample=torch.zeros_like(out.sample)))
+        try:
+            value = loss_fn(modules, 0, torch.Generator().manual_seed(0))
+        finally:
+            handle.remove()
+        g = torch.Generator().manual_seed(0)  # the draws of loss_fn, in its order
+        picks = torch.randint(0, 4, (4,), generator=g)
+        torch.randint(0, 1000, (4,), generator=g)
+        noise = torch.randn((4, 4, 16, 16), generator=g)
+        masks = torch.stack([torch.from_numpy(defects[i].mask).float()[None] for i in picks])  # 40 x 48 -> 32 -> 16
+        masks = torch.nn.functional.interpolate(torch.nn.functional.interpolate(masks, size=(32, 32)), size=(16, 16), mode="bilinear")
+        expected = (noise * (masks >= 0.5)).pow(2).mean() if loss == "masked" else noise.pow(2).mean()
+        torch.testing.assert_close(value, expected)
+    assert 0.05 < float((masks >= 0.5).float().mean()) < 0.3  # the masked loss sees a small part of the latent
+
+
+def test_e_t_stands_for_the_templates_star_and_the_caption_reaches_only_e_sem(fitted):
+    """The authors' placement (default): the prompt "a photo of a *" with e_t's tokens at the text
+    encoder's input; CLIP's causal attention leaves the states before them unchanged."""
+    generator, _, _ = fitted
+    assert generator.opt["placement"] == "template" and generator.opt["template"] == "a photo of a *"
+    states, semantic, masks, types = _batch(generator)
+    e_x = generator.x_embedding(generator.modules(), semantic, masks, types)
+    t = torch.tensor(5)
+    context = generator.step_context(generator.modules(), torch.full_like(states, float("nan")), e_x, t)
+    assert torch.isfinite(context).all()  # the caption's token states are not used
+    encoded = generator.template_encoder(e_x.shape[1])(["a photo of a <x-embedding>"] * 2, {"<x-embedding>": generator.ddf(e_x, t)})
+    torch.testing.assert_close(context, encoded.hidden_states)
+    first = encoded.positions["<x-embedding>"][0]
+    assert first == list(range(first[0], first[0] + e_x.shape[1])) and first[0] >= 5  # after <start> a photo of a
+    other = generator.step_context(generator.modules(), states, e_x + 1, t)
+    assert torch.equal(other[:, :first[0]], context[:, :first[0]])  # the template's words before *
+    assert (other[:, first[0]:] - context[:, first[0]:]).abs().amax(dim=-1).min() > 0  # e_t and after
 
 
 def test_fit_trains_mif_and_ddf(fitted):

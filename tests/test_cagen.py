@@ -89,6 +89,16 @@ def test_fit_trains_only_the_controlnet_on_at_most_max_per_type_defects(fitted):
     assert not any(p.requires_grad for p in generator.backbone.unet.parameters())
 
 
+def test_training_defects_are_drawn_at_random_per_type_by_default():
+    """The paper trains on three images drawn at random per type; "first" (ours) keeps the old pick."""
+    examples = list(range(9))  # stand-ins for one type's nine defects, in order
+    picks = [CAGen(**FAST, seed=s)._pick(0, examples) for s in range(4)]
+    assert all(len(p) == 3 and p == sorted(set(p)) for p in picks)
+    assert len({tuple(p) for p in picks}) > 1 and any(p != [0, 1, 2] for p in picks)  # seeded draws
+    assert CAGen(**FAST, seed=1)._pick(0, examples) == CAGen(**FAST, seed=1)._pick(0, examples)
+    assert CAGen(**FAST, training_pick="first")._pick(0, examples) == [0, 1, 2]
+
+
 def test_steps_follow_the_papers_epochs(monkeypatch):
     import anomalygen.methods.cagen.generator as module
 
@@ -193,7 +203,7 @@ def test_captions_are_the_prompts_of_their_own_images(demo_root, tmp_path, monke
     seen = []
     original = CAGen._contexts
     monkeypatch.setattr(CAGen, "_contexts", lambda self, prompts: seen.append(list(prompts)) or original(self, prompts))
-    options = {**FAST, "captions": str(path), "max_per_type": 2}
+    options = {**FAST, "captions": str(path), "max_per_type": 2, "training_pick": "first"}
     model = pipeline.fit("cagen", demo_root / "nut", tmp_path / "model", options=options)
     # the paper split's training third: images 000-002 of each type; max_per_type 2 -> captions 0 and 1
     assert seen[0] == [f"{t} caption {i}" for t in types for i in (0, 1)]

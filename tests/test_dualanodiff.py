@@ -532,6 +532,61 @@ def test_attention_masks_come_from_the_part_rows_defect_token_and_hooks_are_remo
     assert dict(unet.attn_processors) == before  # SAIM, BCM and the recorder removed, earlier processors back
 
 
+def test_bcm_negative_background_is_an_encoded_gray_image_and_background_latents_are_unscaled(fitted, monkeypatch):
+    """The official BCM: CFG's negative background is a mid-gray image (zeros in [-1, 1]) encoded,
+    and I_b's latent skips the VAE scaling factor, at sampling and in training; black / scaled are ours."""
+    import anomalygen.methods.dualanodiff.generator as module
+    from anomalygen.diffusion.sampling import encode_images, encode_posterior
+
+    generator, good = fitted
+    backbone, scale = generator.backbone, generator.backbone.vae.config.scaling_factor
+    plain, references = [], []
+    monkeypatch.setattr(module, "encode_images", lambda b, x: (plain.append(x), encode_images(b, x))[1])
+    scheduler = backbone.noise_scheduler()
+    add_noise = scheduler.add_noise
+    monkeypatch.setattr(scheduler, "add_noise", lambda x, noise, t: (references.append(x.clone()), add_noise(x, noise, t))[1])
+    monkeypatch.setattr(backbone, "noise_scheduler", lambda: scheduler)
+    pixels = generator._square([generator._background(good[0])])
+    expected = {}
+    for uncond, level, latent, divide in (("gray", 0.5, "unscaled", scale), ("black", 0.0, "scaled", 1.0)):
+        generator.opt.update(bcm_uncond=uncond, bcm_latent=latent, num_inference_steps=1)
+        plain.clear(), references.clear()
+        try:
+            generator._sample(0, [torch.Generator().manual_seed(0)], [good[0]])
+        finally:
+            generator.opt.update(bcm_uncond="gray", bcm_latent="unscaled", num_inference_steps=FAST["num_inference_steps"])
+        assert torch.equal(plain[1], torch.full((1, 3, 32, 32), level))  # the negative half's plain image
+        expected[uncond] = torch.cat([encode_images(backbone, plain[1]), encode_images(backbone, pixels)]) / divide
+        assert all(torch.allclose(r, expected[uncond], atol=1e-6) for r in references)  # [negative; I_b], every step
+    assert not torch.allclose(expected["gray"], expected["black"] / scale, atol=1e-3)
+    defects, _ = toy_data()
+    mean, std = generator._latents(defects[:1])["background"]
+    reference = encode_posterior(backbone, generator._square([generator._background(defects[0].image)]))
+    torch.testing.assert_close(mean[:1], reference[0] / scale)
+    torch.testing.assert_close(std[:1], reference[1] / scale)
+
+
+def test_u2net_masks_are_the_part_images_saliency_above_one_half(fitted, monkeypatch):
+    import anomalygen.methods.dualanodiff.generator as module
+    from anomalygen.diffusion.sampling import to_uint8
+
+    generator, good = fitted
+    decoded, segmented = [], []
+    monkeypatch.setattr(module, "to_uint8", lambda x: decoded.extend(to_uint8(x)) or to_uint8(x))
+    salient = np.zeros((32, 32), np.float32)
+    salient[4:9, 10:20], salient[20, 5] = 0.6, 0.5  # 0.5 itself is not salient
+    monkeypatch.setattr(module, "saliency", lambda model, images: [segmented.extend(images), [salient] * len(images)][1])
+    generator.u2net = torch.nn.Identity()  # saliency is replaced: any module
+    generator.opt.update(mask_source="u2net", num_inference_steps=1)
+    try:
+        pairs = generator._sample(0, [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)], [good[0], good[1]])
+    finally:
+        generator.opt.update(mask_source="threshold", num_inference_steps=FAST["num_inference_steps"])
+        generator.u2net = None
+    assert len(segmented) == 2 and all(np.array_equal(a, b) for a, b in zip(segmented, decoded[2:]))  # the part rows
+    assert all(np.array_equal(mask, salient > 0.5) and mask.sum() == 50 for _, mask in pairs)
+
+
 def test_generate_refuses_masks_and_unknown_types(fitted):
     generator, good = fitted
     with pytest.raises(AnomalygenError, match="masks come from the anomaly branch"):
@@ -608,9 +663,16 @@ def test_options_are_checked_when_built():
         with pytest.raises(AnomalygenError, match=fragment):
             DualAnoDiff(**bad)
     defaults = DualAnoDiff().opt
-    assert (defaults["lr"], defaults["max_steps"], defaults["batch_size"], defaults["rank"]) == (2e-5, 5000, 4, 32)
+    assert (defaults["lr"], defaults["max_steps"], defaults["rank"]) == (2e-5, 5000, 32)
     assert (defaults["weight_decay"], defaults["flip"], defaults["part_background"]) == (1e-2, True, "gray")
-    assert (defaults["sampler"], defaults["num_inference_steps"], defaults["guidance_scale"]) == ("pndm", 100, 2.5)
+    # the official scripts: with BCM batch 2, 50 steps at CFG 2.0; without, batch 4, 100 steps at 2.5
+    assert (defaults["sampler"], defaults["batch_size"], defaults["num_inference_steps"], defaults["guidance_scale"]) == \
+        ("pndm", 2, 50, 2.0)
+    assert (defaults["bcm_uncond"], defaults["bcm_latent"], defaults["mask_source"]) == ("gray", "unscaled", "threshold")
+    plain = DualAnoDiff(bcm=False).opt
+    assert (plain["batch_size"], plain["num_inference_steps"], plain["guidance_scale"]) == (4, 100, 2.5)
+    mine = DualAnoDiff(batch_size=3, num_inference_steps=7, guidance_scale=1.2).opt  # 1.2: the official screw
+    assert (mine["batch_size"], mine["num_inference_steps"], mine["guidance_scale"]) == (3, 7, 1.2)
     assert DualAnoDiff().words("crack") == ("a vfx with sks", "sks")
     assert DualAnoDiff(defect_word="{type}", object_word="bottle").words("broken_large") == ("a bottle with broken large", "broken large")
 

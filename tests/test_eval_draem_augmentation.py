@@ -50,18 +50,30 @@ def _kinds(samples, pairs, items):
     return kinds
 
 
-def test_half_the_samples_are_anomalous_and_ratio_of_those_are_generated():
+def test_by_default_ratio_of_all_samples_are_generated_and_the_rest_are_draems():
+    """CAGen's "30 % of the training set" (default): 30 % of the samples generated, the other 70 %
+    half normal, half simulated (so 35 % simulated, where the "anomalies" reading gives 35 % + 15 %)."""
+    assert da.DraemAugmentationConfig().share_of == "training_set"
     pairs = _pairs(3)
     samples = da.TrainingSamples(_goods(), pairs, 0.3, "skimage", seed=0)
+    kinds = _kinds(samples, pairs, range(600))
+    # 30 % of the pairs are rotated and then counted as simulated: generated 0.3 x 0.7 = 21 %
+    assert 0.16 < kinds["generated"] / 600 < 0.26
+    assert 0.30 < kinds["normal"] / 600 < 0.40  # 0.7 x 0.5 = 35 % (the other reading: 50 %)
+
+
+def test_half_the_samples_are_anomalous_and_ratio_of_those_are_generated():
+    pairs = _pairs(3)
+    samples = da.TrainingSamples(_goods(), pairs, 0.3, "skimage", seed=0, share_of="anomalies")
     # rotation (30 %) would change the pair's pixels: count only unrotated items by their mask
     kinds = _kinds(samples, pairs, range(600))
     anomalous = kinds["generated"] + kinds["simulated"]
     assert 0.42 < anomalous / 600 < 0.58
     # rotated generated pairs are counted as simulated: 0.3 x 0.7 of the anomalous are unrotated pairs
     assert 0.13 < kinds["generated"] / anomalous < 0.30
-    none = _kinds(da.TrainingSamples(_goods(), pairs, 0.0, "skimage", seed=0), pairs, range(300))
+    none = _kinds(da.TrainingSamples(_goods(), pairs, 0.0, "skimage", seed=0, share_of="anomalies"), pairs, range(300))
     assert none["generated"] == 0
-    every = _kinds(da.TrainingSamples(_goods(), pairs, 1.0, "skimage", seed=0), pairs, range(300))
+    every = _kinds(da.TrainingSamples(_goods(), pairs, 1.0, "skimage", seed=0, share_of="anomalies"), pairs, range(300))
     assert every["simulated"] < 0.4 * (every["generated"] + every["simulated"])
 
 
@@ -135,7 +147,7 @@ def test_settings_default_to_draems_on_cuda_and_are_labelled_reduced_on_cpu():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"ratio": 1.5}, "--draem-ratio 1.5"), ({"test": "all"}, "--draem-test all"),
+    ({"ratio": 1.5}, "--draem-ratio 1.5"), ({"test": "all"}, "--draem-test all"), ({"share_of": "x"}, "--draem-share-of"),
     ({"epochs": 0}, "--draem-epochs 0"), ({"resolution": 50}, "--draem-resolution 50"),
     ({"texture_source": "/nonexistent/dtd"}, "/nonexistent/dtd"),
 ])

@@ -245,7 +245,7 @@ def info_table(info: dict[str, Any]) -> Table:
 def _evaluation_options(
     *, metrics: Optional[str], protocol: str, device: Optional[str], epochs: int, samples_per_epoch: int, resolution: int,
     base: int, batch_size: int, eval_every: int, cls_epochs: int, cls_random_init: bool, inception_weights: Optional[Path],
-    lpips_net: str, seed: int, skip_bad: bool, draem_ratio: float, draem_epochs: Optional[int],
+    lpips_net: str, seed: int, skip_bad: bool, draem_ratio: float, draem_share_of: str, draem_epochs: Optional[int],
     draem_resolution: Optional[int], draem_test: str, draem_textures: str, draem_baseline: bool,
 ) -> dict[str, Any]:
     """The evaluation keyword arguments; the configs check every value here, before anything is written."""
@@ -262,7 +262,7 @@ def _evaluation_options(
                                            seed=seed),
         "classification": ClassificationConfig(epochs=cls_epochs, resolution=resolution, seed=seed, protocol=protocol,
                                                random_init=cls_random_init),
-        "draem": DraemAugmentationConfig(ratio=draem_ratio, epochs=draem_epochs, resolution=draem_resolution,
+        "draem": DraemAugmentationConfig(ratio=draem_ratio, share_of=draem_share_of, epochs=draem_epochs, resolution=draem_resolution,
                                          test=draem_test, texture_source=draem_textures, baseline=draem_baseline,
                                          seed=seed),
         "inception_weights": None if inception_weights is None else str(inception_weights),
@@ -295,8 +295,11 @@ EVAL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "lpips_net": (str, typer.Option("vgg", "--lpips-net", help="IC-LPIPS backbone: vgg or alex.")),
     "seed": (int, typer.Option(0, "--seed")),
     "skip_bad": (bool, typer.Option(False, "--skip-bad", help="Warn about bad real files (e.g. empty masks) and leave them out.")),
-    "draem_ratio": (float, typer.Option(0.3, "--draem-ratio", help="draem-augmentation: share of DRAEM's simulated anomalies "
-                                        "replaced by generated pairs (CAGen: 0.3).")),
+    "draem_ratio": (float, typer.Option(0.3, "--draem-ratio", help="draem-augmentation: share of the training samples (or, "
+                                        "with --draem-share-of anomalies, of DRAEM's simulated anomalies) that are generated "
+                                        "pairs (CAGen: 0.3).")),
+    "draem_share_of": (str, typer.Option("training_set", "--draem-share-of", help="draem-augmentation: training_set (CAGen's "
+                                         "'30% of the training set') or anomalies (ours: of DRAEM's simulated anomalies).")),
     "draem_epochs": (Optional[int], typer.Option(None, "--draem-epochs", help="draem-augmentation: DRAEM epochs (default: 700 on cuda "
                                                  "as DRAEM, 20 on cpu, labelled reduced).")),
     "draem_resolution": (Optional[int], typer.Option(None, "--draem-resolution", help="draem-augmentation: px (default: 256 on cuda, "

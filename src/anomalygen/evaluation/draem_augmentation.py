@@ -9,7 +9,12 @@ loss, Eq. 2-3), the discriminative one segments the anomaly from (reconstruction
 focal loss (Eq. 4); Adam lr 1e-4 for both, x0.2 at 80 % and 90 % of 700 epochs, batch 8, 256 px.
 Anomaly map = softmax of the anomalous class; image score = max of the 21 x 21 average-pooled map.
 
-CAGen replaces ``ratio`` (30 %) of the simulated anomalies by generated (image, mask) pairs. A
+CAGen's paper replaces "30 % of the training set" by generated anomalies. Two readings
+(``share_of``): ``"training_set"`` (default, the paper's words): each training sample is a generated
+pair with probability ``ratio``, and the others are DRAEM's (half normal, half simulated), so 30 %
+of the samples are generated and 35 % simulated; ``"anomalies"`` (ours, an option): ``ratio`` of
+DRAEM's simulated anomalies are replaced, i.e. 15 % of the samples are generated. CAGen has no
+public code; the paper's numbers most likely used its own words, hence the default. A
 generated pair's reconstruction target is its source good image (read from the generated folder's
 manifest) when its method keeps the image around the mask; pairs without one (whole-image
 methods) train the discriminative loss only. The same run without generated pairs (DRAEM alone,
@@ -41,6 +46,7 @@ from anomalygen.methods.draem import DraemTexture
 from anomalygen.seeding import check_seed
 
 TESTS = ("clean", "full")
+SHARES = ("training_set", "anomalies")  # what ``ratio`` is a share of: CAGen's words | ours
 # DRAEM's settings (paper and official code), and the reduced ones used on CPU unless set.
 PAPER = {"epochs": 700, "resolution": 256, "rec_base": 128, "disc_base": 64}
 CPU_REDUCED = {"epochs": 20, "resolution": 64, "rec_base": 16, "disc_base": 8}
@@ -54,6 +60,7 @@ class DraemAugmentationConfig:
     processes (None: 8 on CUDA, 0 on CPU)."""
 
     ratio: float = 0.3
+    share_of: str = "training_set"
     epochs: int | None = None
     resolution: int | None = None
     rec_base: int | None = None
@@ -78,6 +85,7 @@ class DraemAugmentationConfig:
         options.positive_int(self.batch_size, "--draem-batch-size", options.MAX_BATCH)
         options.positive_float(self.lr, "DRAEM lr")
         options.choice(self.test, "--draem-test", TESTS)
+        options.choice(self.share_of, "--draem-share-of", SHARES)
         check_seed(self.seed)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
             raise AnomalygenError(f"DRAEM workers {self.workers}: must be a whole number >= 0")
@@ -137,8 +145,9 @@ class TrainingSamples(torch.utils.data.Dataset):
     (so that any number of loader workers gives the same run). Items are (sample, target, mask,
     has_target) as uint8 HWC, uint8 HWC, bool HW and bool."""
 
-    def __init__(self, good: list[np.ndarray], pairs: list[GeneratedPair], ratio: float, texture_source: str, seed: int):
-        self.good, self.pairs, self.ratio, self.seed = good, pairs, ratio, seed
+    def __init__(self, good: list[np.ndarray], pairs: list[GeneratedPair], ratio: float, texture_source: str, seed: int,
+                 share_of: str = "training_set"):
+        self.good, self.pairs, self.ratio, self.seed, self.share_of = good, pairs, ratio, seed, share_of
         self.texture = DraemTexture(texture_source=texture_source, foreground="texture")
 
     def __getitem__(self, item: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
@@ -148,8 +157,14 @@ class TrainingSamples(torch.utils.data.Dataset):
         angle = rng.uniform(-90, 90) if rng.random() < 0.3 else None
         image = image if angle is None else _rotate(image, angle)  # DRAEM rotates the good image first
         sample, target, mask = image, image, np.zeros(image.shape[:2], bool)  # normal, probability 0.5
-        if rng.random() < 0.5:
-            if self.pairs and rng.random() < self.ratio:
+        if self.share_of == "training_set":  # CAGen's words: ratio of all samples generated, the rest DRAEM's
+            generated = bool(self.pairs) and rng.random() < self.ratio
+            anomalous = generated or rng.random() < 0.5
+        else:  # ours: ratio of DRAEM's anomalous half
+            anomalous = rng.random() < 0.5
+            generated = anomalous and bool(self.pairs) and rng.random() < self.ratio
+        if anomalous:
+            if generated:
                 pair = self.pairs[int(rng.integers(len(self.pairs)))]
                 sample, target, mask = pair.image, pair.target, pair.mask
                 if angle is not None:  # a generated pair turns with its mask and target
@@ -199,7 +214,8 @@ def draem_loss(reconstruction, logits, target, mask, has_target) -> torch.Tensor
 
 def train_draem(good: list[np.ndarray], pairs: list[GeneratedPair], config: DraemAugmentationConfig,
                 device: torch.device, what: str) -> Draem:
-    """Train DRAEM on ``good`` (resized) with ``config.ratio`` of its anomalies from ``pairs``."""
+    """Train DRAEM on ``good`` (resized) with ``config.ratio`` of its samples (``share_of``
+    "training_set") or of its anomalies ("anomalies") from ``pairs``."""
     torch.manual_seed(config.seed)
     model = Draem(config.rec_base, config.disc_base).to(device)
     if device.type == "cuda":
@@ -207,7 +223,7 @@ def train_draem(good: list[np.ndarray], pairs: list[GeneratedPair], config: Drae
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     milestones = [int(config.epochs * 0.8), int(config.epochs * 0.9)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
-    samples = TrainingSamples(good, pairs, config.ratio, config.texture_source, config.seed)
+    samples = TrainingSamples(good, pairs, config.ratio, config.texture_source, config.seed, config.share_of)
     batches = _batches(len(good), config.epochs, config.batch_size)
     loader = torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=config.workers,
                                          collate_fn=_collate, pin_memory=device.type == "cuda")
@@ -257,7 +273,7 @@ def run_draem_augmentation(data: EvaluationData, config: DraemAugmentationConfig
         "test_images": {"good": len(data.test_good), "defect": len(test)},
         "generated_pairs": len(pairs), "with_reconstruction_target": sum(p.target is not None for p in pairs),
     }
-    model = train_draem(good, pairs, config, device, f"DRAEM + generated ({config.ratio:.0%})")
+    model = train_draem(good, pairs, config, device, f"DRAEM + generated ({config.ratio:.0%} of the {config.share_of.replace('_', ' ')})")
     result["augmented"] = measure(model, images, masks, device, config.epochs, "DRAEM")[0]
     if baseline is None and config.baseline:
         alone = train_draem(good, [], config, device, "DRAEM alone")

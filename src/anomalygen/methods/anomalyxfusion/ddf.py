@@ -1,4 +1,4 @@
-"""Dynamic Dif-Fusion (DDF; Hu et al., AnomalyXFusion, §3.3, Eq. 14): e_t = f_φ(e_X, t).
+"""Dynamic Dif-Fusion (DDF; Hu et al., AnomalyXFusion, Eq. 14): e_t = f_φ(e_X, t).
 
 The timestep's sinusoidal embedding, mapped to the X-embedding's width d by an MLP (SD's own
 timestep embedding layers, ``diffusers.models.embeddings``), is concatenated to every token of

@@ -1,9 +1,17 @@
 """AnomalyXFusion (Hu et al., "AnomalyXFusion: Multi-modal Anomaly Synthesis with Diffusion", 2024)
-as an ``AnomalyGenerator`` on the shared diffusion core. No official code exists.
+as an ``AnomalyGenerator`` on the shared diffusion core. The paper gives Eqs. 1-17; the authors'
+partial code (``hujiecpp/MVTec-Caption``: their loss, prompt and base model, no MIF aggregator or
+DDF) settles what the paper leaves open.
 
-fit: per training defect (image, mask, caption) the frozen SD UNet is conditioned on
-``[caption tokens; e]`` where e is the X-embedding of MIF (Eqs. 1-5, ``mif.py``) passed through
-DDF (Eq. 14, ``ddf.py``) at the step's timestep; the ε-MSE (Eq. 17) trains MIF and DDF only.
+fit: per training defect (image, mask, caption) the frozen UNet is conditioned on e_t, the
+X-embedding of MIF (Eqs. 1-5, ``mif.py``) passed through DDF (Eq. 14, ``ddf.py``) at the step's
+timestep, placed as the authors' code places its embedding (``placement="template"``, default):
+its tokens stand for the "*" of "a photo of a *" (``template``) at the text encoder's input, the
+caption reaching the UNet only through e_sem; ``placement="caption"`` (ours) appends e_t to the
+caption's token states instead. The loss (Eq. 17) is the authors' masked ε-MSE by default
+(``loss="masked"``: (ε − ε_θ) inside the mask resized to the latent and binarised at 0.5, averaged
+over the whole latent; "to enhance the focus on the anomaly region", as the paper says of image
+and mask) or the plain whole-image ε-MSE (``loss="plain"``, ours). It trains MIF and DDF only.
 generate: blended diffusion (Eq. 16): at every step the latent keeps the model's values inside
 the mask and the good image's latent, noised to that step, outside it; e_t is recomputed at every
 timestep (the core's ``conditioning(t)`` hook). A sample is a (caption, mask) of a training
@@ -13,13 +21,15 @@ type's learned textural tokens, on a good image.
 Ablations (the paper's Table 6): ``mif`` / ``ddf`` switch the modules and with them the trainable
 set. Both on: e = DDF(MIF(...), t); MIF only: e = MIF(...) at every step; DDF only:
 e = DDF(e_sem, t); both off ("text only"): the caption tokens alone, nothing trains (fit only
-records the captions and masks). Trainable: MIF's location embedding (its mask encoder too
-unless a pretrained one is loaded: frozen), textural tokens and aggregator; DDF's f_φ and
+records the captions and masks; the caption's tokens are the prompt). Trainable: MIF's location
+embedding with its mask encoder (a pretrained ISTR encoder is fine-tuned, as the paper;
+``mask_encoder_finetune=false`` freezes it, ours), textural tokens and aggregator; DDF's f_φ and
 timestep embedding. The UNet, VAE, CLIP text and image encoders stay frozen.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,6 +42,7 @@ from safetensors.torch import load_file, save
 
 from anomalygen.data.captions import caption_for, default_caption, load_captions
 from anomalygen.diffusion.backbone import default_model
+from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.image_encoder import image_embeds, load_image_encoder
 from anomalygen.diffusion.sampling import blended_generate, encode_images, sample_generators, to_tensor
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
@@ -42,12 +53,13 @@ from anomalygen.methods.anomalyxfusion.ddf import DDF
 from anomalygen.methods.anomalyxfusion.mif import MIF, MaskEncoder, load_mask_encoder, semantic_embedding, texture_init
 from anomalygen.methods.base import malformed_as_corrupt, model_path, read_masks, write_masks
 from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Float, Int,
-                                        OptionSpec, Text, diffusion_options, require)
+from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice, Float,
+                                        Int, OptionSpec, Text, diffusion_options, require)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
 META_FILE = "anomalyxfusion.json"
+X_TOKEN = "<x-embedding>"  # the placeholder standing for e_t's tokens in the template
 WEIGHTS_FILE = "anomalyxfusion.safetensors"
 
 
@@ -65,7 +77,11 @@ def _options() -> OptionSpec:
         captions=Text(None, optional=True),  # {category: {type: [caption of the i-th image]}} JSON; None = "{category} with {type}"
         category=Text(None, optional=True),  # None = the dataset's category folder name (the captions file's key)
         image_encoder=Text(None, optional=True),  # CLIP vision model: hub id / folder / "tiny"; None = model's image_encoder/, else ViT-L/14
-        mask_encoder=Text(None, optional=True),  # a pretrained ISTR mask encoder (.safetensors), frozen; None = trained from scratch
+        mask_encoder=Text(None, optional=True),  # a pretrained ISTR mask encoder (.safetensors); None = trained from scratch
+        mask_encoder_finetune=Bool(True),  # the pretrained one trains with MIF (the paper) | false: frozen (ours)
+        loss=Choice("masked", ("masked", "plain")),  # ε-MSE inside the mask (the authors' code) | the whole image (ours)
+        placement=Choice("template", ("template", "caption")),  # e_t at the template's * (authors' code) | after the caption's tokens (ours)
+        template=Text("a photo of a *", contains="*"),  # the authors' prompt; its * stands for e_t's tokens
         mask_embedding=Int(256, 1, 4096),  # E_mask's output width when trained from scratch
         mask_augment=Bool(True, sampling=True),  # generation: flip / rotate / scale / move the training mask
         num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS, sampling=True),
@@ -102,6 +118,7 @@ class AnomalyXFusion(DiffusionGenerator):
         self.ddf: DDF | None = None
         self.loss_log: list[float] = []
         self._image_encoder = None
+        self._template: PromptEncoder | None = None
 
     def config(self) -> dict[str, Any]:
         """The options without the captions / mask-encoder paths: a saved model holds their content."""
@@ -133,7 +150,9 @@ class AnomalyXFusion(DiffusionGenerator):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.opt["seed"])
             if self.opt["mif"]:
-                encoder = self.pretrained_mask_encoder or MaskEncoder(self.opt["mask_embedding"])
+                encoder = copy.deepcopy(self.pretrained_mask_encoder) if self.pretrained_mask_encoder else None
+                encoder = (encoder.requires_grad_(self.opt["mask_encoder_finetune"]) if encoder
+                           else MaskEncoder(self.opt["mask_embedding"]))
                 self.mif = MIF(encoder, textures, heads=dim // 64 if dim % 64 == 0 else 1).to(self.backbone.device)
             if self.opt["ddf"]:
                 self.ddf = DDF(dim).to(self.backbone.device)
@@ -156,13 +175,28 @@ class AnomalyXFusion(DiffusionGenerator):
 
     def step_context(self, modules: dict[str, torch.nn.Module], states: torch.Tensor, tokens: torch.Tensor | None,
                      t: torch.Tensor) -> torch.Tensor:
-        """The UNet's cross-attention input at timestep t: ``[caption tokens; e_t]``, e_t = DDF(e_X, t)
-        (Eq. 14) or e_X itself without DDF; the caption tokens alone in the text-only ablation."""
+        """The UNet's cross-attention input at timestep t, with e_t = DDF(e_X, t) (Eq. 14) or e_X
+        itself without DDF: the template encoded with e_t's tokens at its "*" (``template``) or
+        ``[caption tokens; e_t]`` (``caption``); the caption tokens alone in the text-only ablation."""
         if tokens is None:
             return states
         if "ddf" in modules:
             tokens = modules["ddf"](tokens, t)
-        return torch.cat([states, tokens.to(states)], dim=1)
+        if self.opt["placement"] == "caption":
+            return torch.cat([states, tokens.to(states)], dim=1)
+        encoder = self.template_encoder(tokens.shape[1])
+        prompt = self.opt["template"].replace("*", X_TOKEN)
+        return encoder([prompt] * len(tokens), {X_TOKEN: tokens}).hidden_states
+
+    def template_encoder(self, count: int) -> PromptEncoder:
+        """The text encoder with ``count`` placeholder positions for e_t's tokens (built once)."""
+        if self._template is None or self._template.counts[X_TOKEN] != count:
+            backbone = self.backbone
+            self._template = PromptEncoder(backbone.text_encoder, backbone.tokenizer, {X_TOKEN: count})
+            if self._template.embedding_dim != self.width:
+                raise AnomalygenError(f"anomalyxfusion: placement=template needs the text encoder's token width "
+                                      f"({self._template.embedding_dim}) to be the UNet's ({self.width}); use placement=caption")
+        return self._template
 
     # ----------------------------------------------------------------- training
     def _caption(self, example: DefectExample) -> str:
@@ -223,7 +257,10 @@ class AnomalyXFusion(DiffusionGenerator):
             context = self.step_context(modules, states[picks], tokens, t)
             eps = backbone.unet(noisy.to(device, backbone.unet.dtype), t,
                                 encoder_hidden_states=context.to(backbone.unet.dtype)).sample
-            return F.mse_loss(eps.float(), noise.to(device))
+            error = eps.float() - noise.to(device)
+            if opt["loss"] == "masked":  # the authors' code: the mask resized to the latent, binarised at 0.5
+                error = error * (F.interpolate(masks[picks].to(device), size=error.shape[-2:], mode="bilinear") >= 0.5)
+            return error.pow(2).mean()
 
         config = TrainConfig(max_steps=int(opt["max_steps"]), time_budget_s=opt["time_budget_s"], lr=opt["lr"],
                              mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"],

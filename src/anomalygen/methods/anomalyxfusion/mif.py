@@ -1,4 +1,4 @@
-"""Multi-modal In-Fusion (MIF; Hu et al., AnomalyXFusion, §3.2, Eqs. 1-5): the caption, the mask
+"""Multi-modal In-Fusion (MIF; Hu et al., AnomalyXFusion, Eqs. 1-5): the caption, the mask
 and the masked defect image fused into one X-embedding of 3k tokens of width d (the UNet's
 cross-attention width).
 

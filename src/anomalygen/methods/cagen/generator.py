@@ -1,7 +1,8 @@
 """CAGen (Jiang et al., ICASSP 2024) as an ``AnomalyGenerator`` on the shared diffusion core.
 
 fit: one ControlNet per category, initialised from the frozen UNet, trained with the ε-MSE on up
-to ``max_per_type`` real defects per type (the paper: three, 1000 epochs), conditioned on the
+to ``max_per_type`` real defects per type (the paper: three drawn at random, 1000 epochs; the draw
+is seeded, ``training_pick="first"`` takes the first ones instead), conditioned on the
 defect's mask and the prompt "{defect} {category}" (Eq. 1). generate: a location mask (object
 foreground × Perlin noise, the paper's recipe; textures: Perlin alone), ControlNet-guided
 denoising from noise to z_g, then anomaly feature fusion with the normal image's latent
@@ -50,9 +51,10 @@ def _options() -> OptionSpec:
         **shared,
         epochs=Int(1000, 1),  # the paper: 1000 epochs over the training images
         max_steps=Int(None, 1, optional=True),  # None = epochs × images / batch_size
-        lr=Float(1e-5, 0, low_open=True),
+        lr=Float(1e-5, 0, low_open=True),  # ours: the paper gives no learning rate
         resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size
         max_per_type=Int(3, 1),  # real defects per type the ControlNet trains on (the paper: 3)
+        training_pick=Choice("random", ("random", "first")),  # which of them: drawn at random with the seed (the paper) | the first (ours)
         prompt=Text("{defect} {category}", contains="{defect}"),
         captions=Text(None, optional=True),  # a captions file (MVTec Caption format): each training image's caption is its prompt
         category=Text(None, optional=True),  # None = the dataset's category folder name (the captions file's key)
@@ -102,11 +104,20 @@ class CAGen(DiffusionGenerator):
             return self.prompts(list(prompts)).hidden_states
 
     # ----------------------------------------------------------------- training
+    def _pick(self, k: int, examples: list[DefectExample]) -> list[DefectExample]:
+        """``max_per_type`` of type ``k``'s defects, in their order: drawn at random (seeded by
+        ``seed`` and ``k``: the paper's "three images at random") or the first ones."""
+        keep = self.opt["max_per_type"]
+        if self.opt["training_pick"] == "first" or len(examples) <= keep:
+            return examples[:keep]
+        rng = np.random.default_rng([self.opt["seed"], k])
+        return [examples[i] for i in sorted(rng.choice(len(examples), keep, replace=False))]
+
     def fit(self, defects: Sequence[DefectExample], good: Sequence[np.ndarray]) -> None:
         if not defects:
             raise DataError(None, "cagen needs at least one training defect image with its mask")
         self._defect_types = sorted({d.defect_type for d in defects})
-        chosen = [d for t in self._defect_types for d in [e for e in defects if e.defect_type == t][: self.opt["max_per_type"]]]
+        chosen = [d for k, t in enumerate(self._defect_types) for d in self._pick(k, [e for e in defects if e.defect_type == t])]
         if self.category is None:
             folders = {d.source.parents[2].name for d in chosen if d.source is not None and len(d.source.parents) > 2}
             self.category = folders.pop() if len(folders) == 1 else "object"

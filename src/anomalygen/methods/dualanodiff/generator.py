@@ -6,8 +6,10 @@ branch (prompt "a x with y", target I) and the anomaly-part branch (prompt "y", 
 trained together on the sum of their ε-MSE losses at one shared timestep (Eq. 4). SAIM (Eq. 3,
 ``saim.py``) lets the branches attend to each other after every attention layer; BCM (Eq. 5,
 ``bcm.py``) feeds the background of the image into the whole-image branch's self-attention keys
-and values. Generation denoises both branches jointly from noise (100 PNDM steps, CFG 2.5) and
-segments the mask from the anomaly-part image (``segment.py``).
+and values. Generation denoises both branches jointly from noise (PNDM; the official settings: 100
+steps at CFG 2.5 without BCM, 50 steps at CFG 2.0 with it, 1.2 for screw) and segments the mask
+from the anomaly-part image (``segment.py``: U²-Net saliency at 0.5 as the official code, with
+``u2net_weights``; else our threshold).
 
 UNet batch layout, per forward: ``[whole rows; part rows; background rows]`` (background rows only
 with BCM), the first two stacked ``[uncond; cond]`` under CFG, the background rows after them.
@@ -41,11 +43,13 @@ from anomalygen.methods.base import malformed_as_corrupt, model_path
 from anomalygen.methods.dualanodiff.bcm import BCM_MIXES, BackgroundMix
 from anomalygen.methods.dualanodiff.saim import SAIM
 from anomalygen.methods.dualanodiff.segment import (
-    MASK_REFERENCES, MASK_SOURCES, decoded_background, mask_from_attention, mask_from_part, token_attention,
+    MASK_REFERENCES, MASK_SOURCES, decoded_background, mask_from_attention, mask_from_part, mask_from_saliency,
+    token_attention,
 )
+from anomalygen.methods.dualanodiff.u2net import load_u2net, saliency
 from anomalygen.methods.diffusion_base import DiffusionGenerator
 from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RANK, MAX_RESOLUTION, Bool, Choice, Float,
-                                        Int, OptionSpec, Text, diffusion_options)
+                                        Int, OptionSpec, Text, diffusion_options, require)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
@@ -53,6 +57,8 @@ META_FILE = "dualanodiff.json"
 TYPE_DIR = "types"
 BRANCHES = ("whole", "part")
 PART_BACKGROUNDS = {"gray": 0.5, "black": 0.0}  # the anomaly-part image's value outside the mask, in [0, 1]
+# the official scripts' values without / with BCM (dual-interrelated_diff vs bcm-dual-interrelated_diff)
+BCM_DEFAULTS = {"batch_size": (4, 2), "num_inference_steps": (100, 50), "guidance_scale": (2.5, 2.0)}
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # none, horizontal, vertical, both: the official augmentation
 
 
@@ -60,7 +66,8 @@ def _options() -> OptionSpec:
     shared = diffusion_options()
     del shared["init_word"]  # no learned token to initialise
     shared["sampler"] = Choice("pndm", SAMPLERS, sampling=True)  # the official code samples with SD's PNDM
-    shared["guidance_scale"] = Float(2.5, 0, sampling=True)
+    shared["guidance_scale"] = Float(None, 0, optional=True, sampling=True)  # None: 2.5, or 2.0 with BCM (official; 1.2 for screw)
+    shared["batch_size"] = Int(None, 1, MAX_BATCH, optional=True)  # None: 4, or 2 with BCM (the official scripts)
     return OptionSpec(
         **shared,
         max_steps=Int(5000, 1),
@@ -78,9 +85,12 @@ def _options() -> OptionSpec:
         saim_zero_init=Bool(False),  # True: SAIM starts as the identity (the official code: default init)
         bcm=Bool(True),
         bcm_mix=Choice("paper", BCM_MIXES),  # "paper" (Eq. 5: φ + γ·MLP(φ_b), γ=0.1) | "official" ((1−a)φ + a·MLP(φ_b), a=0)
-        foreground=Choice("auto", FOREGROUND_MODES),  # how BCM finds the object to remove (masks/foreground.py)
-        num_inference_steps=Int(100, 1, MAX_INFERENCE_STEPS, sampling=True),
-        mask_source=Choice("threshold", MASK_SOURCES, sampling=True),
+        bcm_uncond=Choice("gray", ("gray", "black"), sampling=True),  # CFG's negative background: a mid-gray image encoded (official) | black (ours)
+        bcm_latent=Choice("unscaled", ("unscaled", "scaled")),  # I_b's latent without the VAE scaling factor (official) | scaled (ours)
+        foreground=Choice("auto", (*FOREGROUND_MODES, "u2net")),  # BCM's object to remove: auto = U²-Net with u2net_weights (official), else masks/foreground.py
+        num_inference_steps=Int(None, 1, MAX_INFERENCE_STEPS, optional=True, sampling=True),  # None: 100, or 50 with BCM (official)
+        u2net_weights=Text(None, optional=True),  # U²-Net weights (u2net.pth / u2netp.pth or safetensors): the official masks
+        mask_source=Choice("auto", ("auto", *MASK_SOURCES), sampling=True),  # auto: u2net with u2net_weights (official), else threshold (ours)
         mask_threshold=Float(0.15, 0, 1, sampling=True),  # how far from the part background ([0, 1]) a pixel must be
         mask_reference=Choice("nominal", MASK_REFERENCES, sampling=True),  # that background: its value | as the autoencoder returns it
         attention_threshold=Float(0.5, 0, 1, sampling=True),  # of the attention map scaled to [0, 1]
@@ -104,7 +114,19 @@ class DualAnoDiff(DiffusionGenerator):
         self._defect_types: list[str] = []
         self.interaction: dict[str, dict[str, torch.nn.Module]] = {}  # type -> layer -> SAIM / BCM mix
         self.sizes: dict[str, list[int]] = {}  # type -> (H, W) of its real images: the output size
-        self.foreground_mode = self.opt["foreground"]
+        opt = self.opt
+        for name, values in BCM_DEFAULTS.items():
+            if opt[name] is None:
+                opt[name] = values[opt["bcm"]]
+        weights = opt["u2net_weights"]
+        if opt["mask_source"] == "auto":
+            opt["mask_source"] = "u2net" if weights else "threshold"
+        if opt["foreground"] == "auto" and weights and opt["bcm"]:
+            opt["foreground"] = "u2net"
+        require(weights or "u2net" not in (opt["mask_source"], opt["foreground"]), self.name,
+                "mask_source / foreground u2net need u2net_weights=FILE (no U2-Net weights ship with anomalygen)")
+        self.u2net = load_u2net(weights) if weights else None  # read now: a bad file is refused before anything is written
+        self.foreground_mode = opt["foreground"]
         self.loss_log: dict[str, list[float]] = {}
 
     # ----------------------------------------------------------------- components
@@ -194,9 +216,18 @@ class DualAnoDiff(DiffusionGenerator):
         return to_tensor(images, (size, size))
 
     def _background(self, image: np.ndarray) -> np.ndarray:
-        """I_b = (1 − M_f)·I (Eq. 5): the image with its object (foreground) blacked out."""
+        """I_b = (1 − M_f)·I (Eq. 5): the image with its object (foreground) blacked out. With
+        U²-Net, as the official code: I·(1 − s), s the saliency in [0, 1] (a soft paste)."""
+        if self.foreground_mode == "u2net":
+            salient = saliency(self.u2net.to(self.backbone.device), [image])[0]
+            return np.round(image * (1 - salient[..., None])).astype(np.uint8)
         foreground = foreground_mask(image, self.foreground_mode)
         return np.where(foreground[..., None], 0, image).astype(np.uint8)
+
+    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """I_b's latent as BCM takes it: unscaled (the official code skips the VAE's scaling factor
+        for the background) or, with ``bcm_latent=scaled``, as the branches' latents."""
+        return latents / self.backbone.vae.config.scaling_factor if self.opt["bcm_latent"] == "unscaled" else latents
 
     def _latents(self, examples: Sequence[DefectExample]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The VAE posteriors (mean, std) of I, I·M and I_b for every training pair, encoded once for
@@ -214,8 +245,10 @@ class DualAnoDiff(DiffusionGenerator):
         if self.opt["bcm"]:
             pixels["background"] = self._square([self._background(np.asarray(e.image)) for e in examples])
         flips = FLIPS if self.opt["flip"] else FLIPS[:1]
-        return {b: encode_posterior(self.backbone, torch.cat([x.flip(f) if f else x for f in flips]))
-                for b, x in pixels.items()}
+        out = {b: encode_posterior(self.backbone, torch.cat([x.flip(f) if f else x for f in flips])) for b, x in pixels.items()}
+        if "background" in out:
+            out["background"] = tuple(self._unscale(v) for v in out["background"])
+        return out
 
     # ----------------------------------------------------------------- training
     def training_loss(self, k: int, latents: dict[str, tuple[torch.Tensor, torch.Tensor]], generator: torch.Generator,
@@ -260,7 +293,8 @@ class DualAnoDiff(DiffusionGenerator):
             raise DataError(None, "dualanodiff needs at least one training defect image with its mask")
         types = sorted({d.defect_type for d in defects})
         self._defect_types = types
-        self.foreground_mode = resolve_mode(self.opt["foreground"], list(good) or [d.image for d in defects])
+        mode = self.opt["foreground"]
+        self.foreground_mode = mode if mode == "u2net" else resolve_mode(mode, list(good) or [d.image for d in defects])
         start, budget = time.monotonic(), self.opt["time_budget_s"]
         for k, defect_type in enumerate(types):
             examples = [d for d in defects if d.defect_type == defect_type]
@@ -376,10 +410,11 @@ class DualAnoDiff(DiffusionGenerator):
         with torch.no_grad():
             whole_ctx, part_ctx, uncond = self.encode(k, [whole_prompt, part_prompt, ""]).split(1)
             context = torch.cat([whole_ctx.expand(n, -1, -1), part_ctx.expand(n, -1, -1)])
-            if backgrounds is not None:  # the negative half's background is a black image, as the official code
+            if backgrounds is not None:  # the negative half's background: a plain gray (official) or black image
                 reference = encode_images(backbone, self._square([self._background(np.asarray(b)) for b in backgrounds]))
-                black = encode_images(backbone, torch.zeros(1, 3, size, size)).expand(n, -1, -1, -1)
-                reference = torch.cat([black, reference]) if guided else reference
+                plain = torch.full((1, 3, size, size), 0.5 if opt["bcm_uncond"] == "gray" else 0.0)
+                negative = encode_images(backbone, plain).expand(n, -1, -1, -1)
+                reference = self._unscale(torch.cat([negative, reference]) if guided else reference)
         recorder = AttentionRecorder() if opt["mask_source"] == "attention" else None
         tokens = len(backbone.tokenizer(part_prompt, add_special_tokens=False).input_ids)
         attention = torch.zeros(n, size // factor, size // factor)
@@ -429,6 +464,8 @@ class DualAnoDiff(DiffusionGenerator):
             if recorder is not None:
                 mask = mask_from_attention(attention[j].numpy(), part.shape[:2], opt["attention_threshold"],
                                            opt["mask_min_area"])
+            elif opt["mask_source"] == "u2net":
+                mask = mask_from_saliency(saliency(self.u2net.to(backbone.device), [part])[0])
             else:
                 mask = mask_from_part(part, background, opt["mask_threshold"], opt["mask_min_area"])
             out.append((whole, mask))
@@ -466,8 +503,10 @@ class DualAnoDiff(DiffusionGenerator):
                 raise ValueError(f"types {types} do not match generator.json's defect_types {self._defect_types}")
             folders = [model_path(directory, meta["types"][t], meta_path) for t in types]
             self.sizes = {t: [int(v) for v in meta["sizes"][t]][:2] for t in types}
-            if self.opt["bcm"] and meta["foreground_mode"] not in ("object", "texture"):
-                raise ValueError(f"foreground_mode must be object or texture, got {meta['foreground_mode']!r}")
+            if self.opt["bcm"] and meta["foreground_mode"] not in ("object", "texture", "u2net"):
+                raise ValueError(f"foreground_mode must be object, texture or u2net, got {meta['foreground_mode']!r}")
+            if meta["foreground_mode"] == "u2net" and self.u2net is None:
+                raise ValueError("BCM's foreground was segmented with U2-Net: give u2net_weights=FILE")
             self.foreground_mode = meta["foreground_mode"]
             self.loss_log = {t: [float(v) for v in meta.get("loss_log", {}).get(t, [])] for t in types}
         for k, folder in enumerate(folders):

@@ -2,13 +2,15 @@
 
 The anomaly-part image shows the defect alone on a plain background (gray, as the official code's
 I·M in [-1, 1], or black), so its mask is segmented from it, aligned with the whole image by
-construction. Two ways, as the paper names them:
+construction. Three ways:
 
-- ``threshold`` (default): the pixels whose value differs from the background by more than
-  ``threshold`` in any channel ([0, 1] scale), cleaned by morphology (opening removes specks,
-  closing and hole filling close the region) and with components below ``min_area`` of the image
-  dropped. The official code segments with a U²-Net saliency model at 0.5; its weights cannot be
-  assumed here, and on a plain background the difference from it is what saliency finds. The
+- ``u2net`` (the official code's): U²-Net saliency (``u2net.py``, weights the user supplies) of the
+  anomaly-part image, binarised at 0.5 (``mask_from_saliency``), no clean-up;
+- ``threshold`` (ours, the fallback without U²-Net weights): the pixels whose value differs from the
+  background by more than ``threshold`` in any channel ([0, 1] scale), cleaned by morphology
+  (opening removes specks, closing and hole filling close the region) and with components below
+  ``min_area`` of the image dropped. On grayscale categories it misses defect pixels close to the
+  gray background (benchmarks/dualanodiff_masks.py measures how many). The
   background is the nominal value (gray 0.5), or, with ``decoded``, that plain image as the model's
   autoencoder returns it (``decoded_background``): an autoencoder that shifts the colour (a small
   prior's) would otherwise make the whole image "defect".
@@ -29,7 +31,8 @@ from scipy import ndimage
 from anomalygen.diffusion.backbone import Backbone
 from anomalygen.diffusion.sampling import decode_latents, encode_images
 
-MASK_SOURCES = ("threshold", "attention")
+MASK_SOURCES = ("u2net", "threshold", "attention")
+SALIENCY_THRESHOLD = 0.5  # the official binarisation of U²-Net's output
 MASK_REFERENCES = ("nominal", "decoded")
 
 
@@ -56,6 +59,11 @@ def mask_from_part(part: np.ndarray, background: float | Sequence[float] = 0.5, 
     from it in any channel."""
     values = np.asarray(part, np.float32).reshape(*part.shape[:2], -1) / 255
     return clean(np.abs(values - np.asarray(background, np.float32)).max(axis=-1) > threshold, min_area)
+
+
+def mask_from_saliency(salient: np.ndarray, threshold: float = SALIENCY_THRESHOLD) -> np.ndarray:
+    """Bool mask of a saliency map in [0, 1]: above ``threshold`` (0.5, the official code's)."""
+    return np.asarray(salient) > threshold
 
 
 def decoded_background(backbone: Backbone, value: float, size: int) -> tuple[float, ...]:
