@@ -541,3 +541,48 @@ def test_it_learns_one_pair_at_test_scale(fitted, name):
             assert a < (1 - fall) * b, branch
         if name in BRANCHES:
             assert len(call.branches_before[0]) >= 2
+
+
+# ----------------------------------------------------------------- options and bad inputs
+@pytest.mark.parametrize("name", METHODS)
+def test_options_are_checked_when_the_method_is_built(name):
+    """An unknown option, and every option given a value of no allowed kind (an object), is one error
+    naming it, raised by the constructor (nothing loaded or written yet)."""
+    klass = get_method(name)
+    with pytest.raises(AnomalygenError, match="no_such_option"):
+        klass(no_such_option=1)
+    for option in klass.OPTIONS.options:
+        with pytest.raises(AnomalygenError, match=rf"\b{option}\b") as error:
+            klass(**{option: {"not": "allowed"}})
+        assert "\n" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def cli_data(tmp_path_factory) -> Path:
+    from anomalygen.data.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("cli"), n_good=2, n_test_good=1, n_defect=3, size=64,
+                             categories=("fabric",))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_bad_option_or_a_damaged_model_is_one_line_through_the_cli(name, fitted, cli_data, tmp_path):
+    """``fit`` with an option of a wrong value: exit 2, one line naming it, no model folder, the data
+    untouched; ``generate`` from a saved model whose largest file is cut short: exit 2, one line
+    naming that file, no output."""
+    before = snapshot(cli_data)
+    option = next(iter(get_method(name).OPTIONS.options))
+    result = run_cli("fit", "--method", name, "--data", cli_data, "--category", "fabric", "--out", tmp_path / "model",
+                     "--set", f'{option}={{"not": "allowed"}}')
+    assert_user_error(result, option)
+    assert not (tmp_path / "model").exists() and snapshot(cli_data) == before
+
+    fit = fitted(name)
+    fit.generator.save(tmp_path / "saved")
+    largest = max((p for p in (tmp_path / "saved").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    result = run_cli("generate", "--checkpoint", tmp_path / "saved", "--data", cli_data, "--category", "fabric",
+                     "--out", tmp_path / "out", "--num", "1", "--no-filter")
+    assert_user_error(result, largest.name)
+    assert not (tmp_path / "out" / "fabric").exists() or not any((tmp_path / "out" / "fabric").rglob("*.png"))
+    assert snapshot(cli_data) == before
