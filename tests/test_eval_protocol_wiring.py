@@ -1,0 +1,133 @@
+"""What the downstream networks receive (issue 29): every image has its own flat grey level, so each
+row a network sees names the image it came from. The localisation U-Net (DRAEM's protocol) trains on
+good images with empty masks about half the time and on generated pairs (image with its own mask)
+otherwise, and is tested on the real test split; the classifier trains on generated defects only,
+labelled by their type, and is tested on the real test defects of the generated types."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomalygen.evaluation import classification, localization
+from anomalygen.evaluation.classification import ClassificationConfig, run_classification
+from anomalygen.evaluation.inputs import EvaluationData, resize_mask
+from anomalygen.evaluation.localization import LocalizationConfig, run_localization
+from anomalygen.types import DefectExample
+
+torch.set_num_threads(1)
+SIZE = 32
+
+
+def flat(level: int) -> np.ndarray:
+    return np.full((24, 24, 3), level, np.uint8)
+
+
+def box(top: int, left: int, height: int = 6, width: int = 6) -> np.ndarray:
+    mask = np.zeros((24, 24), bool)
+    mask[top:top + height, left:left + width] = True
+    return mask
+
+
+def example(level: int, defect_type: str, top: int = 2, left: int = 2) -> DefectExample:
+    return DefectExample(flat(level), box(top, left), defect_type)
+
+
+@pytest.fixture
+def data() -> EvaluationData:
+    """Grey levels: train/good 10-30, generated 100-130 ("a") and 200-210 ("b"), real test good 50,
+    real test defects 60-61 ("a"), 70 ("b"), 80 ("c": not generated), real train defects 90."""
+    generated = {"a": [example(100 + 10 * i, "a", top=3 * i, left=i) for i in range(4)],
+                 "b": [example(200 + 10 * i, "b", top=12, left=4 * i) for i in range(2)]}
+    return EvaluationData(
+        category="tiles", generated=generated, train_defects={"a": [example(90, "a")]},
+        test_defects={"a": [example(60, "a", 8, 8), example(61, "a", 1, 14)], "b": [example(70, "b", 14, 2)],
+                      "c": [example(80, "c")]},
+        train_good=[flat(10), flat(20), flat(30)], test_good=[flat(50)], problems=[])
+
+
+def levels(batch: torch.Tensor) -> list[int]:
+    """The grey level of each row of a (N, 3, H, W) batch in [0, 1]; every row is one flat image."""
+    values = (batch.detach().float() * 255).round()
+    assert bool((values == values[:, :1, :1, :1]).all()), "a row mixes images"
+    return [int(v) for v in values[:, 0, 0, 0]]
+
+
+def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_otherwise(data, monkeypatch):
+    seen = {"train": [], "test": [], "targets": [], "metric_masks": []}
+
+    class Recording(localization.DiscriminativeUNet):
+        def forward(self, x):
+            seen["train" if self.training else "test"].append(levels(x))
+            return super().forward(x)
+
+    real_loss, real_metrics = localization.focal_loss, localization.localization_metrics
+
+    def loss(logits, target):
+        seen["targets"].append(target.detach().clone())
+        return real_loss(logits, target)
+
+    def metrics(masks, maps, scores):
+        seen["metric_masks"].append(masks.copy())
+        return real_metrics(masks, maps, scores)
+
+    monkeypatch.setattr(localization, "DiscriminativeUNet", Recording)
+    monkeypatch.setattr(localization, "focal_loss", loss)
+    monkeypatch.setattr(localization, "localization_metrics", metrics)
+    config = LocalizationConfig(epochs=2, samples_per_epoch=200, resolution=SIZE, base=2, batch_size=25, protocol="clean")
+    run_localization(data, config, torch.device("cpu"))
+
+    rows = [level for batch in seen["train"] for level in batch]
+    targets = torch.cat(seen["targets"])
+    assert len(rows) == len(targets) == 400
+    good = {10, 20, 30}
+    pairs = {e.image[0, 0, 0]: resize_mask(e.mask, SIZE) for t in data.generated.values() for e in t}
+    share = sum(level in good for level in rows) / len(rows)
+    assert 0.42 < share < 0.58  # a fair coin per sample: 0.5 +- 3.2 sd over 400 draws
+    assert set(rows) == good | set(pairs)  # every good image and every generated image is drawn
+    for level, target in zip(rows, targets):
+        expected = np.zeros((SIZE, SIZE), bool) if level in good else pairs[level]
+        assert np.array_equal(target.numpy().astype(bool), expected), level  # each image with its own mask
+    # tested once (the clean protocol's last epoch) on real test/good + every real test defect, in order
+    assert seen["test"] == [[50, 60, 61, 70, 80]]
+    real = [np.zeros((SIZE, SIZE), bool)] + [resize_mask(e.mask, SIZE) for t in ("a", "b", "c") for e in data.test_defects[t]]
+    assert len(seen["metric_masks"]) == 1 and np.array_equal(seen["metric_masks"][0], np.stack(real))
+
+
+def test_the_classifier_trains_on_generated_defects_and_tests_on_the_real_ones(data, monkeypatch):
+    seen = {"train": [], "test": [], "labels": []}
+    mean, std = classification.IMAGENET_MEAN, classification.IMAGENET_STD
+
+    class Recording(torch.nn.Module):
+        def __init__(self, classes: int):
+            super().__init__()
+            self.head = torch.nn.Linear(3, classes)
+
+        def forward(self, x):
+            seen["train" if self.training else "test"].append(levels(x * std + mean))
+            return self.head(x.mean(dim=(2, 3)))
+
+    def build(classes, weights):
+        return Recording(classes), "recording"
+
+    real_ce = torch.nn.functional.cross_entropy
+
+    def cross_entropy(logits, target, *args, **kwargs):
+        seen["labels"].append(target.tolist())
+        return real_ce(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(classification, "build_resnet34", build)
+    monkeypatch.setattr(classification.F, "cross_entropy", cross_entropy)
+    config = ClassificationConfig(epochs=3, resolution=SIZE, batch_size=4, random_init=True)
+    result = run_classification(data, config, torch.device("cpu"))
+
+    generated = {int(e.image[0, 0, 0]): t for t, examples in data.generated.items() for e in examples}
+    rows = [level for batch in seen["train"] for level in batch]
+    labels = [label for batch in seen["labels"] for label in batch]
+    assert len(rows) == len(labels) == 3 * len(generated)
+    assert sorted(rows) == sorted(list(generated) * 3)  # every generated image once per epoch, nothing else
+    assert all(labels[i] == ["a", "b"].index(generated[level]) for i, level in enumerate(rows))  # its own type
+    assert [level for batch in seen["test"] for level in batch] == [60, 61, 70]  # real test defects of generated types
+    assert result["classes"] == ["a", "b"] and result["skipped_test_types"] == ["c"]
+    assert result["test_counts"] == {"a": 2, "b": 1}
