@@ -1,0 +1,254 @@
+"""Wiring of every diffusion method, in training and in generation: what each UNet (ControlNet,
+text encoder) call receives per batch row, recorded by ``tests/recording.py`` on the tiny preset.
+
+Inputs are told apart by value: each training image and each good image is a different constant
+(or a two-level) image, defect types have different prompts and learned vectors set to different
+random values, so a row that gets another row's latent, prompt, tokens, mask or target fails.
+Training: the trainer (``train``) is replaced by one that calls the method's own ``loss_fn`` once
+under the recorder (no optimisation: the wiring, not the learning), with the UNet answering each
+row with the noise that made it (``oracle``): the loss is 0 only if every row is compared with its
+own noise. Generation: 2-3 sampling steps; every step is checked, not the last one only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anomalygen.diffusion.sampling import encode_images, latent_mask, to_tensor, to_uint8
+from anomalygen.diffusion.train import TrainResult
+from anomalygen.types import DefectExample
+from recording import record, source
+
+torch.set_num_threads(1)
+
+SIZE = 32
+BASE = dict(model="tiny", device="cpu", resolution=SIZE, seed=0, checkpoint_every=0)
+
+
+def box(top, left, height, width, shape=(SIZE, SIZE)):
+    mask = np.zeros(shape, bool)
+    mask[top:top + height, left:left + width] = True
+    return mask
+
+
+def plain(value, shape=(SIZE, SIZE)):
+    return np.full((*shape, 3), value, np.uint8)
+
+
+def defects():
+    """Four training pairs, two per type, each image a different two-level picture (inside / outside its mask)."""
+    masks = [box(4, 6, 10, 12), box(16, 4, 8, 20), box(6, 14, 14, 10), box(18, 18, 10, 8)]
+    levels = [(40, 230), (90, 10), (150, 250), (210, 60)]
+    return [DefectExample(np.where(m[..., None], plain(a), plain(b)), m, t)
+            for m, (b, a), t in zip(masks, levels, ["crack", "hole", "crack", "hole"])]
+
+
+GOOD = [plain(70), plain(130), plain(190)]
+
+
+def latents_of(backbone, images):
+    return encode_images(backbone, to_tensor([np.asarray(i) for i in images], (SIZE, SIZE)))
+
+
+class FakeTrain:
+    """Stands in for ``diffusion.train.train``: ``prepare(modules)`` gives the learned state
+    distinct values, then the method's ``loss_fn`` runs once under the recorder (oracle UNet)."""
+
+    def __init__(self, backbone, prepare=None, controlnet=None):
+        self.backbone, self.prepare, self.controlnet = backbone, prepare, controlnet
+        self.calls = []
+
+    def __call__(self, modules, loss_fn, config, out_dir, **kwargs):
+        if self.prepare is not None:
+            with torch.no_grad():
+                self.prepare(modules)
+        with record(self.backbone(), controlnet=modules.get("controlnet"), oracle=True) as rec:
+            loss = loss_fn(modules, 0, torch.Generator().manual_seed(config.seed))
+        self.calls.append((rec, float(loss), dict(modules)))
+        return TrainResult(1, float(loss), "max_steps", [float(loss)])
+
+
+def distinct(parameter, seed):
+    parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def assert_blended_every_step(rec, calls, known, mask, rows=slice(None)):
+    """Blended latent diffusion at every step: the UNet input of step i ≥ 1 is, outside the latent
+    mask, the known image's latent noised to that step's timestep (and inside it is not); the
+    decoded latent is, outside the mask, the clean known latent."""
+    blends = [n for n in rec.noised if n.original.shape == known.shape and torch.allclose(n.original, known, atol=1e-5)]
+    assert len(blends) == len(calls) - 1  # one blend after every step but the last, which takes the clean latent
+    for call, blend in zip(calls[1:], blends):
+        x = call.latents[rows]
+        assert int(blend.timesteps.reshape(-1)[0]) == int(call.timesteps[0])
+        assert torch.allclose((1 - mask) * x, (1 - mask) * blend.noisy, atol=1e-5)
+        assert not torch.allclose(mask * x, mask * blend.noisy, atol=1e-3)
+    final = rec.decoded[-1][0]
+    assert torch.allclose((1 - mask) * final, (1 - mask) * known, atol=1e-4)
+
+
+# ----------------------------------------------------------------- textual inversion
+@pytest.fixture(scope="module")
+def textual_inversion():
+    import anomalygen.methods.textual_inversion as module
+
+    generator = module.TextualInversionGenerator(**BASE, batch_size=4, num_inference_steps=3, guidance_scale=2.0,
+                                                 prompt="a photo of {} here", generate_batch_size=2)
+    fake = FakeTrain(lambda: generator._backbone, lambda m: distinct(m["embeddings"].vectors, 1))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "train", fake)
+        generator.fit(defects(), GOOD)
+    return generator, fake
+
+
+def test_textual_inversion_training_rows_get_their_image_its_type_token_and_their_own_noise(textual_inversion):
+    generator, fake = textual_inversion
+    (rec, loss, _), = fake.calls
+    backbone, encoder = generator._backbone, generator._encoder
+    data = defects()
+    clean = latents_of(backbone, [d.image for d in data])
+    call, = rec.unet
+    assert loss < 1e-10  # every row's ε target is the noise that made its input
+    for row, x in enumerate(call.latents):
+        z0, _, t = rec.made(x)
+        d = data[source(z0, clean)]
+        vector = generator.embeddings.vectors[generator._defect_types.index(d.defect_type)]
+        expected = encoder(["a photo of <defect> here"], {"<defect>": vector[None]}).hidden_states[0]
+        assert torch.allclose(call.context[row], expected, atol=1e-5)
+        assert int(call.timesteps[row]) == int(t)
+
+
+def test_textual_inversion_generation_conditions_every_step_and_blends_at_every_step(textual_inversion):
+    generator, _ = textual_inversion
+    backbone, encoder = generator._backbone, generator._encoder
+    with record(backbone) as rec:
+        samples = list(generator.generate(GOOD, 2, seed=3, start=1))
+    assert len(rec.unet) == 3
+    uncond = encoder([""]).hidden_states[0]
+    for j, sample in enumerate(samples):
+        vector = generator.embeddings.vectors[generator._defect_types.index(sample.defect_type)]
+        expected = encoder(["a photo of <defect> here"], {"<defect>": vector[None]}).hidden_states[0]
+        for call in rec.unet:  # [uncond; cond] under classifier-free guidance
+            assert torch.allclose(call.context[2 + j], expected, atol=1e-5)
+            assert torch.allclose(call.context[j], uncond, atol=1e-5)
+            assert torch.equal(call.latents[j], call.latents[2 + j])
+    assert [s.defect_type for s in samples] == ["hole", "crack"]
+    known = latents_of(backbone, [GOOD[s.meta["source_index"]] for s in samples])
+    mask = latent_mask(torch.stack([torch.from_numpy(s.mask) for s in samples])[:, None], known.shape[-2:])
+    assert_blended_every_step(rec, rec.unet, known, mask, rows=slice(2, 4))
+    for s in samples:  # the good image outside the mask, the decoded sample inside it
+        assert np.array_equal(s.image[~s.mask], GOOD[s.meta["source_index"]][~s.mask])
+    decoded = to_uint8(rec.decoded[-1][1])
+    for s, image in zip(samples, decoded):
+        assert np.array_equal(s.image[s.mask], image[s.mask])
+
+
+# ----------------------------------------------------------------- AnomalyDiffusion
+AD = dict(BASE, batch_size=4, num_anomaly_tokens=2, num_spatial_tokens=2, mask_tokens=2, mask_source="learned",
+          masked_loss=True, spatial_embedding=True)
+
+
+@pytest.fixture(scope="module")
+def anomalydiffusion():
+    import anomalygen.methods.anomalydiffusion.generator as module
+
+    generator = module.AnomalyDiffusion(**AD)
+    data = defects()
+    pairs, losses = [], []
+
+    def augment(image, mask, rng, size, _original=module.augment_pair):
+        out = _original(image, mask, rng, size)
+        pairs.append((next(i for i, d in enumerate(data) if d.image is image), *out))
+        return out
+
+    def loss(eps, noise, weight, normalise="mask", _original=module.masked_diffusion_loss):
+        losses.append(weight.detach().clone())
+        return _original(eps, noise, weight, normalise)
+
+    def prepare(modules):
+        distinct(modules["anomaly_tokens"].tokens, 1)
+        distinct(modules["mask_tokens"].tokens, 2)
+
+    fake = FakeTrain(lambda: generator.backbone, prepare)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "train", fake)
+        patch.setattr(module, "augment_pair", augment)
+        patch.setattr(module, "masked_diffusion_loss", loss)
+        generator.fit(data, GOOD)
+    return generator, fake, data, pairs, losses
+
+
+def test_anomalydiffusion_training_rows_get_their_image_type_tokens_spatial_mask_and_masked_target(anomalydiffusion):
+    """Eqs. 4-6: row r's input is the r-th augmented image, its context {e_a of its type, E(its
+    augmented mask)}, its loss weight its mask at latent size; Eq. 9: the mask model's rows are
+    the same augmented masks with e_m of their type; every target is its own noise."""
+    from anomalygen.methods.anomalydiffusion.generator import ANOMALY, MASK, SPATIAL
+
+    generator, fake, data, pairs, losses = anomalydiffusion
+    (rec, loss, modules), = fake.calls
+    backbone = generator.backbone
+    assert loss < 1e-10 and len(pairs) == 4 and len(rec.unet) == 2
+    images = torch.stack([p[1] for p in pairs])
+    masks = torch.stack([p[2] for p in pairs])
+    types = [generator._defect_types.index(data[p[0]].defect_type) for p in pairs]
+    assert len(set(types)) == 2
+    spatial = modules["spatial_encoder"](masks)
+    image_call, mask_call = rec.unet
+    clean = encode_images(backbone, (images + 1) / 2)
+    mask_clean = encode_images(backbone, masks.expand(-1, 3, -1, -1))
+    for row in range(4):
+        assert source(rec.made(image_call.latents[row])[0], clean) == row
+        expected = generator.prompts([f"{ANOMALY} {SPATIAL}"], {ANOMALY: modules["anomaly_tokens"].tokens[types[row]][None],
+                                                                 SPATIAL: spatial[row][None]}).hidden_states[0]
+        assert torch.allclose(image_call.context[row], expected, atol=1e-5)
+        assert source(rec.made(mask_call.latents[row])[0], mask_clean) == row
+        expected = generator.prompts([MASK], {MASK: modules["mask_tokens"].tokens[types[row]][None]}).hidden_states[0]
+        assert torch.allclose(mask_call.context[row], expected, atol=1e-5)
+    weight, = losses
+    assert torch.equal(weight, F.interpolate(masks, size=clean.shape[-2:], mode="area"))
+
+
+def test_anomalydiffusion_generation_conditions_reweights_anomaly_tokens_and_blends_at_every_step(anomalydiffusion):
+    """Every step: context {e_a, E(m)} of the sample's type and mask in the conditional rows, AAR
+    on every cross-attention layer (no self-attention layer) of the conditional rows only, aimed
+    at the anomaly tokens, weights from this step's z_t against the good image's z_0 in the
+    sample's mask; blending with the noised good image after every step; the mask returned is the
+    one generated in."""
+    from anomalygen.methods.anomalydiffusion import aar
+    from anomalygen.methods.anomalydiffusion.generator import ANOMALY, SPATIAL
+
+    generator, _, _, _, _ = anomalydiffusion
+    backbone = generator.backbone
+    generator.opt.update(aar="latent", aar_apply="multiply_logits", aar_dilation_scale=None, mask_source="augment",
+                         guidance_scale=2.0, eta=1.0, num_inference_steps=3, sampler="ddim", generate_batch_size=2)
+    with record(backbone) as rec:
+        samples = generator.generate(GOOD, 2, seed=5, start=2)
+        samples = list(samples)
+    assert len(rec.unet) == 3 and len({s.defect_type for s in samples}) == 2
+    square = torch.stack([torch.from_numpy(s.mask) for s in samples])[:, None].float()
+    types = torch.tensor([generator._defect_types.index(s.defect_type) for s in samples])
+    vectors = {ANOMALY: generator.anomaly_tokens(types), SPATIAL: generator.spatial_encoder(square)}
+    encoded = generator.prompts([f"{ANOMALY} {SPATIAL}"] * 2, vectors)
+    uncond = generator.prompts([""]).hidden_states[0]
+    known = latents_of(backbone, [GOOD[s.meta["source_index"]] for s in samples])
+    mask = latent_mask(square, known.shape[-2:])
+    for call in rec.unet:
+        assert torch.allclose(call.context[2:], encoded.hidden_states, atol=1e-5)
+        assert torch.allclose(call.context[:2], uncond.expand(2, -1, -1), atol=1e-5)
+        assert call.hook_kinds("self") == [[]] * len(call.hooks["self"])
+        assert call.hook_kinds("cross") == [["AttentionReweight"]] * len(call.hooks["cross"])
+        state = call.hooks["cross"][0][0].state
+        assert state["rows"] == slice(2, 4)
+        for row, positions in enumerate(state["positions"]):  # the anomaly tokens (with at most the start and spatial tokens)
+            assert set(encoded.positions[ANOMALY][row]) <= set(positions)
+            assert set(positions) <= {0, *encoded.positions[ANOMALY][row], *encoded.positions[SPATIAL][row]}
+        expected = aar.latent_weights(call.latents[2:], known, mask, int(call.timesteps[0]), scale=aar.dilation_scale(3),
+                                      num_train_timesteps=backbone.num_train_timesteps)[:, None]
+        assert torch.allclose(state["weights"], expected, atol=1e-5)
+        assert all(torch.equal(layer[0].state["weights"], state["weights"]) for layer in call.hooks["cross"])
+    assert_blended_every_step(rec, rec.unet, known, mask, rows=slice(2, 4))
+    for s in samples:
+        assert np.array_equal(s.image[~s.mask], GOOD[s.meta["source_index"]][~s.mask])
