@@ -252,3 +252,124 @@ def test_anomalydiffusion_generation_conditions_reweights_anomaly_tokens_and_ble
     assert_blended_every_step(rec, rec.unet, known, mask, rows=slice(2, 4))
     for s in samples:
         assert np.array_equal(s.image[~s.mask], GOOD[s.meta["source_index"]][~s.mask])
+
+
+# ----------------------------------------------------------------- DualAnoDiff
+def with_object(level, obj):
+    image = plain(level)
+    image[8:24, 6 + level // 40:22 + level // 40] = obj
+    return image
+
+
+GOOD_OBJECTS = [with_object(30, 200), with_object(60, 140), with_object(90, 250)]
+DUAL = dict(BASE, batch_size=2, rank=2, flip=False, vae_latents="mean", part_background="gray", foreground="object",
+            defect_word="{type}", object_word="vfx", saim=True, bcm=True, text_encoder_lora=True)
+
+
+@pytest.fixture(scope="module")
+def dualanodiff():
+    import anomalygen.methods.dualanodiff.generator as module
+
+    generator = module.DualAnoDiff(**DUAL)
+    fake = FakeTrain(lambda: generator.backbone)
+    data = defects()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "train", fake)
+        generator.fit(data, GOOD_OBJECTS)
+    return generator, fake, data
+
+
+def test_dualanodiff_training_rows_whole_part_background_with_their_prompts_adapters_and_targets(dualanodiff):
+    """Eq. 4 per type: rows [whole; part; background] of the same pairs at one timestep per pair;
+    whole rows: z(I), "a vfx with <type>", the whole LoRA; part rows: z(I·M + gray outside),
+    "<type>", the part LoRA; background rows: z(I_b), the whole prompt and LoRA; SAIM pairs
+    whole and part rows on every layer, BCM injects the background rows into the whole rows'
+    self-attention; each branch's target is its own noise; every text call through the type's text LoRA."""
+    generator, fake, data = dualanodiff
+    backbone, n = generator.backbone, 2
+    assert len(fake.calls) == 2
+    for k, (rec, loss, _) in enumerate(fake.calls):
+        name = generator._defect_types[k]
+        examples = [d for d in data if d.defect_type == name]
+        whole = to_tensor([d.image for d in examples])
+        masks = torch.stack([torch.from_numpy(d.mask) for d in examples])[:, None].float()
+        pixels = {"whole": whole, "part": whole * masks + 0.5 * (1 - masks),
+                  "background": to_tensor([generator._background(d.image) for d in examples])}
+        clean = {b: encode_images(backbone, x) for b, x in pixels.items()}
+        call, = rec.unet
+        assert loss < 1e-10
+        assert call.adapters == [f"whole_{k}"] * n + [f"part_{k}"] * n + [f"whole_{k}"] * n
+        assert rec.text and all(rows == [f"text_{k}"] * len(rows) for rows in rec.text)
+        prompts = {b: generator.prompts([p]).hidden_states[0]
+                   for b, p in (("whole", f"a vfx with {name}"), ("part", name), ("background", f"a vfx with {name}"))}
+        for r in range(n):
+            made = {b: rec.made(call.latents[i * n + r]) for i, b in enumerate(("whole", "part", "background"))}
+            pairs = {b: source(made[b][0], clean[b]) for b in made}
+            assert len(set(pairs.values())) == 1  # one pair in all three branches
+            assert len({int(m[2]) for m in made.values()}) == 1  # at one timestep
+            assert not torch.equal(made["whole"][1], made["part"][1])  # with independent noise
+            for i, b in enumerate(("whole", "part", "background")):
+                assert torch.allclose(call.context[i * n + r], prompts[b], atol=1e-5)
+        self_hooks, cross_hooks = call.hooks["self"], call.hooks["cross"]
+        assert all(sorted(h.kind for h in layer) == ["ReferenceKV", "SAIM"] for layer in self_hooks)
+        assert all([h.kind for h in layer] == ["SAIM"] for layer in cross_hooks)
+        for layer in self_hooks + cross_hooks:
+            for h in layer:
+                if h.kind == "SAIM":
+                    assert h.state["whole"].tolist() == [0, 1] and h.state["part"].tolist() == [2, 3]
+                else:
+                    assert h.state["mode"] == "inject"
+                    assert h.state["targets"].tolist() == [0, 1] and h.state["reference_rows"].tolist() == [4, 5]
+
+
+def test_dualanodiff_generation_sample_is_the_whole_branch_and_the_mask_is_segmented_from_the_part_branch(dualanodiff, monkeypatch):
+    """Every step: [uncond; cond] x [whole; part] rows with their prompts and LoRAs, then the
+    background rows: the good image's background (cond) or a black image (uncond) noised to this
+    step's timestep, with the whole prompt and LoRA, injected by BCM into the whole rows; the
+    sample is the decoded whole-branch image, its mask segmented from the decoded part image."""
+    import anomalygen.methods.dualanodiff.generator as module
+
+    generator, _, _ = dualanodiff
+    backbone, n = generator.backbone, 2
+    generator.opt.update(sampler="ddim", guidance_scale=2.0, num_inference_steps=2, mask_source="threshold",
+                         mask_reference="nominal", mask_tries=1, generate_batch_size=2)
+    segmented = []
+
+    def segment(part, background, threshold, min_area, _original=module.mask_from_part):
+        segmented.append((part.copy(), _original(part, background, threshold, min_area)))
+        return segmented[-1][1]
+
+    monkeypatch.setattr(module, "mask_from_part", segment)
+    with record(backbone) as rec:
+        samples = list(generator.generate(GOOD_OBJECTS, n, seed=1, defect_type="hole"))
+    w, p = "whole_1", "part_1"
+    assert len(rec.unet) == 2
+    uncond = generator.prompts([""]).hidden_states[0]
+    whole, part = generator.prompts(["a vfx with hole"]).hidden_states[0], generator.prompts(["hole"]).hidden_states[0]
+    black = latents_of(backbone, [plain(0)])[0]
+    references = latents_of(backbone, [generator._background(GOOD_OBJECTS[s.meta["source_index"]]) for s in samples])
+    assert not torch.allclose(references[0], black, atol=1e-3)
+    for call in rec.unet:
+        assert call.adapters == [w, w, p, p, w, w, p, p, w, w, w, w]
+        for rows, expected in ((slice(0, 4), uncond), (slice(4, 6), whole), (slice(6, 8), part), (slice(8, 10), uncond),
+                               (slice(10, 12), whole)):
+            assert torch.allclose(call.context[rows], expected.expand(rows.stop - rows.start, -1, -1), atol=1e-5)
+        for j in range(n):
+            for row, reference in ((8 + j, black), (10 + j, references[j])):
+                z0, _, t = rec.made(call.latents[row])
+                assert torch.allclose(z0, reference, atol=1e-4) and int(t) == int(call.timesteps[0])
+        for layer in call.hooks["self"] + call.hooks["cross"]:
+            for h in layer:
+                if h.kind == "SAIM":
+                    assert h.state["whole"].tolist() == [0, 1, 4, 5] and h.state["part"].tolist() == [2, 3, 6, 7]
+                else:
+                    assert h.state["mode"] == "inject" and h.state["targets"].tolist() == [0, 1, 4, 5]
+                    assert h.state["reference_rows"].tolist() == [8, 9, 10, 11]
+        assert sum(h.kind == "ReferenceKV" for layer in call.hooks["self"] for h in layer) == len(call.hooks["self"])
+    assert rec.text and all(rows == ["text_1"] * len(rows) for rows in rec.text)
+    decoded = to_uint8(rec.decoded[-1][1])
+    assert len(decoded) == 2 * n and len(segmented) == n
+    for j, s in enumerate(samples):
+        assert np.array_equal(s.image, decoded[j])  # the whole branch
+        assert np.array_equal(segmented[j][0], decoded[n + j]) and np.array_equal(s.mask, segmented[j][1])
+        assert not np.array_equal(decoded[j], decoded[n + j])
