@@ -373,3 +373,144 @@ def test_dualanodiff_generation_sample_is_the_whole_branch_and_the_mask_is_segme
         assert np.array_equal(s.image, decoded[j])  # the whole branch
         assert np.array_equal(segmented[j][0], decoded[n + j]) and np.array_equal(s.mask, segmented[j][1])
         assert not np.array_equal(decoded[j], decoded[n + j])
+
+
+# ----------------------------------------------------------------- CAGen
+CAGEN = dict(BASE, batch_size=4, max_per_type=2, prompt="{defect} {category}", category="tile", foreground="texture")
+
+
+@pytest.fixture(scope="module")
+def cagen():
+    import anomalygen.methods.cagen.generator as module
+
+    generator = module.CAGen(**CAGEN)
+
+    def prepare(modules):  # the zero convolutions made non-zero: the residuals then depend on the control image
+        for k, (name, parameter) in enumerate(modules["controlnet"].named_parameters()):
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(k)))
+
+    fake = FakeTrain(lambda: generator.backbone, prepare)
+    data = defects()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "train", fake)
+        generator.fit(data, GOOD)
+    return generator, fake, data
+
+
+def assert_controlled(rec, call, control_call, control):
+    """Eq. 1: the ControlNet sees the UNet's latents, timestep and context and the control image;
+    the UNet gets exactly the ControlNet's residuals."""
+    assert torch.equal(control_call.latents, call.latents) and torch.equal(control_call.timesteps, call.timesteps)
+    assert torch.equal(control_call.context, call.context)
+    assert torch.equal(control_call.control, control)
+    assert len(call.down) == len(control_call.down) and all(torch.equal(a, b) for a, b in zip(call.down, control_call.down))
+    assert torch.equal(call.mid, control_call.mid) and call.mid.abs().amax() > 0
+
+
+def test_cagen_training_rows_get_their_image_prompt_and_mask_through_the_controlnet(cagen):
+    from anomalygen.methods.cagen.control import control_image
+
+    generator, fake, data = cagen
+    (rec, loss, _), = fake.calls
+    backbone = generator.backbone
+    clean = latents_of(backbone, [d.image for d in data])
+    call, = rec.unet
+    control_call, = rec.control
+    assert loss < 1e-10
+    picks = [source(rec.made(x)[0], clean) for x in call.latents]
+    assert len({data[i].defect_type for i in picks}) == 2
+    assert_controlled(rec, call, control_call, control_image([data[i].mask for i in picks], SIZE))
+    for row, i in enumerate(picks):
+        expected = generator.prompts([f"{data[i].defect_type} tile"]).hidden_states[0]
+        assert torch.allclose(call.context[row], expected, atol=1e-5)
+
+
+def test_cagen_generation_controls_every_step_and_fuses_with_the_good_latent_once_at_the_end(cagen):
+    """Every step: the ControlNet reads the sample's mask ([uncond; cond] both), its residuals
+    reach the UNet; no blending during sampling (Eqs. 2-5: z_f = z_g·c_m + z_i·(1 − c_m) once, at
+    the end), z_g the sampler's last latent, z_i the good image's; the sample is z_f decoded."""
+    from anomalygen.methods.cagen.control import control_image
+
+    generator, _, _ = cagen
+    backbone = generator.backbone
+    generator.opt.update(fusion="end", final_paste=False, guidance_scale=2.0, num_inference_steps=2, sampler="ddim",
+                         mask_source="perlin", generate_batch_size=2)
+    masks = [box(2, 2, 12, 14), box(14, 10, 16, 18)]
+    with record(backbone, controlnet=generator.controlnet) as rec:
+        samples = list(generator.generate(GOOD, 2, masks=masks, seed=4))
+    assert len(rec.unet) == len(rec.control) == 2 and not rec.noised
+    control = control_image([s.mask for s in samples], SIZE)
+    assert all(np.array_equal(s.mask, m) for s, m in zip(samples, masks))
+    uncond = generator.prompts([""]).hidden_states[0]
+    prompts = generator.prompts([f"{s.defect_type} tile" for s in samples]).hidden_states
+    for call, control_call in zip(rec.unet, rec.control):
+        assert_controlled(rec, call, control_call, torch.cat([control, control]))
+        assert torch.allclose(call.context[2:], prompts, atol=1e-5) and torch.allclose(call.context[:2], uncond[None], atol=1e-5)
+    known = latents_of(backbone, [GOOD[s.meta["source_index"]] for s in samples])
+    mask = latent_mask(torch.from_numpy(np.stack(masks))[:, None], known.shape[-2:])
+    z_g = rec.steps[-1][1]
+    final, images = rec.decoded[-1]
+    assert torch.allclose(final, mask * z_g + (1 - mask) * known, atol=1e-4)
+    assert all(np.array_equal(s.image, image) for s, image in zip(samples, to_uint8(images)))
+
+
+# ----------------------------------------------------------------- AnomalyXFusion
+AXF = dict(BASE, batch_size=4, tokens=2, mask_embedding=16, mif=True, ddf=True, category="tile", image_encoder="tiny")
+
+
+@pytest.fixture(scope="module")
+def anomalyxfusion():
+    import anomalygen.methods.anomalyxfusion.generator as module
+
+    generator = module.AnomalyXFusion(**AXF)
+    fake = FakeTrain(lambda: generator.backbone)
+    data = defects()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "train", fake)
+        generator.fit(data, GOOD)
+    return generator, fake, data
+
+
+def x_context(modules, generator, caption, mask, defect_type, t):
+    """[caption tokens; DDF(MIF(e_sem, M, type), t)] (Eqs. 1-5, 14) for one sample, computed here."""
+    states, semantic = generator.encode_text([caption])
+    mask = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
+    tokens = modules["mif"](semantic, mask, torch.tensor([generator._defect_types.index(defect_type)]))
+    return torch.cat([states, modules["ddf"](tokens, torch.tensor([int(t)]))], dim=1)[0]
+
+
+def test_anomalyxfusion_training_rows_get_their_image_caption_mask_and_type_at_their_timestep(anomalyxfusion):
+    generator, fake, data = anomalyxfusion
+    (rec, loss, modules), = fake.calls
+    clean = latents_of(generator.backbone, [d.image for d in data])
+    call, = rec.unet
+    assert loss < 1e-10
+    picks = [source(rec.made(x)[0], clean) for x in call.latents]
+    assert len({data[i].defect_type for i in picks}) == 2
+    for row, i in enumerate(picks):
+        d = data[i]
+        expected = x_context(modules, generator, f"tile with {d.defect_type}", d.mask, d.defect_type, call.timesteps[row])
+        assert torch.allclose(call.context[row], expected, atol=1e-5)
+
+
+def test_anomalyxfusion_generation_recomputes_the_x_embedding_at_every_step_and_blends_at_every_step(anomalyxfusion):
+    generator, _, _ = anomalyxfusion
+    backbone = generator.backbone
+    generator.opt.update(guidance_scale=2.0, num_inference_steps=3, sampler="ddim", final_paste=True, mask_augment=True,
+                         generate_batch_size=2)
+    with record(backbone) as rec:
+        samples = list(generator.generate(GOOD, 2, seed=2, start=1))
+    assert len(rec.unet) == 3 and len({s.defect_type for s in samples}) == 2
+    modules = generator.modules()
+    empty = generator.prompts([""]).hidden_states[0]
+    for call in rec.unet:
+        for j, s in enumerate(samples):
+            expected = x_context(modules, generator, s.prompt, s.mask, s.defect_type, call.timesteps[0])
+            assert torch.allclose(call.context[2 + j], expected, atol=1e-5)
+            assert torch.allclose(call.context[j, :77], empty, atol=1e-5) and not call.context[j, 77:].any()
+    known = latents_of(backbone, [GOOD[s.meta["source_index"]] for s in samples])
+    mask = latent_mask(torch.stack([torch.from_numpy(s.mask) for s in samples])[:, None], known.shape[-2:])
+    assert_blended_every_step(rec, rec.unet, known, mask, rows=slice(2, 4))
+    for s in samples:
+        assert np.array_equal(s.image[~s.mask], GOOD[s.meta["source_index"]][~s.mask])
