@@ -95,7 +95,7 @@ def assert_blended_every_step(rec, calls, known, mask, rows=slice(None)):
 def textual_inversion():
     import anomalygen.methods.textual_inversion as module
 
-    generator = module.TextualInversionGenerator(**BASE, batch_size=4, num_inference_steps=3, guidance_scale=2.0,
+    generator = module.TextualInversionGenerator(**{**BASE, "seed": 1}, batch_size=4, num_inference_steps=3, guidance_scale=2.0,
                                                  prompt="a photo of {} here", generate_batch_size=2)
     fake = FakeTrain(lambda: generator._backbone, lambda m: distinct(m["embeddings"].vectors, 1))
     with pytest.MonkeyPatch.context() as patch:
@@ -112,9 +112,11 @@ def test_textual_inversion_training_rows_get_their_image_its_type_token_and_thei
     clean = latents_of(backbone, [d.image for d in data])
     call, = rec.unet
     assert loss < 1e-10  # every row's ε target is the noise that made its input
-    for row, x in enumerate(call.latents):
+    picked = [data[source(rec.made(x)[0], clean)] for x in call.latents]
+    types = [d.defect_type for d in picked]
+    assert types != types[::-1] and len(set(types)) == 2  # (seed 1) rows of one batch in an order a swap changes
+    for row, (x, d) in enumerate(zip(call.latents, picked)):
         z0, _, t = rec.made(x)
-        d = data[source(z0, clean)]
         vector = generator.embeddings.vectors[generator._defect_types.index(d.defect_type)]
         expected = encoder(["a photo of <defect> here"], {"<defect>": vector[None]}).hidden_states[0]
         assert torch.allclose(call.context[row], expected, atol=1e-5)
@@ -419,7 +421,7 @@ def test_cagen_training_rows_get_their_image_prompt_and_mask_through_the_control
     control_call, = rec.control
     assert loss < 1e-10
     picks = [source(rec.made(x)[0], clean) for x in call.latents]
-    assert len({data[i].defect_type for i in picks}) == 2
+    assert len({data[i].defect_type for i in picks}) == 2 and picks != picks[::-1]
     assert_controlled(rec, call, control_call, control_image([data[i].mask for i in picks], SIZE))
     for row, i in enumerate(picks):
         expected = generator.prompts([f"{data[i].defect_type} tile"]).hidden_states[0]
@@ -487,7 +489,7 @@ def test_anomalyxfusion_training_rows_get_their_image_caption_mask_and_type_at_t
     call, = rec.unet
     assert loss < 1e-10
     picks = [source(rec.made(x)[0], clean) for x in call.latents]
-    assert len({data[i].defect_type for i in picks}) == 2
+    assert len({data[i].defect_type for i in picks}) == 2 and picks != picks[::-1]
     for row, i in enumerate(picks):
         d = data[i]
         expected = x_context(modules, generator, f"tile with {d.defect_type}", d.mask, d.defect_type, call.timesteps[row])
