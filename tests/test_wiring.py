@@ -516,3 +516,34 @@ def test_anomalyxfusion_generation_recomputes_the_x_embedding_at_every_step_and_
     assert_blended_every_step(rec, rec.unet, known, mask, rows=slice(2, 4))
     for s in samples:
         assert np.array_equal(s.image[~s.mask], GOOD[s.meta["source_index"]][~s.mask])
+
+
+def test_anomalydiffusion_learned_mask_is_the_mask_models_decoded_sample_and_the_image_is_generated_in_it(anomalydiffusion,
+                                                                                                      monkeypatch):
+    """Eq. 9: the mask model's steps see e_m of the sample's type ([""; e_m] under its CFG); the mask
+    returned is its decoded sample, thresholded; the anomaly image is blended in that mask."""
+    from anomalygen.methods.anomalydiffusion.generator import MASK
+    from anomalygen.methods.anomalydiffusion.mask_model import binarize
+
+    generator, _, _, _, _ = anomalydiffusion
+    backbone = generator.backbone
+    generator.opt.update(aar="off", mask_source="learned", mask_inference_steps=2, mask_guidance_scale=5.0, mask_threshold=0.5,
+                         mask_tries=1, guidance_scale=1.0, num_inference_steps=2, sampler="ddim", mask_sampler="ddim",
+                         generate_batch_size=2)
+    for stats in generator.mask_stats.values():
+        monkeypatch.setattr(stats, "rejection", lambda mask: None)  # every learned mask accepted
+    with record(backbone) as rec:
+        samples = list(generator.generate(GOOD, 2, seed=6))
+    assert [s.meta["mask_source"] for s in samples] == ["learned"] * 2 and len(rec.unet) == 4
+    types = torch.tensor([generator._defect_types.index(s.defect_type) for s in samples])
+    expected = generator.prompts([MASK] * 2, {MASK: generator.mask_tokens(types)}).hidden_states
+    uncond = generator.prompts([""]).hidden_states
+    for call in rec.unet[:2]:
+        assert torch.allclose(call.context[2:], expected, atol=1e-5) and torch.allclose(call.context[:2], uncond.expand(2, -1, -1), atol=1e-5)
+    masks = binarize(rec.decoded[0][1] * 2 - 1, 0.5).numpy()
+    assert all(0 < m.mean() < 1 for m in masks)
+    for s, m in zip(samples, masks):
+        assert np.array_equal(s.mask, m)
+    known = latents_of(backbone, [GOOD[s.meta["source_index"]] for s in samples])
+    mask = latent_mask(torch.from_numpy(masks)[:, None], known.shape[-2:])
+    assert_blended_every_step(rec, rec.unet[2:], known, mask)
