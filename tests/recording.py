@@ -89,22 +89,25 @@ class Recording:
     steps: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     decoded: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
-    def noise_of(self, row: torch.Tensor) -> torch.Tensor | None:
-        """The noise that made the noisy latent ``row`` (None when no recorded add_noise made it)."""
-        for n in reversed(self.noised):
-            hits = [i for i in range(len(n.noisy)) if n.noisy[i].shape == row.shape and torch.equal(n.noisy[i], row)]
-            if hits:
-                return n.noise[hits[0]]
-        return None
-
-    def made(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(clean latent, noise, timestep) that made the noisy latent ``row``; AssertionError if none did."""
+    def _find(self, row: torch.Tensor) -> tuple[Noised, int] | None:
         for n in reversed(self.noised):
             for i in range(len(n.noisy)):
                 if n.noisy[i].shape == row.shape and torch.equal(n.noisy[i], row):
-                    t = n.timesteps if n.timesteps.dim() == 0 else n.timesteps[i if len(n.timesteps) > 1 else 0]
-                    return n.original[i], n.noise[i], t
-        raise AssertionError("this input row was not made by any recorded add_noise")
+                    return n, i
+        return None
+
+    def noise_of(self, row: torch.Tensor) -> torch.Tensor | None:
+        """The noise that made the noisy latent ``row`` (None when no recorded add_noise made it)."""
+        found = self._find(row)
+        return None if found is None else found[0].noise[found[1]]
+
+    def made(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clean latent, noise, timestep) that made the noisy latent ``row``; AssertionError if none did."""
+        found = self._find(row)
+        assert found is not None, "this input row was not made by any recorded add_noise"
+        n, i = found
+        t = n.timesteps.reshape(-1)
+        return n.original[i], n.noise[i], t[i if len(t) > 1 else 0]
 
 
 def source(row: torch.Tensor, candidates: torch.Tensor, atol: float = 1e-4) -> int:
@@ -222,20 +225,10 @@ def record(backbone, controlnet: torch.nn.Module | None = None, oracle: bool = F
 
         vae.decode = recorded_decode
         stack.callback(lambda: vars(vae).pop("decode", None))
-        # the adapters' hooks go on when the block starts: a method adds its LoRA layers in fit,
-        # so ``lora_hooks(rec, backbone)`` may be called again inside the block
+        for model, hook in ((unet, unet_lora), (text_encoder, text_lora)):  # the first LoRA layer sees every row's adapter
+            layer = _first_lora(model)
+            if layer is not None:
+                handles.append(layer.register_forward_hook(hook, with_kwargs=True))
         stack.callback(lambda: [h.remove() for h in handles])
-        rec._attach = lambda: _attach_lora(rec, backbone, handles, unet_lora, text_lora)
-        rec._attach()
         yield rec
 
-
-def _attach_lora(rec, backbone, handles, unet_lora, text_lora) -> None:
-    """Put the routing recorders on the first LoRA layer of the UNet and of the text encoder (once)."""
-    for model, hook in ((backbone.unet, unet_lora), (backbone.text_encoder, text_lora)):
-        layer = _first_lora(model)
-        if layer is not None and not getattr(layer, "_recording", False):
-            layer._recording = True
-            handle = layer.register_forward_hook(hook, with_kwargs=True)
-            handles.append(handle)
-            handles.append(type("Reset", (), {"remove": lambda self, layer=layer: setattr(layer, "_recording", False)})())
