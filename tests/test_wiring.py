@@ -173,6 +173,8 @@ def anomalydiffusion():
     def prepare(modules):
         distinct(modules["anomaly_tokens"].tokens, 1)
         distinct(modules["mask_tokens"].tokens, 2)
+        for k, parameter in enumerate(modules["spatial_encoder"].parameters()):  # its zero-initialised heads made mask-dependent
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(10 + k)))
 
     fake = FakeTrain(lambda: generator.backbone, prepare)
     with pytest.MonkeyPatch.context() as patch:
@@ -198,6 +200,7 @@ def test_anomalydiffusion_training_rows_get_their_image_type_tokens_spatial_mask
     types = [generator._defect_types.index(data[p[0]].defect_type) for p in pairs]
     assert len(set(types)) == 2
     spatial = modules["spatial_encoder"](masks)
+    assert not torch.allclose(spatial[0], spatial[1], atol=1e-3)  # E(m) tells the masks apart
     image_call, mask_call = rec.unet
     clean = encode_images(backbone, (images + 1) / 2)
     mask_clean = encode_images(backbone, masks.expand(-1, 3, -1, -1))
