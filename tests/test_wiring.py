@@ -543,6 +543,7 @@ def test_anomalydiffusion_learned_mask_is_the_mask_models_decoded_sample_and_the
     uncond = generator.prompts([""]).hidden_states
     for call in rec.unet[:2]:
         assert torch.allclose(call.context[2:], expected, atol=1e-5) and torch.allclose(call.context[:2], uncond.expand(2, -1, -1), atol=1e-5)
+    assert torch.allclose(rec.decoded[0][0], rec.steps[1][1], atol=1e-5)  # the mask model's last latents, in sample order
     masks = binarize(rec.decoded[0][1] * 2 - 1, 0.5).numpy()
     assert all(0 < m.mean() < 1 for m in masks)
     for s, m in zip(samples, masks):
