@@ -197,10 +197,11 @@ def main() -> int:
         try:
             caught = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args.tests],
                                     cwd=work, env=env, capture_output=True, timeout=args.timeout).returncode != 0
+            verdict = "caught  " if caught else "SURVIVED"
         except subprocess.TimeoutExpired:
-            caught = True
+            caught, verdict = True, "TIMEOUT "  # counted as caught: on a loaded machine, read it again with a longer --timeout
         survived += not caught
-        print(f"{'caught  ' if caught else 'SURVIVED'} #{k} line {line} {kind} ({time.monotonic() - start:.0f} s): "
+        print(f"{verdict} #{k} line {line} {kind} ({time.monotonic() - start:.0f} s): "
               f"{lines[line - 1].strip()[:100]}", flush=True)
     print(f"{survived} of {len(chosen)} survived", flush=True)
     if args.work is None:
