@@ -134,6 +134,7 @@ def prior_path(args: argparse.Namespace) -> str:
         from anomalygen.pretrain import PretrainConfig, pretrain
 
         config = PretrainConfig(resolution=args.size, size=args.prior_size, time_budget_s=args.prior_minutes * 60, device=args.device,
+                                max_steps=args.prior_steps, vae_steps=args.prior_vae_steps,
                                 batch_size=args.prior_batch, include_defects=True, vae_share=args.vae_share, sample_every=10**6)
         report = pretrain([args.out / "world" / "prior"], out, config, say=lambda line: print(f"[pretrain] {line}", flush=True))
         atomic_write_text(done, json.dumps(report, indent=2, default=str))
@@ -267,7 +268,7 @@ def run_cell(cell: Path, pair: tuple[str, str], row: str, seed: int, options: di
     data = pair_data(args.out, pair)
     if method in DIFFUSION:
         options = {**options, "work_dir": str((cell / "work").resolve())}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = benchmark(data, [method], cell, num_per_type=args.num_per_type, seed=seed, metrics=["localization"],
                        settings={f"{method}.{k}": v for k, v in options.items()}, device=args.device,
                        localization=localization, max_attempts=args.max_attempts)
@@ -279,7 +280,7 @@ def run_cell(cell: Path, pair: tuple[str, str], row: str, seed: int, options: di
     if method in DIFFUSION:
         record["heldout_loss"] = heldout_loss(method, options, cell / "work", data, args.loss_batches, seed)
         record["steps"] = sum(max(0, len((log.read_text().strip().splitlines())) - 1) for log in (cell / "work").rglob("loss.csv"))
-    record.update(wall_s=round(time.perf_counter() - started, 1), options=options)
+    record.update(wall_s=round(time.perf_counter() - started, 1), cpu_s=round(time.process_time() - cpu, 1), options=options)
     atomic_write_text(cell / CELL_FILE, json.dumps(record, indent=2, default=str))
     return {**record, "resumed": False}
 
@@ -474,6 +475,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prior-minutes", type=float, default=35.0)
     p.add_argument("--prior-size", default="small")
     p.add_argument("--prior-batch", type=int, default=16)
+    p.add_argument("--prior-steps", type=int, default=30000, help="the prior's UNet steps at most (the time budget stops it first)")
+    p.add_argument("--prior-vae-steps", type=int, default=3000, help="the prior's autoencoder steps at most")
     p.add_argument("--vae-share", type=float, default=0.2, help="the autoencoder's share of the prior's time")
     p.add_argument("--prior-good", type=int, default=60, help="good images per category for the prior")
     p.add_argument("--prior-defects", type=int, default=30, help="defect images per seen pair the prior trains on")
@@ -487,8 +490,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="U-Net epochs")
     p.add_argument("--samples-per-epoch", type=int, default=100)
     p.add_argument("--unet-base", type=int, default=16)
-    p.add_argument("--judge-renders", type=int, default=1200)
-    p.add_argument("--judge-steps", type=int, default=600)
+    p.add_argument("--judge-renders", type=int, default=800)
+    p.add_argument("--judge-steps", type=int, default=400)
     p.add_argument("--loss-batches", type=int, default=8, help="batches averaged by the held-out loss")
     p.add_argument("--max-attempts", type=int, default=5)
     p.add_argument("--device", default="cpu")
@@ -516,6 +519,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def timed(args: argparse.Namespace, stage: str, work):
+    """``work()``; its wall and CPU seconds go to ``OUT/timings.json`` when it did work (more than 1 s)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = work()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if wall > 1:
+        path = args.out / "timings.json"
+        atomic_write_text(path, json.dumps({**(read_json(path) if path.is_file() else {}),
+                                            stage: {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}}, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse(argv)
@@ -528,12 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if run_cells(args, prior_path(args), judges, (k, n)) else 0
     args.out.mkdir(parents=True, exist_ok=True)
     print("[1/5] world", flush=True)
-    build_world(args)
+    timed(args, "world", lambda: build_world(args))
     print("[2/5] prior", flush=True)
-    model = prior_path(args)
+    model = timed(args, "prior", lambda: prior_path(args))
     print("[3/5] judges", flush=True)
-    judges, judge_report = judges_for(args)
-    prior_report = prior_samples(model, args, judges) if not args.model else {}
+    judges, judge_report = timed(args, "judges", lambda: judges_for(args))
+    prior_report = timed(args, "prior_samples", lambda: prior_samples(model, args, judges)) if not args.model else {}
     print(f"[4/5] {len(cells(args))} cells in {args.jobs} process(es)", flush=True)
     if args.jobs == 1:
         failures = run_cells(args, model, judges, (0, 1))
