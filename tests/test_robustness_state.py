@@ -148,7 +148,38 @@ TAMPER_CASES: dict[str, tuple[str, str, Callable[[Path, Path], None]]] = {
         m / "anomalyxfusion.safetensors").write_bytes((m / "anomalyxfusion.safetensors").read_bytes()[:100])),
     "textual-inversion-weights-garbage": ("textual-inversion", "embeddings.safetensors",
                                           lambda m, d: (m / "embeddings.safetensors").write_bytes(b"not weights")),
+    # foreign or tampered contents (before: an internal error inside generation after run.json, a width-1
+    # tensor broadcast silently, a sample drawn from an empty list, an error line listing every key)
+    "textual-inversion-embedding-width": ("textual-inversion", "embeddings.safetensors",
+                                          lambda m, d: _edit_tensors(m / "embeddings.safetensors", "vectors", width=40)),
+    "anomalydiffusion-token-width": ("anomalydiffusion", "anomalydiffusion.safetensors",
+                                     lambda m, d: _edit_tensors(m / "anomalydiffusion.safetensors", "anomaly_tokens", width=1)),
+    "anomalydiffusion-weights-missing-keys": ("anomalydiffusion", "anomalydiffusion.safetensors",
+                                              lambda m, d: _edit_tensors(m / "anomalydiffusion.safetensors", "spatial_encoder.")),
+    "anomalyxfusion-weights-missing-keys": ("anomalyxfusion", "anomalyxfusion.safetensors",
+                                            lambda m, d: _edit_tensors(m / "anomalyxfusion.safetensors", "mif.")),
+    "anomalydiffusion-json-empty-masks": ("anomalydiffusion", "anomalydiffusion.json", lambda m, d: _edit_json(
+        m / "anomalydiffusion.json", lambda v: v["training_masks"].__setitem__("cut", []))),
+    "cagen-json-empty-masks": ("cagen", "cagen.json", lambda m, d: _edit_json(
+        m / "cagen.json", lambda v: v["training_masks"].__setitem__("hole", []))),
+    "crops-json-empty": ("croppaste", "crops.json", lambda m, d: _write_json(m / "crops.json", [])),
+    "generator-json-defect-types-empty": ("croppaste", "generator.json",
+                                          lambda m, d: _edit_json(m / "generator.json", lambda v: v.update(defect_types=[]))),
 }
+
+
+def _edit_tensors(path: Path, prefix: str, width: int | None = None) -> None:
+    """The tensors named ``prefix...`` made ``width`` wide in their last dimension, or removed."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    for name in [n for n in tensors if n.startswith(prefix)]:
+        if width is None:
+            del tensors[name]
+        else:
+            tensors[name] = torch.zeros(*tensors[name].shape[:-1], width)
+    save_file(tensors, str(path))
 
 
 def _crop(path: Path, rows: int, columns: int) -> None:
@@ -212,7 +243,7 @@ def test_tampered_model_is_corrupt_not_a_traceback(case, data, models, tmp_path)
     before_data, before_model = snapshot(data), snapshot(model)
     result = run_cli(*_generate(data, out, "--checkpoint", str(model)), cwd=tmp_path, env=ENV)
     line = assert_user_error(result, str(model / name))
-    assert "corrupt" in line
+    assert "corrupt" in line and len(line) < 400, line  # the file and its first problem, in one short line
     assert_unchanged(before_data, data)
     assert_unchanged(before_model, model)
     assert not out.exists()
@@ -247,6 +278,36 @@ def _ambiguous_mask(data: Path) -> list[str]:
     return [str(folder / "000_mask.png"), str(folder / "000.png"), "ambiguous mask"]
 
 
+class _Payload:
+    """Pickled, it runs ``touch FILE`` when unpickled by anything but a weights-only loader."""
+
+    def __init__(self, file: Path):
+        self.file = file
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.file}",)
+
+
+@pytest.fixture(scope="module")
+def pickled(tmp_path_factory) -> Path:
+    """A base-model folder (diffusers layout) whose UNet weights are a pickle ``.bin`` with code in it,
+    and a CLIP image-encoder folder whose weights are one (``ran`` appears if the code runs)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from anomalygen.diffusion.tiny import tiny_image_encoder_config
+    from test_real_architectures import write_model
+
+    root = tmp_path_factory.mktemp("pickled")
+    base = write_model(root / "base", "sd")
+    (base / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"weight": _Payload(root / "ran")}, base / "unet" / "diffusion_pytorch_model.bin")
+    CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(tiny_image_encoder_config())).save_pretrained(root / "encoder")
+    (root / "encoder" / "model.safetensors").unlink()
+    torch.save({"weight": _Payload(root / "ran")}, root / "encoder" / "pytorch_model.bin")
+    return root
+
+
 # id: (args(data root, target folder), fragments the error line must hold, a file the user put in the
 # target folder before, or None: no target folder); the target must be left as it was (absent: absent)
 REFUSAL_CASES: dict[str, tuple[Callable[[Path, Path], list], Callable[[Path, Path], list], str | None]] = {
@@ -279,19 +340,29 @@ REFUSAL_CASES: dict[str, tuple[Callable[[Path, Path], list], Callable[[Path, Pat
                                                   "--num-per-type", 10**9], lambda d, t: ["--num-per-type 1000000000", "1000000"], None),
     "pretrain-batch-size-huge": (lambda d, t: ["pretrain", "--data", d, "--out", t, "--size", "tiny", "--batch-size", 100000],
                                  lambda d, t: ["--batch-size 100000", "256"], None),
+    # before: "could not be loaded (...); download the model into it", and an internal error
+    "fit-base-model-pickle-bin": (lambda d, t: ["fit", "--method", "textual-inversion", "--data", d, "--category", "fabric",
+                                                "--out", t, "--model", t.parent / "pickled" / "base"],
+                                  lambda d, t: [str(t.parent / "pickled" / "base" / "unet" / "diffusion_pytorch_model.bin"),
+                                                "refused", "unsafe", "pickle code"], None),
+    "fit-image-encoder-pickle-bin": (lambda d, t: ["fit", "--method", "anomalyxfusion", "--data", d, "--category", "fabric",
+                                                   "--out", t, "--model", "tiny", "--set", f"image_encoder={t.parent / 'pickled' / 'encoder'}"],
+                                     lambda d, t: [str(t.parent / "pickled" / "encoder" / "pytorch_model.bin"), "refused", "unsafe"],
+                                     None),
     # before: one of the two masks was used without a word
     "generate-ambiguous-mask": (lambda d, t: _generate(d, t, "--method", "croppaste"), lambda d, t: _ambiguous_mask(d), None),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSAL_CASES))
-def test_a_refusal_writes_nothing(case, data, models, tmp_path):
+def test_a_refusal_writes_nothing(case, data, models, pickled, tmp_path):
     """Every option and input is checked before anything is written: the refused command leaves
     the target folder as it was (absent stays absent), the data and the model untouched."""
     args, fragments, user_file = REFUSAL_CASES[case]
     source = tmp_path / "data"
     shutil.copytree(data, source)
     shutil.copytree(models["croppaste"], tmp_path / "model")
+    (tmp_path / "pickled").symlink_to(pickled)
     target = tmp_path / "target"
     if user_file:
         target.mkdir()
@@ -304,6 +375,7 @@ def test_a_refusal_writes_nothing(case, data, models, tmp_path):
     for path, state in before.items():
         assert_unchanged(state, path)
     assert target.exists() == bool(user_file)
+    assert not (pickled / "ran").exists()  # no pickle code ran
     CASES.append(f"refusal:{case}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -20,3 +21,19 @@ class DataError(AnomalygenError):
 
 class ModelNotFoundError(AnomalygenError):
     """Weights are missing (offline, or a wrong path); the message says what to download and where."""
+
+
+def first_problem(error: BaseException, limit: int = 200) -> str:
+    """The first problem ``error`` states, as one short line: torch's "Error(s) in loading state_dict"
+    header is skipped for the line under it, a list of keys is cut to its first, and the line to
+    ``limit`` characters (a message listing every missing key of a model is thousands long)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict") else lines[0]
+    keys = re.match(r"((?:Missing|Unexpected) key\(s\) in state_dict): (.*)", line)
+    if keys:
+        names = re.findall(r'"([^"]+)"', keys.group(2))
+        if names:
+            line = f'{keys.group(1)}: "{names[0]}"' + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from anomalygen.errors import DataError, ModelNotFoundError
+from anomalygen.errors import DataError, ModelNotFoundError, first_problem
 
 
 def hub_checkpoint(url: str) -> Path:
@@ -73,7 +73,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                                   "plain weights file, use the published one") from None
         raise DataError(path, "not a readable weights file (not a plain torch or safetensors weights file)") from None
     except (OSError, RuntimeError, ValueError, EOFError) as error:
-        raise DataError(path, f"not a readable weights file ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        raise DataError(path, f"not a readable weights file ({first_problem(error)})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise DataError(path, "not a state dict (expected a mapping of parameter names to tensors)")
     return state
@@ -105,8 +105,7 @@ def state_mismatch(path: str | Path, what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise DataError(path, f"does not hold {what} weights ({lines[1] if len(lines) > 1 else lines[0]})") from None
+        raise DataError(path, f"does not hold {what} weights ({first_problem(error)})") from None
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> None:

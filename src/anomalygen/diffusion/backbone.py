@@ -29,7 +29,7 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from transformers import CLIPTextModel
 
 from anomalygen.devices import resolve_device
-from anomalygen.errors import DataError, ModelNotFoundError
+from anomalygen.errors import DataError, ModelNotFoundError, first_problem
 from anomalygen.weights import refused_pickle
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -252,6 +252,6 @@ def load_backbone(
         refusal = refused_pickle(error, local) if looks_local else None
         if refusal is not None:  # a pickle weights file with code in it: refused, not missing
             raise refusal from None
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_problem(error)
         raise _not_found(model, reason, looks_local) from error
     return _finish(parts, tokenizer, scheduler_config, model, device, dtype)

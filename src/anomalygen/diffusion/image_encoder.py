@@ -22,7 +22,7 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from anomalygen.devices import resolve_device
 from anomalygen.diffusion.backbone import TINY, resolve_dtype
-from anomalygen.errors import ModelNotFoundError
+from anomalygen.errors import ModelNotFoundError, first_problem
 from anomalygen.weights import refused_pickle
 
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
@@ -76,7 +76,7 @@ def load_image_encoder(source: str | None, *, model: str | None = None, device: 
                 refusal = refused_pickle(error, local) if looks_local else None
                 if refusal is not None:  # a pickle weights file with code in it: refused, not missing
                     raise refusal from None
-                errors.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+                errors.append(first_problem(error))
         else:
             raise _not_found(source, errors[0])
     return encoder.requires_grad_(False).eval().to(resolve_device(str(device) if device is not None else None),

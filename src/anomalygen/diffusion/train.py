@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anomalygen.diffusion.backbone import resolve_precision
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, first_problem
 from anomalygen.io import atomic_write_text, folder_lock
 
 CHECKPOINTS = "checkpoints"
@@ -231,7 +231,7 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
                                      "shadow_params": [shadow[k].to(p.device, p.dtype) for k, p in named.items()]})
         except Exception as error:  # damaged or tampered: torch, safetensors and json raise many kinds
             raise AnomalygenError(
-                f"{checkpoint}: corrupt checkpoint ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                f"{checkpoint}: corrupt checkpoint ({type(error).__name__}: {first_problem(error)}); "
                 "delete this folder to resume from the previous checkpoint"
             ) from error
     log_path = out_dir / LOG_FILE

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 from safetensors import SafetensorError
 
-from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.errors import AnomalygenError, DataError, first_problem
 from anomalygen.io import atomic_write_text, corrupt, read_json, remove_partials
 from anomalygen.methods.options import OptionSpec
 from anomalygen.types import AnomalySample, DefectExample
@@ -35,7 +35,7 @@ def malformed_as_corrupt(path: Path) -> Iterator[None]:
     except KeyError as error:
         raise corrupt(path, f"missing {error}") from None
     except (TypeError, ValueError, IndexError, AttributeError, RuntimeError, SafetensorError) as error:
-        raise corrupt(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+        raise corrupt(path, first_problem(error)) from None
 
 
 def model_path(directory: Path, name: Any, recorded_in: Path) -> Path:
@@ -69,6 +69,18 @@ def write_masks(directory: Path, masks: dict[str, list[np.ndarray]], types: list
             cv2.imwrite(str(folder / f"{j:03d}.png"), np.asarray(mask, np.uint8) * 255)
             names[t].append(f"{MASK_DIR}/{folder.name}/{j:03d}.png")
     return names
+
+
+def mask_paths(directory: Path, recorded: Any, types: list[str], recorded_in: Path) -> dict[str, list[Path]]:
+    """The paths ``write_masks`` returned, as the model's JSON ``recorded_in`` holds them: every type
+    has at least one mask (``fit`` saves one per training defect), each checked with ``model_path``."""
+    paths = {}
+    for t in types:
+        names = recorded[t]
+        if not isinstance(names, list) or not names:
+            raise ValueError(f"training_masks of type {t!r} must be a non-empty list of files, got {names!r}")
+        paths[t] = [model_path(directory, name, recorded_in) for name in names]
+    return paths
 
 
 def read_masks(paths: dict[str, list[Path]]) -> dict[str, list[np.ndarray]]:
@@ -179,9 +191,9 @@ class AnomalyGenerator(ABC):
             with malformed_as_corrupt(config_path):
                 klass = get_method(payload["method"])
                 generator = klass(**{**payload["options"], **(sampling or {})})
-                types = payload.get("defect_types", [])
-                if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-                    raise TypeError(f"defect_types must be a list of names, got {types!r}")
+                types = payload.get("defect_types")
+                if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+                    raise TypeError(f"defect_types must be a non-empty list of names, got {types!r}")
         except DataError:
             raise
         except AnomalygenError as error:  # an unknown method or an invalid option

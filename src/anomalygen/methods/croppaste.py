@@ -24,7 +24,7 @@ from skimage import measure
 
 from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.io import atomic_write_text, read_json
+from anomalygen.io import atomic_write_text, corrupt, read_json
 from anomalygen.methods.base import malformed_as_corrupt, model_path
 from anomalygen.methods.blending import blend, feather_alpha, place, random_point, rotate_patch
 from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, as_rgb, fit_mask
@@ -89,6 +89,8 @@ class CropPaste(ModelFreeGenerator):
             for k, d in enumerate(defects)
             for crop in extract_crops(d, self.options["min_area"], str(d.source or f"training defect {k}"))
         ]
+        if not self._crops:
+            raise corrupt(path, "no crops (fit saves one per training defect component)")
         self._defect_types = list(dict.fromkeys(c.defect_type for c in self._crops))
 
     def _label(self, index: int, rng: np.random.Generator, defect_type: str | None) -> str:
@@ -173,4 +175,6 @@ class CropPaste(ModelFreeGenerator):
                 if not isinstance(entry["defect_type"], str) or mask.shape != image.shape[:2] or min(height, width) < 1:
                     raise ValueError(f"crop {entry['image']}: bad defect_type, mask size or source_shape")
             self._crops.append(Crop(image, mask, entry["defect_type"], (height, width)))
+        if not self._crops:
+            raise corrupt(path, "no crops (fit saves one per training defect component)")
         self._defect_types = list(dict.fromkeys(c.defect_type for c in self._crops))

@@ -5,10 +5,22 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from anomalygen.diffusion.backbone import Backbone, default_model, load_backbone
 from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.fast import sampling_batch
 from anomalygen.methods.base import AnomalyGenerator
+
+
+def copy_saved(target: torch.Tensor, saved: torch.Tensor, name: str) -> None:
+    """``target.copy_(saved)`` for a tensor read from a saved model, which must have exactly the target's
+    shape (``copy_`` would broadcast one of width 1, or fail only when generating): else a ``ValueError``
+    naming the tensor (``malformed_as_corrupt`` makes it ``FILE: corrupt (...)``)."""
+    if tuple(saved.shape) != tuple(target.shape):
+        raise ValueError(f"{name} has shape {tuple(saved.shape)}, expected {tuple(target.shape)} for this model "
+                         "(saved with another base model?)")
+    with torch.no_grad():
+        target.copy_(saved)
 
 
 class DiffusionGenerator(AnomalyGenerator):

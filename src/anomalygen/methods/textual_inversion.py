@@ -28,6 +28,7 @@ from anomalygen.errors import AnomalygenError
 from anomalygen.io import atomic_write_bytes
 from anomalygen.masks import augment_mask
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt
+from anomalygen.methods.diffusion_base import copy_saved
 from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, Float, Int, OptionSpec, Text,
                                         diffusion_options)
 from anomalygen.seeding import sample_rng
@@ -133,13 +134,11 @@ class TextualInversionGenerator(AnomalyGenerator):
         for file in (path, masks_path):
             if not file.is_file():
                 raise AnomalygenError(f"{file}: missing; not a fitted textual-inversion model")
-        with malformed_as_corrupt(path):
-            vectors = load_file(str(path))["vectors"]
-            if vectors.ndim != 2 or len(vectors) != len(self._defect_types):
-                raise ValueError(f"{len(self._defect_types)} defect types but embeddings of shape {tuple(vectors.shape)}")
-        self.embeddings = TypeEmbeddings(*vectors.shape)
-        with torch.no_grad():
-            self.embeddings.vectors.copy_(vectors)
+        _, encoder = self._setup()
+        self.embeddings = TypeEmbeddings(len(self._defect_types), encoder.embedding_dim)
+        with malformed_as_corrupt(path):  # one vector per defect type, as wide as the text encoder's embeddings
+            copy_saved(self.embeddings.vectors, load_file(str(path))["vectors"], "vectors")
+        self.embeddings.to(self._backbone.device)
         with malformed_as_corrupt(masks_path):
             self.train_masks = {t: m.numpy().astype(bool) for t, m in load_file(str(masks_path)).items()}
 

@@ -57,7 +57,8 @@ from anomalygen.methods.anomalydiffusion.mask_model import (
 )
 from anomalygen.methods.anomalydiffusion.prompts import PROMPTS, prompt
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, RANDOM, SpatialEncoder
-from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, model_path, read_masks, write_masks
+from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, mask_paths, read_masks, write_masks
+from anomalygen.methods.diffusion_base import copy_saved
 from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice,
                                         Float, Int, OptionSpec, diffusion_options)
 from anomalygen.seeding import sample_rng
@@ -468,7 +469,7 @@ class AnomalyDiffusion(AnomalyGenerator):
             if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
                 raise TypeError(f"defect_types must be a non-empty list of names, got {types!r}")
             mask_stats = {t: MaskStats(**{k: float(v) for k, v in meta["mask_stats"][t].items()}) for t in types}
-            mask_files = {t: [model_path(directory, name, meta_path) for name in meta["training_masks"][t]] for t in types}
+            mask_files = mask_paths(directory, meta["training_masks"], types, meta_path)
             loss_log = [float(v) for v in meta.get("loss_log", [])]
             encoder = meta.get("spatial_encoder", {"source": RANDOM})
             fitted_prompt = meta.get("prompt", "tokens")  # models saved before the option: the tokens alone
@@ -479,9 +480,8 @@ class AnomalyDiffusion(AnomalyGenerator):
         self._build(types, encoder)
         with malformed_as_corrupt(state_path):
             tensors = load_file(str(state_path), device=str(self.backbone.device))
-            with torch.no_grad():
-                self.anomaly_tokens.tokens.copy_(tensors.pop("anomaly_tokens"))
-                self.mask_tokens.tokens.copy_(tensors.pop("mask_tokens"))
+            copy_saved(self.anomaly_tokens.tokens, tensors.pop("anomaly_tokens"), "anomaly_tokens")
+            copy_saved(self.mask_tokens.tokens, tensors.pop("mask_tokens"), "mask_tokens")
             prefix = "spatial_encoder."
             self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
         self.opt["prompt"] = fitted_prompt

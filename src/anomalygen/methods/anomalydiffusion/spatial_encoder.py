@@ -52,7 +52,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from anomalygen.errors import DataError
+from anomalygen.errors import DataError, first_problem
 from anomalygen.weights import hub_checkpoint, load_state_dict
 
 # "resnet50" is the paper's encoder; "tiny" keeps tests and the tiny diffusion preset fast.
@@ -134,7 +134,7 @@ class SpatialEncoder(nn.Module):
         try:
             self.backbone.body.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
         except RuntimeError as error:
-            raise DataError(path, f"not a torchvision ResNet-50 state dict ({str(error).splitlines()[0]})") from None
+            raise DataError(path, f"not a torchvision ResNet-50 state dict ({first_problem(error)})") from None
         self.source = IMAGENET + path.name
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
 from anomalygen.masks import augment_mask, resize_mask
 from anomalygen.methods.anomalyxfusion.ddf import DDF
 from anomalygen.methods.anomalyxfusion.mif import MIF, MaskEncoder, load_mask_encoder, semantic_embedding, texture_init
-from anomalygen.methods.base import malformed_as_corrupt, model_path, read_masks, write_masks
+from anomalygen.methods.base import malformed_as_corrupt, mask_paths, read_masks, write_masks
 from anomalygen.methods.diffusion_base import DiffusionGenerator
 from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice, Float,
                                         Int, OptionSpec, Text, diffusion_options, require)
@@ -353,7 +353,7 @@ class AnomalyXFusion(DiffusionGenerator):
                 raise ValueError(f"category must be a name and captions hold every type of {self._defect_types}")
             if not all(isinstance(c, list) and c and all(isinstance(x, str) for x in c) for c in captions.values()):
                 raise ValueError("captions must be non-empty lists of strings")
-            files = {t: [model_path(directory, name, meta_path) for name in meta["training_masks"][t]] for t in self._defect_types}
+            files = mask_paths(directory, meta["training_masks"], self._defect_types, meta_path)
             if any(len(files[t]) != len(captions[t]) for t in self._defect_types):
                 raise ValueError("each type needs one training mask per caption")
             loss_log = [float(v) for v in meta.get("loss_log", [])]

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from anomalygen.errors import DataError
+from anomalygen.errors import DataError, first_problem
 
 MASK_SIZE = 112  # ISTR's autoencoder input: 112 -> 56 -> 28 -> 14 -> 7 -> 1
 
@@ -70,7 +70,7 @@ def load_mask_encoder(path: str | Path) -> MaskEncoder:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise DataError(path, f"not a safetensors file ({str(error).splitlines()[0] if str(error) else 'unreadable'})") from None
+        raise DataError(path, f"not a safetensors file ({first_problem(error)})") from None
     first = next((key for key in tensors if key.endswith("encoder.0.weight")), None)
     if first is None:
         raise DataError(path, "holds no ISTR mask encoder (no key ending in encoder.0.weight)")

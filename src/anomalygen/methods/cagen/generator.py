@@ -30,7 +30,7 @@ from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_dir
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_text, read_json
 from anomalygen.masks import FOREGROUND_MODES, augment_mask, foreground_mask, perlin_mask, resize_mask, resolve_mode
-from anomalygen.methods.base import malformed_as_corrupt, model_path, read_masks, write_masks
+from anomalygen.methods.base import malformed_as_corrupt, mask_paths, read_masks, write_masks
 from anomalygen.methods.cagen.control import build_controlnet, control_image, controlled_eps
 from anomalygen.methods.diffusion_base import DiffusionGenerator
 from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, Bool, Choice, Float, Int,
@@ -257,7 +257,7 @@ class CAGen(DiffusionGenerator):
             category, mode = meta["category"], meta["foreground_mode"]
             if not isinstance(category, str) or mode not in ("object", "texture"):
                 raise ValueError(f"category must be a name and foreground_mode object or texture, got {category!r}, {mode!r}")
-            files = {t: [model_path(directory, name, meta_path) for name in meta["training_masks"][t]] for t in self._defect_types}
+            files = mask_paths(directory, meta["training_masks"], self._defect_types, meta_path)
             loss_log = [float(v) for v in meta.get("loss_log", [])]
             captions = meta.get("captions", {})
             if not isinstance(captions, dict) or not all(isinstance(c, list) and all(isinstance(x, str) for x in c)
