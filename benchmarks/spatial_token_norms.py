@@ -6,9 +6,11 @@ masks), else on synthetic rectangles, and records at every training step the lar
 the spatial tokens E(m) and of the anomaly tokens e_a, each divided by the mean norm of the text
 encoder's input-embedding table (the vocabulary). Prints a table at chosen steps and the maxima.
 
-    PYTHONPATH=src python benchmarks/spatial_token_norms.py --steps 2000
-    PYTHONPATH=src python benchmarks/spatial_token_norms.py --steps 40 --set spatial_encoder=resnet50
-    PYTHONPATH=src python benchmarks/spatial_token_norms.py --steps 40 --set spatial_head=linear
+    PYTHONPATH=src python benchmarks/spatial_token_norms.py --steps 40     # the default (mask_source=augment)
+    PYTHONPATH=src python benchmarks/spatial_token_norms.py --steps 40 --set spatial_token_bound=null  # official-like heads, unbounded
+    PYTHONPATH=src python benchmarks/spatial_token_norms.py --steps 2000 --set spatial_encoder=resnet50 --set device=cuda  # a full default fit
+
+Results: benchmarks/RESULTS.md ("Spatial token norms").
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def main() -> None:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
             options[name] = value
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # a shared 2-core machine: two threads mostly wait on each other
     result = measure(args.steps, options)
     spatial, anomaly = result["spatial_over_vocabulary"], result["anomaly_over_vocabulary"]
     print(f"options {result['options']}  masks: {result['masks']}  {result['seconds']} s")

@@ -22,7 +22,8 @@ from anomalygen.types import DefectExample
 
 COMMON = dict(model="tiny", device="cpu", resolution=32, batch_size=4, max_steps=3, checkpoint_every=0)
 METHODS = {
-    "anomalydiffusion": dict(COMMON, spatial_encoder="tiny", prompt="tokens"),
+    # lr large enough to move every weight in 3 steps (E's equalized heads give its deepest layers tiny gradients)
+    "anomalydiffusion": dict(COMMON, spatial_encoder="tiny", lr=0.1),
     "textual-inversion": dict(COMMON, lr=1e-2),
     # both LoRA branches, the text-encoder LoRA, SAIM and BCM; lr large enough to move every weight in 3 steps
     "dualanodiff": dict(COMMON, lr=1e-2, rank=4),

@@ -100,6 +100,8 @@ def test_evaluate_writes_report_with_both_protocols(tiny, tmp_path, monkeypatch)
     assert cls["classes"] == ["hole", "stain"] and cls["weights"].startswith("random")
     assert np.sum(cls["confusion_matrix"]) == 8  # every test defect counted
     assert cls["accuracy"] == pytest.approx(np.trace(cls["confusion_matrix"]) / 8)
+    assert cls["clean"]["epoch"] == cls["paper"]["epoch"] == 1  # one epoch: both protocols read it
+    assert any(note.startswith(f"ResNet-34 accuracy: clean {cls['accuracy']:.4f} (epoch 1); paper") for note in saved["notes"])
     assert "paper, per metric (each metric at its own best test epoch" in html and "clean (last epoch)" in html
     assert any("random initialisation (--cls-random-init)" in note for note in saved["notes"])
     assert report["files"] == [str(tmp_path / "report" / "report.json"), str(tmp_path / "report" / "report.html")]

@@ -170,7 +170,10 @@ def evaluate(
             report["classification"] = {"skipped": f"needs >= 2 generated defect types with real test images, got {matched}"}
             report["notes"].append(f"Classification skipped: {report['classification']['skipped']}")
         else:
-            report["classification"] = run_classification(inputs, nets.classification, torch_device, nets.resnet_weights)
+            report["classification"] = cls = run_classification(inputs, nets.classification, torch_device, nets.resnet_weights)
+            report["notes"].append("ResNet-34 accuracy: " + "; ".join(
+                f"{name} {cls[name]['accuracy']:.4f} (epoch {cls[name]['epoch']})" for name in ("clean", "paper") if name in cls)
+                + ("; the tables show clean" if "clean" in cls and "paper" in cls else ""))
             if nets.resnet_weights is None:
                 report["notes"].append("ResNet-34 trained from random initialisation (--cls-random-init): its accuracy "
                                        "is not comparable with the papers' (ImageNet weights).")
