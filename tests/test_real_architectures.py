@@ -241,7 +241,7 @@ def test_every_sd_method_runs_on_the_ldm_layout_at_small_width(ldm_folder, monke
         create("anomalyxfusion", **common).fit(*_data())
 
 
-def test_anomalyxfusion_runs_on_the_ldm_layout_with_a_clip_semantic_encoder(ldm_folder, tmp_path):
+def test_anomalyxfusion_runs_on_the_ldm_layout_with_a_clip_semantic_encoder(ldm_folder, tmp_path, monkeypatch):
     """The authors' base: LDM (BERT text encoder), e_sem from a separate CLIP text model projected to
     the UNet's width by a trained linear layer (their Linear(512, 1280)); here 24-d -> 32-d."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -253,10 +253,10 @@ def test_anomalyxfusion_runs_on_the_ldm_layout_with_a_clip_semantic_encoder(ldm_
     tiny_tokenizer().save_pretrained(tmp_path / "clip")
     backbone = load_backbone(str(ldm_folder), device="cpu")
     seen = _record_unet_calls(backbone.unet)
+    monkeypatch.setattr("anomalygen.methods.diffusion_base.load_backbone", lambda *args, **kwargs: backbone)
     generator = create("anomalyxfusion", model=str(ldm_folder), device="cpu", resolution=32, batch_size=1, max_steps=1,
-                       num_inference_steps=1, checkpoint_every=0, generate_batch_size=1, tokens=2, mask_embedding=8,
-                       image_encoder="tiny", semantic_encoder=str(tmp_path / "clip"))
-    generator._backbone = backbone
+                       num_inference_steps=1, checkpoint_every=0, generate_batch_size=1, tokens=2, mif=False,
+                       semantic_encoder=str(tmp_path / "clip"))  # DDF alone: e = DDF(projected e_sem, t)
     generator.fit(*_data())
     assert isinstance(generator.backbone.text_encoder, LDMBertModel) and generator.semantic_width == 24
     assert generator.projection.weight.shape == (32, 24) and "semantic" in generator.modules()
