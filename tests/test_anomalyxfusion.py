@@ -245,7 +245,7 @@ def test_the_loss_is_the_authors_masked_eps_mse_by_default_and_plain_as_an_optio
     to the latent and binarised at 0.5 (the authors' p_losses); "plain" is the mean of noise^2."""
     assert AnomalyXFusion().opt["loss"] == "masked"
     for loss in ("masked", "plain"):
-        generator, defects, modules, loss_fn = _loss_fn(monkeypatch, loss=loss)
+        generator, defects, modules, loss_fn = _loss_fn(monkeypatch, loss=loss, mif=False)  # DDF(e_sem): no image encoder
         handle = generator.backbone.unet.register_forward_hook(lambda m, i, out: type(out)(sample=torch.zeros_like(out.sample)))
         try:
             value = loss_fn(modules, 0, torch.Generator().manual_seed(0))

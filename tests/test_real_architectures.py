@@ -225,7 +225,7 @@ def _record_unet_calls(unet) -> list:
 
 def test_every_sd_method_runs_on_the_ldm_layout_at_small_width(ldm_folder, monkeypatch):
     """DualAnoDiff (LoRA on LDMBert's q/k/v/out projections) and CAGen (a ControlNet from a 1280-d context UNet,
-    here 32-d) on the LDM layout; AnomalyXFusion refuses it in one line (its e_sem needs CLIP)."""
+    here 32-d) on the LDM layout; AnomalyXFusion without a CLIP semantic encoder refuses it in one line."""
     backbone = load_backbone(str(ldm_folder), device="cpu")
     seen = _record_unet_calls(backbone.unet)
     monkeypatch.setattr("anomalygen.methods.diffusion_base.load_backbone", lambda *args, **kwargs: backbone)
@@ -239,6 +239,35 @@ def test_every_sd_method_runs_on_the_ldm_layout_at_small_width(ldm_folder, monke
     monkeypatch.setattr("anomalygen.methods.anomalyxfusion.generator.load_image_encoder", no_image_encoder)
     with pytest.raises(AnomalygenError, match=r"^anomalyxfusion: e_sem needs a CLIP text encoder whose pooled embedding is 32-d"):
         create("anomalyxfusion", **common).fit(*_data())
+
+
+def test_anomalyxfusion_runs_on_the_ldm_layout_with_a_clip_semantic_encoder(ldm_folder, tmp_path, monkeypatch):
+    """The authors' base: LDM (BERT text encoder), e_sem from a separate CLIP text model projected to
+    the UNet's width by a trained linear layer (their Linear(512, 1280)); here 24-d -> 32-d."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, max_position_embeddings=77, projection_dim=24)
+                                ).save_pretrained(tmp_path / "clip")
+    tiny_tokenizer().save_pretrained(tmp_path / "clip")
+    backbone = load_backbone(str(ldm_folder), device="cpu")
+    seen = _record_unet_calls(backbone.unet)
+    monkeypatch.setattr("anomalygen.methods.diffusion_base.load_backbone", lambda *args, **kwargs: backbone)
+    generator = create("anomalyxfusion", model=str(ldm_folder), device="cpu", resolution=32, batch_size=1, max_steps=1,
+                       num_inference_steps=1, checkpoint_every=0, generate_batch_size=1, tokens=2, mif=False,
+                       semantic_encoder=str(tmp_path / "clip"))  # DDF alone: e = DDF(projected e_sem, t)
+    generator.fit(*_data())
+    assert isinstance(generator.backbone.text_encoder, LDMBertModel) and generator.semantic_width == 24
+    assert generator.projection.weight.shape == (32, 24) and "semantic" in generator.modules()
+    sample = next(iter(generator.generate(_data()[1], 1, seed=0)))
+    assert sample.image.shape == (64, 64, 3) and all(context == (77, 32) for _, context in seen)  # e_t inside the template
+    assert seen and all(latent == (4, 4, 4) for latent, _ in seen)
+    generator.save(tmp_path / "model")
+    from anomalygen.methods.base import AnomalyGenerator
+
+    loaded = AnomalyGenerator.load(tmp_path / "model")
+    torch.testing.assert_close(loaded.projection.weight, generator.projection.weight)
 
 
 @pytest.mark.slow
@@ -277,7 +306,7 @@ def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
         with cheap_random_fills():
             encoder = build_image_encoder(SD15_IMAGE_ENCODER).requires_grad_(False).eval()
         monkeypatch.setattr("anomalygen.methods.anomalyxfusion.generator.load_image_encoder", lambda *args, **kwargs: encoder)
-    _fit_generate_each(runs, common, seen, width, {"anomalyxfusion": 77 + 3 * 4})  # the caption's, then e_t's 3k (k = 4)
+    _fit_generate_each(runs, common, seen, width, {})  # AnomalyXFusion's e_t inside the 77 positions of its template
 
 
 @pytest.mark.slow

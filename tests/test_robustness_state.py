@@ -52,7 +52,7 @@ OPTION_CASES: dict[str, tuple[list[str], list[str]]] = {
                                         ["absent/captions.json", "not found"]),
     "dualanodiff-rank-zero": (["fit", "--method", "dualanodiff", "--model", "tiny", "--set", "rank=0"], ["rank", ">= 1"]),
     "dualanodiff-mask-source": (["generate", "--method", "dualanodiff", "--set", "mask_source=u2net"],
-                                ["mask_source", "threshold, attention"]),
+                                ["mask_source", "u2net_weights"]),  # the official masks need U2-Net weights
     "textual-inversion-prompt": (["fit", "--method", "textual-inversion", "--set", "prompt=a photo"], ["prompt", "{}"]),
     "textual-inversion-device": (["fit", "--method", "textual-inversion", "--device", "cuda:7"], ["device", "cuda:7"]),
     # size-like options bounded by what a method can use, the limit in the line (before: the allocator's

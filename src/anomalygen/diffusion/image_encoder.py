@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from anomalygen.devices import resolve_device
@@ -91,3 +91,24 @@ def image_embeds(encoder: CLIPVisionModelWithProjection, images: torch.Tensor) -
     pixels = ((pixels.clamp(0, 1) - mean) / std).to(encoder.device, encoder.dtype)
     with torch.no_grad():
         return encoder(pixel_values=pixels).image_embeds.float()
+
+
+def load_text_encoder(source: str, *, device: str | torch.device | None = None):
+    """A frozen CLIP text model and its tokenizer for a caption's pooled embedding: ``"tiny"`` (the
+    tiny base model's), a hub id or a folder holding them (or their ``text_encoder/`` and
+    ``tokenizer/``, a Stable Diffusion folder). Returns (model, tokenizer)."""
+    if source == TINY:
+        from anomalygen.diffusion.backbone import load_backbone
+
+        backbone = load_backbone(TINY, device="cpu")
+        model, tokenizer = backbone.text_encoder, backbone.tokenizer
+    else:
+        local = Path(source).expanduser()
+        nested = local.is_dir() and (local / "text_encoder").is_dir()
+        try:
+            model = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder" if nested else "")
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer" if nested else "")
+        except (OSError, ValueError) as error:
+            raise ModelNotFoundError(f"semantic encoder {source!r} could not be loaded ({str(error).splitlines()[0]}); "
+                                     "give a CLIP text model folder (e.g. openai/clip-vit-base-patch32, downloaded once)") from None
+    return model.requires_grad_(False).eval().to(resolve_device(str(device) if device is not None else None)), tokenizer

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save
 from anomalygen.data.captions import caption_for, default_caption, load_captions
 from anomalygen.diffusion.backbone import default_model
 from anomalygen.diffusion.conditioning import PromptEncoder
-from anomalygen.diffusion.image_encoder import image_embeds, load_image_encoder
+from anomalygen.diffusion.image_encoder import image_embeds, load_image_encoder, load_text_encoder
 from anomalygen.diffusion.sampling import blended_generate, encode_images, sample_generators, to_tensor
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
 from anomalygen.errors import AnomalygenError, DataError
@@ -77,6 +77,7 @@ def _options() -> OptionSpec:
         captions=Text(None, optional=True),  # {category: {type: [caption of the i-th image]}} JSON; None = "{category} with {type}"
         category=Text(None, optional=True),  # None = the dataset's category folder name (the captions file's key)
         image_encoder=Text(None, optional=True),  # CLIP vision model: hub id / folder / "tiny"; None = model's image_encoder/, else ViT-L/14
+        semantic_encoder=Text(None, optional=True),  # CLIP text model for e_sem (hub id / folder / "tiny"); None = the base's own CLIP (an LDM base needs one: the authors' ViT-B/32)
         mask_encoder=Text(None, optional=True),  # a pretrained ISTR mask encoder (.safetensors); None = trained from scratch
         mask_encoder_finetune=Bool(True),  # the pretrained one trains with MIF (the paper) | false: frozen (ours)
         loss=Choice("masked", ("masked", "plain")),  # ε-MSE inside the mask (the authors' code) | the whole image (ours)
@@ -116,9 +117,12 @@ class AnomalyXFusion(DiffusionGenerator):
         self.training_masks: dict[str, list[np.ndarray]] = {}
         self.mif: MIF | None = None
         self.ddf: DDF | None = None
+        self.projection: torch.nn.Linear | None = None  # e_sem -> d when the semantic encoder's width is not d (the authors' mlp)
         self.loss_log: list[float] = []
         self._image_encoder = None
         self._template: PromptEncoder | None = None
+        self._semantic = None  # (CLIP text model, tokenizer) of ``semantic_encoder``
+        self.semantic_width: int | None = None  # e_sem's width before its projection (when it is not d)
 
     def config(self) -> dict[str, Any]:
         """The options without the captions / mask-encoder paths: a saved model holds their content."""
@@ -142,7 +146,7 @@ class AnomalyXFusion(DiffusionGenerator):
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The enabled trainable modules by name (none in the text-only ablation)."""
-        return {name: m for name, m in (("mif", self.mif), ("ddf", self.ddf)) if m is not None}
+        return {name: m for name, m in (("semantic", self.projection), ("mif", self.mif), ("ddf", self.ddf)) if m is not None}
 
     def _build(self, textures: torch.Tensor) -> None:
         """MIF (with ``textures`` as e_tex's initial value) and DDF, as the options enable them; seeded."""
@@ -156,21 +160,41 @@ class AnomalyXFusion(DiffusionGenerator):
                 self.mif = MIF(encoder, textures, heads=dim // 64 if dim % 64 == 0 else 1).to(self.backbone.device)
             if self.opt["ddf"]:
                 self.ddf = DDF(dim).to(self.backbone.device)
+            if (self.opt["mif"] or self.opt["ddf"]) and self.semantic_width != dim:
+                self.projection = torch.nn.Linear(self.semantic_width, dim).to(self.backbone.device)
 
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(caption token states (B, 77, d), e_sem (B, k, d), Eq. 1), frozen."""
+        """(caption token states (B, 77, d), e_sem (B, k, P), Eq. 1), frozen. e_sem comes from the
+        base's CLIP text encoder (P = d) or from ``semantic_encoder`` (P its width, projected to d
+        by the trainable ``projection``, as the authors' Linear(512, 1280) on LDM)."""
         with torch.no_grad():
             encoded = self.prompts(captions)
-        if encoded.pooled is None or encoded.pooled.shape[-1] != self.width:
+            pooled = encoded.pooled if self.opt["semantic_encoder"] is None else self._semantic_pooled(captions)
+        if pooled is None or (self.opt["semantic_encoder"] is None and pooled.shape[-1] != self.width):
             raise AnomalygenError(f"anomalyxfusion: e_sem needs a CLIP text encoder whose pooled embedding is "
-                                  f"{self.width}-d (the UNet's cross-attention width); {self.backbone.label} has none of that width")
-        return encoded.hidden_states, semantic_embedding(encoded.pooled, self.opt["tokens"])
+                                  f"{self.width}-d (the UNet's cross-attention width); {self.backbone.label} has none of that "
+                                  f"width: give semantic_encoder=CLIP_TEXT_MODEL (the authors use CLIP ViT-B/32 on LDM)")
+        self.semantic_width = int(pooled.shape[-1])
+        return encoded.hidden_states, semantic_embedding(pooled, self.opt["tokens"])
+
+    def _semantic_pooled(self, captions: list[str]) -> torch.Tensor:
+        """The pooled embeddings of ``semantic_encoder`` (loaded on first use)."""
+        if self._semantic is None:
+            self._semantic = load_text_encoder(self.opt["semantic_encoder"], device=self.backbone.device)
+        model, tokenizer = self._semantic
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(self.backbone.device)
+        output = model(ids)
+        pooled = getattr(output, "text_embeds", None)
+        return (output.pooler_output if pooled is None else pooled).float()
 
     def x_embedding(self, modules: dict[str, torch.nn.Module], semantic: torch.Tensor, masks: torch.Tensor,
                     type_ids: torch.Tensor) -> torch.Tensor | None:
         """e_X = MIF(e_sem, M, type) (Eqs. 1-5); e_sem alone without MIF; None in the text-only ablation."""
         if not modules:
             return None
+        if "semantic" in modules:
+            semantic = modules["semantic"](semantic.to(modules["semantic"].weight))
         return modules["mif"](semantic, masks, type_ids) if "mif" in modules else semantic
 
     def step_context(self, modules: dict[str, torch.nn.Module], states: torch.Tensor, tokens: torch.Tensor | None,
@@ -360,6 +384,7 @@ class AnomalyXFusion(DiffusionGenerator):
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise DataError(weights, "missing: not a fitted anomalyxfusion model folder")
+        self.encode_text(["x"])  # e_sem's width: whether a projection was trained
         self._build(torch.zeros(len(self._defect_types), self.opt["tokens"], self.width))
         with malformed_as_corrupt(weights):
             tensors = load_file(str(weights), device=str(self.backbone.device))

@@ -36,6 +36,7 @@ from anomalygen.diffusion.sampling import (
     to_uint8,
 )
 from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
+from anomalygen.devices import resolve_device
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
 from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resize_mask, resolve_mode
@@ -125,7 +126,8 @@ class DualAnoDiff(DiffusionGenerator):
             opt["foreground"] = "u2net"
         require(weights or "u2net" not in (opt["mask_source"], opt["foreground"]), self.name,
                 "mask_source / foreground u2net need u2net_weights=FILE (no U2-Net weights ship with anomalygen)")
-        self.u2net = load_u2net(weights) if weights else None  # read now: a bad file is refused before anything is written
+        # read now, so a bad file is refused before anything is written
+        self.u2net = load_u2net(weights).to(resolve_device(opt["device"])) if weights else None
         self.foreground_mode = opt["foreground"]
         self.loss_log: dict[str, list[float]] = {}
 
@@ -219,7 +221,7 @@ class DualAnoDiff(DiffusionGenerator):
         """I_b = (1 − M_f)·I (Eq. 5): the image with its object (foreground) blacked out. With
         U²-Net, as the official code: I·(1 − s), s the saliency in [0, 1] (a soft paste)."""
         if self.foreground_mode == "u2net":
-            salient = saliency(self.u2net.to(self.backbone.device), [image])[0]
+            salient = saliency(self.u2net, [image])[0]
             return np.round(image * (1 - salient[..., None])).astype(np.uint8)
         foreground = foreground_mask(image, self.foreground_mode)
         return np.where(foreground[..., None], 0, image).astype(np.uint8)
@@ -465,7 +467,7 @@ class DualAnoDiff(DiffusionGenerator):
                 mask = mask_from_attention(attention[j].numpy(), part.shape[:2], opt["attention_threshold"],
                                            opt["mask_min_area"])
             elif opt["mask_source"] == "u2net":
-                mask = mask_from_saliency(saliency(self.u2net.to(backbone.device), [part])[0])
+                mask = mask_from_saliency(saliency(self.u2net, [part])[0])
             else:
                 mask = mask_from_part(part, background, opt["mask_threshold"], opt["mask_min_area"])
             out.append((whole, mask))
