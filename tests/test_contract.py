@@ -65,7 +65,7 @@ def options_for(name: str, **more) -> dict:
 
 
 def pairs(n: int = 1):
-    """``n`` training pairs of one type (a red patch on grey noise) and two good images, 32 px."""
+    """``n`` training pairs of one type (a red patch on grey noise) and sixteen good images, 32 px."""
     rng = np.random.default_rng(0)
     defects = []
     for i in range(n):
@@ -74,7 +74,7 @@ def pairs(n: int = 1):
         mask[8 + 2 * i:20 + 2 * i, 10:22] = True
         image[mask] = (230, 40, 40)
         defects.append(DefectExample(image, mask, "crack"))
-    good = [rng.integers(60, 120, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    good = [rng.integers(60, 120, (32, 32, 3), dtype=np.uint8) for _ in range(16)]
     return defects, good
 
 
@@ -342,7 +342,6 @@ def test_valid_pairs_and_the_declared_outside_mask_policy(fitted, name):
             outside = distance_to(mask) > band
             away = min(np.abs(image.astype(float) - r)[outside].mean() for r in references)
             inside = np.abs(image.astype(float) - good)[mask].mean()
-            print(name, "changed", away, inside)
             assert away < 0.75 * inside
 
 
@@ -466,7 +465,6 @@ def test_the_learned_state_reaches_the_output(fitted, name):
         untrained = generate(fit, 2, **given(fit))
     assert all(np.array_equal(a.mask, b.mask) for a, b in zip(trained, untrained)) or not accepts_masks(fit)
     change = inside_change(trained, untrained)
-    print(name, "learned", change)
     assert change > MARGIN
     if type(fit.generator).outside_mask == "kept":
         for a, b in zip(trained, untrained):
@@ -481,12 +479,10 @@ def test_zeroing_each_conditioning_input_changes_the_output(fitted, name):
     for what, zeroed in inputs.items():
         with zeroed:
             change = inside_change(trained, generate(fit, 2, **given(fit)))
-        print(name, what, change)
         assert change > MARGIN, what
     if accepts_masks(fit):  # another mask: the output changes inside the new one
         moved = generate(fit, 2, masks=[OTHER])
         assert all(np.array_equal(s.mask, OTHER) for s in moved)
-        print(name, "mask", inside_change(moved, trained))
         assert inside_change(moved, trained) > MARGIN
     if type(fit.generator).outside_mask == "none" and "source_index" in trained[0].meta:
         # the good image is only a reference (DualAnoDiff's BCM background): an object on two backgrounds
@@ -504,7 +500,6 @@ def test_zeroing_each_conditioning_input_changes_the_output(fitted, name):
             with torch.no_grad():
                 for m, g in zip(mixes, gammas):
                     m.gamma.copy_(g)
-        print(name, "reference", inside_change(*runs))
         assert inside_change(*runs) > MARGIN
 
 
@@ -532,12 +527,11 @@ def test_it_learns_one_pair_at_test_scale(fitted, name):
     fall = LEARNS.get(name, 0.001)
     for call in fit.calls:
         before, after = np.mean(call.before), np.mean(call.after)
-        print(name, "total", after / before)
+        assert min(call.before) > 0  # a squared error, minimised (not its negative, maximised)
         assert after < (1 - fall) * before
         for branch in call.branches_before[0]:
             b = np.mean([d[branch] for d in call.branches_before])
             a = np.mean([d[branch] for d in call.branches_after])
-            print(name, branch, a / b)
             assert a < (1 - fall) * b, branch
         if name in BRANCHES:
             assert len(call.branches_before[0]) >= 2
