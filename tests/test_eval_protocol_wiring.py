@@ -95,8 +95,22 @@ def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_oth
     assert len(seen["metric_masks"]) == 1 and np.array_equal(seen["metric_masks"][0], np.stack(real))
 
 
+def quadrants(level: int) -> np.ndarray:
+    """An image named by ``level`` whose horizontal mirror, vertical mirror and channel order all differ:
+    channels level, +1, +2; +3 on the right half, +6 on the bottom half."""
+    image = level + np.arange(3)[None, None, :] + 3 * (np.arange(SIZE)[None, :, None] >= SIZE // 2)
+    return (image + 6 * (np.arange(SIZE)[:, None, None] >= SIZE // 2)).astype(np.uint8)
+
+
 def test_the_classifier_trains_on_generated_defects_and_tests_on_the_real_ones(data, monkeypatch):
-    seen = {"train": [], "test": [], "labels": []}
+    """Training rows: every generated image once per epoch, labelled by its type's index among the
+    sorted generated types, mirrored left-right about half the time (nothing else); no autocast on
+    the CPU. Test rows: the real test defects of the generated types, and the reported accuracy is
+    that of the network's predictions on them."""
+    data.generated = {t: [DefectExample(quadrants(int(level)), e.mask, t) for level, e in
+                          zip([100 + 10 * i for i in range(4)] if t == "a" else [200, 210], examples)]
+                      for t, examples in data.generated.items()}
+    seen = {"train": [], "test": [], "labels": [], "logits": [], "autocast": []}
     mean, std = classification.IMAGENET_MEAN, classification.IMAGENET_STD
 
     class Recording(torch.nn.Module):
@@ -105,8 +119,13 @@ def test_the_classifier_trains_on_generated_defects_and_tests_on_the_real_ones(d
             self.head = torch.nn.Linear(3, classes)
 
         def forward(self, x):
-            seen["train" if self.training else "test"].append(levels(x * std + mean))
-            return self.head(x.mean(dim=(2, 3)))
+            pixels = ((x * std + mean) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            seen["train" if self.training else "test"].append(pixels)
+            seen["autocast"].append(torch.is_autocast_enabled("cpu"))
+            out = self.head(x.mean(dim=(2, 3)))
+            if not self.training:
+                seen["logits"].append(out.detach())
+            return out
 
     def build(classes, weights):
         return Recording(classes), "recording"
@@ -122,12 +141,25 @@ def test_the_classifier_trains_on_generated_defects_and_tests_on_the_real_ones(d
     config = ClassificationConfig(epochs=3, resolution=SIZE, batch_size=4, random_init=True)
     result = run_classification(data, config, torch.device("cpu"))
 
-    generated = {int(e.image[0, 0, 0]): t for t, examples in data.generated.items() for e in examples}
-    rows = [level for batch in seen["train"] for level in batch]
+    types = {int(e.image.min()): t for t, examples in data.generated.items() for e in examples}
+    images = {level: quadrants(level) for level in types}
+    rows = [row for batch in seen["train"] for row in batch]
     labels = [label for batch in seen["labels"] for label in batch]
-    assert len(rows) == len(labels) == 3 * len(generated)
-    assert sorted(rows) == sorted(list(generated) * 3)  # every generated image once per epoch, nothing else
-    assert all(labels[i] == ["a", "b"].index(generated[level]) for i, level in enumerate(rows))  # its own type
-    assert [level for batch in seen["test"] for level in batch] == [60, 61, 70]  # real test defects of generated types
+    assert len(rows) == len(labels) == 3 * len(types)
+    levels_seen, mirrored = [], 0
+    for row, label in zip(rows, labels):
+        level = int(row.min())
+        assert np.array_equal(row, images[level]) or np.array_equal(row, images[level][:, ::-1]), level
+        mirrored += not np.array_equal(row, images[level])
+        assert label == ["a", "b"].index(types[level])  # its own type
+        levels_seen.append(level)
+    assert sorted(levels_seen) == sorted(list(types) * 3)  # every generated image once per epoch, nothing else
+    assert 0.2 <= mirrored / len(rows) <= 0.8  # a fair coin per row: 0.5 +- 2.5 sd over 18 rows
+    assert [int(row.mean().round()) for batch in seen["test"] for row in batch] == [60, 61, 70]  # real test defects
+    assert not any(seen["autocast"])
+    predicted = torch.cat(seen["logits"]).argmax(1)
+    truth = torch.tensor([0, 0, 1])
+    assert result["accuracy"] == pytest.approx(float((predicted == truth).float().mean()))
+    assert result["confusion_matrix"] == [[int(((truth == i) & (predicted == j)).sum()) for j in range(2)] for i in range(2)]
     assert result["classes"] == ["a", "b"] and result["skipped_test_types"] == ["c"]
     assert result["test_counts"] == {"a": 2, "b": 1}
