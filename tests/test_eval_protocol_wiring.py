@@ -55,7 +55,7 @@ def levels(batch: torch.Tensor) -> list[int]:
 
 
 def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_otherwise(data, monkeypatch):
-    seen = {"train": [], "test": [], "targets": [], "metric_masks": []}
+    seen = {"train": [], "test": [], "targets": [], "metric_masks": [], "losses": [], "lr": []}
 
     class Recording(localization.DiscriminativeUNet):
         def forward(self, x):
@@ -66,7 +66,14 @@ def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_oth
 
     def loss(logits, target):
         seen["targets"].append(target.detach().clone())
-        return real_loss(logits, target)
+        value = real_loss(logits, target)
+        seen["losses"].append(float(value.detach()))
+        return value
+
+    class Schedule(torch.optim.lr_scheduler.MultiStepLR):
+        def step(self, *args, **kwargs):
+            seen["lr"].append(self.optimizer.param_groups[0]["lr"])
+            super().step(*args, **kwargs)
 
     def metrics(masks, maps, scores):
         seen["metric_masks"].append(masks.copy())
@@ -75,12 +82,16 @@ def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_oth
     monkeypatch.setattr(localization, "DiscriminativeUNet", Recording)
     monkeypatch.setattr(localization, "focal_loss", loss)
     monkeypatch.setattr(localization, "localization_metrics", metrics)
-    config = LocalizationConfig(epochs=2, samples_per_epoch=200, resolution=SIZE, base=2, batch_size=25, protocol="clean")
-    run_localization(data, config, torch.device("cpu"))
+    monkeypatch.setattr(torch.optim.lr_scheduler, "MultiStepLR", Schedule)
+    config = LocalizationConfig(epochs=10, samples_per_epoch=40, resolution=SIZE, base=2, batch_size=15, protocol="clean")
+    result = run_localization(data, config, torch.device("cpu"))
 
     rows = [level for batch in seen["train"] for level in batch]
     targets = torch.cat(seen["targets"])
-    assert len(rows) == len(targets) == 400
+    assert len(rows) == len(targets) == 400 and [len(batch) for batch in seen["train"][:3]] == [15, 15, 10]
+    # DRAEM's schedule: Adam at 1e-4, x0.2 at 80 % and 90 % of the epochs; an epoch's loss is its batches' mean
+    assert seen["lr"][1:] == pytest.approx([1e-4] * 8 + [2e-5, 4e-6])  # the lr of each epoch (0: the constructor's step)
+    assert result["history"][-1]["loss"] == pytest.approx(np.mean(seen["losses"][-3:]))
     good = {10, 20, 30}
     pairs = {e.image[0, 0, 0]: resize_mask(e.mask, SIZE) for t in data.generated.values() for e in t}
     share = sum(level in good for level in rows) / len(rows)
