@@ -55,7 +55,7 @@ def levels(batch: torch.Tensor) -> list[int]:
 
 
 def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_otherwise(data, monkeypatch):
-    seen = {"train": [], "test": [], "targets": [], "metric_masks": []}
+    seen = {"train": [], "test": [], "targets": [], "metric_masks": [], "losses": [], "lr": []}
 
     class Recording(localization.DiscriminativeUNet):
         def forward(self, x):
@@ -66,7 +66,14 @@ def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_oth
 
     def loss(logits, target):
         seen["targets"].append(target.detach().clone())
-        return real_loss(logits, target)
+        value = real_loss(logits, target)
+        seen["losses"].append(float(value.detach()))
+        return value
+
+    class Schedule(torch.optim.lr_scheduler.MultiStepLR):
+        def step(self, *args, **kwargs):
+            seen["lr"].append(self.optimizer.param_groups[0]["lr"])
+            super().step(*args, **kwargs)
 
     def metrics(masks, maps, scores):
         seen["metric_masks"].append(masks.copy())
@@ -75,12 +82,16 @@ def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_oth
     monkeypatch.setattr(localization, "DiscriminativeUNet", Recording)
     monkeypatch.setattr(localization, "focal_loss", loss)
     monkeypatch.setattr(localization, "localization_metrics", metrics)
-    config = LocalizationConfig(epochs=2, samples_per_epoch=200, resolution=SIZE, base=2, batch_size=25, protocol="clean")
-    run_localization(data, config, torch.device("cpu"))
+    monkeypatch.setattr(torch.optim.lr_scheduler, "MultiStepLR", Schedule)
+    config = LocalizationConfig(epochs=10, samples_per_epoch=40, resolution=SIZE, base=2, batch_size=15, protocol="clean")
+    result = run_localization(data, config, torch.device("cpu"))
 
     rows = [level for batch in seen["train"] for level in batch]
     targets = torch.cat(seen["targets"])
-    assert len(rows) == len(targets) == 400
+    assert len(rows) == len(targets) == 400 and [len(batch) for batch in seen["train"][:3]] == [15, 15, 10]
+    # DRAEM's schedule: Adam at 1e-4, x0.2 at 80 % and 90 % of the epochs; an epoch's loss is its batches' mean
+    assert seen["lr"][1:] == pytest.approx([1e-4] * 8 + [2e-5, 4e-6])  # the lr of each epoch (0: the constructor's step)
+    assert result["history"][-1]["loss"] == pytest.approx(np.mean(seen["losses"][-3:]))
     good = {10, 20, 30}
     pairs = {e.image[0, 0, 0]: resize_mask(e.mask, SIZE) for t in data.generated.values() for e in t}
     share = sum(level in good for level in rows) / len(rows)
@@ -95,8 +106,22 @@ def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_oth
     assert len(seen["metric_masks"]) == 1 and np.array_equal(seen["metric_masks"][0], np.stack(real))
 
 
+def quadrants(level: int) -> np.ndarray:
+    """An image named by ``level`` whose horizontal mirror, vertical mirror and channel order all differ:
+    channels level, +1, +2; +3 on the right half, +6 on the bottom half."""
+    image = level + np.arange(3)[None, None, :] + 3 * (np.arange(SIZE)[None, :, None] >= SIZE // 2)
+    return (image + 6 * (np.arange(SIZE)[:, None, None] >= SIZE // 2)).astype(np.uint8)
+
+
 def test_the_classifier_trains_on_generated_defects_and_tests_on_the_real_ones(data, monkeypatch):
-    seen = {"train": [], "test": [], "labels": []}
+    """Training rows: every generated image once per epoch, labelled by its type's index among the
+    sorted generated types, mirrored left-right about half the time (nothing else); no autocast on
+    the CPU. Test rows: the real test defects of the generated types, and the reported accuracy is
+    that of the network's predictions on them."""
+    data.generated = {t: [DefectExample(quadrants(int(level)), e.mask, t) for level, e in
+                          zip([100 + 10 * i for i in range(4)] if t == "a" else [200, 210], examples)]
+                      for t, examples in data.generated.items()}
+    seen = {"train": [], "test": [], "labels": [], "logits": [], "autocast": []}
     mean, std = classification.IMAGENET_MEAN, classification.IMAGENET_STD
 
     class Recording(torch.nn.Module):
@@ -105,8 +130,13 @@ def test_the_classifier_trains_on_generated_defects_and_tests_on_the_real_ones(d
             self.head = torch.nn.Linear(3, classes)
 
         def forward(self, x):
-            seen["train" if self.training else "test"].append(levels(x * std + mean))
-            return self.head(x.mean(dim=(2, 3)))
+            pixels = ((x * std + mean) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            seen["train" if self.training else "test"].append(pixels)
+            seen["autocast"].append(torch.is_autocast_enabled("cpu"))
+            out = self.head(x.mean(dim=(2, 3)))
+            if not self.training:
+                seen["logits"].append(out.detach())
+            return out
 
     def build(classes, weights):
         return Recording(classes), "recording"
@@ -122,12 +152,25 @@ def test_the_classifier_trains_on_generated_defects_and_tests_on_the_real_ones(d
     config = ClassificationConfig(epochs=3, resolution=SIZE, batch_size=4, random_init=True)
     result = run_classification(data, config, torch.device("cpu"))
 
-    generated = {int(e.image[0, 0, 0]): t for t, examples in data.generated.items() for e in examples}
-    rows = [level for batch in seen["train"] for level in batch]
+    types = {int(e.image.min()): t for t, examples in data.generated.items() for e in examples}
+    images = {level: quadrants(level) for level in types}
+    rows = [row for batch in seen["train"] for row in batch]
     labels = [label for batch in seen["labels"] for label in batch]
-    assert len(rows) == len(labels) == 3 * len(generated)
-    assert sorted(rows) == sorted(list(generated) * 3)  # every generated image once per epoch, nothing else
-    assert all(labels[i] == ["a", "b"].index(generated[level]) for i, level in enumerate(rows))  # its own type
-    assert [level for batch in seen["test"] for level in batch] == [60, 61, 70]  # real test defects of generated types
+    assert len(rows) == len(labels) == 3 * len(types)
+    levels_seen, mirrored = [], 0
+    for row, label in zip(rows, labels):
+        level = int(row.min())
+        assert np.array_equal(row, images[level]) or np.array_equal(row, images[level][:, ::-1]), level
+        mirrored += not np.array_equal(row, images[level])
+        assert label == ["a", "b"].index(types[level])  # its own type
+        levels_seen.append(level)
+    assert sorted(levels_seen) == sorted(list(types) * 3)  # every generated image once per epoch, nothing else
+    assert 0.2 <= mirrored / len(rows) <= 0.8  # a fair coin per row: 0.5 +- 2.5 sd over 18 rows
+    assert [int(row.mean().round()) for batch in seen["test"] for row in batch] == [60, 61, 70]  # real test defects
+    assert not any(seen["autocast"])
+    predicted = torch.cat(seen["logits"]).argmax(1)
+    truth = torch.tensor([0, 0, 1])
+    assert result["accuracy"] == pytest.approx(float((predicted == truth).float().mean()))
+    assert result["confusion_matrix"] == [[int(((truth == i) & (predicted == j)).sum()) for j in range(2)] for i in range(2)]
     assert result["classes"] == ["a", "b"] and result["skipped_test_types"] == ["c"]
     assert result["test_counts"] == {"a": 2, "b": 1}
