@@ -104,7 +104,7 @@ def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo
                        metrics=["localization"], device="cpu", settings=settings,
                        # one draw per sample: a random tiny model's samples fail the validity checks, and
                        # redrawing them (test_validity's) only repeated the generation
-                       max_attempts=1,
+                       max_attempts=1, keep_failing=True,
                        localization=LocalizationConfig(epochs=1, samples_per_epoch=2, resolution=32, base=4, batch_size=2))
     model = json.loads((tmp_path / "bench" / method / "models" / "nut" / "generator.json").read_text())
     assert model["options"]["model"] == "tiny" and model["options"]["max_steps"] == DIFFUSION_SETTINGS[method]["max_steps"]
@@ -117,7 +117,7 @@ def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo
     for defect_type in ("dent", "stain"):
         fresh = pipeline.generate(None, demo_root, tmp_path / "fresh" / defect_type, 2, category="nut", seed=0,
                                   checkpoint=tmp_path / "bench" / method / "models" / "nut", defect_type=defect_type,
-                                  max_attempts=1)
+                                  max_attempts=1, keep_failing=True)
         ours = tmp_path / "bench" / method / "runs" / defect_type / "nut"
         files = sorted(p.relative_to(fresh.out) for p in fresh.out.rglob("*.png"))
         assert files and files == sorted(p.relative_to(ours) for p in ours.rglob("*.png"))

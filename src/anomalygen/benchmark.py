@@ -56,7 +56,8 @@ def method_options(settings: Mapping[str, Any], method: str) -> dict[str, Any]:
 
 def generate_per_type(
     method: str, data: Path, out: Path, category: str, num_per_type: int, seed: int, skip_bad: bool = False,
-    options: Mapping[str, Any] | None = None, max_attempts: int = 5,
+    options: Mapping[str, Any] | None = None, max_attempts: int = pipeline.MAX_ATTEMPTS,
+    keep_failing: bool = False,
 ) -> Path:
     """Write ``num_per_type`` samples of every real defect type; return the merged category folder.
 
@@ -81,7 +82,8 @@ def generate_per_type(
         run = out / method / "runs" / defect_type
         result = pipeline.generate(None if checkpoint else method, data, run, num_per_type, category=category,
                                    seed=seed, checkpoint=checkpoint, loaded=model, training=training, defect_type=defect_type,
-                                   options=None if checkpoint else options, skip_bad=skip_bad, max_attempts=max_attempts)
+                                   options=None if checkpoint else options, skip_bad=skip_bad, max_attempts=max_attempts,
+                                   keep_failing=keep_failing)
         for part in ("test", "ground_truth"):
             _link(result.out / part / defect_type, merged / part / defect_type)
     return merged
@@ -98,14 +100,15 @@ def benchmark(
     skip_bad: bool = False,
     settings: Mapping[str, Any] | None = None,
     metrics: Sequence[str] | None = None,
-    max_attempts: int = 5,
+    max_attempts: int = pipeline.MAX_ATTEMPTS,
+    keep_failing: bool = False,
     **evaluate_options: Any,
 ) -> dict[str, Any]:
     """Generate + evaluate every method on every category; write ``comparison.md`` / ``.html``.
 
     ``settings`` are method options (see ``method_options``), e.g. ``{"anomalydiffusion.model": "tiny"}``;
-    ``metrics`` and ``evaluate_options`` are ``evaluation.run.prepare``'s; ``max_attempts``: draws
-    per sample at most under the validity filter (``pipeline.generate``).
+    ``metrics`` and ``evaluate_options`` are ``evaluation.run.prepare``'s; ``max_attempts`` and
+    ``keep_failing``: the validity filter's (``pipeline.generate``).
     """
     data, out = Path(data), Path(out)
     if not methods:
@@ -121,7 +124,7 @@ def benchmark(
         started = time.perf_counter()
         for name in _categories(data, category):
             merged = generate_per_type(method, data, out, name, num_per_type, seed, skip_bad,
-                                       method_options(settings or {}, method), max_attempts)
+                                       method_options(settings or {}, method), max_attempts, keep_failing)
             reports.setdefault(name, {})[method] = evaluate(merged.parent, data, category=name, out=merged, seed=seed,
                                                            skip_bad=skip_bad, networks=networks)
         timings[method] = time.perf_counter() - started

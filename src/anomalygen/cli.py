@@ -88,7 +88,12 @@ def generate(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
     filter: bool = typer.Option(True, "--filter/--no-filter", help="Redraw samples that fail the validity checks "
                                 "(calibrated on the real training defects; --no-filter keeps every sample)."),
-    max_attempts: int = typer.Option(5, "--max-attempts", help="With --filter: draws per sample at most."),
+    max_attempts: int = typer.Option(pipeline.MAX_ATTEMPTS, "--max-attempts", help="With --filter: draws per sample "
+                                     "at most; a sample failing all of them stops the run (what is written stays)."),
+    keep_failing: bool = typer.Option(False, "--keep-failing", help="With --filter: keep a sample that failed all its "
+                                      "draws (its least-failing draw, flagged in the manifest) instead of stopping."),
+    give_up_after: int = typer.Option(pipeline.GIVE_UP_AFTER, "--give-up-after", help="With --filter: stop when the "
+                                      "first N draws all fail (a broken or untrained model); 0: never."),
     processes: int = typer.Option(1, "--processes", help="Shard the samples over N processes (one per GPU; "
                                   "the same output as one process)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet on CUDA (diffusion methods; "
@@ -102,7 +107,8 @@ def generate(
     result = pipeline.generate(
         method, data, out, num, category=category, seed=seed, checkpoint=checkpoint,
         defect_type=defect_type, options=pipeline.parse_settings(settings), overwrite=overwrite,
-        skip_bad=skip_bad, filter=filter, max_attempts=max_attempts, processes=processes, with_good=with_good,
+        skip_bad=skip_bad, filter=filter, max_attempts=max_attempts, keep_failing=keep_failing,
+        give_up_after=give_up_after, processes=processes, with_good=with_good,
         warn=_warn, console=console,
     )
     masks = "".join(f", {n} {source}" for source, n in sorted(result.mask_sources.items()))
@@ -353,7 +359,10 @@ def benchmark(
     num_per_type: int = typer.Option(500, "--num-per-type", help="Generated samples per defect type (papers: 500)."),
     settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value for every method, or "
                                        "METHOD.key=value for one (e.g. anomalydiffusion.model=tiny)."),
-    max_attempts: int = typer.Option(5, "--max-attempts", help="Draws per sample at most (validity filter)."),
+    max_attempts: int = typer.Option(pipeline.MAX_ATTEMPTS, "--max-attempts", help="Draws per sample at most "
+                                     "(validity filter); a sample failing all of them stops the benchmark."),
+    keep_failing: bool = typer.Option(False, "--keep-failing", help="Keep samples that fail the validity checks in "
+                                      "all --max-attempts draws (flagged) instead of stopping."),
     *,
     evaluation: dict[str, Any],  # the EVAL_OPTIONS (evaluation_options)
 ) -> None:
@@ -362,7 +371,8 @@ def benchmark(
 
     chosen = [name.strip() for name in methods.split(",") if name.strip()]
     result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type,
-                           settings=pipeline.parse_settings(settings), max_attempts=max_attempts, **evaluation)
+                           settings=pipeline.parse_settings(settings), max_attempts=max_attempts,
+                           keep_failing=keep_failing, **evaluation)
     console.print(f"comparison: {out / 'comparison.md'} ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
                   highlight=False)
 

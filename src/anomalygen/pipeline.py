@@ -27,7 +27,7 @@ from anomalygen.io import MAX_SAMPLES, SampleWriter, atomic_write_bytes, folder_
 from anomalygen.methods.base import AnomalyGenerator, create
 from anomalygen.seeding import check_seed
 from anomalygen.sharding import ShardJob, sharded_samples
-from anomalygen.validity import Calibration, first_valid, judge, sub_seed
+from anomalygen.validity import Calibration, DrawBudget, first_valid, judge, sub_seed
 
 Warn = Callable[[str], None]
 Training = tuple[CategoryData, list, list]  # what ``load_training`` returns
@@ -133,9 +133,16 @@ def fit(
     return Path(out)
 
 
-def check_max_attempts(max_attempts: int) -> None:
-    if not 1 <= max_attempts <= 100:
-        raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 100")
+MAX_ATTEMPTS = 50  # the filter's cap: draws per valid pair on average (per sample with keep_failing)
+GIVE_UP_AFTER = 30  # stop when the first this many draws of a run all fail
+UNBOUNDED = 10**9  # draws of one sample when only valid pairs are kept (DrawBudget stops the run)
+
+
+def check_max_attempts(max_attempts: int, give_up_after: int = GIVE_UP_AFTER) -> None:
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 1000:
+        raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 1000")
+    if isinstance(give_up_after, bool) or not isinstance(give_up_after, int) or not 0 <= give_up_after <= 100000:
+        raise AnomalygenError(f"--give-up-after {give_up_after}: give a number of draws from 0 (never) to 100000")
 
 
 def generate(
@@ -154,7 +161,9 @@ def generate(
     overwrite: bool = False,
     skip_bad: bool = False,
     filter: bool = True,
-    max_attempts: int = 5,
+    max_attempts: int = MAX_ATTEMPTS,
+    keep_failing: bool = False,
+    give_up_after: int = GIVE_UP_AFTER,
     processes: int = 1,
     with_good: bool = False,
     warn: Warn | None = None,
@@ -165,7 +174,13 @@ def generate(
     Resumes an interrupted run of the same command; see ``anomalygen.io`` for the guarantees.
     With ``filter`` each sample must pass the validity checks (``anomalygen.validity``, calibrated
     on the training defects): a rejected sample ``i`` is redrawn with seed ``sub_seed(seed, i,
-    attempt)``, at most ``max_attempts`` draws in all, so re-runs and resumes stay identical.
+    attempt)`` until a draw passes, so re-runs and resumes stay identical and the output holds
+    ``num`` valid pairs with the defect types of an unfiltered run. A defect type using more than
+    ``max_attempts`` draws per valid pair on average (the cap), or the first ``give_up_after`` draws of
+    the call all failing (0: never), stops the run with an error naming method, category and type
+    (``validity.DrawBudget``; what is written stays, a re-run goes on). With ``keep_failing`` every
+    sample gets at most ``max_attempts`` draws and the least-failing one is kept when none passes
+    (flagged in the manifest, counted in a warning).
     ``processes`` > 1 shards the samples over that many processes (``anomalygen.sharding``; one per
     GPU): the same output as one process.
     With ``with_good`` the real good images are copied too (``copy_goods``).
@@ -175,7 +190,7 @@ def generate(
     """
     if not 1 <= num <= MAX_SAMPLES:
         raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
-    check_max_attempts(max_attempts)
+    check_max_attempts(max_attempts, give_up_after)
     check_seed(seed)
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
         raise AnomalygenError(f"--processes {processes}: give a number from 1 to 64")
@@ -202,12 +217,13 @@ def generate(
         "category": category_data.name,
         "defect_type": defect_type,
     }
-    if filter:
-        run["filter"] = {"max_attempts": max_attempts}
+    if filter:  # the cap changes the output only of samples kept failing
+        run["filter"] = {"keep_failing": True, "max_attempts": max_attempts} if keep_failing else {"valid_only": True}
     mask_sources: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     redrawn: Counter[str] = Counter()
     written_types: Counter[str] = Counter()
+    failing: Counter[str] = Counter()
     invalid = 0
     with SampleWriter(out, category_data.name, run, overwrite=overwrite) as writer:
         start = writer.done
@@ -227,18 +243,19 @@ def generate(
             # sharded run get whole batches, so every sample is made as in one uninterrupted run
             block = generator.generation_batch()
             first = start - start % block
+            label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
             with _progress(console) as progress:
                 if processes > 1:
                     job = ShardJob(None if checkpoint is None else str(checkpoint), str(data), category, skip_bad,
-                                   seed, first, num, block, processes, defect_type, calibration, max_attempts)
+                                   seed, first, num, block, processes, defect_type, calibration, max_attempts,
+                                   keep_failing, give_up_after, f"{generator.name} on {category_data.name}")
                     samples = sharded_samples(job, generator)
                 else:
                     made = generator.generate(goods, num - first, seed=seed, start=first, defect_type=defect_type)
-                    samples = made if calibration is None else (
-                        filtered(sample, generator, goods, calibration, seed, index, defect_type, max_attempts)
-                        for index, sample in enumerate(made, first))
+                    samples = made if calibration is None else filtered(
+                        made, generator, goods, calibration, seed, first, defect_type, max_attempts,
+                        draw_budget(max_attempts, keep_failing, give_up_after, f"{generator.name} on {category_data.name}"))
                 samples = itertools.islice(samples, start - first, None)
-                label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
                 task = progress.add_task(label, total=num, completed=start)
                 for sample in samples:
                     if filter:
@@ -247,6 +264,7 @@ def generate(
                         redrawn[sample.defect_type] += validity["attempts"] > 1
                         written_types[sample.defect_type] += 1
                         invalid += not validity["passed"]
+                        failing[sample.defect_type] += not validity["passed"]
                     index = sample.meta.get("source_index")
                     source = None if index is None else category_data.train_good[index].path.resolve()
                     writer.add(sample, source=source)
@@ -256,7 +274,8 @@ def generate(
         if with_good:
             copy_goods(writer.root, category_data)
     if invalid and warn is not None:
-        warn(f"{invalid} samples failed a validity check in all {max_attempts} draws; kept anyway (see the manifest)")
+        warn(f"{generator.name} on {category_data.name}: {invalid} samples ({', '.join(f'{t} {n}' for t, n in sorted(failing.items()))}) "
+             f"failed a validity check in all {max_attempts} draws; kept (--keep-failing; flagged in the manifest)")
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
                           dict(mask_sources), dict(rejected), dict(written_types), dict(+redrawn), invalid)
 
@@ -282,14 +301,25 @@ def copy_goods(root: Path, category_data: CategoryData) -> None:
             (folder / stale).unlink()
 
 
-def filtered(sample, generator, goods, calibration, seed: int, index: int, defect_type, max_attempts: int):
-    """``first_valid`` for sample ``index``: redraw ``a`` is sample ``index`` of seed ``sub_seed(seed, index, a)``."""
+def filtered(samples, generator, goods, calibration, seed: int, first: int, defect_type, max_attempts: int,
+             budget: DrawBudget | None):
+    """``first_valid`` for each of ``samples`` (indices ``first``, ``first + 1``, ...): redraw ``a`` of
+    sample ``i`` is sample ``i`` of seed ``sub_seed(seed, i, a)``. With a ``budget`` (only valid pairs)
+    a sample is redrawn until it passes or the budget stops the run; without (keep failing), at most
+    ``max_attempts`` times."""
+    attempts = max_attempts if budget is None else UNBOUNDED
+    for index, sample in enumerate(samples, first):
 
-    def redraw(attempt: int):
-        again = generator.generate(goods, 1, seed=sub_seed(seed, index, attempt), start=index, defect_type=defect_type)
-        return next(iter(again))
+        def redraw(attempt: int, index: int = index):
+            again = generator.generate(goods, 1, seed=sub_seed(seed, index, attempt), start=index, defect_type=defect_type)
+            return next(iter(again))
 
-    return first_valid(sample, redraw, lambda s: judge(calibration, s, goods, generator.name), max_attempts)
+        yield first_valid(sample, redraw, lambda s: judge(calibration, s, goods, generator.name), attempts, budget)
+
+
+def draw_budget(max_attempts: int, keep_failing: bool, give_up_after: int, label: str) -> DrawBudget | None:
+    """The ``DrawBudget`` of one generating process; None when failing pairs are kept."""
+    return None if keep_failing else DrawBudget(max_attempts, give_up_after, label)
 
 
 def _progress(console: Console | None) -> Progress:
