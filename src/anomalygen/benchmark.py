@@ -16,17 +16,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from anomalygen import pipeline
-from anomalygen.data import list_categories, load_category
+from anomalygen.data import list_categories, load_category, paper_split
 from anomalygen.errors import AnomalygenError
 from anomalygen.evaluation import options as checks
 from anomalygen.evaluation.localization import SELECT_BY
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
-from anomalygen.evaluation.run import evaluate, prepare
+from anomalygen.evaluation.presets import announce
+from anomalygen.evaluation.run import evaluate, prepare, settings
 from anomalygen.io import atomic_write_text
 from anomalygen.methods.base import CONFIG_FILE, AnomalyGenerator, get_method
 from anomalygen.visualize import Section, write_html
@@ -102,6 +103,8 @@ def benchmark(
     metrics: Sequence[str] | None = None,
     max_attempts: int = pipeline.MAX_ATTEMPTS,
     keep_failing: bool = False,
+    say: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
     **evaluate_options: Any,
 ) -> dict[str, Any]:
     """Generate + evaluate every method on every category; write ``comparison.md`` / ``.html``.
@@ -118,6 +121,8 @@ def benchmark(
     for method in methods:
         pipeline.build(method, method_options(settings or {}, method))
     networks = prepare(metrics, seed=seed, **evaluate_options)
+    if say is not None:
+        estimate(data, category, methods, num_per_type, networks, say, warn or say)
     reports: dict[str, dict[str, dict[str, Any]]] = {}
     timings: dict[str, float] = {}
     for method in methods:
@@ -132,6 +137,21 @@ def benchmark(
               f"Wall time per method (generate + evaluate): " + ", ".join(f"{m} {t:.0f} s" for m, t in timings.items()) + ".")
     tables = write_comparison(out, reports, list(methods), header)
     return {"reports": reports, "tables": tables, "timings_s": timings}
+
+
+def estimate(data: Path, category: str | None, methods: Sequence[str], num_per_type: int, networks, say, warn) -> float:
+    """Say (or warn about, past ``presets.WARN_AFTER_S``) how long the evaluations will take, from the
+    categories' file counts (the paper split's test two thirds) before anything is generated."""
+    test_images = generated = runs = 0
+    for name in _categories(data, category):
+        real = load_category(data, name, skip_bad=True)
+        _, test = paper_split(real.defects)
+        test_images = max(test_images, len(real.test_good) + sum(len(v) for v in test.values()))
+        generated = max(generated, num_per_type * len(real.defect_types))
+        runs += len(methods)
+    loc = networks.localization
+    return announce(settings(networks), networks.device, test_images=test_images, generated=generated,
+                    metrics=networks.metrics, protocol=loc.protocol, eval_every=loc.eval_every, runs=runs, say=say, warn=warn)
 
 
 def protocol_line(reports: dict[str, dict[str, dict[str, Any]]]) -> str:

@@ -68,6 +68,16 @@ def _error(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _say(message: str) -> None:
+    console.print(message, highlight=False)
+
+
+def _status(message: str) -> None:
+    """What a command is doing before its first progress bar; on a terminal only (logs get the bar)."""
+    if console.is_terminal:
+        console.print(f"[dim]{escape(message)}…[/dim]", highlight=False)
+
+
 def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
 
@@ -96,6 +106,10 @@ def generate(
                                       "first N draws all fail (a broken or untrained model); 0: never."),
     processes: int = typer.Option(1, "--processes", help="Shard the samples over N processes (one per GPU; "
                                   "the same output as one process)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="A method that must train first (no --checkpoint): "
+                                            "its training steps at most (as `fit`)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="A method that must train first: stop "
+                                                "training after MINUTES (as `fit`)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet on CUDA (diffusion methods; "
                                  "its compile time is printed once)."),
     with_good: bool = typer.Option(False, "--with-good", help="Also copy the real good images to train/good and "
@@ -104,12 +118,15 @@ def generate(
     """Generate NUM defect image + mask pairs; re-running resumes an interrupted run."""
     if compile:
         os.environ["ANOMALYGEN_COMPILE"] = "1"  # read by diffusion.fast, in this process and the --processes ones
+    options = pipeline.parse_settings(settings)
+    options.update({key: value for key, value in {"max_steps": max_steps, "time_budget_s": None if time_budget is None
+                                                   else time_budget * 60}.items() if value is not None})
     result = pipeline.generate(
         method, data, out, num, category=category, seed=seed, checkpoint=checkpoint,
-        defect_type=defect_type, options=pipeline.parse_settings(settings), overwrite=overwrite,
+        defect_type=defect_type, options=options, overwrite=overwrite,
         skip_bad=skip_bad, filter=filter, max_attempts=max_attempts, keep_failing=keep_failing,
         give_up_after=give_up_after, processes=processes, with_good=with_good,
-        warn=_warn, console=console,
+        warn=_warn, say=_say, status=_status, console=console,
     )
     masks = "".join(f", {n} {source}" for source, n in sorted(result.mask_sources.items()))
     console.print(f"{result.method}: {result.total} samples in {result.out} ({result.written} new{masks})", highlight=False)
@@ -245,8 +262,9 @@ def info_table(info: dict[str, Any]) -> Table:
 
 
 def _evaluation_options(
-    *, metrics: Optional[str], protocol: str, device: Optional[str], epochs: int, samples_per_epoch: int, resolution: int,
-    base: int, batch_size: int, eval_every: int, cls_epochs: int, cls_random_init: bool, inception_weights: Optional[Path],
+    *, metrics: Optional[str], protocol: str, device: Optional[str], epochs: Optional[int], samples_per_epoch: Optional[int],
+    resolution: Optional[int], base: Optional[int], batch_size: Optional[int], eval_every: int, cls_epochs: Optional[int],
+    preset: str, cls_random_init: bool, inception_weights: Optional[Path],
     lpips_net: str, seed: int, skip_bad: bool, draem_ratio: float, draem_epochs: Optional[int],
     draem_resolution: Optional[int], draem_test: str, draem_textures: str, draem_baseline: bool,
 ) -> dict[str, Any]:
@@ -254,7 +272,11 @@ def _evaluation_options(
     from anomalygen.evaluation.classification import ClassificationConfig
     from anomalygen.evaluation.draem_augmentation import DraemAugmentationConfig
     from anomalygen.evaluation.localization import LocalizationConfig
+    from anomalygen.evaluation.presets import apply_preset
 
+    sizes = apply_preset(preset, {"epochs": epochs, "samples_per_epoch": samples_per_epoch, "resolution": resolution,
+                                  "base": base, "batch_size": batch_size, "cls_epochs": cls_epochs})
+    epochs, samples_per_epoch, resolution, base, batch_size, cls_epochs = sizes.values()
     return {
         # None = every metric, skipping (with a note) those whose weights are missing offline.
         "metrics": None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()],
@@ -269,6 +291,7 @@ def _evaluation_options(
                                          seed=seed),
         "inception_weights": None if inception_weights is None else str(inception_weights),
         "lpips_net": lpips_net,
+        "preset": preset,
         "skip_bad": skip_bad,
         "seed": seed,
     }
@@ -282,13 +305,16 @@ EVAL_OPTIONS: dict[str, tuple[Any, Any]] = {
                                             "its weights is an error).")),
     "protocol": (str, typer.Option("both", "--protocol", help="paper (best test epoch), clean (last epoch) or both.")),
     "device": (Optional[str], typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")),
-    "epochs": (int, typer.Option(200, "--epochs", help="U-Net epochs (papers: 200).")),
-    "samples_per_epoch": (int, typer.Option(500, "--samples-per-epoch", help="U-Net samples per epoch (papers: 500).")),
-    "resolution": (int, typer.Option(256, "--resolution", help="U-Net / ResNet input size in px (multiple of 32).")),
-    "base": (int, typer.Option(64, "--base", help="U-Net base width (papers: 64).")),
-    "batch_size": (int, typer.Option(8, "--batch-size", help="U-Net batch size.")),
+    "preset": (str, typer.Option("paper", "--preset", help="paper: the papers' settings (200 epochs x 500 samples, 256 px, "
+                                 "base 64, ResNet 30 epochs; hours on a GPU, days on a CPU); quick: 10 x 200, 128 px, base 16, "
+                                 "ResNet 5 epochs (minutes on a CPU; figures that rank little). Options given win.")),
+    "epochs": (Optional[int], typer.Option(None, "--epochs", help="U-Net epochs (paper: 200, quick: 10).")),
+    "samples_per_epoch": (Optional[int], typer.Option(None, "--samples-per-epoch", help="U-Net samples per epoch (paper: 500, quick: 200).")),
+    "resolution": (Optional[int], typer.Option(None, "--resolution", help="U-Net / ResNet input size in px, multiple of 32 (paper: 256, quick: 128).")),
+    "base": (Optional[int], typer.Option(None, "--base", help="U-Net base width (paper: 64, quick: 16).")),
+    "batch_size": (Optional[int], typer.Option(None, "--batch-size", help="U-Net batch size (8).")),
     "eval_every": (int, typer.Option(1, "--eval-every", help="paper protocol: test every N epochs (official: 1).")),
-    "cls_epochs": (int, typer.Option(30, "--cls-epochs", help="ResNet-34 epochs (papers: 30).")),
+    "cls_epochs": (Optional[int], typer.Option(None, "--cls-epochs", help="ResNet-34 epochs (paper: 30, quick: 5).")),
     "cls_random_init": (bool, typer.Option(False, "--cls-random-init", help="Train the ResNet-34 from random init "
                                            "(without this, its ImageNet weights must be in the torch hub cache; papers: ImageNet).")),
     "inception_weights": (Optional[Path], typer.Option(None, "--inception-weights", help="Inception weights file (else env / torch hub "
@@ -342,7 +368,8 @@ def evaluate(
     """Evaluate generated defects: IS, IC-LPIPS, downstream U-Net localisation, ResNet-34 classification."""
     from anomalygen.evaluation.run import evaluate as run_evaluation
 
-    report = run_evaluation(generated, data, category=category, out=report_dir, **evaluation)
+    evaluation.pop("preset")
+    report = run_evaluation(generated, data, category=category, out=report_dir, say=_say, warn=_warn, **evaluation)
     for note in report["notes"]:
         _warn(note)
     console.print(f"report: {' and '.join(report['files'])}", highlight=False)
@@ -356,7 +383,8 @@ def benchmark(
     methods: str = typer.Option("cutpaste,croppaste,draem", "--methods", help="Comma-separated method names."),
     out: Path = typer.Option(..., "--out", help="Benchmark folder (samples, reports, comparison.md/html)."),
     category: Optional[str] = typer.Option(None, "--category", help="One category (default: every category)."),
-    num_per_type: int = typer.Option(500, "--num-per-type", help="Generated samples per defect type (papers: 500)."),
+    num_per_type: Optional[int] = typer.Option(None, "--num-per-type", help="Generated samples per defect type "
+                                               "(paper preset: 500, quick: 100)."),
     settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value for every method, or "
                                        "METHOD.key=value for one (e.g. anomalydiffusion.model=tiny)."),
     max_attempts: int = typer.Option(pipeline.MAX_ATTEMPTS, "--max-attempts", help="Draws per sample at most "
@@ -369,8 +397,12 @@ def benchmark(
     """Generate with each method, evaluate each, and write one comparison table (Markdown + HTML)."""
     from anomalygen.benchmark import benchmark as run_benchmark
 
+    from anomalygen.evaluation.presets import PRESETS
+
     chosen = [name.strip() for name in methods.split(",") if name.strip()]
-    result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type,
+    preset = evaluation.pop("preset")
+    num_per_type = PRESETS[preset]["num_per_type"] if num_per_type is None else num_per_type
+    result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, say=_say, warn=_warn,
                            settings=pipeline.parse_settings(settings), max_attempts=max_attempts,
                            keep_failing=keep_failing, **evaluation)
     console.print(f"comparison: {out / 'comparison.md'} ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",

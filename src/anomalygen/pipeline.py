@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from anomalygen.data import CategoryData, load_category, load_defects, load_goods, paper_split
 from anomalygen.errors import AnomalygenError
 from anomalygen.io import MAX_SAMPLES, SampleWriter, atomic_write_bytes, folder_lock
 from anomalygen.methods.base import AnomalyGenerator, create
+from anomalygen.progress import display
 from anomalygen.seeding import check_seed
 from anomalygen.sharding import ShardJob, sharded_samples
 from anomalygen.validity import Calibration, DrawBudget, first_valid, judge, sub_seed
@@ -167,6 +167,8 @@ def generate(
     processes: int = 1,
     with_good: bool = False,
     warn: Warn | None = None,
+    say: Warn | None = None,
+    status: Warn | None = None,
     console: Console | None = None,
 ) -> GenerateResult:
     """Write ``num`` samples of ``method`` (or of the model at ``checkpoint``) for one category.
@@ -186,8 +188,11 @@ def generate(
     With ``with_good`` the real good images are copied too (``copy_goods``).
     ``loaded``: the model at ``checkpoint``, already loaded by the caller (e.g. once for all defect
     types), used instead of loading it again; ``training`` likewise ``load_training(data, category,
-    skip_bad=skip_bad)``.
+    skip_bad=skip_bad)``. ``say`` is told when a method must train first, with its limits;
+    ``status`` gets a line at each step before the samples' progress bar (reading, calibrating).
     """
+    say = say or (lambda message: None)
+    status = status or (lambda message: None)
     if not 1 <= num <= MAX_SAMPLES:
         raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
     check_max_attempts(max_attempts, give_up_after)
@@ -206,6 +211,8 @@ def generate(
         raise AnomalygenError("give --method (or --checkpoint with a fitted model)")
     else:
         generator = build(method, options or {})
+    if training is None:
+        status(f"reading {data}" + (f" (category {category})" if category else ""))
     category_data, defects, goods = training if training is not None else load_training(data, category, skip_bad=skip_bad,
                                                                                           warn=warn)
     run = {
@@ -234,9 +241,12 @@ def generate(
             )
         if start < num:
             if checkpoint is None:
+                if generator.needs_fit:
+                    say(training_note(generator, len(defects), len(goods)))
                 generator.fit(defects, goods)
             calibration = None
             if filter:
+                status(f"calibrating the validity checks on {len(defects)} real defects")
                 calibration = Calibration.fit([(d.image, d.mask, d.defect_type) for d in defects], goods[:8])
             # a sample's numbers depend on the batch it is made in: a resumed run starts at the batch of
             # its first missing sample (and drops what is already written), and the processes of a
@@ -244,7 +254,7 @@ def generate(
             block = generator.generation_batch()
             first = start - start % block
             label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
-            with _progress(console) as progress:
+            with display(console) as progress:
                 if processes > 1:
                     job = ShardJob(None if checkpoint is None else str(checkpoint), str(data), category, skip_bad,
                                    seed, first, num, block, processes, defect_type, calibration, max_attempts,
@@ -256,7 +266,7 @@ def generate(
                         made, generator, goods, calibration, seed, first, defect_type, max_attempts,
                         draw_budget(max_attempts, keep_failing, give_up_after, f"{generator.name} on {category_data.name}"))
                 samples = itertools.islice(samples, start - first, None)
-                task = progress.add_task(label, total=num, completed=start)
+                task = progress.add_task(label, total=num, completed=start, postfix="")
                 for sample in samples:
                     if filter:
                         validity = sample.meta["validity"]
@@ -278,6 +288,20 @@ def generate(
              f"failed a validity check in all {max_attempts} draws; kept (--keep-failing; flagged in the manifest)")
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
                           dict(mask_sources), dict(rejected), dict(written_types), dict(+redrawn), invalid)
+
+
+def training_note(generator: AnomalyGenerator, defects: int, goods: int) -> str:
+    """What a ``generate`` without a fitted model is about to train, and how to bound it."""
+    config = generator.config()
+    limits = []
+    if config.get("max_steps") is not None:
+        limits.append(f"{config['max_steps']} steps")
+    if config.get("time_budget_s") is not None:
+        limits.append(f"at most {config['time_budget_s'] / 60:g} min")
+    device = f" on {config['device']}" if config.get("device") else ""
+    return (f"{generator.name} has no fitted model (--checkpoint): training it first on {defects} defects and {goods} good "
+            f"images{device} ({', '.join(limits) or 'until done'}); --max-steps / --time-budget MINUTES bound it, and "
+            "`anomalygen fit` saves a model to generate from again")
 
 
 def copy_goods(root: Path, category_data: CategoryData) -> None:
@@ -320,15 +344,3 @@ def filtered(samples, generator, goods, calibration, seed: int, first: int, defe
 def draw_budget(max_attempts: int, keep_failing: bool, give_up_after: int, label: str) -> DrawBudget | None:
     """The ``DrawBudget`` of one generating process; None when failing pairs are kept."""
     return None if keep_failing else DrawBudget(max_attempts, give_up_after, label)
-
-
-def _progress(console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        transient=False,
-    )
