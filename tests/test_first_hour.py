@@ -28,7 +28,7 @@ def _captured_evaluate(monkeypatch):
 
     def fake(generated, data, **kwargs):
         seen.update(kwargs)
-        return {"notes": [], "files": ["r.json", "r.html"], "category": "nut"}
+        return {"notes": [], "files": ["r.json", "r.html"], "category": "nut", "generated_counts": {}}
 
     monkeypatch.setattr("anomalygen.evaluation.run.evaluate", fake)
     return seen
@@ -91,3 +91,39 @@ def test_a_time_budgeted_bar_shows_the_steps_its_budget_allows(monkeypatch):
     assert task.total == 4 + 16  # 8 s left at 2 steps/s
     bar.close()
     assert task.total == 4 and not progress._active
+
+
+def test_generate_writes_a_preview_of_every_type_and_prints_the_next_commands(tmp_path, tiny, fake_method):
+    from anomalygen.data import load_image
+
+    result = runner.invoke(cli.app, ["generate", "--method", "fake", "--data", str(tiny), "--out", str(tmp_path),
+                                     "--num", "10"])
+    assert result.exit_code == 0, result.output
+    assert f"preview: {tmp_path / 'nut' / 'preview.png'}" in result.output
+    assert f"anomalygen evaluate --generated {tmp_path} --data {tiny}" in result.output
+    preview = load_image(tmp_path / "nut" / "preview.png")
+    cell, pad, header = 160, 4, 18
+    assert preview.shape[0] == header + 8 * (cell + pad) + pad  # 8 rows of 10 samples
+    # the rows take each type in turn: sample 0, 1, 2 (one per type), then 3, 4, 5, ...
+    from anomalygen.visualize import pick
+
+    entries = [{"defect_type": t, "index": i} for i, t in enumerate(["a", "a", "a", "b", "c"])]
+    assert [e["index"] for e in pick(entries, 4)] == [0, 3, 4, 1]
+
+
+def test_evaluate_and_benchmark_print_their_key_figures_as_a_table(monkeypatch, tmp_path):
+    report = {"category": "nut", "generated_counts": {"dent": 3}, "notes": [], "files": ["r.json", "r.html"],
+              "localization": {"clean": {"pixel_ap": 0.123456, "pixel_au_pro": 0.5, "pixel_auroc": 0.9, "image_auroc": None}},
+              "classification": {"accuracy": 0.75}, "inception_score": {"skipped": "no weights"}, "ic_lpips": {"mean": 0.25},
+              "validity": {"all": {"rejected_first": 0.4}}}
+    monkeypatch.setattr("anomalygen.evaluation.run.evaluate", lambda *a, **k: report)
+    result = runner.invoke(cli.app, ["evaluate", "--generated", str(tmp_path), "--data", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for row in ("U-Net pixel AP (last epoch)", "0.123", "ResNet-34 accuracy", "0.750", "IS", "skipped", "IC-LPIPS", "0.250",
+                "first draws rejected by the validity checks", "40%"):
+        assert row in result.stdout
+    monkeypatch.setattr("anomalygen.benchmark.benchmark", lambda *a, **k: {"reports": {"nut": {"cutpaste": report}},
+                                                                           "timings_s": {"cutpaste": 1.0}})
+    result = runner.invoke(cli.app, ["benchmark", "--data", str(tmp_path), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "cutpaste" in result.stdout and "0.123" in result.stdout and "0.750" in result.stdout

@@ -135,6 +135,12 @@ def generate(
         types = ", ".join(f"{t} {result.redrawn.get(t, 0)}/{n}" for t, n in sorted(result.written_types.items()))
         console.print(f"filter: {sum(result.redrawn.values())} of {result.written} new samples redrawn ({types}), "
                       f"{result.invalid} kept failing; rejected draws: {checks}", highlight=False)
+    if result.total:
+        where = f" --category {result.category}" if category else ""
+        console.print(f"preview: {result.out / 'preview.png'}\nnext:\n"
+                      f"  anomalygen evaluate --generated {out} --data {data}{where} --preset quick   "
+                      "# downstream U-Net + ResNet-34 (--preset paper: the papers' settings, for a GPU)\n"
+                      f"  anomalib: MVTecAD(root={out}, category={result.category}) after --with-good", highlight=False)
 
 
 @app.command()
@@ -372,6 +378,7 @@ def evaluate(
     report = run_evaluation(generated, data, category=category, out=report_dir, say=_say, warn=_warn, **evaluation)
     for note in report["notes"]:
         _warn(note)
+    Console(soft_wrap=False).print(report_table(report))
     console.print(f"report: {' and '.join(report['files'])}", highlight=False)
 
 
@@ -405,8 +412,51 @@ def benchmark(
     result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, say=_say, warn=_warn,
                            settings=pipeline.parse_settings(settings), max_attempts=max_attempts,
                            keep_failing=keep_failing, **evaluation)
-    console.print(f"comparison: {out / 'comparison.md'} ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
+    Console(soft_wrap=False).print(benchmark_table(result["reports"]))
+    console.print(f"comparison: {out / 'comparison.html'} and .md ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
                   highlight=False)
+
+
+KEY_FIGURES = {"pixel_ap": "pixel AP", "pixel_au_pro": "AU-PRO", "pixel_auroc": "pixel AUROC", "image_auroc": "image AUROC"}
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "—" if value is None else str(value)
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    """The key figures of an evaluation report: localisation per protocol, classification, IS / IC-LPIPS."""
+    table = Table(title=f"evaluation: {report['category']} ({sum(report['generated_counts'].values())} generated pairs)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    loc = report.get("localization", {})
+    for protocol in ("clean", "paper_selected"):
+        for key, label in KEY_FIGURES.items():
+            if protocol in loc:
+                table.add_row(f"U-Net {label} ({'last epoch' if protocol == 'clean' else 'best test epoch'})",
+                              _figure(loc[protocol].get(key)))
+    for section, key, label in (("classification", "accuracy", "ResNet-34 accuracy"), ("inception_score", "mean", "IS"),
+                                ("ic_lpips", "mean", "IC-LPIPS")):
+        part = report.get(section, {})
+        table.add_row(label, "skipped" if "skipped" in part else _figure(part.get(key)))
+    rates = report.get("validity", {}).get("all")
+    if rates:
+        table.add_row("first draws rejected by the validity checks", f"{rates['rejected_first']:.0%}")
+    return table
+
+
+def benchmark_table(reports: dict[str, dict[str, dict[str, Any]]]) -> Table:
+    """One row per category and method: the last-epoch U-Net figures and the ResNet-34 accuracy."""
+    table = Table(title="benchmark (U-Net: last epoch)")
+    for column in ("category", "method", *KEY_FIGURES.values(), "accuracy"):
+        table.add_column(column, justify="left" if column in ("category", "method") else "right")
+    for name, by_method in reports.items():
+        for method, report in by_method.items():
+            clean = report.get("localization", {}).get("clean", {})
+            cls = report.get("classification", {})
+            table.add_row(name, method, *(_figure(clean.get(key)) for key in KEY_FIGURES),
+                          "skipped" if "skipped" in cls else _figure(cls.get("accuracy")))
+    return table
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

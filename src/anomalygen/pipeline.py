@@ -183,6 +183,7 @@ def generate(
     (``validity.DrawBudget``; what is written stays, a re-run goes on). With ``keep_failing`` every
     sample gets at most ``max_attempts`` draws and the least-failing one is kept when none passes
     (flagged in the manifest, counted in a warning).
+    ``out/<category>/preview.png`` shows a few of the pairs (``visualize.write_preview``).
     ``processes`` > 1 shards the samples over that many processes (``anomalygen.sharding``; one per
     GPU): the same output as one process.
     With ``with_good`` the real good images are copied too (``copy_goods``).
@@ -241,7 +242,7 @@ def generate(
             )
         if start < num:
             if checkpoint is None:
-                if generator.needs_fit:
+                if "max_steps" in generator.config():  # a training loop (diffusion methods), not a crop bank
                     say(training_note(generator, len(defects), len(goods)))
                 generator.fit(defects, goods)
             calibration = None
@@ -283,6 +284,10 @@ def generate(
                     progress.advance(task)
         if with_good:
             copy_goods(writer.root, category_data)
+        if writer.done:
+            from anomalygen.visualize import write_preview  # skimage: not on every CLI call's path
+
+            write_preview(writer.root)
     if invalid and warn is not None:
         warn(f"{generator.name} on {category_data.name}: {invalid} samples ({', '.join(f'{t} {n}' for t, n in sorted(failing.items()))}) "
              f"failed a validity check in all {max_attempts} draws; kept (--keep-failing; flagged in the manifest)")

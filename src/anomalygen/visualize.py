@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from skimage.segmentation import find_boundaries
 
-from anomalygen.io import atomic_write_text, encode_png, save_png
+from anomalygen.io import MANIFEST, atomic_write_bytes, atomic_write_text, encode_png, read_manifest, save_png
 
 FRAME = (160, 160, 160)  # the grey frame round each tile of a grid
 
@@ -161,3 +161,36 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 RGB image or a 2-D mask, got {image.dtype} {image.shape}")
     return image
+
+
+PREVIEW = "preview.png"
+
+
+def pick(entries: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` manifest entries, taken from each defect type in turn (first ones first)."""
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        by_type.setdefault(entry["defect_type"], []).append(entry)
+    picked: list[dict[str, Any]] = []
+    for rank in range(max((len(v) for v in by_type.values()), default=0)):
+        picked += [v[rank] for v in by_type.values() if rank < len(v)]
+    return picked[:n]
+
+
+def write_preview(category_out: str | Path, n: int = 8, cell: int = 160) -> Path:
+    """``category_out/preview.png``: a grid of up to ``n`` written pairs (every defect type in turn),
+    one row each: the good image it was made from, the generated image, the mask overlaid on it."""
+    from anomalygen.data import load_image
+
+    category_out = Path(category_out)
+    rows, labels = [], []
+    for entry in pick(read_manifest(category_out / MANIFEST), n):
+        image = load_image(category_out / entry["image"])
+        mask = load_image(category_out / entry["mask"])
+        mask = (mask[..., 0] if mask.ndim == 3 else mask) > 127
+        good = load_image(entry["source"]) if entry.get("source") and Path(entry["source"]).is_file() else None
+        rows.append([good, image, overlay(image, mask)])
+        labels.append(f"{entry['index']:06d} {entry['defect_type']}")
+    path = category_out / PREVIEW
+    atomic_write_bytes(path, encode_png(grid(rows, ["good (source)", "generated", "mask overlay"], row_labels=labels, cell=cell)))
+    return path
