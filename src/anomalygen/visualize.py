@@ -83,13 +83,15 @@ class Section:
     """One part of an HTML page: a heading, optional text, images with captions, and a table.
 
     ``images`` holds ``(caption, image)`` pairs where ``image`` is an array or a path to an
-    image file; ``table`` is a list of rows (dicts sharing their keys).
+    image file; ``table`` is a list of rows (dicts sharing their keys); ``items`` a bulleted list
+    of lines or of ``(text, path)`` links (relative to the page).
     """
 
     heading: str
     text: str = ""
     images: list[tuple[str, np.ndarray | str | Path]] = field(default_factory=list)
     table: list[dict[str, Any]] = field(default_factory=list)
+    items: list[str | tuple[str, str | Path]] = field(default_factory=list)  # a list: text, or (text, path) links
 
 
 def write_html(path: str | Path, title: str, sections: Sequence[Section], *, embed: bool = True) -> Path:
@@ -104,15 +106,20 @@ def write_html(path: str | Path, title: str, sections: Sequence[Section], *, emb
     parts = [
         "<!doctype html>",
         f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0 1em 1em 0}"
-        "figcaption{font-size:90%;color:#444}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}figure{display:inline-block;margin:0 1em 1em 0;"
+        "vertical-align:top}figcaption{font-size:90%;color:#444}table{border-collapse:collapse;margin-bottom:1em}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}th{background:#f3f3f3}"
+        "td:first-child,th:first-child{text-align:left}li{margin:2px 0}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
     for number, section in enumerate(sections):
         parts.append(f"<h2>{html.escape(section.heading)}</h2>")
         if section.text:
             parts.append(f"<p>{html.escape(section.text)}</p>")
+        if section.items:
+            parts.append("<ul>" + "".join(
+                f"<li><a href='{html.escape(_relative_link(Path(item[1]), path.parent))}'>{html.escape(item[0])}</a></li>"
+                if isinstance(item, tuple) else f"<li>{html.escape(item)}</li>" for item in section.items) + "</ul>")
         for k, (caption, image) in enumerate(section.images):
             if isinstance(image, np.ndarray):
                 if embed:

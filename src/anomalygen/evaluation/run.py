@@ -185,7 +185,7 @@ def evaluate(
                 report["notes"].append("ResNet-34 trained from random initialisation (--cls-random-init): its accuracy "
                                        "is not comparable with the papers' (ImageNet weights).")
     out_dir = Path(out) if out else _category_dir(Path(generated), inputs.category)
-    report["files"] = [str(p) for p in write_report(report, out_dir, inputs.generated)]
+    report["files"] = [str(p) for p in write_report(report, out_dir, inputs.generated, inputs.train_defects)]
     return report
 
 
