@@ -52,17 +52,22 @@ def test_benchmark_two_methods_on_demo_fabric(demo_root, tmp_path, monkeypatch):
     accuracy = next(rows for title, rows in tables.items() if title.startswith("Downstream classification"))
     assert [row["defect type"] for row in accuracy] == [*types, "mean"]
     loc = next(rows for title, rows in tables.items() if title.startswith("Downstream localisation"))
-    assert {row["protocol"] for row in loc} == {"clean", "paper, per metric", "paper, one epoch"}
-    assert all(0.0 <= row["croppaste"] <= 1.0 for row in loc if row["metric"] != "epoch")
-    epoch_row = next(row for row in loc if row["metric"] == "epoch")
-    assert epoch_row["protocol"] == "paper, one epoch" and epoch_row["croppaste"] == 1
-    assert (tmp_path / "bench" / "comparison.html").is_file()
+    trained_on = ["croppaste", "cutpaste", "baseline: good images only", "baseline: real training defects (augmented)"]
+    protocols = ["clean", "paper, per metric", "paper, one epoch"]
+    assert [(row["protocol"], row["training data"]) for row in loc] == [(p, m) for p in protocols for m in trained_on]
+    assert all(0.0 <= row[key] <= 1.0 for row in loc for key in ("pixel_auroc", "pixel_ap", "pixel_au_pro"))
+    assert [row["epoch"] for row in loc if row["protocol"] == "paper, one epoch"] == [1, 1, 1, 1]
+    baselines = result["baselines"]["fabric"]
+    assert baselines["good"]["clean"]["pixel_ap"] != baselines["real"]["clean"]["pixel_ap"]
+    page = (tmp_path / "bench" / "comparison.html").read_text()
+    assert "href='croppaste/fabric/report.html'" in page and "href='cutpaste/fabric/report.html'" in page
+    assert page.count("<img") >= 4  # PR curves (pixel, image) and samples of each method
     # A learning method is fitted once per category (not once per defect type) and saved.
     assert len(fits) == 1
     assert (tmp_path / "bench" / "croppaste" / "models" / "fabric" / "generator.json").is_file()
     # Re-running resumes the finished writer runs instead of refusing them.
     again = benchmark(demo_root, ["croppaste"], tmp_path / "bench", category="fabric", num_per_type=4,
-                      metrics=["localization"], device="cpu",
+                      metrics=["localization"], device="cpu", with_baselines=False,
                       localization=LocalizationConfig(epochs=1, samples_per_epoch=4, resolution=64, base=8, batch_size=4))
     assert again["reports"]["fabric"]["croppaste"]["generated_counts"] == {t: 4 for t in types}
     assert len(fits) == 1  # the saved model is reused: no training on a re-run

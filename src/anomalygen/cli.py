@@ -398,6 +398,9 @@ def benchmark(
                                      "(validity filter); a sample failing all of them stops the benchmark."),
     keep_failing: bool = typer.Option(False, "--keep-failing", help="Keep samples that fail the validity checks in "
                                       "all --max-attempts draws (flagged) instead of stopping."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also train the localisation U-Net on good "
+                                   "images only and on the real training defects (augmented): the rows generated data "
+                                   "must beat."),
     *,
     evaluation: dict[str, Any],  # the EVAL_OPTIONS (evaluation_options)
 ) -> None:
@@ -411,7 +414,7 @@ def benchmark(
     num_per_type = PRESETS[preset]["num_per_type"] if num_per_type is None else num_per_type
     result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, say=_say, warn=_warn,
                            settings=pipeline.parse_settings(settings), max_attempts=max_attempts,
-                           keep_failing=keep_failing, **evaluation)
+                           keep_failing=keep_failing, with_baselines=baselines, **evaluation)
     Console(soft_wrap=False).print(benchmark_table(result["reports"]))
     console.print(f"comparison: {out / 'comparison.html'} and .md ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
                   highlight=False)
