@@ -127,3 +127,61 @@ def test_evaluate_and_benchmark_print_their_key_figures_as_a_table(monkeypatch, 
     result = runner.invoke(cli.app, ["benchmark", "--data", str(tmp_path), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "cutpaste" in result.stdout and "0.123" in result.stdout and "0.750" in result.stdout
+
+
+def test_no_hub_request_for_local_folders_and_offline_once_unreachable(monkeypatch, tmp_path):
+    from anomalygen import network
+
+    attempts = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(network.socket, "create_connection", lambda *a, **k: attempts.append(a) or (_ for _ in ()).throw(OSError()))
+    assert network.offline_unless_reachable([tmp_path]) and not attempts  # a local folder: no request at all
+    assert network.os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert network.offline_unless_reachable([None, "some/hub-id"]) and len(attempts) == 1  # unreachable: offline
+    assert network.os.environ["HF_HUB_OFFLINE"] == "1"
+    assert network.offline_unless_reachable([None]) and len(attempts) == 1  # decided once: offline stays, no new try
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(network, "reachable", lambda url: True)
+    assert not network.offline_unless_reachable(["some/hub-id"]) and "HF_HUB_OFFLINE" not in network.os.environ
+
+
+def test_third_party_bars_and_advice_are_off_unless_the_user_set_them(monkeypatch):
+    from anomalygen import network
+
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    network.quiet()
+    assert network.os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and network.os.environ["DIFFUSERS_VERBOSITY"] == "info"
+
+
+def test_a_grayscale_category_is_written_as_grayscale_pngs(tmp_path, fake_method):
+    from PIL import Image
+
+    root = make_tiny_dataset(tmp_path / "data", n_good=2)
+    for path in root.rglob("*.png"):
+        if "ground_truth" not in path.parts:
+            Image.open(path).convert("L").save(path)
+    out = pipeline.generate("fake", root / "nut", tmp_path / "out", 2)
+    images = sorted((out.out / "test").rglob("*.png"))
+    assert images and all(Image.open(p).mode == "L" for p in images)
+    colour = pipeline.generate("fake", make_tiny_dataset(tmp_path / "rgb", n_good=2) / "nut", tmp_path / "o2", 1)
+    assert all(Image.open(p).mode == "RGB" for p in (colour.out / "test").rglob("*.png"))
+    rgb = np.zeros((2, 2, 3), np.uint8) + np.array([10, 20, 30], np.uint8)
+    assert pipeline.to_gray(np.full((2, 2, 3), 77, np.uint8)).tolist() == [[77, 77], [77, 77]]  # exact on grey pixels
+    assert pipeline.to_gray(rgb)[0, 0] == round(0.299 * 10 + 0.587 * 20 + 0.114 * 30)
+
+
+def test_methods_lists_kind_base_model_paper_and_default_base():
+    result = runner.invoke(cli.app, ["methods"])
+    assert result.exit_code == 0
+    facts = cli.method_facts()
+    assert facts["cutpaste"] == {"kind": "model-free, no learning", "needs_base": False, "default_base": "—",
+                                 "paper": 'Li et al. 2021, CVPR, "CutPaste: self-supervised learning for anomaly '
+                                          'detection and localization", Sec. 3.1'}
+    assert facts["anomalydiffusion"]["default_base"] == "CompVis/ldm-text2im-large-256"
+    assert facts["dualanodiff"]["needs_base"] and facts["dualanodiff"]["paper"].endswith("CVPR 2025")
+    assert facts["textual-inversion"]["paper"] == 'Gal et al., "An Image is Worth One Word", ICLR 2023'
+    assert all(facts[name]["paper"] != "—" for name in facts)
+    for name in facts:
+        assert name in result.stdout

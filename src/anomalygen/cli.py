@@ -20,11 +20,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from anomalygen import pipeline
-from anomalygen.errors import AnomalygenError
-from anomalygen.io import os_error
-from anomalygen.methods.base import available_methods
-from anomalygen.pretrain.config import PretrainConfig
+from anomalygen import network
+
+network.quiet()  # before diffusers / transformers / peft are imported
+
+from anomalygen import pipeline  # noqa: E402
+from anomalygen.errors import AnomalygenError  # noqa: E402
+from anomalygen.io import os_error  # noqa: E402
+from anomalygen.methods.base import available_methods  # noqa: E402
+from anomalygen.pretrain.config import PretrainConfig  # noqa: E402
 
 # click's plain help: rich's option tables cut long option names short on an 80-column terminal
 # ("--vae-colour-aug…") and show flags with a "<bool>" value they do not take
@@ -121,6 +125,8 @@ def generate(
     options = pipeline.parse_settings(settings)
     options.update({key: value for key, value in {"max_steps": max_steps, "time_budget_s": None if time_budget is None
                                                    else time_budget * 60}.items() if value is not None})
+    if checkpoint is None:
+        network.offline_unless_reachable([options.get("model")])
     result = pipeline.generate(
         method, data, out, num, category=category, seed=seed, checkpoint=checkpoint,
         defect_type=defect_type, options=options, overwrite=overwrite,
@@ -162,6 +168,7 @@ def fit(
              "time_budget_s": None if time_budget is None else time_budget * 60}
     options = {key: value for key, value in given.items() if value is not None}
     options.update(pipeline.parse_settings(settings))
+    network.offline_unless_reachable([options.get("model")])
     saved = pipeline.fit(method, data, out, category=category, options=options, skip_bad=skip_bad, warn=_warn)
     if pipeline.launched()[0] == 0:  # the process that saved
         console.print(f"{method}: model saved in {saved}", highlight=False)
@@ -227,9 +234,35 @@ def demo(
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the registered generation methods."""
+    """List the generation methods: kind, whether a base model is needed, paper, default base model."""
+    table = Table(title="anomalygen methods (use with --method NAME)")
+    for column in ("method", "kind", "base model", "paper", "default base"):
+        table.add_column(column, overflow="fold")
+    for name, about in method_facts().items():
+        table.add_row(name, about["kind"], "needed" if about["needs_base"] else "none", about["paper"], about["default_base"])
+    Console(width=max(Console().width, 150)).print(table)
+
+
+def method_facts() -> dict[str, dict[str, Any]]:
+    """Per method: its kind, whether it needs a base diffusion model, its paper (from its module's
+    docstring) and the base model it loads when --model is not given."""
+    import re
+
+    from anomalygen.diffusion.backbone import LDM_MODEL, default_model
+    from anomalygen.methods.base import get_method
+
+    facts = {}
     for name in available_methods():
-        typer.echo(name)
+        generator = get_method(name)
+        needs_base = "model" in generator.OPTIONS
+        doc = " ".join((sys.modules[generator.__module__].__doc__ or "").split())
+        paper = re.search(r"\(([^()]*?et al\.[^()]*?)(?:, Eq\.|\))", doc)  # "(Authors et al., ..., Eq. 2: ...)"
+        kind = "diffusion, learns from the defects" if needs_base else (
+            "model-free, learns its crops from the defects" if generator.needs_fit else "model-free, no learning")
+        # anomalydiffusion's default base is LDM text2im, as its paper (methods/anomalydiffusion/generator.py)
+        base = (default_model(LDM_MODEL) if name == "anomalydiffusion" else default_model()) if needs_base else "—"
+        facts[name] = {"kind": kind, "needs_base": needs_base, "paper": paper.group(1) if paper else "—", "default_base": base}
+    return facts
 
 
 @datasets_app.command("info")
@@ -410,6 +443,8 @@ def benchmark(
     from anomalygen.evaluation.presets import PRESETS
 
     chosen = [name.strip() for name in methods.split(",") if name.strip()]
+    parsed = pipeline.parse_settings(settings)
+    network.offline_unless_reachable([value for key, value in parsed.items() if key.split(".")[-1] == "model"] or [None])
     preset = evaluation.pop("preset")
     num_per_type = PRESETS[preset]["num_per_type"] if num_per_type is None else num_per_type
     result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, say=_say, warn=_warn,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from anomalygen.data import CategoryData, load_category, load_defects, load_goods, paper_split
@@ -183,6 +184,7 @@ def generate(
     (``validity.DrawBudget``; what is written stays, a re-run goes on). With ``keep_failing`` every
     sample gets at most ``max_attempts`` draws and the least-failing one is kept when none passes
     (flagged in the manifest, counted in a warning).
+    Samples of a grayscale category (``is_grayscale``) are written as grayscale PNGs.
     ``out/<category>/preview.png`` shows a few of the pairs (``visualize.write_preview``).
     ``processes`` > 1 shards the samples over that many processes (``anomalygen.sharding``; one per
     GPU): the same output as one process.
@@ -252,6 +254,7 @@ def generate(
             # a sample's numbers depend on the batch it is made in: a resumed run starts at the batch of
             # its first missing sample (and drops what is already written), and the processes of a
             # sharded run get whole batches, so every sample is made as in one uninterrupted run
+            gray = is_grayscale(category_data)
             block = generator.generation_batch()
             first = start - start % block
             label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
@@ -276,6 +279,8 @@ def generate(
                         written_types[sample.defect_type] += 1
                         invalid += not validity["passed"]
                         failing[sample.defect_type] += not validity["passed"]
+                    if gray:
+                        sample.image = to_gray(sample.image)
                     index = sample.meta.get("source_index")
                     source = None if index is None else category_data.train_good[index].path.resolve()
                     writer.add(sample, source=source)
@@ -293,6 +298,25 @@ def generate(
              f"failed a validity check in all {max_attempts} draws; kept (--keep-failing; flagged in the manifest)")
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
                           dict(mask_sources), dict(rejected), dict(written_types), dict(+redrawn), invalid)
+
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
+
+
+def is_grayscale(category_data: CategoryData) -> bool:
+    """Whether the category's good images are grayscale files (as MVTec's grid, screw, zipper): its
+    samples are then written as grayscale PNGs too."""
+    from PIL import Image
+
+    with Image.open(category_data.train_good[0].path) as image:
+        return image.mode in GRAY_MODES
+
+
+def to_gray(image):
+    """An RGB sample as one channel (ITU-R 601 luma, PIL's "L": exact where the channels are equal)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).convert("L")) if image.ndim == 3 else image
 
 
 def training_note(generator: AnomalyGenerator, defects: int, goods: int) -> str:
