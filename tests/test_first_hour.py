@@ -185,3 +185,46 @@ def test_methods_lists_kind_base_model_paper_and_default_base():
     assert all(facts[name]["paper"] != "—" for name in facts)
     for name in facts:
         assert name in result.stdout
+
+
+def test_pr_curves_carry_their_ap_and_the_chance_line(monkeypatch):
+    from anomalygen.evaluation import figures
+
+    monkeypatch.setattr(figures, "to_array", lambda figure: figure)
+    curve = {"recall": [0.0, 0.5, 1.0], "precision": [1.0, 0.6, 0.1], "chance": 0.1}
+    figure = figures.pr_curves({"cutpaste": curve, "draem": {"recall": [0, 1], "precision": [1, 0.1]}},
+                               {"cutpaste": 0.4567, "draem": None}, "pixel")
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["cutpaste (AP 0.457)", "draem (AP undefined)",
+                                                                      "chance (0.100)"]
+    assert list(axes.lines[-1].get_ydata()) == [0.1, 0.1]  # the chance line, horizontal at the positive share
+    matrix = figures.confusion([[3, 1], [0, 2]], ["cut", "hole"]).axes[0]
+    assert [t.get_text() for t in matrix.texts] == ["3", "1", "0", "2"]
+    assert matrix.images[0].get_array().tolist() == [[0.75, 0.25], [0.0, 1.0]]  # colour: share of the true type
+
+
+def test_the_report_page_wires_ap_curves_training_and_per_type_figures(monkeypatch, tmp_path):
+    from anomalygen.evaluation import figures, report as report_module
+    from anomalygen.types import DefectExample
+
+    calls = {}
+    for name in ("pr_curves", "training_curve", "confusion"):
+        monkeypatch.setattr(figures, name, lambda *a, _n=name, **k: calls.setdefault(_n, []).append(a) or np.zeros((4, 4, 3), np.uint8))
+    history = [{"epoch": 1, "loss": 0.5, "pixel_ap": 0.2, "image_ap": 0.6}, {"epoch": 2, "loss": 0.3, "pixel_ap": 0.3, "image_ap": 0.7}]
+    metrics = dict.fromkeys(report_module.LOCALIZATION_KEYS, 0.5)
+    loc = {"config": {"base": 4, "resolution": 32, "epochs": 2, "samples_per_epoch": 4}, "test_images": {"good": 1},
+           "history": history, "clean": {"epoch": 2, **metrics}, "per_type": {"dent": {**metrics, "pixel_ap": 0.875}},
+           "pr_curves": {"pixel": {"recall": [0, 1], "precision": [1, 0], "chance": 0.01},
+                         "image": {"recall": [0, 1], "precision": [1, 0], "chance": 0.5}}}
+    example = lambda v: DefectExample(np.full((8, 8, 3), v, np.uint8), np.eye(8, dtype=bool), "dent")
+    report = {"category": "nut", "generated_counts": {"dent": 1}, "notes": ["first note", "second note"], "localization": loc,
+              "classification": {"weights": "random", "accuracy": 0.5, "classes": ["dent", "hole"],
+                                 "confusion_matrix": [[1, 0], [1, 0]]}}
+    _, page = report_module.write_report(report, tmp_path, {"dent": [example(200)]}, {"dent": [example(10), example(20)]})
+    html = page.read_text()
+    assert "<li>first note</li><li>second note</li>" in html
+    assert "Localisation per defect type" in html and "<td>dent</td><td>0.5</td><td>0.875</td>" in html
+    assert [(list(a[0]), a[1]) for a in calls["pr_curves"]] == [(["generated"], {"generated": 0.3}),
+                                                                 (["generated"], {"generated": 0.7})]
+    assert calls["training_curve"][0][0] is history and calls["confusion"][0] == ([[1, 0], [1, 0]], ["dent", "hole"])
+    assert "2 real training defects, then 1 generated" in html
