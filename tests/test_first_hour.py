@@ -228,3 +228,18 @@ def test_the_report_page_wires_ap_curves_training_and_per_type_figures(monkeypat
                                                                  (["generated"], {"generated": 0.7})]
     assert calls["training_curve"][0][0] is history and calls["confusion"][0] == ([[1, 0], [1, 0]], ["dent", "hole"])
     assert "2 real training defects, then 1 generated" in html
+
+
+def test_a_bad_real_file_names_skip_bad_and_is_warned_about_before_the_work(monkeypatch, tmp_path, fake_method):
+    from PIL import Image
+
+    root = make_tiny_dataset(tmp_path / "data") / "nut"
+    pipeline.generate("fake", root, tmp_path / "out", 2)
+    mask = sorted((root / "ground_truth" / "dent").glob("*.png"))[-1]
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask)
+    command = ["evaluate", "--generated", str(tmp_path / "out"), "--data", str(root), "--metrics", "localization"]
+    result = runner.invoke(cli.app, command)
+    assert result.exit_code == 2 and "mask is all zero" in result.output and "--skip-bad leaves bad real files out" in result.output
+    monkeypatch.setattr("anomalygen.evaluation.run.run_localization", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    result = runner.invoke(cli.app, [*command, "--skip-bad", "--preset", "quick", "--resolution", "32", "--base", "4"])
+    assert result.exit_code == 130 and f"warning: skipped bad real file: {mask}" in result.output  # before the U-Net

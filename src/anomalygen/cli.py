@@ -25,7 +25,7 @@ from anomalygen import network
 network.quiet()  # before diffusers / transformers / peft are imported
 
 from anomalygen import pipeline  # noqa: E402
-from anomalygen.errors import AnomalygenError  # noqa: E402
+from anomalygen.errors import AnomalygenError, DataError  # noqa: E402
 from anomalygen.io import os_error  # noqa: E402
 from anomalygen.methods.base import available_methods  # noqa: E402
 from anomalygen.pretrain.config import PretrainConfig  # noqa: E402
@@ -408,9 +408,15 @@ def evaluate(
     from anomalygen.evaluation.run import evaluate as run_evaluation
 
     evaluation.pop("preset")
-    report = run_evaluation(generated, data, category=category, out=report_dir, say=_say, warn=_warn, **evaluation)
+    try:
+        report = run_evaluation(generated, data, category=category, out=report_dir, say=_say, warn=_warn, **evaluation)
+    except DataError as error:
+        if evaluation["skip_bad"] or error.path is None or not error.path.resolve().is_relative_to(data.resolve()):
+            raise
+        raise AnomalygenError(f"{error}; --skip-bad leaves bad real files out (each named in a warning and the report)") from None
     for note in report["notes"]:
-        _warn(note)
+        if not note.startswith(SKIPPED):  # warned about when the data were read
+            _warn(note)
     Console(soft_wrap=False).print(report_table(report))
     console.print(f"report: {' and '.join(report['files'])}", highlight=False)
 
@@ -455,6 +461,7 @@ def benchmark(
                   highlight=False)
 
 
+SKIPPED = "skipped bad real file: "  # evaluation.run's note of a file --skip-bad left out
 KEY_FIGURES = {"pixel_ap": "pixel AP", "pixel_au_pro": "AU-PRO", "pixel_auroc": "pixel AUROC", "image_auroc": "image AUROC"}
 
 

@@ -127,6 +127,8 @@ def evaluate(
     options.positive_int(lpips_size, "IC-LPIPS size")
     torch_device = nets.device
     inputs = load_evaluation_data(generated, data, category, skip_bad=skip_bad)
+    for problem in inputs.problems if warn is not None else []:
+        warn(f"skipped bad real file: {problem}")  # now, not after hours of training
     if say is not None:
         test_images = len(inputs.test_good) + sum(len(v) for v in inputs.test_defects.values())
         announce(settings(nets), torch_device, test_images=test_images, metrics=nets.metrics,
