@@ -58,6 +58,9 @@ def training_curve(history: Sequence[dict[str, Any]], keys: Sequence[str] = ("pi
     loss_axes.plot(epochs, [row["loss"] for row in history], color="black", marker="." if len(epochs) < 30 else None,
                    label="training loss (focal)")
     loss_axes.set(xlabel="epoch", ylabel="focal loss")
+    from matplotlib.ticker import MaxNLocator
+
+    loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     metric_axes = loss_axes.twinx()
     for k, key in enumerate(keys):
         points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
