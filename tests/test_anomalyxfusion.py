@@ -437,12 +437,12 @@ def test_cli_fit_save_load_generate_on_loco_with_and_without_captions(loco_root,
     meta = json.loads((tmp_path / "model" / "anomalyxfusion.json").read_text())
     assert meta["captions"] == {"logical_anomalies": ["logical nut 0"], "structural_anomalies": ["structural nut 0"]}  # paper split: 1 of 3
     generated = run_cli("generate", "--checkpoint", tmp_path / "model", "--data", loco_root, "--category", "nut", "--num", "2",
-                        "--out", tmp_path / "out", "--max-attempts", "1", env=ENV)  # one draw each (redrawing: test_validity)
+                        "--out", tmp_path / "out", "--max-attempts", "1", "--keep-failing", env=ENV)  # one draw each (redrawing: test_validity)
     assert generated.returncode == 0, generated.output
     manifest = [json.loads(line) for line in (tmp_path / "out" / "nut" / "manifest.jsonl").read_text().splitlines()]
     assert [m["prompt"] for m in manifest] == ["logical nut 0", "structural nut 0"]
     result = CliRunner().invoke(app, ["generate", "--method", "anomalyxfusion", "--data", str(loco_root), "--category", "nut",
-                                      "--num", "2", "--max-attempts", "1", "--out", str(tmp_path / "plain"), *settings, "--set", "model=tiny",
+                                      "--num", "2", "--max-attempts", "1", "--keep-failing", "--out", str(tmp_path / "plain"), *settings, "--set", "model=tiny",
                                       "--set", "device=cpu", "--set", "max_steps=1"])  # no captions: "{category} with {type}"
     assert result.exit_code == 0, result.output
     manifest = [json.loads(line) for line in (tmp_path / "plain" / "nut" / "manifest.jsonl").read_text().splitlines()]

@@ -694,7 +694,7 @@ def test_cli_fit_generate_round_trip(demo_root, tmp_path):
     # one draw per sample: a random tiny model's samples fail the validity checks, 4 redraws each would
     # only repeat the same generation (redrawing: test_validity)
     command = ["generate", "--checkpoint", str(tmp_path / "model"), "--data", str(demo_root), "--category", "fabric",
-               "--num", "3", "--seed", "1", "--max-attempts", "1"]
+               "--num", "3", "--seed", "1", "--max-attempts", "1", "--keep-failing"]
     first = runner.invoke(app, [*command, "--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     assert "(3 new, 3 threshold)" in first.output

@@ -53,17 +53,22 @@ def test_benchmark_two_methods_on_demo_fabric(demo_root, tmp_path, monkeypatch):
     accuracy = next(rows for title, rows in tables.items() if title.startswith("Downstream classification"))
     assert [row["defect type"] for row in accuracy] == [*types, "mean"]
     loc = next(rows for title, rows in tables.items() if title.startswith("Downstream localisation"))
-    assert {row["protocol"] for row in loc} == {"clean", "paper", "paper, per metric"}
-    assert all(0.0 <= row["croppaste"] <= 1.0 for row in loc if row["metric"] != "epoch")
-    epoch_row = next(row for row in loc if row["metric"] == "epoch")
-    assert epoch_row["protocol"] == "paper" and epoch_row["croppaste"] == 1
-    assert (tmp_path / "bench" / "comparison.html").is_file()
+    trained_on = ["croppaste", "cutpaste", "baseline: good images only", "baseline: real training defects (augmented)"]
+    protocols = ["clean", "paper", "paper, per metric"]
+    assert [(row["protocol"], row["training data"]) for row in loc] == [(p, m) for p in protocols for m in trained_on]
+    assert all(0.0 <= row[key] <= 1.0 for row in loc for key in ("pixel_auroc", "pixel_ap", "pixel_au_pro"))
+    assert [row["epoch"] for row in loc if row["protocol"] == "paper"] == [1, 1, 1, 1]
+    baselines = result["baselines"]["fabric"]
+    assert baselines["good"]["clean"]["pixel_ap"] != baselines["real"]["clean"]["pixel_ap"]
+    page = (tmp_path / "bench" / "comparison.html").read_text()
+    assert "href='croppaste/fabric/report.html'" in page and "href='cutpaste/fabric/report.html'" in page
+    assert page.count("<img") >= 4  # PR curves (pixel, image) and samples of each method
     # A learning method is fitted once per category (not once per defect type) and saved.
     assert len(fits) == 1
     assert (tmp_path / "bench" / "croppaste" / "models" / "fabric" / "generator.json").is_file()
     # Re-running resumes the finished writer runs instead of refusing them.
     again = benchmark(demo_root, ["croppaste"], tmp_path / "bench", category="fabric", num_per_type=4,
-                      metrics=["localization"], device="cpu",
+                      metrics=["localization"], device="cpu", with_baselines=False,
                       localization=LocalizationConfig(epochs=1, samples_per_epoch=4, resolution=64, base=8, batch_size=4))
     assert again["reports"]["fabric"]["croppaste"]["generated_counts"] == {t: 4 for t in types}
     assert len(fits) == 1  # the saved model is reused: no training on a re-run
@@ -105,7 +110,7 @@ def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo
                        metrics=["localization"], device="cpu", settings=settings,
                        # one draw per sample: a random tiny model's samples fail the validity checks, and
                        # redrawing them (test_validity's) only repeated the generation
-                       max_attempts=1,
+                       max_attempts=1, keep_failing=True,
                        localization=LocalizationConfig(epochs=1, samples_per_epoch=2, resolution=32, base=4, batch_size=2))
     model = json.loads((tmp_path / "bench" / method / "models" / "nut" / "generator.json").read_text())
     assert model["options"]["model"] == "tiny" and model["options"]["max_steps"] == DIFFUSION_SETTINGS[method]["max_steps"]
@@ -118,7 +123,7 @@ def test_benchmark_runs_a_diffusion_method_by_name_with_its_options(method, demo
     for defect_type in ("dent", "stain"):
         fresh = pipeline.generate(None, demo_root, tmp_path / "fresh" / defect_type, 2, category="nut", seed=0,
                                   checkpoint=tmp_path / "bench" / method / "models" / "nut", defect_type=defect_type,
-                                  max_attempts=1)
+                                  max_attempts=1, keep_failing=True)
         ours = tmp_path / "bench" / method / "runs" / defect_type / "nut"
         files = sorted(p.relative_to(fresh.out) for p in fresh.out.rglob("*.png"))
         assert files and files == sorted(p.relative_to(ours) for p in ours.rglob("*.png"))

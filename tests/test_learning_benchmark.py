@@ -18,7 +18,7 @@ TINY = ["--model", "tiny", "--seeds", "0", "--num-per-type", "1", "--resolution"
         "--set", "dualanodiff.max_steps=1", "--set", "dualanodiff.rank=2",
         # one draw per sample: random tiny models' samples fail the validity checks, and redrawing them
         # (test_validity's) only repeated the generation
-        "--max-attempts", "1"]
+        "--max-attempts", "1", "--keep-failing"]
 
 
 @pytest.fixture(scope="module")

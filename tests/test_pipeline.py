@@ -49,7 +49,12 @@ def make_tiny_dataset(root, **kwargs):
 
 @pytest.fixture()
 def fake_method(monkeypatch):
+    """The fake method; its pairs (an inverted square anywhere) pass the validity checks here, which
+    keep only valid pairs by default (the filter itself is test_validity's)."""
+    from anomalygen.validity import CHECKS, CheckResult
+
     monkeypatch.setitem(METHODS, "fake", f"{__name__}:FakeGenerator")
+    monkeypatch.setattr(pipeline, "judge", lambda *a: {n: CheckResult(n, 1.0, True, "") for n in CHECKS})
     FakeGenerator.fail_at = None
     yield "fake"
     FakeGenerator.fail_at = None
@@ -142,7 +147,7 @@ def test_bad_num_and_missing_method(tmp_path, tiny_root):
 def test_model_free_kill_between_image_and_mask_then_resume(tmp_path, tiny_root, method, monkeypatch):
     import anomalygen.io
 
-    whole = pipeline.generate(method, tiny_root, tmp_path / "whole", 4, seed=3)
+    whole = pipeline.generate(method, tiny_root, tmp_path / "whole", 4, seed=3, keep_failing=True)
     real_save = anomalygen.io.save_png
 
     def killed_at_third_mask(path, array):
@@ -152,9 +157,9 @@ def test_model_free_kill_between_image_and_mask_then_resume(tmp_path, tiny_root,
 
     monkeypatch.setattr(anomalygen.io, "save_png", killed_at_third_mask)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.generate(method, tiny_root, tmp_path / "killed", 4, seed=3)
+        pipeline.generate(method, tiny_root, tmp_path / "killed", 4, seed=3, keep_failing=True)
     monkeypatch.setattr(anomalygen.io, "save_png", real_save)
     assert len(read_manifest(tmp_path / "killed" / "nut" / MANIFEST)) == 2
-    resumed = pipeline.generate(method, tiny_root, tmp_path / "killed", 4, seed=3)
+    resumed = pipeline.generate(method, tiny_root, tmp_path / "killed", 4, seed=3, keep_failing=True)
     assert (resumed.written, resumed.total) == (2, 4)
     assert tree_bytes(resumed.out) == tree_bytes(whole.out)

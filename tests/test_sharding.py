@@ -26,13 +26,13 @@ def test_blocks_deal_every_missing_index_once():
 @pytest.mark.slow
 def test_two_processes_write_what_one_writes_and_resume(demo_root, tmp_path):
     data = demo_root / "nut"
-    one = pipeline.generate("croppaste", data, tmp_path / "one", 11, seed=4, max_attempts=3)
-    two = pipeline.generate("croppaste", data, tmp_path / "two", 11, seed=4, max_attempts=3, processes=2)
+    one = pipeline.generate("croppaste", data, tmp_path / "one", 11, seed=4, max_attempts=20)
+    two = pipeline.generate("croppaste", data, tmp_path / "two", 11, seed=4, max_attempts=20, processes=2)
     assert two.total == 11 and two.redrawn == one.redrawn and two.rejected == one.rejected
     assert _files(one.out) == _files(two.out)
     # resumed with 2 processes after 5 samples written by one
-    pipeline.generate("croppaste", data, tmp_path / "resumed", 5, seed=4, max_attempts=3)
-    pipeline.generate("croppaste", data, tmp_path / "resumed", 11, seed=4, max_attempts=3, processes=2)
+    pipeline.generate("croppaste", data, tmp_path / "resumed", 5, seed=4, max_attempts=20)
+    pipeline.generate("croppaste", data, tmp_path / "resumed", 11, seed=4, max_attempts=20, processes=2)
     assert _files(one.out) == _files(tmp_path / "resumed" / "nut")
 
 

@@ -248,10 +248,45 @@ def test_filter_keeps_the_least_bad_draw_when_all_fail(demo_root, tmp_path, monk
     monkeypatch.setattr(pipeline, "judge", lambda *a: {n: CheckResult(n, 0.0, n != "visible", "") for n in CHECKS})
     warnings = []
     result = pipeline.generate("cutpaste", demo_root / "fabric", tmp_path, 2, filter=True, max_attempts=3,
-                               warn=warnings.append)
+                               keep_failing=True, warn=warnings.append)
     assert result.invalid == 2 and result.rejected == {"visible": 6}
     assert [line["meta"]["validity"]["attempts"] for line in _manifest(result.out)] == [3, 3]
-    assert warnings == ["2 samples failed a validity check in all 3 draws; kept anyway (see the manifest)"]
+    assert warnings == ["cutpaste on fabric: 2 samples (patch 1, scar 1) failed a validity check in all 3 draws; "
+                        "kept (--keep-failing; flagged in the manifest)"]
+
+
+def test_only_valid_pairs_by_default_a_broken_model_stops_after_its_first_draws(demo_root, tmp_path, monkeypatch):
+    from anomalygen import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "judge", lambda *a: calls.append(1) or {n: CheckResult(n, 0.0, n != "visible", "")
+                                                                          for n in CHECKS})
+    with pytest.raises(AnomalygenError) as error:
+        pipeline.generate("cutpaste", demo_root / "fabric", tmp_path, 4, give_up_after=7)
+    assert len(calls) == 7 and "cutpaste on fabric: the first 7 draws all failed" in str(error.value)
+    manifest = tmp_path / "fabric" / "manifest.jsonl"
+    assert "rejected by visible 7" in str(error.value) and not (manifest.exists() and manifest.read_text())
+
+
+def test_the_cap_names_method_category_and_type_and_a_rerun_with_a_higher_cap_resumes(demo_root, tmp_path, monkeypatch):
+    from anomalygen import pipeline
+
+    monkeypatch.setattr(pipeline, "judge", _fussy)
+    data = demo_root / "fabric"
+    whole = pipeline.generate("cutpaste", data, tmp_path / "whole", 8, seed=2, max_attempts=10)
+    lines = _manifest(whole.out)
+    attempts = [line["meta"]["validity"]["attempts"] for line in lines]
+    first = next(i for i, a in enumerate(attempts) if a > 1)  # the first sample whose first draw failed
+    assert first == 3  # (seed 2: three samples are written before the cap stops the run)
+    with pytest.raises(AnomalygenError) as error:  # at most 1 draw per valid pair: stops there
+        pipeline.generate("cutpaste", data, tmp_path / "capped", 8, seed=2, max_attempts=1, give_up_after=0)
+    assert str(error.value).startswith(f"cutpaste on fabric/{lines[first]['defect_type']}: ")
+    assert "more than --max-attempts 1 draws per valid pair" in str(error.value)
+    assert len(_manifest(tmp_path / "capped" / "fabric")) == first
+    pipeline.generate("cutpaste", data, tmp_path / "capped", 8, seed=2, max_attempts=10)
+    assert (tmp_path / "capped" / "fabric" / "manifest.jsonl").read_text() == (whole.out / "manifest.jsonl").read_text()
+    for line in lines:
+        assert (tmp_path / "capped" / "fabric" / line["image"]).read_bytes() == (whole.out / line["image"]).read_bytes()
 
 
 def test_filter_with_real_checks_and_cli(demo_root, tmp_path):

@@ -20,11 +20,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from anomalygen import pipeline
-from anomalygen.errors import AnomalygenError
-from anomalygen.io import os_error
-from anomalygen.methods.base import available_methods
-from anomalygen.pretrain.config import PretrainConfig
+from anomalygen import network
+
+network.quiet()  # before diffusers / transformers / peft are imported
+
+from anomalygen import pipeline  # noqa: E402
+from anomalygen.errors import AnomalygenError, DataError  # noqa: E402
+from anomalygen.io import os_error  # noqa: E402
+from anomalygen.methods.base import available_methods  # noqa: E402
+from anomalygen.pretrain.config import PretrainConfig  # noqa: E402
 
 # click's plain help: rich's option tables cut long option names short on an 80-column terminal
 # ("--vae-colour-aug…") and show flags with a "<bool>" value they do not take
@@ -68,6 +72,16 @@ def _error(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _say(message: str) -> None:
+    console.print(message, highlight=False)
+
+
+def _status(message: str) -> None:
+    """What a command is doing before its first progress bar; on a terminal only (logs get the bar)."""
+    if console.is_terminal:
+        console.print(f"[dim]{escape(message)}…[/dim]", highlight=False)
+
+
 def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
 
@@ -89,9 +103,18 @@ def generate(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Warn about bad input files and skip them."),
     filter: bool = typer.Option(True, "--filter/--no-filter", help="Redraw samples that fail the validity checks "
                                 "(calibrated on the real training defects; --no-filter keeps every sample)."),
-    max_attempts: int = typer.Option(5, "--max-attempts", help="With --filter: draws per sample at most."),
+    max_attempts: int = typer.Option(pipeline.MAX_ATTEMPTS, "--max-attempts", help="With --filter: draws per sample "
+                                     "at most; a sample failing all of them stops the run (what is written stays)."),
+    keep_failing: bool = typer.Option(False, "--keep-failing", help="With --filter: keep a sample that failed all its "
+                                      "draws (its least-failing draw, flagged in the manifest) instead of stopping."),
+    give_up_after: int = typer.Option(pipeline.GIVE_UP_AFTER, "--give-up-after", help="With --filter: stop when the "
+                                      "first N draws all fail (a broken or untrained model); 0: never."),
     processes: int = typer.Option(1, "--processes", help="Shard the samples over N processes (one per GPU; "
                                   "the same output as one process)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="A method that must train first (no --checkpoint): "
+                                            "its training steps at most (as `fit`)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="A method that must train first: stop "
+                                                "training after MINUTES (as `fit`)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet on CUDA (diffusion methods; "
                                  "its compile time is printed once)."),
     with_good: bool = typer.Option(False, "--with-good", help="Also copy the real good images to train/good and "
@@ -100,11 +123,17 @@ def generate(
     """Generate NUM defect image + mask pairs; re-running resumes an interrupted run."""
     if compile:
         os.environ["ANOMALYGEN_COMPILE"] = "1"  # read by diffusion.fast, in this process and the --processes ones
+    options = pipeline.parse_settings(settings)
+    options.update({key: value for key, value in {"max_steps": max_steps, "time_budget_s": None if time_budget is None
+                                                   else time_budget * 60}.items() if value is not None})
+    if checkpoint is None:
+        network.offline_unless_reachable([options.get("model")])
     result = pipeline.generate(
         method, data, out, num, category=category, seed=seed, checkpoint=checkpoint,
-        defect_type=defect_type, options=pipeline.parse_settings(settings), overwrite=overwrite,
-        skip_bad=skip_bad, filter=filter, max_attempts=max_attempts, processes=processes, with_good=with_good,
-        warn=_warn, console=console,
+        defect_type=defect_type, options=options, overwrite=overwrite,
+        skip_bad=skip_bad, filter=filter, max_attempts=max_attempts, keep_failing=keep_failing,
+        give_up_after=give_up_after, processes=processes, with_good=with_good,
+        warn=_warn, say=_say, status=_status, console=console,
     )
     masks = "".join(f", {n} {source}" for source, n in sorted(result.mask_sources.items()))
     console.print(f"{result.method}: {result.total} samples in {result.out} ({result.written} new{masks})", highlight=False)
@@ -113,6 +142,12 @@ def generate(
         types = ", ".join(f"{t} {result.redrawn.get(t, 0)}/{n}" for t, n in sorted(result.written_types.items()))
         console.print(f"filter: {sum(result.redrawn.values())} of {result.written} new samples redrawn ({types}), "
                       f"{result.invalid} kept failing; rejected draws: {checks}", highlight=False)
+    if result.total:
+        where = f" --category {result.category}" if category else ""
+        console.print(f"preview: {result.out / 'preview.png'}\nnext:\n"
+                      f"  anomalygen evaluate --generated {out} --data {data}{where} --preset quick   "
+                      "# downstream U-Net + ResNet-34 (--preset paper: the papers' settings, for a GPU)\n"
+                      f"  anomalib: MVTecAD(root={out}, category={result.category}) after --with-good", highlight=False)
 
 
 @app.command()
@@ -136,6 +171,7 @@ def fit(
              "time_budget_s": None if time_budget is None else time_budget * 60}
     options = {key: value for key, value in given.items() if value is not None}
     options.update(pipeline.parse_settings(settings))
+    network.offline_unless_reachable([options.get("model")])
     saved = pipeline.fit(method, data, out, category=category, options=options, skip_bad=skip_bad, warn=_warn,
                          overwrite=overwrite)
     if pipeline.launched()[0] == 0:  # the process that saved
@@ -202,9 +238,35 @@ def demo(
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the registered generation methods."""
+    """List the generation methods: kind, whether a base model is needed, paper, default base model."""
+    table = Table(title="anomalygen methods (use with --method NAME)")
+    for column in ("method", "kind", "base model", "paper", "default base"):
+        table.add_column(column, overflow="fold")
+    for name, about in method_facts().items():
+        table.add_row(name, about["kind"], "needed" if about["needs_base"] else "none", about["paper"], about["default_base"])
+    Console(width=max(Console().width, 150)).print(table)
+
+
+def method_facts() -> dict[str, dict[str, Any]]:
+    """Per method: its kind, whether it needs a base diffusion model, its paper (from its module's
+    docstring) and the base model it loads when --model is not given."""
+    import re
+
+    from anomalygen.diffusion.backbone import LDM_MODEL, default_model
+    from anomalygen.methods.base import get_method
+
+    facts = {}
     for name in available_methods():
-        typer.echo(name)
+        generator = get_method(name)
+        needs_base = "model" in generator.OPTIONS
+        doc = " ".join((sys.modules[generator.__module__].__doc__ or "").split())
+        paper = re.search(r"\(([^()]*?et al\.[^()]*?)(?:, Eq\.|\))", doc)  # "(Authors et al., ..., Eq. 2: ...)"
+        kind = "diffusion, learns from the defects" if needs_base else (
+            "model-free, learns its crops from the defects" if generator.needs_fit else "model-free, no learning")
+        # anomalydiffusion's default base is LDM text2im, as its paper (methods/anomalydiffusion/generator.py)
+        base = (default_model(LDM_MODEL) if name == "anomalydiffusion" else default_model()) if needs_base else "—"
+        facts[name] = {"kind": kind, "needs_base": needs_base, "paper": paper.group(1) if paper else "—", "default_base": base}
+    return facts
 
 
 @datasets_app.command("info")
@@ -243,8 +305,9 @@ def info_table(info: dict[str, Any]) -> Table:
 
 
 def _evaluation_options(
-    *, metrics: Optional[str], protocol: str, device: Optional[str], epochs: int, samples_per_epoch: int, resolution: int,
-    base: int, batch_size: int, eval_every: int, cls_epochs: int, cls_random_init: bool, inception_weights: Optional[Path],
+    *, metrics: Optional[str], protocol: str, device: Optional[str], epochs: Optional[int], samples_per_epoch: Optional[int],
+    resolution: Optional[int], base: Optional[int], batch_size: Optional[int], eval_every: int, cls_epochs: Optional[int],
+    preset: str, cls_random_init: bool, inception_weights: Optional[Path],
     lpips_net: str, seed: int, skip_bad: bool, draem_ratio: float, draem_share_of: str, draem_epochs: Optional[int],
     draem_resolution: Optional[int], draem_test: str, draem_textures: str, draem_baseline: bool,
 ) -> dict[str, Any]:
@@ -252,7 +315,11 @@ def _evaluation_options(
     from anomalygen.evaluation.classification import ClassificationConfig
     from anomalygen.evaluation.draem_augmentation import DraemAugmentationConfig
     from anomalygen.evaluation.localization import LocalizationConfig
+    from anomalygen.evaluation.presets import apply_preset
 
+    sizes = apply_preset(preset, {"epochs": epochs, "samples_per_epoch": samples_per_epoch, "resolution": resolution,
+                                  "base": base, "batch_size": batch_size, "cls_epochs": cls_epochs})
+    epochs, samples_per_epoch, resolution, base, batch_size, cls_epochs = sizes.values()
     return {
         # None = every metric, skipping (with a note) those whose weights are missing offline.
         "metrics": None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()],
@@ -267,6 +334,7 @@ def _evaluation_options(
                                          seed=seed),
         "inception_weights": None if inception_weights is None else str(inception_weights),
         "lpips_net": lpips_net,
+        "preset": preset,
         "skip_bad": skip_bad,
         "seed": seed,
     }
@@ -281,13 +349,16 @@ EVAL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "protocol": (str, typer.Option("both", "--protocol", help="paper (the official scripts' best test epoch: U-Net by the sum "
                                    "image AUROC + pixel AUROC + pixel AP + PRO, ResNet-34 by accuracy), clean (last epoch) or both.")),
     "device": (Optional[str], typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")),
-    "epochs": (int, typer.Option(200, "--epochs", help="U-Net epochs (papers: 200).")),
-    "samples_per_epoch": (int, typer.Option(500, "--samples-per-epoch", help="U-Net samples per epoch (papers: 500).")),
-    "resolution": (int, typer.Option(256, "--resolution", help="U-Net / ResNet input size in px (multiple of 32).")),
-    "base": (int, typer.Option(64, "--base", help="U-Net base width (papers: 64).")),
-    "batch_size": (int, typer.Option(8, "--batch-size", help="U-Net batch size.")),
+    "preset": (str, typer.Option("paper", "--preset", help="paper: the papers' settings (200 epochs x 500 samples, 256 px, "
+                                 "base 64, ResNet 30 epochs; hours on a GPU, days on a CPU); quick: 10 x 200, 128 px, base 16, "
+                                 "ResNet 5 epochs (minutes on a CPU; figures that rank little). Options given win.")),
+    "epochs": (Optional[int], typer.Option(None, "--epochs", help="U-Net epochs (paper: 200, quick: 10).")),
+    "samples_per_epoch": (Optional[int], typer.Option(None, "--samples-per-epoch", help="U-Net samples per epoch (paper: 500, quick: 200).")),
+    "resolution": (Optional[int], typer.Option(None, "--resolution", help="U-Net / ResNet input size in px, multiple of 32 (paper: 256, quick: 128).")),
+    "base": (Optional[int], typer.Option(None, "--base", help="U-Net base width (paper: 64, quick: 16).")),
+    "batch_size": (Optional[int], typer.Option(None, "--batch-size", help="U-Net batch size (8).")),
     "eval_every": (int, typer.Option(1, "--eval-every", help="paper protocol: test every N epochs (official: 1).")),
-    "cls_epochs": (int, typer.Option(30, "--cls-epochs", help="ResNet-34 epochs (papers: 30).")),
+    "cls_epochs": (Optional[int], typer.Option(None, "--cls-epochs", help="ResNet-34 epochs (paper: 30, quick: 5).")),
     "cls_random_init": (bool, typer.Option(False, "--cls-random-init", help="Train the ResNet-34 from random init "
                                            "(without this, its ImageNet weights must be in the torch hub cache; papers: ImageNet).")),
     "inception_weights": (Optional[Path], typer.Option(None, "--inception-weights", help="Inception weights file (else env / torch hub "
@@ -344,9 +415,17 @@ def evaluate(
     """Evaluate generated defects: IS, IC-LPIPS, downstream U-Net localisation, ResNet-34 classification."""
     from anomalygen.evaluation.run import evaluate as run_evaluation
 
-    report = run_evaluation(generated, data, category=category, out=report_dir, **evaluation)
+    evaluation.pop("preset")
+    try:
+        report = run_evaluation(generated, data, category=category, out=report_dir, say=_say, warn=_warn, **evaluation)
+    except DataError as error:
+        if evaluation["skip_bad"] or error.path is None or not error.path.resolve().is_relative_to(data.resolve()):
+            raise
+        raise AnomalygenError(f"{error}; --skip-bad leaves bad real files out (each named in a warning and the report)") from None
     for note in report["notes"]:
-        _warn(note)
+        if not note.startswith(SKIPPED):  # warned about when the data were read
+            _warn(note)
+    Console(soft_wrap=False).print(report_table(report))
     console.print(f"report: {' and '.join(report['files'])}", highlight=False)
 
 
@@ -358,21 +437,79 @@ def benchmark(
     methods: str = typer.Option("cutpaste,croppaste,draem", "--methods", help="Comma-separated method names."),
     out: Path = typer.Option(..., "--out", help="Benchmark folder (samples, reports, comparison.md/html)."),
     category: Optional[str] = typer.Option(None, "--category", help="One category (default: every category)."),
-    num_per_type: int = typer.Option(500, "--num-per-type", help="Generated samples per defect type (papers: 500)."),
+    num_per_type: Optional[int] = typer.Option(None, "--num-per-type", help="Generated samples per defect type "
+                                               "(paper preset: 500, quick: 100)."),
     settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Method option key=value for every method, or "
                                        "METHOD.key=value for one (e.g. anomalydiffusion.model=tiny)."),
-    max_attempts: int = typer.Option(5, "--max-attempts", help="Draws per sample at most (validity filter)."),
+    max_attempts: int = typer.Option(pipeline.MAX_ATTEMPTS, "--max-attempts", help="Draws per sample at most "
+                                     "(validity filter); a sample failing all of them stops the benchmark."),
+    keep_failing: bool = typer.Option(False, "--keep-failing", help="Keep samples that fail the validity checks in "
+                                      "all --max-attempts draws (flagged) instead of stopping."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also train the localisation U-Net on good "
+                                   "images only and on the real training defects (augmented): the rows generated data "
+                                   "must beat."),
     *,
     evaluation: dict[str, Any],  # the EVAL_OPTIONS (evaluation_options)
 ) -> None:
     """Generate with each method, evaluate each, and write one comparison table (Markdown + HTML)."""
     from anomalygen.benchmark import benchmark as run_benchmark
 
+    from anomalygen.evaluation.presets import PRESETS
+
     chosen = [name.strip() for name in methods.split(",") if name.strip()]
-    result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type,
-                           settings=pipeline.parse_settings(settings), max_attempts=max_attempts, **evaluation)
-    console.print(f"comparison: {out / 'comparison.md'} ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
+    parsed = pipeline.parse_settings(settings)
+    network.offline_unless_reachable([value for key, value in parsed.items() if key.split(".")[-1] == "model"] or [None])
+    preset = evaluation.pop("preset")
+    num_per_type = PRESETS[preset]["num_per_type"] if num_per_type is None else num_per_type
+    result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, say=_say, warn=_warn,
+                           settings=pipeline.parse_settings(settings), max_attempts=max_attempts,
+                           keep_failing=keep_failing, with_baselines=baselines, **evaluation)
+    Console(soft_wrap=False).print(benchmark_table(result["reports"]))
+    console.print(f"comparison: {out / 'comparison.html'} and .md ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
                   highlight=False)
+
+
+SKIPPED = "skipped bad real file: "  # evaluation.run's note of a file --skip-bad left out
+KEY_FIGURES = {"pixel_ap": "pixel AP", "pixel_au_pro": "AU-PRO", "pixel_auroc": "pixel AUROC", "image_auroc": "image AUROC"}
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "—" if value is None else str(value)
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    """The key figures of an evaluation report: localisation per protocol, classification, IS / IC-LPIPS."""
+    table = Table(title=f"evaluation: {report['category']} ({sum(report['generated_counts'].values())} generated pairs)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    loc = report.get("localization", {})
+    for protocol in ("clean", "paper_selected"):
+        for key, label in KEY_FIGURES.items():
+            if protocol in loc:
+                table.add_row(f"U-Net {label} ({'last epoch' if protocol == 'clean' else 'best test epoch'})",
+                              _figure(loc[protocol].get(key)))
+    for section, key, label in (("classification", "accuracy", "ResNet-34 accuracy"), ("inception_score", "mean", "IS"),
+                                ("ic_lpips", "mean", "IC-LPIPS")):
+        part = report.get(section, {})
+        table.add_row(label, "skipped" if "skipped" in part else _figure(part.get(key)))
+    rates = report.get("validity", {}).get("all")
+    if rates:
+        table.add_row("first draws rejected by the validity checks", f"{rates['rejected_first']:.0%}")
+    return table
+
+
+def benchmark_table(reports: dict[str, dict[str, dict[str, Any]]]) -> Table:
+    """One row per category and method: the last-epoch U-Net figures and the ResNet-34 accuracy."""
+    table = Table(title="benchmark (U-Net: last epoch)")
+    for column in ("category", "method", *KEY_FIGURES.values(), "accuracy"):
+        table.add_column(column, justify="left" if column in ("category", "method") else "right")
+    for name, by_method in reports.items():
+        for method, report in by_method.items():
+            clean = report.get("localization", {}).get("clean", {})
+            cls = report.get("classification", {})
+            table.add_row(name, method, *(_figure(clean.get(key)) for key in KEY_FIGURES),
+                          "skipped" if "skipped" in cls else _figure(cls.get("accuracy")))
+    return table
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

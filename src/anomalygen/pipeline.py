@@ -18,16 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from anomalygen.data import CategoryData, load_category, load_defects, load_goods, paper_split
 from anomalygen.errors import AnomalygenError
 from anomalygen.io import MAX_SAMPLES, SampleWriter, atomic_write_bytes, check_own_folder, folder_lock
 from anomalygen.methods.base import AnomalyGenerator, create
+from anomalygen.progress import display
 from anomalygen.seeding import check_seed
 from anomalygen.sharding import ShardJob, sharded_samples
-from anomalygen.validity import Calibration, first_valid, judge, sub_seed
+from anomalygen.validity import Calibration, DrawBudget, first_valid, judge, sub_seed
 
 Warn = Callable[[str], None]
 Training = tuple[CategoryData, list, list]  # what ``load_training`` returns
@@ -150,9 +151,16 @@ def check_defect_type(defect_type: str | None, types: Iterable[str], category: s
                               f"give one of {', '.join(types) or '(none)'}")
 
 
-def check_max_attempts(max_attempts: int) -> None:
-    if not 1 <= max_attempts <= 100:
-        raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 100")
+MAX_ATTEMPTS = 50  # the filter's cap: draws per valid pair on average (per sample with keep_failing)
+GIVE_UP_AFTER = 30  # stop when the first this many draws of a run all fail
+UNBOUNDED = 10**9  # draws of one sample when only valid pairs are kept (DrawBudget stops the run)
+
+
+def check_max_attempts(max_attempts: int, give_up_after: int = GIVE_UP_AFTER) -> None:
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 1000:
+        raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 1000")
+    if isinstance(give_up_after, bool) or not isinstance(give_up_after, int) or not 0 <= give_up_after <= 100000:
+        raise AnomalygenError(f"--give-up-after {give_up_after}: give a number of draws from 0 (never) to 100000")
 
 
 def generate(
@@ -171,10 +179,14 @@ def generate(
     overwrite: bool = False,
     skip_bad: bool = False,
     filter: bool = True,
-    max_attempts: int = 5,
+    max_attempts: int = MAX_ATTEMPTS,
+    keep_failing: bool = False,
+    give_up_after: int = GIVE_UP_AFTER,
     processes: int = 1,
     with_good: bool = False,
     warn: Warn | None = None,
+    say: Warn | None = None,
+    status: Warn | None = None,
     console: Console | None = None,
 ) -> GenerateResult:
     """Write ``num`` samples of ``method`` (or of the model at ``checkpoint``) for one category.
@@ -182,16 +194,27 @@ def generate(
     Resumes an interrupted run of the same command; see ``anomalygen.io`` for the guarantees.
     With ``filter`` each sample must pass the validity checks (``anomalygen.validity``, calibrated
     on the training defects): a rejected sample ``i`` is redrawn with seed ``sub_seed(seed, i,
-    attempt)``, at most ``max_attempts`` draws in all, so re-runs and resumes stay identical.
+    attempt)`` until a draw passes, so re-runs and resumes stay identical and the output holds
+    ``num`` valid pairs with the defect types of an unfiltered run. A defect type using more than
+    ``max_attempts`` draws per valid pair on average (the cap), or the first ``give_up_after`` draws of
+    the call all failing (0: never), stops the run with an error naming method, category and type
+    (``validity.DrawBudget``; what is written stays, a re-run goes on). With ``keep_failing`` every
+    sample gets at most ``max_attempts`` draws and the least-failing one is kept when none passes
+    (flagged in the manifest, counted in a warning).
+    Samples of a grayscale category (``is_grayscale``) are written as grayscale PNGs.
+    ``out/<category>/preview.png`` shows a few of the pairs (``visualize.write_preview``).
     ``processes`` > 1 shards the samples over that many processes (``anomalygen.sharding``; one per
     GPU): the same output as one process.
     With ``with_good`` the real good images are copied too (``copy_goods``).
     ``loaded``: the model at ``checkpoint``, already loaded by the caller (e.g. once for all defect
     types), used instead of loading it again; ``training`` likewise ``load_training(data, category,
-    skip_bad=skip_bad)``.
+    skip_bad=skip_bad)``. ``say`` is told when a method must train first, with its limits;
+    ``status`` gets a line at each step before the samples' progress bar (reading, calibrating).
     """
+    say = say or (lambda message: None)
+    status = status or (lambda message: None)
     check_num(num)
-    check_max_attempts(max_attempts)
+    check_max_attempts(max_attempts, give_up_after)
     check_seed(seed)
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
         raise AnomalygenError(f"--processes {processes}: give a number from 1 to 64")
@@ -206,6 +229,8 @@ def generate(
         raise AnomalygenError("give --method (or --checkpoint with a fitted model)")
     else:
         generator = build(method, options or {})
+    if training is None:
+        status(f"reading {data}" + (f" (category {category})" if category else ""))
     category_data, defects, goods = training if training is not None else load_training(data, category, skip_bad=skip_bad,
                                                                                           warn=warn)
     check_defect_type(defect_type, generator.defect_types if checkpoint is not None else {d.defect_type for d in defects},
@@ -219,12 +244,13 @@ def generate(
         "category": category_data.name,
         "defect_type": defect_type,
     }
-    if filter:
-        run["filter"] = {"max_attempts": max_attempts}
+    if filter:  # the cap changes the output only of samples kept failing
+        run["filter"] = {"keep_failing": True, "max_attempts": max_attempts} if keep_failing else {"valid_only": True}
     mask_sources: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     redrawn: Counter[str] = Counter()
     written_types: Counter[str] = Counter()
+    failing: Counter[str] = Counter()
     invalid = 0
     with SampleWriter(out, category_data.name, run, overwrite=overwrite) as writer:
         start = writer.done
@@ -235,28 +261,33 @@ def generate(
             )
         if start < num:
             if checkpoint is None:
+                if "max_steps" in generator.config():  # a training loop (diffusion methods), not a crop bank
+                    say(training_note(generator, len(defects), len(goods)))
                 generator.fit(defects, goods)
             calibration = None
             if filter:
+                status(f"calibrating the validity checks on {len(defects)} real defects")
                 calibration = Calibration.fit([(d.image, d.mask, d.defect_type) for d in defects], goods[:8])
             # a sample's numbers depend on the batch it is made in: a resumed run starts at the batch of
             # its first missing sample (and drops what is already written), and the processes of a
             # sharded run get whole batches, so every sample is made as in one uninterrupted run
+            gray = is_grayscale(category_data)
             block = generator.generation_batch()
             first = start - start % block
-            with _progress(console) as progress:
+            label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
+            with display(console) as progress:
                 if processes > 1:
                     job = ShardJob(None if checkpoint is None or options else str(checkpoint), str(data), category, skip_bad,
-                                   seed, first, num, block, processes, defect_type, calibration, max_attempts)
+                                   seed, first, num, block, processes, defect_type, calibration, max_attempts,
+                                   keep_failing, give_up_after, f"{generator.name} on {category_data.name}")
                     samples = sharded_samples(job, generator)
                 else:
                     made = generator.generate(goods, num - first, seed=seed, start=first, defect_type=defect_type)
-                    samples = made if calibration is None else (
-                        filtered(sample, generator, goods, calibration, seed, index, defect_type, max_attempts)
-                        for index, sample in enumerate(made, first))
+                    samples = made if calibration is None else filtered(
+                        made, generator, goods, calibration, seed, first, defect_type, max_attempts,
+                        draw_budget(max_attempts, keep_failing, give_up_after, f"{generator.name} on {category_data.name}"))
                 samples = itertools.islice(samples, start - first, None)
-                label = f"{generator.name} {category_data.name}" + (f"/{defect_type}" if defect_type else "")
-                task = progress.add_task(label, total=num, completed=start)
+                task = progress.add_task(label, total=num, completed=start, postfix="")
                 for sample in samples:
                     if filter:
                         validity = sample.meta["validity"]
@@ -264,6 +295,9 @@ def generate(
                         redrawn[sample.defect_type] += validity["attempts"] > 1
                         written_types[sample.defect_type] += 1
                         invalid += not validity["passed"]
+                        failing[sample.defect_type] += not validity["passed"]
+                    if gray:
+                        sample.image = to_gray(sample.image)
                     index = sample.meta.get("source_index")
                     source = None if index is None else category_data.train_good[index].path.resolve()
                     writer.add(sample, source=source)
@@ -272,10 +306,48 @@ def generate(
                     progress.advance(task)
         if with_good:
             copy_goods(writer.root, category_data)
+        if writer.done:
+            from anomalygen.visualize import write_preview  # skimage: not on every CLI call's path
+
+            write_preview(writer.root)
     if invalid and warn is not None:
-        warn(f"{invalid} samples failed a validity check in all {max_attempts} draws; kept anyway (see the manifest)")
+        warn(f"{generator.name} on {category_data.name}: {invalid} samples ({', '.join(f'{t} {n}' for t, n in sorted(failing.items()))}) "
+             f"failed a validity check in all {max_attempts} draws; kept (--keep-failing; flagged in the manifest)")
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
                           dict(mask_sources), dict(rejected), dict(written_types), dict(+redrawn), invalid)
+
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
+
+
+def is_grayscale(category_data: CategoryData) -> bool:
+    """Whether the category's good images are grayscale files (as MVTec's grid, screw, zipper): its
+    samples are then written as grayscale PNGs too."""
+    from PIL import Image
+
+    with Image.open(category_data.train_good[0].path) as image:
+        return image.mode in GRAY_MODES
+
+
+def to_gray(image):
+    """An RGB sample as one channel (ITU-R 601 luma, PIL's "L": exact where the channels are equal)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).convert("L")) if image.ndim == 3 else image
+
+
+def training_note(generator: AnomalyGenerator, defects: int, goods: int) -> str:
+    """What a ``generate`` without a fitted model is about to train, and how to bound it."""
+    config = generator.config()
+    limits = []
+    if config.get("max_steps") is not None:
+        limits.append(f"{config['max_steps']} steps")
+    if config.get("time_budget_s") is not None:
+        limits.append(f"at most {config['time_budget_s'] / 60:g} min")
+    device = f" on {config['device']}" if config.get("device") else ""
+    return (f"{generator.name} has no fitted model (--checkpoint): training it first on {defects} defects and {goods} good "
+            f"images{device} ({', '.join(limits) or 'until done'}); --max-steps / --time-budget MINUTES bound it, and "
+            "`anomalygen fit` saves a model to generate from again")
 
 
 def copy_goods(root: Path, category_data: CategoryData) -> None:
@@ -299,23 +371,22 @@ def copy_goods(root: Path, category_data: CategoryData) -> None:
             (folder / stale).unlink()
 
 
-def filtered(sample, generator, goods, calibration, seed: int, index: int, defect_type, max_attempts: int):
-    """``first_valid`` for sample ``index``: redraw ``a`` is sample ``index`` of seed ``sub_seed(seed, index, a)``."""
+def filtered(samples, generator, goods, calibration, seed: int, first: int, defect_type, max_attempts: int,
+             budget: DrawBudget | None):
+    """``first_valid`` for each of ``samples`` (indices ``first``, ``first + 1``, ...): redraw ``a`` of
+    sample ``i`` is sample ``i`` of seed ``sub_seed(seed, i, a)``. With a ``budget`` (only valid pairs)
+    a sample is redrawn until it passes or the budget stops the run; without (keep failing), at most
+    ``max_attempts`` times."""
+    attempts = max_attempts if budget is None else UNBOUNDED
+    for index, sample in enumerate(samples, first):
 
-    def redraw(attempt: int):
-        again = generator.generate(goods, 1, seed=sub_seed(seed, index, attempt), start=index, defect_type=defect_type)
-        return next(iter(again))
+        def redraw(attempt: int, index: int = index):
+            again = generator.generate(goods, 1, seed=sub_seed(seed, index, attempt), start=index, defect_type=defect_type)
+            return next(iter(again))
 
-    return first_valid(sample, redraw, lambda s: judge(calibration, s, goods, generator.name), max_attempts)
+        yield first_valid(sample, redraw, lambda s: judge(calibration, s, goods, generator.name), attempts, budget)
 
 
-def _progress(console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        transient=False,
-    )
+def draw_budget(max_attempts: int, keep_failing: bool, give_up_after: int, label: str) -> DrawBudget | None:
+    """The ``DrawBudget`` of one generating process; None when failing pairs are kept."""
+    return None if keep_failing else DrawBudget(max_attempts, give_up_after, label)

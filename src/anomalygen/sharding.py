@@ -41,6 +41,9 @@ class ShardJob:
     defect_type: str | None
     calibration: Any  # validity.Calibration with the filter on, else None
     max_attempts: int
+    keep_failing: bool = False
+    give_up_after: int = 0  # validity.DrawBudget's, per process
+    label: str = ""  # the run's name in errors (method category/type)
     environment: dict[str, str] = field(default_factory=lambda: dict(os.environ))  # the caller's, at the job's making
 
 
@@ -66,12 +69,13 @@ def _work(job: ShardJob, rank: int, out: mp.Queue) -> None:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.processes))
         generator = AnomalyGenerator.load(job.model)
         _, _, goods = pipeline.load_training(job.data, job.category, skip_bad=job.skip_bad)
+        budget = pipeline.draw_budget(job.max_attempts, job.keep_failing, job.give_up_after, job.label)
         for first, count in blocks(job, rank):
             made = generator.generate(goods, count, seed=job.seed, start=first, defect_type=job.defect_type)
+            if job.calibration is not None:
+                made = pipeline.filtered(made, generator, goods, job.calibration, job.seed, first, job.defect_type,
+                                         job.max_attempts, budget)
             for index, sample in enumerate(made, first):
-                if job.calibration is not None:
-                    sample = pipeline.filtered(sample, generator, goods, job.calibration, job.seed, index,
-                                               job.defect_type, job.max_attempts)
                 out.put(("sample", index, sample))
         out.put(("done", rank, None))
     except Exception as error:  # sent back as one line; the parent stops the others

@@ -340,15 +340,19 @@ def first_valid(
     redraw: Callable[[int], AnomalySample],
     check: Callable[[AnomalySample], dict[str, CheckResult]],
     max_attempts: int,
+    on_draw: Callable[[AnomalySample, list[str]], None] | None = None,
 ) -> AnomalySample:
     """``sample`` if it passes ``check``, else ``redraw(1)``, ``redraw(2)``, ... up to ``max_attempts``
     in all; when none passes, the one failing the fewest checks (the earliest of equals).
-    ``meta["validity"]`` records the attempts, the checks that rejected each and ``passed``."""
+    ``meta["validity"]`` records the attempts, the checks that rejected each and ``passed``.
+    ``on_draw`` is called with every draw and its failed checks (it may raise: ``DrawBudget``)."""
     rejected, best = [], None
     for attempt in range(max_attempts):
         if attempt:
             sample = redraw(attempt)
         failed = [result.name for result in failures(check(sample))]
+        if on_draw is not None:
+            on_draw(sample, failed)
         if not failed:
             break
         rejected.append({"attempt": attempt, "checks": failed})
@@ -359,6 +363,51 @@ def first_valid(
     sample.meta["validity"] = {"attempts": len(rejected) + (not failed), "kept": attempt,
                                "rejected": rejected, "passed": not failed}
     return sample
+
+
+class DrawBudget:
+    """``first_valid``'s ``on_draw`` for a run that keeps only valid pairs: it stops the run (an
+    ``AnomalygenError`` naming ``what``: method, category) when
+
+    - the first ``give_up_after`` draws all fail (a broken or untrained model, or a method that does
+      not suit the category), instead of redrawing for hours (0: never), or
+    - a defect type has used up ``per_pair`` draws per valid pair on average: its draws so far exceed
+      ``per_pair`` x (its valid pairs so far + the one being drawn).
+
+    Only a failure condition: which draw becomes sample ``i`` does not depend on it."""
+
+    def __init__(self, per_pair: int, give_up_after: int, what: str):
+        self.per_pair, self.give_up_after, self.what = per_pair, give_up_after, what
+        self.draws: dict[str, int] = {}
+        self.valid: dict[str, int] = {}
+        self.checks: dict[str, int] = dict.fromkeys(CHECKS, 0)
+
+    def __call__(self, sample: AnomalySample, failed: list[str]) -> None:
+        t = sample.defect_type
+        self.draws[t] = self.draws.get(t, 0) + 1
+        if not failed:
+            self.valid[t] = self.valid.get(t, 0) + 1
+            return
+        for name in failed:
+            self.checks[name] += 1
+        total = sum(self.draws.values())
+        if self.give_up_after and not self.valid and total >= self.give_up_after:
+            raise AnomalygenError(
+                f"{self.what}: the first {total} draws all failed the validity checks ({describe(self.checks)}); "
+                "the model looks broken or untrained, or the method does not suit this category: stopped early "
+                "(--give-up-after sets the number of draws, --keep-failing keeps failing pairs, --no-filter skips the checks)")
+        valid = self.valid.get(t, 0)
+        if self.draws[t] >= self.per_pair * (valid + 1):
+            raise AnomalygenError(
+                f"{self.what}/{t}: {self.draws[t]} draws gave {valid} valid pairs ({describe(self.checks)}), more than "
+                f"--max-attempts {self.per_pair} draws per valid pair; what is written stays. Re-run with a higher "
+                "--max-attempts to go on, or add --keep-failing to keep failing pairs (flagged in the manifest)")
+
+
+def describe(checks: dict[str, int]) -> str:
+    """``{"visible": 3, "size": 0}`` as "rejected by visible 3"."""
+    counts = ", ".join(f"{name} {n}" for name, n in checks.items() if n)
+    return f"rejected by {counts}" if counts else "no check failed"
 
 
 def rejection_rates(lines: list[dict]) -> dict[str, dict]:

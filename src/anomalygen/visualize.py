@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from skimage.segmentation import find_boundaries
 
-from anomalygen.io import atomic_write_text, encode_png, save_png
+from anomalygen.io import MANIFEST, atomic_write_bytes, atomic_write_text, encode_png, read_manifest, save_png
 
 FRAME = (160, 160, 160)  # the grey frame round each tile of a grid
 
@@ -83,13 +83,15 @@ class Section:
     """One part of an HTML page: a heading, optional text, images with captions, and a table.
 
     ``images`` holds ``(caption, image)`` pairs where ``image`` is an array or a path to an
-    image file; ``table`` is a list of rows (dicts sharing their keys).
+    image file; ``table`` is a list of rows (dicts sharing their keys); ``items`` a bulleted list
+    of lines or of ``(text, path)`` links (relative to the page).
     """
 
     heading: str
     text: str = ""
     images: list[tuple[str, np.ndarray | str | Path]] = field(default_factory=list)
     table: list[dict[str, Any]] = field(default_factory=list)
+    items: list[str | tuple[str, str | Path]] = field(default_factory=list)  # a list: text, or (text, path) links
 
 
 def write_html(path: str | Path, title: str, sections: Sequence[Section], *, embed: bool = True) -> Path:
@@ -104,15 +106,20 @@ def write_html(path: str | Path, title: str, sections: Sequence[Section], *, emb
     parts = [
         "<!doctype html>",
         f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0 1em 1em 0}"
-        "figcaption{font-size:90%;color:#444}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}figure{display:inline-block;margin:0 1em 1em 0;"
+        "vertical-align:top}figcaption{font-size:90%;color:#444}table{border-collapse:collapse;margin-bottom:1em}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}th{background:#f3f3f3}"
+        "td:first-child,th:first-child{text-align:left}li{margin:2px 0}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
     for number, section in enumerate(sections):
         parts.append(f"<h2>{html.escape(section.heading)}</h2>")
         if section.text:
             parts.append(f"<p>{html.escape(section.text)}</p>")
+        if section.items:
+            parts.append("<ul>" + "".join(
+                f"<li><a href='{html.escape(_relative_link(Path(item[1]), path.parent))}'>{html.escape(item[0])}</a></li>"
+                if isinstance(item, tuple) else f"<li>{html.escape(item)}</li>" for item in section.items) + "</ul>")
         for k, (caption, image) in enumerate(section.images):
             if isinstance(image, np.ndarray):
                 if embed:
@@ -161,3 +168,36 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 RGB image or a 2-D mask, got {image.dtype} {image.shape}")
     return image
+
+
+PREVIEW = "preview.png"
+
+
+def pick(entries: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` manifest entries, taken from each defect type in turn (first ones first)."""
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        by_type.setdefault(entry["defect_type"], []).append(entry)
+    picked: list[dict[str, Any]] = []
+    for rank in range(max((len(v) for v in by_type.values()), default=0)):
+        picked += [v[rank] for v in by_type.values() if rank < len(v)]
+    return picked[:n]
+
+
+def write_preview(category_out: str | Path, n: int = 8, cell: int = 160) -> Path:
+    """``category_out/preview.png``: a grid of up to ``n`` written pairs (every defect type in turn),
+    one row each: the good image it was made from, the generated image, the mask overlaid on it."""
+    from anomalygen.data import load_image
+
+    category_out = Path(category_out)
+    rows, labels = [], []
+    for entry in pick(read_manifest(category_out / MANIFEST), n):
+        image = load_image(category_out / entry["image"])
+        mask = load_image(category_out / entry["mask"])
+        mask = (mask[..., 0] if mask.ndim == 3 else mask) > 127
+        good = load_image(entry["source"]) if entry.get("source") and Path(entry["source"]).is_file() else None
+        rows.append([good, image, overlay(image, mask)])
+        labels.append(f"{entry['index']:06d} {entry['defect_type']}")
+    path = category_out / PREVIEW
+    atomic_write_bytes(path, encode_png(grid(rows, ["good (source)", "generated", "mask overlay"], row_labels=labels, cell=cell)))
+    return path

@@ -173,9 +173,9 @@ def sample_latents(
     guided = guidance_scale > 1.0
     iterator = range(len(timesteps))
     if progress:
-        from tqdm.auto import tqdm
+        from anomalygen.progress import bar_iter
 
-        iterator = tqdm(iterator, desc=f"{sampler} sampling", leave=False)
+        iterator = bar_iter(iterator, len(timesteps), f"{sampler} sampling")
     for i in iterator:
         t, unet_t = timesteps[i], device_timesteps[i]
         if conditioning is not None:

@@ -41,11 +41,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from anomalygen.diffusion.backbone import resolve_precision
 from anomalygen.errors import AnomalygenError, first_problem
 from anomalygen.io import atomic_write_text, folder_lock
+from anomalygen.progress import Bar
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "loss.csv"
@@ -275,7 +275,8 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
     start = time.monotonic()
     loss_value = float(rows[-1][1]) if rows else float("nan")  # a resumed run with no step left: the last logged
     stopped_by = "max_steps"
-    progress = tqdm(total=config.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
+    progress = Bar(config.max_steps, "training", initial=step, disable=not accelerator.is_main_process,
+                   time_budget_s=config.time_budget_s)
     while step < config.max_steps:
         if config.time_budget_s is not None and time.monotonic() - start > config.time_budget_s:
             stopped_by = "time_budget"

@@ -212,8 +212,25 @@ def run_localization(data: EvaluationData, config: LocalizationConfig, device: t
                                for key in metrics if key.startswith("image_")}
     else:
         result["pr_curves"]["image"] = pr_curve(image_labels, scores)
+    result["pr_curves"]["pixel"]["chance"] = float(masks_np.mean())  # the precision of a random ranking
+    if "image" in result["pr_curves"]:
+        result["pr_curves"]["image"]["chance"] = float(image_labels.mean())
+    result["per_type"] = per_type_metrics(data, masks_np, maps, scores)
     if config.protocol in ("clean", "both"):
         result["clean"] = {"epoch": history[-1]["epoch"], **{k: v for k, v in history[-1].items() if k not in ("epoch", "loss")}}
     if config.protocol in ("paper", "both"):
         result.update(paper_protocol(history, [k for k in history[-1] if k not in ("epoch", "loss")]))
     return result
+
+
+def per_type_metrics(data: EvaluationData, masks: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> dict[str, dict]:
+    """The last epoch's metrics per defect type: its real test defects with every test/good image
+    (in ``run_localization``'s order: good images first, then each type's defects)."""
+    n_good, start, out = len(data.test_good), len(data.test_good), {}
+    for defect_type, examples in data.test_defects.items():
+        if not examples:
+            continue
+        rows = np.r_[0:n_good, start:start + len(examples)]
+        start += len(examples)
+        out[defect_type] = localization_metrics(masks[rows], maps[rows], scores[rows])
+    return out

@@ -1,5 +1,7 @@
-"""Evaluation reports: ``report.json`` (every number) and ``report.html`` (tables per defect type
-and mean, a sample grid with mask overlays, precision-recall curves, the confusion matrix)."""
+"""Evaluation reports: ``report.json`` (every number) and ``report.html``: the notes as a list,
+tables per defect type and mean, localisation per protocol and per defect type, precision-recall
+curves with their AP and the chance line, the U-Net's training curve, the confusion matrix as a
+heat map, and real training defects beside generated ones (``evaluation.figures`` draws)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
+from anomalygen.evaluation import figures
 from anomalygen.io import atomic_write_text
 from anomalygen.types import DefectExample
 from anomalygen.visualize import Section, grid, overlay, write_html
@@ -33,37 +35,22 @@ def shown(value: Any) -> Any:
     return "undefined" if value is None else value
 
 
-def plot_curves(curves: dict[str, dict[str, list[float]]], size: int = 320, margin: int = 36) -> np.ndarray:
-    """Precision (y) over recall (x) of each named curve, drawn with PIL on [0, 1] axes."""
-    canvas = Image.new("RGB", (size + margin + 8, size + margin + 8), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    x0, y0 = margin, 8
-
-    def point(x: float, y: float) -> tuple[float, float]:
-        return x0 + x * size, y0 + (1.0 - y) * size
-
-    draw.rectangle([x0, y0, x0 + size, y0 + size], outline="black")
-    for tick in (0.0, 0.5, 1.0):
-        draw.text((x0 + tick * size - 6, y0 + size + 4), f"{tick:.1f}", fill="black", font=font)
-        draw.text((4, y0 + (1 - tick) * size - 6), f"{tick:.1f}", fill="black", font=font)
-    draw.text((x0 + size // 2 - 15, y0 + size + 18), "recall", fill="black", font=font)
-    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
-    for k, (name, curve) in enumerate(curves.items()):
-        colour = colours[k % len(colours)]
-        draw.line([point(r, p) for r, p in zip(curve["recall"], curve["precision"])], fill=colour, width=2)
-        draw.text((x0 + 8, y0 + 6 + 12 * k), f"{name} (precision vs recall)", fill=colour, font=font)
-    return np.asarray(canvas)
-
-
-def sample_grids(generated: dict[str, list[DefectExample]], per_type: int = 4) -> list[tuple[str, np.ndarray]]:
-    """One captioned grid per defect type: (image, mask overlay) of its first ``per_type`` samples."""
+def sample_grids(generated: dict[str, list[DefectExample]], real: dict[str, list[DefectExample]] | None = None,
+                 per_type: int = 4, real_per_type: int = 2) -> list[tuple[str, np.ndarray]]:
+    """One captioned grid per defect type: its first ``real_per_type`` real training defects, then its
+    first ``per_type`` generated samples, each as (image, mask overlay)."""
+    real = real or {}
     grids = []
     for defect_type, examples in generated.items():
+        shown_real = real.get(defect_type, [])[:real_per_type]
         row: list[np.ndarray] = []
-        for example in examples[:per_type]:
-            row += [example.image, overlay(example.image, example.mask)]
-        grids.append((defect_type, grid([row], ["image", "mask overlay"] * len(examples[:per_type]))))
+        labels: list[str] = []
+        for kind, items in (("real", shown_real), ("generated", examples[:per_type])):
+            for example in items:
+                row += [example.image, overlay(example.image, example.mask)]
+                labels += [kind, f"{kind}: mask"]
+        caption = f"{defect_type}: {len(shown_real)} real training defects, then {len(examples[:per_type])} generated"
+        grids.append((caption, grid([row], labels)))
     return grids
 
 
@@ -84,29 +71,23 @@ def _per_type_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_report(report: dict[str, Any], out: Path, generated: dict[str, list[DefectExample]]) -> tuple[Path, Path]:
-    """Write ``out/report.json`` and ``out/report.html``."""
+def write_report(report: dict[str, Any], out: Path, generated: dict[str, list[DefectExample]],
+                 real: dict[str, list[DefectExample]] | None = None) -> tuple[Path, Path]:
+    """Write ``out/report.json`` and ``out/report.html``; ``real``: the real training defects per type,
+    shown beside the generated ones."""
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "report.json"
     atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     about_is = report.get("inception_score", {}).get("implementation")
-    sections = [Section("Per defect type", "IS: Inception Score (10 splits)" + (f", computed by {about_is}" if about_is else "")
-                        + "; IC-LPIPS: intra-cluster LPIPS; accuracy: ResNet-34 trained on generated defects, tested on "
-                        "real test defects.", table=_per_type_rows(report))]
+    sections = []
     if report.get("notes"):
-        sections.append(Section("Notes", " | ".join(report["notes"])))
+        sections.append(Section("Notes", items=list(report["notes"])))
+    sections.append(Section("Per defect type", "IS: Inception Score (10 splits)" + (f", computed by {about_is}" if about_is else "")
+                            + "; IC-LPIPS: intra-cluster LPIPS; accuracy: ResNet-34 trained on generated defects, tested on "
+                            "real test defects.", table=_per_type_rows(report)))
     loc = report.get("localization", {})
     if "history" in loc:
-        rows = [{"protocol": label, **{k: shown(loc[name][k]) for k in LOCALIZATION_KEYS}}
-                for name, label in protocol_labels(loc).items()]
-        config = loc["config"]
-        text = (f"DRAEM discriminative U-Net, base {config['base']}, {config['resolution']} px, {config['epochs']} epochs x "
-                f"{config['samples_per_epoch']} samples; test images: {loc['test_images']}")
-        sections.append(Section("Downstream localisation", text, table=rows))
-        sections.append(Section("Precision-recall curves (last epoch)", images=[
-            ("pixel level", plot_curves({"pixel": loc["pr_curves"]["pixel"]})),
-            *([("image level", plot_curves({"image": loc["pr_curves"]["image"]}))] if "image" in loc["pr_curves"] else []),
-        ]))
+        sections += localization_sections(loc)
     if report.get("validity"):
         rows = [{"defect type": t, "samples": v["samples"], "first draw rejected": v["rejected_first"],
                  "kept failing": v["kept_failing"], **{f"rejected by {c}": n for c, n in v["rejected_draws"].items()}}
@@ -125,8 +106,34 @@ def write_report(report: dict[str, Any], out: Path, generated: dict[str, list[De
         sections.append(Section("DRAEM augmentation", text, table=rows))
     cls = report.get("classification", {})
     if "confusion_matrix" in cls:
-        rows = [{"true \\ predicted": t, **dict(zip(cls["classes"], row))} for t, row in zip(cls["classes"], cls["confusion_matrix"])]
-        sections.append(Section("Classification confusion matrix", f"ResNet-34 weights: {cls['weights']}", table=rows))
-    sections.append(Section("Generated samples (first of each defect type)", images=sample_grids(generated)))
+        sections.append(Section("Classification confusion matrix", f"ResNet-34 weights: {cls['weights']}; accuracy "
+                                f"{cls['accuracy']:.3f} over {sum(map(sum, cls['confusion_matrix']))} real test defects.",
+                                images=[("rows: true type, columns: predicted; colour: share of the row",
+                                         figures.confusion(cls["confusion_matrix"], cls["classes"]))]))
+    sections.append(Section("Real and generated defects", "Per defect type: real training defects (the few shots the "
+                            "generator learned from), then generated samples; each image beside its mask overlay.",
+                            images=sample_grids(generated, real)))
     html_path = write_html(out / "report.html", f"anomalygen evaluation: {report['category']}", sections)
     return json_path, html_path
+
+
+def localization_sections(loc: dict[str, Any]) -> list[Section]:
+    """The downstream U-Net: figures per protocol, per defect type, PR curves and the training curve."""
+    rows = [{"protocol": label, **{k: shown(loc[name][k]) for k in LOCALIZATION_KEYS}}
+            for name, label in protocol_labels(loc).items()]
+    config = loc["config"]
+    text = (f"DRAEM discriminative U-Net, base {config['base']}, {config['resolution']} px, {config['epochs']} epochs x "
+            f"{config['samples_per_epoch']} samples; test images: {loc['test_images']}")
+    sections = [Section("Downstream localisation", text, table=rows)]
+    if loc.get("per_type"):
+        sections.append(Section("Localisation per defect type (last epoch)", "Each type's real test defects together with "
+                                "every real test/good image.",
+                                table=[{"defect type": t, **{k: shown(v.get(k)) for k in LOCALIZATION_KEYS}}
+                                       for t, v in loc["per_type"].items()]))
+    last = loc["history"][-1]
+    images = [(f"{level} level, last epoch", figures.pr_curves({"generated": curve}, {"generated": last.get(f"{level}_ap")},
+                                                               f"{level}-level precision-recall"))
+              for level, curve in loc["pr_curves"].items()]
+    images.append(("loss per epoch; test metrics at the tested epochs", figures.training_curve(loc["history"])))
+    sections.append(Section("Precision-recall curves and training curve", images=images))
+    return sections

@@ -8,7 +8,7 @@ note in the report when it was only on by default (``metrics=None``); one asked 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from anomalygen.evaluation.ic_lpips import BACKBONE_URLS, ic_lpips_scores, load_
 from anomalygen.evaluation.inception_score import inception_scores, load_inception
 from anomalygen.evaluation.inputs import load_evaluation_data
 from anomalygen.evaluation.localization import LocalizationConfig, run_localization
+from anomalygen.evaluation.presets import announce
 from anomalygen.evaluation.report import protocol_labels, write_report
 from anomalygen.seeding import check_seed
 from anomalygen.validity import rejection_rates
@@ -108,6 +109,8 @@ def evaluate(
     lpips_size: int = 256,
     seed: int = 0,
     skip_bad: bool = False,
+    say: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
     **prepare_options: Any,
 ) -> dict[str, Any]:
     """Evaluate the generated folder against the real category; writes report.json + report.html.
@@ -115,13 +118,22 @@ def evaluate(
     ``out`` defaults to the generated category folder. ``networks`` comes from ``prepare`` (else
     it is built here from ``metrics`` and ``prepare_options``: device, localization, classification,
     inception_weights, inception_extractor, lpips_net, lpips_model). ``skip_bad`` leaves out bad
-    real files (noted in the report) instead of stopping at the first.
+    real files (noted in the report) instead of stopping at the first. With ``say`` / ``warn``, the
+    run's length is estimated once the data are read (``presets.announce``) and said, or warned
+    about past ``presets.WARN_AFTER_S``.
     """
     check_seed(seed)
     nets = networks or prepare(metrics, seed=seed, **prepare_options)
     options.positive_int(lpips_size, "IC-LPIPS size")
     torch_device = nets.device
     inputs = load_evaluation_data(generated, data, category, skip_bad=skip_bad)
+    for problem in inputs.problems if warn is not None else []:
+        warn(f"skipped bad real file: {problem}")  # now, not after hours of training
+    if say is not None:
+        test_images = len(inputs.test_good) + sum(len(v) for v in inputs.test_defects.values())
+        announce(settings(nets), torch_device, test_images=test_images, metrics=nets.metrics,
+                 generated=sum(len(v) for v in inputs.generated.values()), protocol=nets.localization.protocol,
+                 eval_every=nets.localization.eval_every, runs=1, say=say, warn=warn or say)
     report: dict[str, Any] = {
         "category": inputs.category,
         "generated": str(generated),
@@ -178,8 +190,15 @@ def evaluate(
                 report["notes"].append("ResNet-34 trained from random initialisation (--cls-random-init): its accuracy "
                                        "is not comparable with the papers' (ImageNet weights).")
     out_dir = Path(out) if out else _category_dir(Path(generated), inputs.category)
-    report["files"] = [str(p) for p in write_report(report, out_dir, inputs.generated)]
+    report["files"] = [str(p) for p in write_report(report, out_dir, inputs.generated, inputs.train_defects)]
     return report
+
+
+def settings(nets: Networks) -> dict[str, Any]:
+    """The settings ``presets.estimate_seconds`` reads, from the checked configs."""
+    loc = nets.localization
+    return {"epochs": loc.epochs, "samples_per_epoch": loc.samples_per_epoch, "resolution": loc.resolution, "base": loc.base,
+            "batch_size": loc.batch_size, "cls_epochs": nets.classification.epochs}
 
 
 def _category_dir(generated: Path, category: str) -> Path:
