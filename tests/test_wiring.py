@@ -315,11 +315,13 @@ def dualanodiff():
 def test_dualanodiff_training_rows_whole_part_background_with_their_prompts_adapters_and_targets(dualanodiff):
     """Eq. 4 per type: rows [whole; part; background] of the same pairs at one timestep per pair;
     whole rows: z(I), "a vfx with <type>", the whole LoRA; part rows: z(I·M + gray outside),
-    "<type>", the part LoRA; background rows: z(I_b), the whole prompt and LoRA; SAIM pairs
+    "<type>", the part LoRA; background rows: z(I_b) unscaled (the official code skips the VAE's
+    scaling factor for it), the whole prompt and LoRA; SAIM pairs
     whole and part rows on every layer, BCM injects the background rows into the whole rows'
     self-attention; each branch's target is its own noise; every text call through the type's text LoRA."""
     generator, fake, data = dualanodiff
     backbone, n = generator.backbone, 2
+    scaling = backbone.vae.config.scaling_factor
     assert len(fake.calls) == 2
     for k, (rec, loss, _) in enumerate(fake.calls):
         name = generator._defect_types[k]
@@ -329,6 +331,7 @@ def test_dualanodiff_training_rows_whole_part_background_with_their_prompts_adap
         pixels = {"whole": whole, "part": whole * masks + 0.5 * (1 - masks),
                   "background": to_tensor([generator._background(d.image) for d in examples])}
         clean = {b: encode_images(backbone, x) for b, x in pixels.items()}
+        clean["background"] = clean["background"] / scaling  # I_b's latent unscaled, as the official code
         call, = rec.unet
         assert loss < 1e-10
         assert call.adapters == [f"whole_{k}"] * n + [f"part_{k}"] * n + [f"whole_{k}"] * n
@@ -357,9 +360,10 @@ def test_dualanodiff_training_rows_whole_part_background_with_their_prompts_adap
 
 def test_dualanodiff_generation_sample_is_the_whole_branch_and_the_mask_is_segmented_from_the_part_branch(dualanodiff, monkeypatch):
     """Every step: [uncond; cond] x [whole; part] rows with their prompts and LoRAs, then the
-    background rows: the good image's background (cond) or a black image (uncond) noised to this
-    step's timestep, with the whole prompt and LoRA, injected by BCM into the whole rows; the
-    sample is the decoded whole-branch image, its mask segmented from the decoded part image."""
+    background rows: a mid-gray image (uncond) or the good image's background (cond), encoded and
+    unscaled as the official code, noised to this step's timestep, with the whole prompt and LoRA,
+    injected by BCM into the whole rows; the sample is the decoded whole-branch image, its mask
+    segmented from the decoded part image."""
     import anomalygen.methods.dualanodiff.generator as module
 
     generator, _, _ = dualanodiff
@@ -379,16 +383,17 @@ def test_dualanodiff_generation_sample_is_the_whole_branch_and_the_mask_is_segme
     assert len(rec.unet) == 2
     uncond = generator.prompts([""]).hidden_states[0]
     whole, part = generator.prompts(["a vfx with hole"]).hidden_states[0], generator.prompts(["hole"]).hidden_states[0]
-    black = latents_of(backbone, [plain(0)])[0]
-    references = latents_of(backbone, [generator._background(GOOD_OBJECTS[s.meta["source_index"]]) for s in samples])
-    assert not torch.allclose(references[0], black, atol=1e-3)
+    scaling = backbone.vae.config.scaling_factor
+    gray = encode_images(backbone, torch.full((1, 3, SIZE, SIZE), 0.5))[0] / scaling
+    references = latents_of(backbone, [generator._background(GOOD_OBJECTS[s.meta["source_index"]]) for s in samples]) / scaling
+    assert not torch.allclose(references[0], gray, atol=1e-3)
     for call in rec.unet:
         assert call.adapters == [w, w, p, p, w, w, p, p, w, w, w, w]
         for rows, expected in ((slice(0, 4), uncond), (slice(4, 6), whole), (slice(6, 8), part), (slice(8, 10), uncond),
                                (slice(10, 12), whole)):
             assert torch.allclose(call.context[rows], expected.expand(rows.stop - rows.start, -1, -1), atol=1e-5)
         for j in range(n):
-            for row, reference in ((8 + j, black), (10 + j, references[j])):
+            for row, reference in ((8 + j, gray), (10 + j, references[j])):
                 z0, _, t = rec.made(call.latents[row])
                 assert torch.allclose(z0, reference, atol=1e-4) and int(t) == int(call.timesteps[0])
         for layer in call.hooks["self"] + call.hooks["cross"]:
