@@ -68,6 +68,7 @@ class FakeTrain:
         with record(self.backbone(), controlnet=modules.get("controlnet"), oracle=True) as rec:
             loss = loss_fn(modules, 0, torch.Generator().manual_seed(config.seed))
         self.calls.append((rec, float(loss), dict(modules)))
+        self.loss_fn, self.seed = loss_fn, config.seed  # to run it again with the UNet's own answers
         return TrainResult(1, float(loss), "max_steps", [float(loss)])
 
 
@@ -511,14 +512,24 @@ def anomalyxfusion():
 
 
 def x_context(modules, generator, caption, mask, defect_type, t):
-    """[caption tokens; DDF(MIF(e_sem, M, type), t)] (Eqs. 1-5, 14) for one sample, computed here."""
-    states, semantic = generator.encode_text([caption])
+    """The authors' placement for one sample, computed here: e_t = DDF(MIF(e_sem, M, type), t)
+    (Eqs. 1-5, 14), e_sem from the caption, its tokens at the "*" of "a photo of a *" through the
+    text encoder; the caption reaches the context only through e_sem."""
+    from anomalygen.diffusion.conditioning import PromptEncoder
+
+    backbone = generator.backbone
+    _, semantic = generator.encode_text([caption])
     mask = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
-    tokens = modules["mif"](semantic, mask, torch.tensor([generator._defect_types.index(defect_type)]))
-    return torch.cat([states, modules["ddf"](tokens, torch.tensor([int(t)]))], dim=1)[0]
+    tokens = modules["ddf"](modules["mif"](semantic, mask, torch.tensor([generator._defect_types.index(defect_type)])),
+                            torch.tensor([int(t)]))
+    encoder = PromptEncoder(backbone.text_encoder, backbone.tokenizer, {"<x>": tokens.shape[1]})
+    return encoder(["a photo of a <x>"], {"<x>": tokens}).hidden_states[0]
 
 
 def test_anomalyxfusion_training_rows_get_their_image_caption_mask_and_type_at_their_timestep(anomalyxfusion):
+    """Each row: its image's latent, e_t of its caption, mask and type at its timestep at the "*"
+    of the authors' template; the loss (Eq. 17, the authors' default) is the ε-MSE inside the
+    row's own mask (resized to the latent, binarised at 0.5), averaged over the whole latent."""
     generator, fake, data = anomalyxfusion
     (rec, loss, modules), = fake.calls
     clean = latents_of(generator.backbone, [d.image for d in data])
@@ -529,7 +540,14 @@ def test_anomalyxfusion_training_rows_get_their_image_caption_mask_and_type_at_t
     for row, i in enumerate(picks):
         d = data[i]
         expected = x_context(modules, generator, f"tile with {d.defect_type}", d.mask, d.defect_type, call.timesteps[row])
-        assert torch.allclose(call.context[row], expected, atol=1e-5)
+        assert call.context.shape[1] == 77 and torch.allclose(call.context[row], expected, atol=1e-5)
+    with record(generator.backbone) as rec:  # the same draws, the UNet's own ε this time
+        loss = fake.loss_fn(modules, 0, torch.Generator().manual_seed(fake.seed))
+    call, = rec.unet
+    error = call.output - torch.stack([rec.made(x)[1] for x in call.latents])
+    masks = torch.stack([torch.from_numpy(data[i].mask) for i in picks])[:, None].float()
+    inside = F.interpolate(masks, size=error.shape[-2:], mode="bilinear") >= 0.5
+    assert 0 < inside.float().mean() < 1 and torch.isclose(loss, (error * inside).pow(2).mean(), rtol=1e-5)
 
 
 def test_anomalyxfusion_generation_recomputes_the_x_embedding_at_every_step_and_blends_at_every_step(anomalyxfusion):
@@ -543,10 +561,11 @@ def test_anomalyxfusion_generation_recomputes_the_x_embedding_at_every_step_and_
     modules = generator.modules()
     empty = generator.prompts([""]).hidden_states[0]
     for call in rec.unet:
+        assert call.context.shape[1] == 77
         for j, s in enumerate(samples):
             expected = x_context(modules, generator, s.prompt, s.mask, s.defect_type, call.timesteps[0])
             assert torch.allclose(call.context[2 + j], expected, atol=1e-5)
-            assert torch.allclose(call.context[j, :77], empty, atol=1e-5) and not call.context[j, 77:].any()
+            assert torch.allclose(call.context[j], empty, atol=1e-5)
     known = latents_of(backbone, [GOOD[s.meta["source_index"]] for s in samples])
     mask = latent_mask(torch.stack([torch.from_numpy(s.mask) for s in samples])[:, None], known.shape[-2:])
     assert_blended_every_step(rec, rec.unet, known, mask, rows=slice(2, 4))
