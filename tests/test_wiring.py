@@ -68,11 +68,38 @@ class FakeTrain:
         with record(self.backbone(), controlnet=modules.get("controlnet"), oracle=True) as rec:
             loss = loss_fn(modules, 0, torch.Generator().manual_seed(config.seed))
         self.calls.append((rec, float(loss), dict(modules)))
+        self.loss_fn, self.seed = loss_fn, config.seed  # to run it again with the UNet's own answers
         return TrainResult(1, float(loss), "max_steps", [float(loss)])
 
 
 def distinct(parameter, seed):
     parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def drawn_prompts(patch):
+    """The prompts AnomalyDiffusion's ``prompt`` (the template draw) returns, in order, while ``patch`` holds."""
+    import anomalygen.methods.anomalydiffusion.generator as module
+
+    drawn = []
+
+    def draw(kind, tokens, rng, _original=module.prompt):
+        drawn.append(_original(kind, tokens, rng))
+        return drawn[-1]
+
+    patch.setattr(module, "prompt", draw)
+    return drawn
+
+
+def assert_in_template(encoder, row, drawn, tokens, vectors):
+    """The context ``row`` is the prompt ``drawn`` for it, an official template (AnomalyDiffusion's
+    ``prompts.OFFICIAL_TEMPLATES``) whose "*" is ``tokens``, encoded with ``vectors`` ((k, D) each)
+    at those tokens' positions; returns the positions."""
+    from anomalygen.methods.anomalydiffusion.prompts import OFFICIAL_TEMPLATES
+
+    assert drawn in {t.format(tokens) for t in OFFICIAL_TEMPLATES}
+    encoded = encoder([drawn], vectors)
+    assert torch.allclose(row, encoded.hidden_states[0], atol=1e-5)
+    return {name: positions[0] for name, positions in encoded.positions.items()}
 
 
 def assert_blended_every_step(rec, calls, known, mask, rows=slice(None)):
@@ -166,8 +193,8 @@ def anomalydiffusion():
         pairs.append((next(i for i, d in enumerate(data) if d.image is image), *out))
         return out
 
-    def loss(eps, noise, weight, normalise="mask", _original=module.masked_diffusion_loss):
-        losses.append(weight.detach().clone())
+    def loss(eps, noise, weight, normalise, _original=module.masked_diffusion_loss):
+        losses.append((weight.detach().clone(), normalise))
         return _original(eps, noise, weight, normalise)
 
     def prepare(modules):
@@ -181,17 +208,19 @@ def anomalydiffusion():
         patch.setattr(module, "train", fake)
         patch.setattr(module, "augment_pair", augment)
         patch.setattr(module, "masked_diffusion_loss", loss)
+        prompts = drawn_prompts(patch)
         generator.fit(data, GOOD)
-    return generator, fake, data, pairs, losses
+    return generator, fake, data, pairs, losses, prompts
 
 
 def test_anomalydiffusion_training_rows_get_their_image_type_tokens_spatial_mask_and_masked_target(anomalydiffusion):
-    """Eqs. 4-6: row r's input is the r-th augmented image, its context {e_a of its type, E(its
-    augmented mask)}, its loss weight its mask at latent size; Eq. 9: the mask model's rows are
-    the same augmented masks with e_m of their type; every target is its own noise."""
+    """Eqs. 4-6: row r's input is the r-th augmented image, its context an official template (drawn
+    per row, as the official ``personalized.py``) whose "*" holds {e_a of its type, E(its augmented
+    mask)}, its loss weight its mask at latent size; Eq. 9: the mask model's rows are the same
+    augmented masks with e_m of their type at their template's "*"; every target is its own noise."""
     from anomalygen.methods.anomalydiffusion.generator import ANOMALY, MASK, SPATIAL
 
-    generator, fake, data, pairs, losses = anomalydiffusion
+    generator, fake, data, pairs, losses, prompts = anomalydiffusion
     (rec, loss, modules), = fake.calls
     backbone = generator.backbone
     assert loss < 1e-10 and len(pairs) == 4 and len(rec.unet) == 2
@@ -204,52 +233,52 @@ def test_anomalydiffusion_training_rows_get_their_image_type_tokens_spatial_mask
     image_call, mask_call = rec.unet
     clean = encode_images(backbone, (images + 1) / 2)
     mask_clean = encode_images(backbone, masks.expand(-1, 3, -1, -1))
+    assert len(prompts) == 8 and len(set(prompts[:4])) > 1  # a template drawn per row: 4 image rows, then 4 mask rows
     for row in range(4):
         assert source(rec.made(image_call.latents[row])[0], clean) == row
-        expected = generator.prompts([f"{ANOMALY} {SPATIAL}"], {ANOMALY: modules["anomaly_tokens"].tokens[types[row]][None],
-                                                                 SPATIAL: spatial[row][None]}).hidden_states[0]
-        assert torch.allclose(image_call.context[row], expected, atol=1e-5)
+        vectors = {ANOMALY: modules["anomaly_tokens"].tokens[types[row]], SPATIAL: spatial[row]}
+        assert_in_template(generator.prompts, image_call.context[row], prompts[row], f"{ANOMALY} {SPATIAL}", vectors)
         assert source(rec.made(mask_call.latents[row])[0], mask_clean) == row
-        expected = generator.prompts([MASK], {MASK: modules["mask_tokens"].tokens[types[row]][None]}).hidden_states[0]
-        assert torch.allclose(mask_call.context[row], expected, atol=1e-5)
-    weight, = losses
-    assert torch.equal(weight, F.interpolate(masks, size=clean.shape[-2:], mode="area"))
+        assert_in_template(generator.prompts, mask_call.context[row], prompts[4 + row], MASK,
+                           {MASK: modules["mask_tokens"].tokens[types[row]]})
+    (weight, normalise), = losses
+    assert torch.equal(weight, F.interpolate(masks, size=clean.shape[-2:], mode="area")) and normalise == "latent_size"
 
 
-def test_anomalydiffusion_generation_conditions_reweights_anomaly_tokens_and_blends_at_every_step(anomalydiffusion):
-    """Every step: context {e_a, E(m)} of the sample's type and mask in the conditional rows, AAR
-    on every cross-attention layer (no self-attention layer) of the conditional rows only, aimed
-    at the anomaly tokens, weights from this step's z_t against the good image's z_0 in the
-    sample's mask; blending with the noised good image after every step; the mask returned is the
-    one generated in."""
+def test_anomalydiffusion_generation_conditions_reweights_anomaly_tokens_and_blends_at_every_step(anomalydiffusion, monkeypatch):
+    """Every step: in the conditional rows, the sample's official template with {e_a, E(m)} of its
+    type and mask at the "*"; AAR (when asked) on every cross-attention layer (no self-attention
+    layer) of the conditional rows only, aimed at the start column, the anomaly and the spatial
+    tokens (the official columns), weights from this step's z_t against the good image's z_0 in
+    the sample's mask; blending with the noised good image after every step; the mask returned is
+    the one generated in."""
     from anomalygen.methods.anomalydiffusion import aar
     from anomalygen.methods.anomalydiffusion.generator import ANOMALY, SPATIAL
 
-    generator, _, _, _, _ = anomalydiffusion
+    generator, *_ = anomalydiffusion
     backbone = generator.backbone
     generator.opt.update(aar="latent", aar_apply="multiply_logits", aar_dilation_scale=None, mask_source="augment",
                          guidance_scale=2.0, eta=1.0, num_inference_steps=3, sampler="ddim", generate_batch_size=2)
+    prompts = drawn_prompts(monkeypatch)
     with record(backbone) as rec:
         samples = generator.generate(GOOD, 2, seed=5, start=2)
         samples = list(samples)
-    assert len(rec.unet) == 3 and len({s.defect_type for s in samples}) == 2
+    assert len(rec.unet) == 3 and len({s.defect_type for s in samples}) == 2 and len(prompts) == 2
     square = torch.stack([torch.from_numpy(s.mask) for s in samples])[:, None].float()
     types = torch.tensor([generator._defect_types.index(s.defect_type) for s in samples])
-    vectors = {ANOMALY: generator.anomaly_tokens(types), SPATIAL: generator.spatial_encoder(square)}
-    encoded = generator.prompts([f"{ANOMALY} {SPATIAL}"] * 2, vectors)
+    anomaly, spatial = generator.anomaly_tokens(types), generator.spatial_encoder(square)
     uncond = generator.prompts([""]).hidden_states[0]
     known = latents_of(backbone, [GOOD[s.meta["source_index"]] for s in samples])
     mask = latent_mask(square, known.shape[-2:])
     for call in rec.unet:
-        assert torch.allclose(call.context[2:], encoded.hidden_states, atol=1e-5)
+        columns = [assert_in_template(generator.prompts, call.context[2 + j], prompts[j], f"{ANOMALY} {SPATIAL}",
+                                      {ANOMALY: anomaly[j], SPATIAL: spatial[j]}) for j in range(2)]
         assert torch.allclose(call.context[:2], uncond.expand(2, -1, -1), atol=1e-5)
         assert call.hook_kinds("self") == [[]] * len(call.hooks["self"])
         assert call.hook_kinds("cross") == [["AttentionReweight"]] * len(call.hooks["cross"])
         state = call.hooks["cross"][0][0].state
         assert state["rows"] == slice(2, 4)
-        for row, positions in enumerate(state["positions"]):  # the anomaly tokens (with at most the start and spatial tokens)
-            assert set(encoded.positions[ANOMALY][row]) <= set(positions)
-            assert set(positions) <= {0, *encoded.positions[ANOMALY][row], *encoded.positions[SPATIAL][row]}
+        assert state["positions"] == [[0, *c[ANOMALY], *c[SPATIAL]] for c in columns]
         expected = aar.latent_weights(call.latents[2:], known, mask, int(call.timesteps[0]), scale=aar.dilation_scale(3),
                                       num_train_timesteps=backbone.num_train_timesteps)[:, None]
         assert torch.allclose(state["weights"], expected, atol=1e-5)
@@ -287,11 +316,13 @@ def dualanodiff():
 def test_dualanodiff_training_rows_whole_part_background_with_their_prompts_adapters_and_targets(dualanodiff):
     """Eq. 4 per type: rows [whole; part; background] of the same pairs at one timestep per pair;
     whole rows: z(I), "a vfx with <type>", the whole LoRA; part rows: z(I·M + gray outside),
-    "<type>", the part LoRA; background rows: z(I_b), the whole prompt and LoRA; SAIM pairs
+    "<type>", the part LoRA; background rows: z(I_b) unscaled (the official code skips the VAE's
+    scaling factor for it), the whole prompt and LoRA; SAIM pairs
     whole and part rows on every layer, BCM injects the background rows into the whole rows'
     self-attention; each branch's target is its own noise; every text call through the type's text LoRA."""
     generator, fake, data = dualanodiff
     backbone, n = generator.backbone, 2
+    scaling = backbone.vae.config.scaling_factor
     assert len(fake.calls) == 2
     for k, (rec, loss, _) in enumerate(fake.calls):
         name = generator._defect_types[k]
@@ -301,6 +332,7 @@ def test_dualanodiff_training_rows_whole_part_background_with_their_prompts_adap
         pixels = {"whole": whole, "part": whole * masks + 0.5 * (1 - masks),
                   "background": to_tensor([generator._background(d.image) for d in examples])}
         clean = {b: encode_images(backbone, x) for b, x in pixels.items()}
+        clean["background"] = clean["background"] / scaling  # I_b's latent unscaled, as the official code
         call, = rec.unet
         assert loss < 1e-10
         assert call.adapters == [f"whole_{k}"] * n + [f"part_{k}"] * n + [f"whole_{k}"] * n
@@ -329,9 +361,10 @@ def test_dualanodiff_training_rows_whole_part_background_with_their_prompts_adap
 
 def test_dualanodiff_generation_sample_is_the_whole_branch_and_the_mask_is_segmented_from_the_part_branch(dualanodiff, monkeypatch):
     """Every step: [uncond; cond] x [whole; part] rows with their prompts and LoRAs, then the
-    background rows: the good image's background (cond) or a black image (uncond) noised to this
-    step's timestep, with the whole prompt and LoRA, injected by BCM into the whole rows; the
-    sample is the decoded whole-branch image, its mask segmented from the decoded part image."""
+    background rows: a mid-gray image (uncond) or the good image's background (cond), encoded and
+    unscaled as the official code, noised to this step's timestep, with the whole prompt and LoRA,
+    injected by BCM into the whole rows; the sample is the decoded whole-branch image, its mask
+    segmented from the decoded part image."""
     import anomalygen.methods.dualanodiff.generator as module
 
     generator, _, _ = dualanodiff
@@ -351,16 +384,17 @@ def test_dualanodiff_generation_sample_is_the_whole_branch_and_the_mask_is_segme
     assert len(rec.unet) == 2
     uncond = generator.prompts([""]).hidden_states[0]
     whole, part = generator.prompts(["a vfx with hole"]).hidden_states[0], generator.prompts(["hole"]).hidden_states[0]
-    black = latents_of(backbone, [plain(0)])[0]
-    references = latents_of(backbone, [generator._background(GOOD_OBJECTS[s.meta["source_index"]]) for s in samples])
-    assert not torch.allclose(references[0], black, atol=1e-3)
+    scaling = backbone.vae.config.scaling_factor
+    gray = encode_images(backbone, torch.full((1, 3, SIZE, SIZE), 0.5))[0] / scaling
+    references = latents_of(backbone, [generator._background(GOOD_OBJECTS[s.meta["source_index"]]) for s in samples]) / scaling
+    assert not torch.allclose(references[0], gray, atol=1e-3)
     for call in rec.unet:
         assert call.adapters == [w, w, p, p, w, w, p, p, w, w, w, w]
         for rows, expected in ((slice(0, 4), uncond), (slice(4, 6), whole), (slice(6, 8), part), (slice(8, 10), uncond),
                                (slice(10, 12), whole)):
             assert torch.allclose(call.context[rows], expected.expand(rows.stop - rows.start, -1, -1), atol=1e-5)
         for j in range(n):
-            for row, reference in ((8 + j, black), (10 + j, references[j])):
+            for row, reference in ((8 + j, gray), (10 + j, references[j])):
                 z0, _, t = rec.made(call.latents[row])
                 assert torch.allclose(z0, reference, atol=1e-4) and int(t) == int(call.timesteps[0])
         for layer in call.hooks["self"] + call.hooks["cross"]:
@@ -478,14 +512,24 @@ def anomalyxfusion():
 
 
 def x_context(modules, generator, caption, mask, defect_type, t):
-    """[caption tokens; DDF(MIF(e_sem, M, type), t)] (Eqs. 1-5, 14) for one sample, computed here."""
-    states, semantic = generator.encode_text([caption])
+    """The authors' placement for one sample, computed here: e_t = DDF(MIF(e_sem, M, type), t)
+    (Eqs. 1-5, 14), e_sem from the caption, its tokens at the "*" of "a photo of a *" through the
+    text encoder; the caption reaches the context only through e_sem."""
+    from anomalygen.diffusion.conditioning import PromptEncoder
+
+    backbone = generator.backbone
+    _, semantic = generator.encode_text([caption])
     mask = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
-    tokens = modules["mif"](semantic, mask, torch.tensor([generator._defect_types.index(defect_type)]))
-    return torch.cat([states, modules["ddf"](tokens, torch.tensor([int(t)]))], dim=1)[0]
+    tokens = modules["ddf"](modules["mif"](semantic, mask, torch.tensor([generator._defect_types.index(defect_type)])),
+                            torch.tensor([int(t)]))
+    encoder = PromptEncoder(backbone.text_encoder, backbone.tokenizer, {"<x>": tokens.shape[1]})
+    return encoder(["a photo of a <x>"], {"<x>": tokens}).hidden_states[0]
 
 
 def test_anomalyxfusion_training_rows_get_their_image_caption_mask_and_type_at_their_timestep(anomalyxfusion):
+    """Each row: its image's latent, e_t of its caption, mask and type at its timestep at the "*"
+    of the authors' template; the loss (Eq. 17, the authors' default) is the ε-MSE inside the
+    row's own mask (resized to the latent, binarised at 0.5), averaged over the whole latent."""
     generator, fake, data = anomalyxfusion
     (rec, loss, modules), = fake.calls
     clean = latents_of(generator.backbone, [d.image for d in data])
@@ -496,7 +540,14 @@ def test_anomalyxfusion_training_rows_get_their_image_caption_mask_and_type_at_t
     for row, i in enumerate(picks):
         d = data[i]
         expected = x_context(modules, generator, f"tile with {d.defect_type}", d.mask, d.defect_type, call.timesteps[row])
-        assert torch.allclose(call.context[row], expected, atol=1e-5)
+        assert call.context.shape[1] == 77 and torch.allclose(call.context[row], expected, atol=1e-5)
+    with record(generator.backbone) as rec:  # the same draws, the UNet's own ε this time
+        loss = fake.loss_fn(modules, 0, torch.Generator().manual_seed(fake.seed))
+    call, = rec.unet
+    error = call.output - torch.stack([rec.made(x)[1] for x in call.latents])
+    masks = torch.stack([torch.from_numpy(data[i].mask) for i in picks])[:, None].float()
+    inside = F.interpolate(masks, size=error.shape[-2:], mode="bilinear") >= 0.5
+    assert 0 < inside.float().mean() < 1 and torch.isclose(loss, (error * inside).pow(2).mean(), rtol=1e-5)
 
 
 def test_anomalyxfusion_generation_recomputes_the_x_embedding_at_every_step_and_blends_at_every_step(anomalyxfusion):
@@ -510,10 +561,11 @@ def test_anomalyxfusion_generation_recomputes_the_x_embedding_at_every_step_and_
     modules = generator.modules()
     empty = generator.prompts([""]).hidden_states[0]
     for call in rec.unet:
+        assert call.context.shape[1] == 77
         for j, s in enumerate(samples):
             expected = x_context(modules, generator, s.prompt, s.mask, s.defect_type, call.timesteps[0])
             assert torch.allclose(call.context[2 + j], expected, atol=1e-5)
-            assert torch.allclose(call.context[j, :77], empty, atol=1e-5) and not call.context[j, 77:].any()
+            assert torch.allclose(call.context[j], empty, atol=1e-5)
     known = latents_of(backbone, [GOOD[s.meta["source_index"]] for s in samples])
     mask = latent_mask(torch.stack([torch.from_numpy(s.mask) for s in samples])[:, None], known.shape[-2:])
     assert_blended_every_step(rec, rec.unet, known, mask, rows=slice(2, 4))
@@ -523,26 +575,31 @@ def test_anomalyxfusion_generation_recomputes_the_x_embedding_at_every_step_and_
 
 def test_anomalydiffusion_learned_mask_is_the_mask_models_decoded_sample_and_the_image_is_generated_in_it(anomalydiffusion,
                                                                                                       monkeypatch):
-    """Eq. 9: the mask model's steps see e_m of the sample's type ([""; e_m] under its CFG); the mask
-    returned is its decoded sample, thresholded; the anomaly image is blended in that mask."""
+    """Eq. 9: the mask model's steps see e_m of the sample's type at the "*" of its official template
+    ([""; template] under its CFG); the mask returned is its decoded sample, thresholded; the
+    anomaly image is blended in that mask."""
+    import anomalygen.methods.anomalydiffusion.generator as module
     from anomalygen.methods.anomalydiffusion.generator import MASK
     from anomalygen.methods.anomalydiffusion.mask_model import binarize
 
-    generator, _, _, _, _ = anomalydiffusion
+    generator, *_ = anomalydiffusion
     backbone = generator.backbone
     generator.opt.update(aar="off", mask_source="learned", mask_inference_steps=2, mask_guidance_scale=5.0, mask_threshold=0.5,
                          mask_tries=1, guidance_scale=1.0, num_inference_steps=2, sampler="ddim", mask_sampler="ddim",
                          generate_batch_size=2)
-    for stats in generator.mask_stats.values():
-        monkeypatch.setattr(stats, "rejection", lambda mask: None)  # every learned mask accepted
+    monkeypatch.setattr(module, "official_rejection", lambda mask: None)  # every learned mask accepted
+    prompts = drawn_prompts(monkeypatch)
     with record(backbone) as rec:
         samples = list(generator.generate(GOOD, 2, seed=6))
     assert [s.meta["mask_source"] for s in samples] == ["learned"] * 2 and len(rec.unet) == 4
     types = torch.tensor([generator._defect_types.index(s.defect_type) for s in samples])
-    expected = generator.prompts([MASK] * 2, {MASK: generator.mask_tokens(types)}).hidden_states
+    tokens = generator.mask_tokens(types)
+    assert len(prompts) == 4  # the mask model's two rows, then the image's
     uncond = generator.prompts([""]).hidden_states
     for call in rec.unet[:2]:
-        assert torch.allclose(call.context[2:], expected, atol=1e-5) and torch.allclose(call.context[:2], uncond.expand(2, -1, -1), atol=1e-5)
+        for j in range(2):
+            assert_in_template(generator.prompts, call.context[2 + j], prompts[j], MASK, {MASK: tokens[j]})
+        assert torch.allclose(call.context[:2], uncond.expand(2, -1, -1), atol=1e-5)
     assert torch.allclose(rec.decoded[0][0], rec.steps[1][1], atol=1e-5)  # the mask model's last latents, in sample order
     masks = binarize(rec.decoded[0][1] * 2 - 1, 0.5).numpy()
     assert all(0 < m.mean() < 1 for m in masks)
