@@ -167,6 +167,11 @@ TAMPER_CASES: dict[str, tuple[str, str, Callable[[Path, Path], None]]] = {
                                           lambda m, d: _edit_json(m / "generator.json", lambda v: v.update(defect_types=[]))),
 }
 
+# what the line of a case says besides "corrupt" (before: torch's bare "Error(s) in loading state_dict for X:")
+TAMPER_SAYS = {"anomalydiffusion-weights-missing-keys": 'Missing key(s) in state_dict: "',
+               "anomalyxfusion-weights-missing-keys": 'Missing key(s) in state_dict: "',
+               "textual-inversion-embedding-width": "(3, 40)", "anomalydiffusion-token-width": "anomaly_tokens"}
+
 
 def _edit_tensors(path: Path, prefix: str, width: int | None = None) -> None:
     """The tensors named ``prefix...`` made ``width`` wide in their last dimension, or removed."""
@@ -244,6 +249,7 @@ def test_tampered_model_is_corrupt_not_a_traceback(case, data, models, tmp_path)
     result = run_cli(*_generate(data, out, "--checkpoint", str(model)), cwd=tmp_path, env=ENV)
     line = assert_user_error(result, str(model / name))
     assert "corrupt" in line and len(line) < 400, line  # the file and its first problem, in one short line
+    assert TAMPER_SAYS.get(case, "") in line
     assert_unchanged(before_data, data)
     assert_unchanged(before_model, model)
     assert not out.exists()
@@ -276,6 +282,14 @@ def _ambiguous_mask(data: Path) -> list[str]:
     folder = data / "fabric" / "ground_truth" / "cut"
     Image.open(folder / "001_mask.png").save(folder / "000.png")
     return [str(folder / "000_mask.png"), str(folder / "000.png"), "ambiguous mask"]
+
+
+def _foreign_weights(path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"classifier.weight": torch.zeros(2, 2)}, str(path))
+    return path
 
 
 class _Payload:
@@ -349,6 +363,12 @@ REFUSAL_CASES: dict[str, tuple[Callable[[Path, Path], list], Callable[[Path, Pat
                                                    "--out", t, "--model", "tiny", "--set", f"image_encoder={t.parent / 'pickled' / 'encoder'}"],
                                      lambda d, t: [str(t.parent / "pickled" / "encoder" / "pytorch_model.bin"), "refused", "unsafe"],
                                      None),
+    # before: one line listing every missing key of the network (thousands of characters)
+    "evaluate-inception-weights-foreign": (lambda d, t: ["evaluate", "--generated", d, "--data", d, "--category", "fabric",
+                                                         "--report-dir", t, "--metrics", "is", "--inception-weights",
+                                                         _foreign_weights(t.parent / "foreign.safetensors")],
+                                           lambda d, t: [str(t.parent / "foreign.safetensors"), 'Missing key(s) in state_dict: "',
+                                                         "more"], None),
     # before: one of the two masks was used without a word
     "generate-ambiguous-mask": (lambda d, t: _generate(d, t, "--method", "croppaste"), lambda d, t: _ambiguous_mask(d), None),
 }
@@ -371,7 +391,8 @@ def test_a_refusal_writes_nothing(case, data, models, pickled, tmp_path):
     expected = fragments(source, target)
     before = {path: snapshot(path) for path in (source, tmp_path / "model", target) if path.exists()}
     result = run_cli(*map(str, args(source, target)), cwd=tmp_path, env=ENV)
-    assert_user_error(result, *expected)
+    line = assert_user_error(result, *expected)
+    assert len(line) < 400, line
     for path, state in before.items():
         assert_unchanged(state, path)
     assert target.exists() == bool(user_file)
