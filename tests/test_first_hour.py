@@ -110,6 +110,12 @@ def test_generate_writes_a_preview_of_every_type_and_prints_the_next_commands(tm
 
     entries = [{"defect_type": t, "index": i} for i, t in enumerate(["a", "a", "a", "b", "c"])]
     assert [e["index"] for e in pick(entries, 4)] == [0, 3, 4, 1]
+    # the overlay contrasts with the defect: cyan-ish on a red stain, red on grey
+    from anomalygen.visualize import contrasting
+
+    red = np.zeros((4, 4, 3), np.uint8) + np.array([220, 30, 0], np.uint8)
+    assert contrasting(red, np.ones((4, 4), bool)) == (0, 220, 255)
+    assert contrasting(np.full((4, 4, 3), 128, np.uint8), np.ones((4, 4), bool)) == (255, 0, 0)
 
 
 def test_evaluate_and_benchmark_print_their_key_figures_as_a_table(monkeypatch, tmp_path):
