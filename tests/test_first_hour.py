@@ -4,7 +4,6 @@ sight (preview.png, next commands, tables), and readable reports."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
