@@ -4,7 +4,6 @@ sight (preview.png, next commands, tables), and readable reports."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -64,9 +63,10 @@ def test_estimate_counts_steps_and_warns_past_the_threshold(monkeypatch):
     said, warned = [], []
     presets.announce(settings, torch.device("cpu"), runs=1, say=said.append, warn=warned.append, **about)
     assert said and said[0].startswith("estimated time on cpu: ") and not warned
-    monkeypatch.setattr(presets, "throughput", lambda device: 1e3)  # a slow device: past the threshold
-    presets.announce(settings, torch.device("cpu"), runs=1, say=said.append, warn=warned.append, **about)
-    assert len(said) == 1 and "days" in warned[0] and "--preset quick takes about" in warned[0]
+    slow = {"epochs": 10 ** 6}  # past the threshold; the quick preset's estimate follows its settings
+    monkeypatch.setattr(presets, "estimate_seconds", lambda s, *a, **k: {"localization": s["epochs"] * 3600.0})
+    presets.announce({**settings, **slow}, torch.device("cpu"), runs=1, say=said.append, warn=warned.append, **about)
+    assert len(said) == 1 and "41666.7 days" in warned[0] and "--preset quick takes about 10.0 h" in warned[0]
 
 
 def test_generate_that_must_train_says_so_and_takes_max_steps(monkeypatch, tmp_path, tiny, fake_method):
@@ -109,6 +109,12 @@ def test_generate_writes_a_preview_of_every_type_and_prints_the_next_commands(tm
 
     entries = [{"defect_type": t, "index": i} for i, t in enumerate(["a", "a", "a", "b", "c"])]
     assert [e["index"] for e in pick(entries, 4)] == [0, 3, 4, 1]
+    # the overlay contrasts with the defect: cyan-ish on a red stain, red on grey
+    from anomalygen.visualize import contrasting
+
+    red = np.zeros((4, 4, 3), np.uint8) + np.array([220, 30, 0], np.uint8)
+    assert contrasting(red, np.ones((4, 4), bool)) == (0, 220, 255)
+    assert contrasting(np.full((4, 4, 3), 128, np.uint8), np.ones((4, 4), bool)) == (255, 0, 0)
 
 
 def test_evaluate_and_benchmark_print_their_key_figures_as_a_table(monkeypatch, tmp_path):

@@ -168,7 +168,8 @@ def estimate(data: Path, category: str | None, methods: Sequence[str], num_per_t
         runs += len(methods)
     loc = networks.localization
     return announce(settings(networks), networks.device, test_images=test_images, generated=generated,
-                    metrics=networks.metrics, protocol=loc.protocol, eval_every=loc.eval_every, runs=runs, say=say, warn=warn)
+                    metrics=[m for m in networks.metrics if m not in networks.skipped], protocol=loc.protocol,
+                    eval_every=loc.eval_every, runs=runs, say=say, warn=warn)
 
 
 def protocol_line(reports: dict[str, dict[str, dict[str, Any]]]) -> str:

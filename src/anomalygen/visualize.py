@@ -195,9 +195,31 @@ def write_preview(category_out: str | Path, n: int = 8, cell: int = 160) -> Path
         image = load_image(category_out / entry["image"])
         mask = load_image(category_out / entry["mask"])
         mask = (mask[..., 0] if mask.ndim == 3 else mask) > 127
-        good = load_image(entry["source"]) if entry.get("source") and Path(entry["source"]).is_file() else None
-        rows.append([good, image, overlay(image, mask)])
+        good = _readable(entry.get("source"))
+        rows.append([good, image, overlay(image, mask, contrasting(image, mask))])
         labels.append(f"{entry['index']:06d} {entry['defect_type']}")
     path = category_out / PREVIEW
     atomic_write_bytes(path, encode_png(grid(rows, ["good (source)", "generated", "mask overlay"], row_labels=labels, cell=cell)))
     return path
+
+
+def contrasting(image: np.ndarray, mask: np.ndarray) -> tuple[int, int, int]:
+    """The complement of the mean colour under ``mask``, saturated: an overlay that shows on a red
+    defect as on a blue one (a red overlay vanishes on a red stain)."""
+    mean = _rgb(image)[np.asarray(mask, bool)].mean(axis=0) if np.any(mask) else np.zeros(3)
+    complement = 255.0 - mean
+    spread = complement.max() - complement.min()
+    if spread < 1:
+        return (255, 0, 0)
+    return tuple(int(v) for v in np.round(255 * (complement - complement.min()) / spread))
+
+
+def _readable(path: str | None) -> np.ndarray | None:
+    """The image at ``path``; None when there is none or it cannot be read (a source file broken since)."""
+    from anomalygen.data import load_image
+    from anomalygen.errors import AnomalygenError
+
+    try:
+        return load_image(path) if path else None
+    except (AnomalygenError, OSError):
+        return None

@@ -131,7 +131,8 @@ def evaluate(
         warn(f"skipped bad real file: {problem}")  # now, not after hours of training
     if say is not None:
         test_images = len(inputs.test_good) + sum(len(v) for v in inputs.test_defects.values())
-        announce(settings(nets), torch_device, test_images=test_images, metrics=nets.metrics,
+        running = [m for m in nets.metrics if m not in nets.skipped]  # a metric without its weights is not run
+        announce(settings(nets), torch_device, test_images=test_images, metrics=running,
                  generated=sum(len(v) for v in inputs.generated.values()), protocol=nets.localization.protocol,
                  eval_every=nets.localization.eval_every, runs=1, say=say, warn=warn or say)
     report: dict[str, Any] = {
