@@ -55,12 +55,14 @@ def levels(batch: torch.Tensor) -> list[int]:
 
 
 def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_otherwise(data, monkeypatch):
-    seen = {"train": [], "test": [], "targets": [], "metric_masks": [], "losses": [], "lr": []}
+    seen = {"train": [], "test": [], "targets": [], "metric_masks": [], "losses": [], "lr": [], "classes": []}
 
     class Recording(localization.DiscriminativeUNet):
         def forward(self, x):
             seen["train" if self.training else "test"].append(levels(x))
-            return super().forward(x)
+            out = super().forward(x)
+            seen["classes"].append(out.shape[1])
+            return out
 
     real_loss, real_metrics = localization.focal_loss, localization.localization_metrics
 
@@ -88,6 +90,7 @@ def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_oth
 
     rows = [level for batch in seen["train"] for level in batch]
     targets = torch.cat(seen["targets"])
+    assert set(seen["classes"]) == {2}  # good / anomalous per pixel
     assert len(rows) == len(targets) == 400 and [len(batch) for batch in seen["train"][:3]] == [15, 15, 10]
     # DRAEM's schedule: Adam at 1e-4, x0.2 at 80 % and 90 % of the epochs; an epoch's loss is its batches' mean
     assert seen["lr"][1:] == pytest.approx([1e-4] * 8 + [2e-5, 4e-6])  # the lr of each epoch (0: the constructor's step)
