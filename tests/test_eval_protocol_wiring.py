@@ -55,12 +55,15 @@ def levels(batch: torch.Tensor) -> list[int]:
 
 
 def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_otherwise(data, monkeypatch):
-    seen = {"train": [], "test": [], "targets": [], "metric_masks": [], "losses": [], "lr": []}
+    seen = {"train": [], "test": [], "targets": [], "metric_masks": [], "losses": [], "lr": [], "classes": [], "autocast": []}
 
     class Recording(localization.DiscriminativeUNet):
         def forward(self, x):
             seen["train" if self.training else "test"].append(levels(x))
-            return super().forward(x)
+            out = super().forward(x)
+            seen["classes"].append(out.shape[1])
+            seen["autocast"].append(torch.is_autocast_enabled("cpu"))
+            return out
 
     real_loss, real_metrics = localization.focal_loss, localization.localization_metrics
 
@@ -88,6 +91,7 @@ def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_oth
 
     rows = [level for batch in seen["train"] for level in batch]
     targets = torch.cat(seen["targets"])
+    assert set(seen["classes"]) == {2} and not any(seen["autocast"])  # good / anomalous per pixel, fp32 on the CPU
     assert len(rows) == len(targets) == 400 and [len(batch) for batch in seen["train"][:3]] == [15, 15, 10]
     # DRAEM's schedule: Adam at 1e-4, x0.2 at 80 % and 90 % of the epochs; an epoch's loss is its batches' mean
     assert seen["lr"][1:] == pytest.approx([1e-4] * 8 + [2e-5, 4e-6])  # the lr of each epoch (0: the constructor's step)
@@ -104,6 +108,14 @@ def test_the_unet_trains_on_good_images_half_the_time_and_on_generated_pairs_oth
     assert seen["test"] == [[50, 60, 61, 70, 80]]
     real = [np.zeros((SIZE, SIZE), bool)] + [resize_mask(e.mask, SIZE) for t in ("a", "b", "c") for e in data.test_defects[t]]
     assert len(seen["metric_masks"]) == 1 and np.array_equal(seen["metric_masks"][0], np.stack(real))
+
+
+def test_the_paper_protocol_tests_every_eval_every_epochs_and_the_last(data):
+    config = LocalizationConfig(epochs=7, samples_per_epoch=4, resolution=SIZE, base=2, batch_size=4, protocol="paper",
+                                eval_every=3)
+    result = run_localization(data, config, torch.device("cpu"))
+    assert [row["epoch"] for row in result["history"]] == [3, 6, 7]
+    assert "clean" not in result and result["paper_selected"]["epoch"] in (3, 6, 7)
 
 
 def quadrants(level: int) -> np.ndarray:
