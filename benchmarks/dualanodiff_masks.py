@@ -7,7 +7,8 @@ output: our threshold fallback (``mask_from_part``, default options) and, given 
 official U²-Net at 0.5 (``saliency`` + ``mask_from_saliency``). Reported per dataset: the share of
 real defect pixels kept (recall, pooled over images), the share of the kept pixels that are defect
 (precision), the mean per-image recall and the share of images whose mask comes out empty (such a
-draw is redrawn: the redraws favour high-contrast defects).
+draw is redrawn: the redraws favour high-contrast defects). Defects whose mask vanishes at the
+working size are left out.
 
     python benchmarks/dualanodiff_masks.py ../shared/data/magnetic_tile ../shared/data/mvtec_ad_grid_subset \\
         [--u2net u2net.safetensors] [--u2net u2netp.safetensors] [--size 512] [--every 1]
@@ -35,6 +36,8 @@ def pairs(root: Path, size: int, every: int = 1):
         mask_path = root / "ground_truth" / image_path.parent.name / f"{image_path.stem}_mask.png"
         image = cv2.resize(cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1], (size, size), interpolation=cv2.INTER_AREA)
         mask = cv2.resize(cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE), (size, size), interpolation=cv2.INTER_LINEAR) >= 128
+        if not mask.any():  # a defect smaller than a pixel at this size: nothing to keep
+            continue
         part = np.where(mask[..., None], image, 128).astype(np.uint8)  # gray 0.5 outside, as I·M of a [-1, 1] image
         yield part, mask
 

@@ -79,8 +79,8 @@ def test_half_the_samples_are_anomalous_and_ratio_of_those_are_generated():
 
 def test_samples_are_reproducible_and_targets_follow_the_sample():
     pairs = _pairs(2, with_target=False)
-    samples = da.TrainingSamples(_goods(), pairs, 1.0, "skimage", seed=3)
-    again = da.TrainingSamples(_goods(), pairs, 1.0, "skimage", seed=3)
+    samples = da.TrainingSamples(_goods(), pairs, 1.0, "skimage", seed=3, share_of="anomalies")  # half normal
+    again = da.TrainingSamples(_goods(), pairs, 1.0, "skimage", seed=3, share_of="anomalies")
     for item in range(40):
         a, b = samples[item], again[item]
         assert all(np.array_equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3]
@@ -210,7 +210,7 @@ def test_clean_split_leaves_out_the_generators_training_defects(generated, demo_
 def test_generated_pairs_that_match_the_test_defects_raise_pixel_ap(demo_root, tmp_path):
     """Direction check: a pool made of the real test defects themselves must help DRAEM find them."""
     data = load_evaluation_data(_pool_of_test_defects(demo_root, tmp_path), demo_root, "nut")
-    config = da.DraemAugmentationConfig(ratio=1.0, epochs=20, resolution=32, rec_base=8, disc_base=8, lr=2e-3)
+    config = da.DraemAugmentationConfig(ratio=1.0, share_of="anomalies", epochs=20, resolution=32, rec_base=8, disc_base=8, lr=2e-3)
     section = da.run_draem_augmentation(data, config, torch.device("cpu"))
     assert section["augmented"]["pixel_ap"] > 2 * section["draem"]["pixel_ap"]
 
