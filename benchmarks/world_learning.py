@@ -52,7 +52,7 @@ import world_judges  # noqa: E402
 
 from anomalygen.benchmark import benchmark, markdown_table  # noqa: E402
 from anomalygen.data import load_category, load_defects, load_goods, load_image, paper_split  # noqa: E402
-from anomalygen.data.world import CATEGORIES, FAMILIES, make_world  # noqa: E402
+from anomalygen.data.world import CATEGORIES, FAMILIES, make_world, render_defect  # noqa: E402
 from anomalygen.errors import AnomalygenError  # noqa: E402
 from anomalygen.evaluation.localization import LocalizationConfig  # noqa: E402
 from anomalygen.io import atomic_write_text, read_json, read_manifest, save_png  # noqa: E402
@@ -115,6 +115,14 @@ def cell_dir(out: Path, pair: tuple[str, str], seed: int, row: str) -> Path:
 
 
 def build_world(args: argparse.Namespace) -> None:
+    """The prior's world and each held-out pair's folder, and ``OUT/world.png``: two renders of every pair."""
+    lines = []
+    for c, category in enumerate(CATEGORIES):
+        renders = [render_defect(category, family, np.random.default_rng([3, c, f, k]), args.size)
+                   for f, family in enumerate(FAMILIES) for k in range(2)]
+        lines.append([x for _, image, mask in renders for x in (image, mask)])
+    labels = [c + "".join(f" (held out: {f})" for f in FAMILIES if (c, f) in args.pairs) for c in CATEGORIES]
+    save_png(args.out / "world.png", grid(lines, [x for f in FAMILIES for k in (1, 2) for x in (f"{f} {k}", "mask")], row_labels=labels, cell=80))
     seen = [(c, f) for c in CATEGORIES for f in FAMILIES if (c, f) not in args.pairs]
     make_world(args.out / "world" / "prior", seen, size=args.size, n_good=args.prior_good, n_test_good=0,
                n_defect=3 * args.prior_defects, seed=1, categories=CATEGORIES)
@@ -472,7 +480,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="world, prior, method and U-Net resolution")
     p.add_argument("--model", help="use this model instead of a prior (e.g. tiny, for tests)")
     p.add_argument("--prior", type=Path, help="an existing prior trained on this world (OUT/prior of an earlier run)")
-    p.add_argument("--prior-minutes", type=float, default=35.0)
+    p.add_argument("--prior-minutes", type=float, default=30.0)
     p.add_argument("--prior-size", default="small")
     p.add_argument("--prior-batch", type=int, default=16)
     p.add_argument("--prior-steps", type=int, default=30000, help="the prior's UNet steps at most (the time budget stops it first)")
@@ -483,7 +491,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pair-good", type=int, default=30)
     p.add_argument("--pair-test-good", type=int, default=10)
     p.add_argument("--pair-defects", type=int, default=30, help="defect images of a held-out pair (a third fits the methods)")
-    p.add_argument("--num-per-type", type=int, default=16)
+    p.add_argument("--num-per-type", type=int, default=8, help="samples per cell (generation is most of a cell's cost)")
     p.add_argument("--steps", type=int, default=200, help="fitting steps of every diffusion method")
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
