@@ -608,3 +608,32 @@ def test_anomalydiffusion_learned_mask_is_the_mask_models_decoded_sample_and_the
     known = latents_of(backbone, [GOOD[s.meta["source_index"]] for s in samples])
     mask = latent_mask(torch.from_numpy(masks)[:, None], known.shape[-2:])
     assert_blended_every_step(rec, rec.unet[2:], known, mask)
+
+
+def test_anomalydiffusion_paper_aar_weights_come_from_this_steps_x0_against_the_good_image(anomalydiffusion):
+    """Eq. 7 (``aar="paper"``): before every step an extra pass, the re-weighting off, on the same
+    latents, timestep and context; x̂0 = (z_t − √(1−ᾱ_t)·ε)/√ᾱ_t decoded; the step's weights are
+    W(x̂0, good image, mask) in the sample's mask."""
+    from anomalygen.methods.anomalydiffusion import aar
+
+    generator, _, _, _, _ = anomalydiffusion
+    backbone = generator.backbone
+    generator.opt.update(aar="paper", aar_apply="probabilities", mask_source="augment", guidance_scale=1.0, eta=0.0,
+                         num_inference_steps=2, sampler="ddim", generate_batch_size=2)
+    with record(backbone) as rec:
+        samples = list(generator.generate(GOOD, 2, seed=9))
+    assert len(rec.unet) == 4 and len(rec.decoded) == 3  # 2 steps x (x̂0 pass + step); 2 x̂0 decodes + the sample's
+    assert len({s.meta["source_index"] for s in samples}) == 2
+    alphas = backbone.noise_scheduler().alphas_cumprod
+    good = to_tensor([GOOD[s.meta["source_index"]] for s in samples])
+    square = torch.stack([torch.from_numpy(s.mask) for s in samples])[:, None].float()
+    for step in range(2):
+        probe, call = rec.unet[2 * step], rec.unet[2 * step + 1]
+        assert all(layer[0].state["weights"] is None for layer in probe.hooks["cross"])
+        assert torch.equal(probe.latents, call.latents) and torch.equal(probe.timesteps, call.timesteps)
+        assert torch.equal(probe.context, call.context)
+        alpha = alphas[int(call.timesteps[0])]
+        x0 = (call.latents - (1 - alpha).sqrt() * probe.output) / alpha.sqrt()
+        assert torch.allclose(rec.decoded[step][0], x0, atol=1e-4)
+        expected = aar.paper_weights(rec.decoded[step][1] * 2 - 1, good * 2 - 1, square)[:, None]
+        assert torch.allclose(call.hooks["cross"][0][0].state["weights"], expected, atol=1e-5)
