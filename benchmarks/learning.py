@@ -109,7 +109,7 @@ def run_cell(cell: Path, data: Path, row: str, seed: int, options: dict[str, Any
     started = time.perf_counter()
     result = benchmark(data, [method], cell, num_per_type=args.num_per_type, seed=seed, metrics=["localization"], skip_bad=args.skip_bad,
                        settings={f"{method}.{k}": v for k, v in options.items()}, device=args.device,
-                       localization=localization, max_attempts=args.max_attempts)
+                       localization=localization, max_attempts=args.max_attempts, keep_failing=args.keep_failing)
     (report,) = (by_method[method] for by_method in result["reports"].values())
     clean = report["localization"]["clean"]
     record = {"row": row, "method": method, "seed": seed, "pixel_ap": clean["pixel_ap"], "pixel_au_pro": clean["pixel_au_pro"],
@@ -242,7 +242,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resize", type=int, help="first copy each dataset with images and masks resized to this square size "
                    "(textual-inversion and anomalydiffusion cannot fit on mixed-size images: magnetic_tile's); "
                    "masks are nearest-resampled, so a thin one can become empty (see --skip-bad)")
-    p.add_argument("--max-attempts", type=int, default=5, help="draws per sample at most under the validity filter")
+    p.add_argument("--max-attempts", type=int, default=5, help="the validity filter's cap: draws per valid pair")
+    p.add_argument("--keep-failing", action="store_true", help="keep a sample that fails every one of its --max-attempts "
+                   "draws (flagged in the manifest) instead of drawing until it passes")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad real files (e.g. an empty mask) instead of stopping")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
     args = p.parse_args(argv)
