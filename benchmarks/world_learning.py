@@ -279,7 +279,7 @@ def run_cell(cell: Path, pair: tuple[str, str], row: str, seed: int, options: di
     started, cpu = time.perf_counter(), time.process_time()
     result = benchmark(data, [method], cell, num_per_type=args.num_per_type, seed=seed, metrics=["localization"],
                        settings={f"{method}.{k}": v for k, v in options.items()}, device=args.device,
-                       localization=localization, max_attempts=args.max_attempts)
+                       localization=localization, max_attempts=args.max_attempts, keep_failing=True)
     (report,) = (by_method[method] for by_method in result["reports"].values())
     clean = report["localization"]["clean"]
     images, masks, sources = generated(cell, method, pair)
@@ -501,7 +501,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--judge-renders", type=int, default=800)
     p.add_argument("--judge-steps", type=int, default=400)
     p.add_argument("--loss-batches", type=int, default=8, help="batches averaged by the held-out loss")
-    p.add_argument("--max-attempts", type=int, default=5)
+    p.add_argument("--max-attempts", type=int, default=5, help="draws per sample; the least-failing one is kept, so that "
+                   "every row (an untrained control too) measures what its method draws")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="cell processes (1 thread each when more than 1)")
     p.add_argument("--shard", help=argparse.SUPPRESS)  # K/N: run the cells of shard K only (--jobs' children)
