@@ -184,7 +184,7 @@ def test_cli_fit_generate_round_trip(demo_root, tmp_path):
     assert fitted.exit_code == 0, fitted.output
     assert json.loads((tmp_path / "model" / "cagen.json").read_text())["category"] == "nut"
     command = ["generate", "--checkpoint", str(tmp_path / "model"), "--data", str(demo_root), "--category", "nut",
-               "--num", "3", "--seed", "1", "--out", str(tmp_path / "out"), "--max-attempts", "1"]  # redrawing: test_validity
+               "--num", "3", "--seed", "1", "--out", str(tmp_path / "out"), "--max-attempts", "1", "--keep-failing"]  # redrawing: test_validity
     result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     manifest = [json.loads(line) for line in (tmp_path / "out" / "nut" / "manifest.jsonl").read_text().splitlines()]

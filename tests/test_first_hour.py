@@ -99,9 +99,9 @@ def test_generate_writes_a_preview_of_every_type_and_prints_the_next_commands(tm
     result = runner.invoke(cli.app, ["generate", "--method", "fake", "--data", str(tiny), "--out", str(tmp_path),
                                      "--num", "10"])
     assert result.exit_code == 0, result.output
-    assert f"preview: {tmp_path / 'nut' / 'preview.png'}" in result.output
+    assert f"preview: {tmp_path / 'nut-preview.png'}" in result.output
     assert f"anomalygen evaluate --generated {tmp_path} --data {tiny}" in result.output
-    preview = load_image(tmp_path / "nut" / "preview.png")
+    preview = load_image(tmp_path / "nut-preview.png")
     cell, pad, header = 160, 4, 18
     assert preview.shape[0] == header + 8 * (cell + pad) + pad  # 8 rows of 10 samples
     # the rows take each type in turn: sample 0, 1, 2 (one per type), then 3, 4, 5, ...

@@ -65,7 +65,7 @@ def test_cli_fit_then_generate_on_demo_data(demo_root, tmp_path):
     assert fitted.exit_code == 0, fitted.output
     made = runner.invoke(app, ["generate", "--method", "textual-inversion", "--checkpoint", str(tmp_path / "model"),
                                "--data", str(demo_root), "--category", "nut", "--out", str(tmp_path / "out"), "--num", "3",
-                               "--max-attempts", "1"])  # one draw each (redrawing: test_validity)
+                               "--max-attempts", "1", "--keep-failing"])  # one draw each (redrawing: test_validity)
     assert made.exit_code == 0, made.output
     assert len(list((tmp_path / "out" / "nut" / "test").glob("*/*.png"))) == 3
     assert len(list((tmp_path / "out" / "nut" / "ground_truth").glob("*/*_mask.png"))) == 3

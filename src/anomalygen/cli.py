@@ -143,8 +143,10 @@ def generate(
         console.print(f"filter: {sum(result.redrawn.values())} of {result.written} new samples redrawn ({types}), "
                       f"{result.invalid} kept failing; rejected draws: {checks}", highlight=False)
     if result.total:
+        from anomalygen.visualize import preview_path  # imported by the pipeline already, which wrote it
+
         where = f" --category {result.category}" if category else ""
-        console.print(f"preview: {result.out / 'preview.png'}\nnext:\n"
+        console.print(f"preview: {preview_path(result.out)}\nnext:\n"
                       f"  anomalygen evaluate --generated {out} --data {data}{where} --preset quick   "
                       "# downstream U-Net + ResNet-34 (--preset paper: the papers' settings, for a GPU)\n"
                       f"  anomalib: MVTecAD(root={out}, category={result.category}) after --with-good", highlight=False)

@@ -202,7 +202,7 @@ def generate(
     sample gets at most ``max_attempts`` draws and the least-failing one is kept when none passes
     (flagged in the manifest, counted in a warning).
     Samples of a grayscale category (``is_grayscale``) are written as grayscale PNGs.
-    ``out/<category>/preview.png`` shows a few of the pairs (``visualize.write_preview``).
+    ``out/<category>-preview.png`` shows a few of the pairs (``visualize.write_preview``).
     ``processes`` > 1 shards the samples over that many processes (``anomalygen.sharding``; one per
     GPU): the same output as one process.
     With ``with_good`` the real good images are copied too (``copy_goods``).

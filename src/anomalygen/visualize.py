@@ -170,7 +170,11 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-PREVIEW = "preview.png"
+def preview_path(category_out: str | Path) -> Path:
+    """``OUT/<category>-preview.png``, beside the category folder: an image inside it would be read as
+    one more sample by MVTec readers (anomalib's MVTecAD globs every image under the category)."""
+    category_out = Path(category_out)
+    return category_out.parent / f"{category_out.name}-preview.png"
 
 
 def pick(entries: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -185,7 +189,7 @@ def pick(entries: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 
 def write_preview(category_out: str | Path, n: int = 8, cell: int = 160) -> Path:
-    """``category_out/preview.png``: a grid of up to ``n`` written pairs (every defect type in turn),
+    """``preview_path(category_out)``: a grid of up to ``n`` written pairs (every defect type in turn),
     one row each: the good image it was made from, the generated image, the mask overlaid on it."""
     from anomalygen.data import load_image
 
@@ -198,7 +202,7 @@ def write_preview(category_out: str | Path, n: int = 8, cell: int = 160) -> Path
         good = _readable(entry.get("source"))
         rows.append([good, image, overlay(image, mask, contrasting(image, mask))])
         labels.append(f"{entry['index']:06d} {entry['defect_type']}")
-    path = category_out / PREVIEW
+    path = preview_path(category_out)
     atomic_write_bytes(path, encode_png(grid(rows, ["good (source)", "generated", "mask overlay"], row_labels=labels, cell=cell)))
     return path
 
