@@ -236,7 +236,8 @@ def write_comparison(out: Path, reports: dict[str, dict[str, dict[str, Any]]], m
     """``OUT/comparison.md`` and ``.html``: the setup, the reports' notes, then the tables; the page
     also shows PR curves (one per method and baseline), samples and links to each method's report."""
     baselines = baselines or {}
-    tables = comparison_tables(reports, methods, baselines)
+    tables = {title: rows for title, rows in comparison_tables(reports, methods, baselines).items()
+              if any(value != "—" for row in rows for key, value in row.items() if key not in ("category", "defect type"))}
     header = f"{header} {protocol_line(reports)}".strip()
     notes = sorted({note for by_method in reports.values() for report in by_method.values() for note in report["notes"]})
     notes += same_figures(reports)

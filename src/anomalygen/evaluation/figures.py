@@ -46,7 +46,7 @@ def pr_curves(curves: dict[str, dict[str, Any]], ap: dict[str, float | None], ti
         axes.axhline(chance, color="grey", ls="--", lw=1, label=f"chance ({chance:.3f})")
     axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=title)
     axes.grid(alpha=0.3)
-    axes.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)  # below: never over a curve
     return to_array(figure)
 
 
