@@ -377,11 +377,10 @@ def tables(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
                 paired = [by[pair, method, s][key] - by[pair, method + CONTROL, s][key] for s in args.seeds
                           if isinstance(by.get((pair, method, s), {}).get(key), float)
                           and isinstance(by.get((pair, method + CONTROL, s), {}).get(key), float)]
-                spread = max([statistics.stdev(v) for v in (values(pair, method, key), values(pair, method + CONTROL, key)) if len(v) > 1],
-                             default=0.0)
+                spreads = [statistics.stdev(v) for v in (values(pair, method, key), values(pair, method + CONTROL, key)) if len(v) > 1]
                 line[f"{METRICS[key]} − untrained"] = (f"{statistics.fmean(paired):+.3f} ({min(paired):+.3f} … {max(paired):+.3f})"
                                                        if paired else "—")
-                line[f"{METRICS[key]}: beats spread"] = ("yes" if paired and min(paired) > spread else "no") if paired else "—"
+                line[f"{METRICS[key]}: beats spread"] = ("yes" if min(paired) > max(spreads) else "no") if paired and len(spreads) == 2 else "—"
             deltas.append(line)
     return {"results": results, "deltas": deltas}
 
