@@ -84,8 +84,8 @@ def diffusion_options(method: str, args: argparse.Namespace, model: str, seed: i
         options.update(spatial_encoder="tiny", mask_source="augment", generate_batch_size=8)
     if method == "dualanodiff":
         options.update(rank=4, mask_tries=2, generate_batch_size=8)
-    if method == "anomalyxfusion":
-        options.update(image_encoder="tiny")
+    if method == "anomalyxfusion":  # an untrained CLIP image encoder at the prior's width (CLIP ViT-L/14 in the paper)
+        options.update(image_encoder="tiny" if model == "tiny" else str((args.out / "image_encoder").resolve()))
     prefix = f"{method}."
     options.update({k[len(prefix):]: v for k, v in args.settings.items() if k.startswith(prefix)})
     return options
@@ -147,6 +147,19 @@ def prior_path(args: argparse.Namespace) -> str:
         report = pretrain([args.out / "world" / "prior"], out, config, say=lambda line: print(f"[pretrain] {line}", flush=True))
         atomic_write_text(done, json.dumps(report, indent=2, default=str))
     return str(out.resolve())
+
+
+def write_image_encoder(model: str, args: argparse.Namespace) -> None:
+    """``OUT/image_encoder``: the tiny CLIP image encoder's shape, randomly initialised, projecting to the
+    prior's cross-attention width (AnomalyXFusion's image branch; no CLIP weights here)."""
+    target = args.out / "image_encoder"
+    if model == "tiny" or (target / "config.json").is_file():
+        return
+    from anomalygen.diffusion.image_encoder import build_image_encoder
+    from anomalygen.diffusion.tiny import tiny_image_encoder_config
+
+    width = read_json(Path(model) / "unet" / "config.json")["cross_attention_dim"]
+    build_image_encoder({**tiny_image_encoder_config(), "projection_dim": width}).save_pretrained(target)
 
 
 def judges_for(args: argparse.Namespace) -> tuple[world_judges.Judges, dict[str, Any]]:
@@ -364,11 +377,10 @@ def tables(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
                 paired = [by[pair, method, s][key] - by[pair, method + CONTROL, s][key] for s in args.seeds
                           if isinstance(by.get((pair, method, s), {}).get(key), float)
                           and isinstance(by.get((pair, method + CONTROL, s), {}).get(key), float)]
-                spread = max([statistics.stdev(v) for v in (values(pair, method, key), values(pair, method + CONTROL, key)) if len(v) > 1],
-                             default=0.0)
+                spreads = [statistics.stdev(v) for v in (values(pair, method, key), values(pair, method + CONTROL, key)) if len(v) > 1]
                 line[f"{METRICS[key]} − untrained"] = (f"{statistics.fmean(paired):+.3f} ({min(paired):+.3f} … {max(paired):+.3f})"
                                                        if paired else "—")
-                line[f"{METRICS[key]}: beats spread"] = ("yes" if paired and min(paired) > spread else "no") if paired else "—"
+                line[f"{METRICS[key]}: beats spread"] = ("yes" if min(paired) > max(spreads) else "no") if paired and len(spreads) == 2 else "—"
             deltas.append(line)
     return {"results": results, "deltas": deltas}
 
@@ -555,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     timed(args, "world", lambda: build_world(args))
     print("[2/5] prior", flush=True)
     model = timed(args, "prior", lambda: prior_path(args))
+    write_image_encoder(model, args)
     print("[3/5] judges", flush=True)
     judges, judge_report = timed(args, "judges", lambda: judges_for(args))
     prior_report = timed(args, "prior_samples", lambda: prior_samples(model, args, judges)) if not args.model else {}

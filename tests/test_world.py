@@ -124,3 +124,20 @@ def test_the_whole_pipeline_at_tiny_size_and_a_rerun_resumes(world, tmp_path, mo
     capsys.readouterr()
     assert world["main"](argv) == 0
     assert capsys.readouterr().out.count("resumed") == 3
+
+
+def test_beats_spread_needs_every_paired_difference_above_both_rows_seed_spread(world, tmp_path):
+    args = world["parse"](["--out", str(tmp_path), "--pairs", "wood:scratch", "--methods", "cagen", "--seeds", "0", "1"])
+
+    def records(trained, control):
+        return [{"pair": "wood-scratch", "row": row, "seed": s, "family_accuracy": v, "alignment_iou": 0.1}
+                for row, values in (("cagen", trained), ("cagen (untrained)", control)) for s, v in enumerate(values)]
+
+    (delta,) = world["tables"](records((0.5, 0.6), (0.1, 0.12)), args)["deltas"]
+    assert delta["family accuracy − untrained"] == "+0.440 (+0.400 … +0.480)" and delta["family accuracy: beats spread"] == "yes"
+    assert delta["alignment IoU: beats spread"] == "no"  # +0.000
+    (delta,) = world["tables"](records((0.3, 0.9), (0.1, 0.12)), args)["deltas"]
+    assert delta["family accuracy: beats spread"] == "no"  # mean difference 0.49, smallest 0.2: below the trained spread 0.42
+    args.seeds = [0]
+    (delta,) = world["tables"](records((0.5,), (0.1,)), args)["deltas"]
+    assert delta["family accuracy: beats spread"] == "—"  # one seed: no spread to beat
