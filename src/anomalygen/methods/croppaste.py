@@ -89,8 +89,6 @@ class CropPaste(ModelFreeGenerator):
             for k, d in enumerate(defects)
             for crop in extract_crops(d, self.options["min_area"], str(d.source or f"training defect {k}"))
         ]
-        if not self._crops:
-            raise corrupt(path, "no crops (fit saves one per training defect component)")
         self._defect_types = list(dict.fromkeys(c.defect_type for c in self._crops))
 
     def _label(self, index: int, rng: np.random.Generator, defect_type: str | None) -> str:
