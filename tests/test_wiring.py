@@ -616,7 +616,7 @@ def test_anomalydiffusion_paper_aar_weights_come_from_this_steps_x0_against_the_
     W(x̂0, good image, mask) in the sample's mask."""
     from anomalygen.methods.anomalydiffusion import aar
 
-    generator, _, _, _, _ = anomalydiffusion
+    generator, *_ = anomalydiffusion
     backbone = generator.backbone
     generator.opt.update(aar="paper", aar_apply="probabilities", mask_source="augment", guidance_scale=1.0, eta=0.0,
                          num_inference_steps=2, sampler="ddim", generate_batch_size=2)

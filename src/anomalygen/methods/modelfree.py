@@ -1,8 +1,8 @@
 """The generation loop shared by the model-free generators (CutPaste, Crop-Paste, DRAEM).
 
 Sample ``i`` draws everything from ``sample_rng(seed, i)``: first the good image, then what the
-method needs. The foreground mode (``"auto"`` resolved once per call over all good images by
-``masks.is_object``) decides where anomalies may go.
+method needs. The foreground mode (``"auto"`` resolved over all good images by ``masks.is_object``,
+once per list of good images) decides where anomalies may go.
 """
 
 from __future__ import annotations
@@ -81,6 +81,14 @@ class ModelFreeGenerator(AnomalyGenerator):
         """Return (anomalous image, its bool mask, meta) for one good ``image``; ``mask`` (if
         given) is where the anomaly must go; ``foreground`` where it may go."""
 
+    def _foregrounds(self, good: Sequence[np.ndarray]) -> tuple[str, dict[int, np.ndarray]]:
+        """The foreground mode resolved over ``good`` and a cache of each image's foreground mask, kept
+        while ``generate`` is given the same ``good`` sequence (the validity filter's redraws call it
+        once per draw: recomputing both was most of a redraw's time)."""
+        if getattr(self, "_good", None) is not good:
+            self._good, self._foreground_cache = good, (resolve_mode(self.options["foreground"], good), {})
+        return self._foreground_cache
+
     def generate(
         self,
         good: Sequence[np.ndarray],
@@ -97,8 +105,7 @@ class ModelFreeGenerator(AnomalyGenerator):
             raise AnomalygenError(f"{self.name}: an empty list of masks was given")
         if not self.defect_types:
             raise AnomalygenError(f"{self.name}: no defect types; call fit() with training defects first")
-        mode = resolve_mode(self.options["foreground"], good)
-        foregrounds: dict[int, np.ndarray] = {}
+        mode, foregrounds = self._foregrounds(good)
         for i in range(start, start + n):
             rng = sample_rng(seed, i)
             source = int(rng.integers(len(good)))
