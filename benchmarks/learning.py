@@ -109,7 +109,8 @@ def run_cell(cell: Path, data: Path, row: str, seed: int, options: dict[str, Any
     started = time.perf_counter()
     result = benchmark(data, [method], cell, num_per_type=args.num_per_type, seed=seed, metrics=["localization"], skip_bad=args.skip_bad,
                        settings={f"{method}.{k}": v for k, v in options.items()}, device=args.device,
-                       localization=localization, max_attempts=args.max_attempts, keep_failing=args.keep_failing)
+                       localization=localization, max_attempts=args.max_attempts, keep_failing=args.keep_failing,
+                       with_baselines=False)  # each cell is one row; the controls are rows of their own
     (report,) = (by_method[method] for by_method in result["reports"].values())
     clean = report["localization"]["clean"]
     record = {"row": row, "method": method, "seed": seed, "pixel_ap": clean["pixel_ap"], "pixel_au_pro": clean["pixel_au_pro"],

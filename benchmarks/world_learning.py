@@ -292,7 +292,8 @@ def run_cell(cell: Path, pair: tuple[str, str], row: str, seed: int, options: di
     started, cpu = time.perf_counter(), time.process_time()
     result = benchmark(data, [method], cell, num_per_type=args.num_per_type, seed=seed, metrics=["localization"],
                        settings={f"{method}.{k}": v for k, v in options.items()}, device=args.device,
-                       localization=localization, max_attempts=args.max_attempts, keep_failing=True)
+                       localization=localization, max_attempts=args.max_attempts, keep_failing=True,
+                       with_baselines=False)  # each cell is one row; the controls are rows of their own
     (report,) = (by_method[method] for by_method in result["reports"].values())
     clean = report["localization"]["clean"]
     images, masks, sources = generated(cell, method, pair)
