@@ -328,6 +328,14 @@ REFUSAL_CASES: dict[str, tuple[Callable[[Path, Path], list], Callable[[Path, Pat
     # before: fit saved into the user's folder and replaced their generator.json, exit 0
     "fit-out-holds-user-files": (lambda d, t: ["fit", "--method", "croppaste", "--data", d, "--category", "fabric", "--out", t],
                                  lambda d, t: [str(t), "did not write", "generator.json", "--overwrite"], "generator.json"),
+    # before: the demo wrote data/, samples/ and index.html into the user's folder (theirs replaced), exit 0
+    "demo-out-holds-user-files": (lambda d, t: ["demo", "--out", t, "--num", 1],
+                                  lambda d, t: [str(t), "did not write", "index.html", "--overwrite"], "index.html"),
+    # before: the benchmark wrote comparison.html / .md and its method folders into it, exit 0
+    "benchmark-out-holds-user-files": (lambda d, t: ["benchmark", "--data", d, "--category", "fabric", "--methods", "cutpaste",
+                                                     "--out", t, "--preset", "quick"],
+                                       lambda d, t: [str(t), "did not write", "comparison.html", "--overwrite"],
+                                       "comparison.html"),
     # before: run.json and the lock were left in the new output folder
     "generate-unknown-defect-type": (lambda d, t: _generate(d, t, "--method", "croppaste", "--defect-type", "crack"),
                                      lambda d, t: ["--defect-type 'crack'", "cut, hole, stain"], None),

@@ -33,7 +33,7 @@ from anomalygen.evaluation.localization import SELECT_SUM, run_localization
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
 from anomalygen.evaluation.presets import announce
 from anomalygen.evaluation.run import evaluate, prepare, settings
-from anomalygen.io import MAX_SAMPLES, atomic_write_text
+from anomalygen.io import MAX_SAMPLES, atomic_write_text, check_own_folder, folder_lock
 from anomalygen.methods.base import CONFIG_FILE, AnomalyGenerator, get_method
 from anomalygen.types import DefectExample
 from anomalygen.visualize import Section, grid, overlay, write_html
@@ -110,6 +110,7 @@ def benchmark(
     max_attempts: int = pipeline.MAX_ATTEMPTS,
     keep_failing: bool = False,
     with_baselines: bool = True,
+    overwrite: bool = False,
     say: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
     **evaluate_options: Any,
@@ -133,15 +134,24 @@ def benchmark(
     for method in methods:
         pipeline.build(method, method_options(settings or {}, method))
     networks = prepare(metrics, seed=seed, **evaluate_options)
+    check_own_folder(out, overwrite=overwrite)
     if say is not None:
         estimate(data, category, methods, num_per_type, networks, say, warn or say)
+    with folder_lock(out, "benchmark"):
+        return _run(data, methods, out, category, num_per_type, seed, skip_bad, settings or {}, max_attempts, keep_failing,
+                    with_baselines, networks)
+
+
+def _run(data: Path, methods: Sequence[str], out: Path, category: str | None, num_per_type: int, seed: int, skip_bad: bool,
+         settings: Mapping[str, Any], max_attempts: int, keep_failing: bool, with_baselines: bool, networks) -> dict[str, Any]:
+    """``benchmark``'s work once everything is checked and ``out`` is held."""
     reports: dict[str, dict[str, dict[str, Any]]] = {}
     timings: dict[str, float] = {}
     for method in methods:
         started = time.perf_counter()
         for name in _categories(data, category):
             merged = generate_per_type(method, data, out, name, num_per_type, seed, skip_bad,
-                                       method_options(settings or {}, method), max_attempts, keep_failing)
+                                       method_options(settings, method), max_attempts, keep_failing)
             reports.setdefault(name, {})[method] = evaluate(merged.parent, data, category=name, out=merged, seed=seed,
                                                            skip_bad=skip_bad, networks=networks)
         timings[method] = time.perf_counter() - started

@@ -229,12 +229,13 @@ def demo(
     methods: list[str] = typer.Option([], "--methods", metavar="NAME", help="Methods to run (repeat or comma-separate); default: the model-free ones."),
     num: int = typer.Option(6, "--num", help="Samples per method and category."),
     seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out holding files anomalygen did not write."),
 ) -> None:
     """Build the demo dataset, run the methods on it and write an HTML page of sample grids."""
     from anomalygen.demo import run_demo
 
     chosen = [name for entry in methods for name in entry.split(",") if name] or None
-    page = run_demo(out, chosen, num=num, seed=seed, console=console, warn=_warn)
+    page = run_demo(out, chosen, num=num, seed=seed, console=console, warn=_warn, overwrite=overwrite)
     console.print(f"open {page}", highlight=False)
 
 
@@ -450,6 +451,7 @@ def benchmark(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also train the localisation U-Net on good "
                                    "images only and on the real training defects (augmented): the rows generated data "
                                    "must beat."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out holding files anomalygen did not write."),
     *,
     evaluation: dict[str, Any],  # the EVAL_OPTIONS (evaluation_options)
 ) -> None:
@@ -465,7 +467,7 @@ def benchmark(
     num_per_type = PRESETS[preset]["num_per_type"] if num_per_type is None else num_per_type
     result = run_benchmark(data, chosen, out, category=category, num_per_type=num_per_type, say=_say, warn=_warn,
                            settings=pipeline.parse_settings(settings), max_attempts=max_attempts,
-                           keep_failing=keep_failing, with_baselines=baselines, **evaluation)
+                           keep_failing=keep_failing, with_baselines=baselines, overwrite=overwrite, **evaluation)
     Console(soft_wrap=False).print(benchmark_table(result["reports"]))
     console.print(f"comparison: {out / 'comparison.html'} and .md ({', '.join(f'{m} {t:.0f} s' for m, t in result['timings_s'].items())})",
                   highlight=False)

@@ -15,7 +15,7 @@ from rich.console import Console
 from anomalygen import pipeline
 from anomalygen.data import list_categories, load_image
 from anomalygen.data.demo import make_demo_dataset
-from anomalygen.io import MANIFEST, read_manifest
+from anomalygen.io import MANIFEST, check_own_folder, folder_lock, read_manifest
 from anomalygen.seeding import check_seed
 from anomalygen.visualize import Section, grid, overlay, write_html
 
@@ -34,14 +34,23 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
     warn: pipeline.Warn | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Run the demo into ``out`` and return the path of its ``index.html``."""
+    """Run the demo into ``out`` and return the path of its ``index.html``. A folder holding files
+    anomalygen did not write is refused unless ``overwrite``."""
     check_seed(seed)
     pipeline.check_num(num)
     out = Path(out)
     methods = list(methods or MODEL_FREE)
     for method in methods:  # every option checked before the dataset is written
         pipeline.build(method, {})
+    check_own_folder(out, overwrite=overwrite)
+    with folder_lock(out, "demo"):
+        return _run(out, methods, num, seed, console, warn)
+
+
+def _run(out: Path, methods: list[str], num: int, seed: int, console: Console | None, warn: pipeline.Warn | None) -> Path:
+    """``run_demo``'s work once everything is checked and ``out`` is held."""
     data = make_demo_dataset(out / "data", seed=seed)
     sections = []
     for method in methods:
