@@ -408,6 +408,15 @@ def test_a_refusal_writes_nothing(case, data, models, pickled, tmp_path):
     CASES.append(f"refusal:{case}")
 
 
+def test_demo_with_a_base_model_that_does_not_load_writes_nothing(tmp_path):
+    """Before: the demo dataset was written, then the diffusion method's base model failed to load."""
+    missing = tmp_path / "no-model"
+    result = run_cli("demo", "--out", tmp_path / "target", "--methods", "textual-inversion", "--num", "1",
+                     env={**ENV, "ANOMALYGEN_MODEL": str(missing)})
+    assert_user_error(result, str(missing))
+    assert not (tmp_path / "target").exists()
+
+
 def test_fit_overwrite_saves_into_a_folder_of_user_files_and_keeps_the_others(data, tmp_path):
     target = tmp_path / "target"
     target.mkdir()

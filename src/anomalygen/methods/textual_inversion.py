@@ -70,6 +70,11 @@ class TextualInversionGenerator(AnomalyGenerator):
         self.embeddings: TypeEmbeddings | None = None
         self.train_masks: dict[str, np.ndarray] = {}
 
+    @property
+    def backbone(self):
+        """The base model, loaded on first use (as ``DiffusionGenerator.backbone``)."""
+        return self._setup()[0]
+
     def _setup(self):
         if self._backbone is None:
             o = self.options
