@@ -44,8 +44,8 @@ def run_demo(
     methods = list(methods or MODEL_FREE)
     for method in methods:  # every option checked, and every base model loaded, before the dataset is written
         generator = pipeline.build(method, {})
-        if "model" in generator.OPTIONS:
-            generator.backbone  # noqa: B018 (loads it: a missing or unreadable base model is refused here)
+        if hasattr(type(generator), "backbone"):  # a diffusion method: a missing or unreadable base model is refused here
+            generator.backbone  # noqa: B018 (loads it)
     check_own_folder(out, overwrite=overwrite)
     with folder_lock(out, "demo"):
         return _run(out, methods, num, seed, console, warn)
