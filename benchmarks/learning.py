@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,41 +54,15 @@ from anomalygen.pipeline import build, load_training, parse_settings
 from anomalygen.pretrain import PretrainConfig, pretrain
 from anomalygen.visualize import grid
 
-MODEL_FREE = ("cutpaste", "croppaste", "draem")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cells import CELL_FILE, CONTROL, MODEL_FREE, UNTRAINED, cell_dir, diffusion_options, row_options, rows  # noqa: E402
+
 DIFFUSION = ("textual-inversion", "anomalydiffusion", "dualanodiff")
-CONTROL = " (untrained)"
-UNTRAINED = {"time_budget_s": 1e-9}  # spent before the first step: 0 steps (max_steps=0 is refused)
-CELL_FILE = "cell.json"
 
 
-def diffusion_options(method: str, args: argparse.Namespace, model: str, seed: int) -> dict[str, Any]:
-    """The CPU-size options of a diffusion method; ``--set METHOD.key=value`` overrides them."""
-    options: dict[str, Any] = {"model": model, "device": args.device, "seed": seed, "resolution": args.resolution,
-                               "batch_size": args.batch_size, "max_steps": args.steps,
-                               "num_inference_steps": args.sampling_steps, "checkpoint_every": 0}
-    if method == "anomalydiffusion":  # augmented real masks: trained and control rows share the masks
-        options.update(spatial_encoder="tiny", mask_source="augment", generate_batch_size=8)
-    if method == "dualanodiff":
-        options.update(rank=4, mask_tries=2, generate_batch_size=8)
-    prefix = f"{method}."
-    options.update({k[len(prefix):]: v for k, v in args.settings.items() if k.startswith(prefix)})
-    return options
-
-
-def rows(methods: list[str]) -> list[str]:
-    return [m for m in MODEL_FREE if m in methods] + [r for m in DIFFUSION if m in methods for r in (m, m + CONTROL)]
-
-
-def row_options(row: str, args: argparse.Namespace, model: str, seed: int) -> dict[str, Any]:
-    method = row.removesuffix(CONTROL)
-    if method in MODEL_FREE:
-        return {}
-    options = diffusion_options(method, args, model, seed)
-    return {**options, **UNTRAINED} if row.endswith(CONTROL) else options
-
-
-def cell_dir(out: Path, name: str, seed: int, row: str) -> Path:
-    return out / "cells" / name / f"seed-{seed}" / row.replace(CONTROL, "-untrained")
+def options_of(args: argparse.Namespace, model: str, seed: int) -> Callable[[str], dict[str, Any]]:
+    """A diffusion method's options in this benchmark (``cells.diffusion_options`` at ``--resolution``)."""
+    return lambda method: diffusion_options(method, args, model, seed, args.resolution)
 
 
 def trained_steps(work: Path) -> int | None:
@@ -277,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     localization = LocalizationConfig(epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, resolution=args.resolution,
                                       base=args.unet_base, batch_size=8, protocol="clean")
-    row_names = rows(args.methods)
+    row_names = rows(args.methods, DIFFUSION)
     for row in row_names:  # every option checked before any training
-        build(row.removesuffix(CONTROL), row_options(row, args, args.model or "tiny", args.seeds[0]))
+        build(row.removesuffix(CONTROL), row_options(row, options_of(args, args.model or "tiny", args.seeds[0])))
     names = [d.name for d in args.data]
     records, failures, priors = [], [], {}
     for given in args.data:
@@ -289,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in row_names:
                 cell = cell_dir(args.out, data.name, seed, row)
                 try:
-                    record = run_cell(cell, data, row, seed, row_options(row, args, priors[data.name], seed), args,
+                    record = run_cell(cell, data, row, seed, row_options(row, options_of(args, priors[data.name], seed)), args,
                                       replace(localization, seed=seed))
                 except Exception as error:  # one line here, the traceback in the cell's error.txt; the next cell runs
                     cell.mkdir(parents=True, exist_ok=True)
@@ -323,7 +298,7 @@ def write_results(args, names, row_names, records, failures, priors, localizatio
         "command": command, "machine": machine(), "wall_s_this_run": round(wall_s), "cells_compute_s": round(compute_s),
         "priors": priors, "prior_defects": args.prior_defects, "seeds": args.seeds, "num_per_type": args.num_per_type,
         "localization": {k: getattr(localization, k) for k in ("epochs", "samples_per_epoch", "resolution", "base", "batch_size", "protocol")},
-        "diffusion_options": {m: diffusion_options(m, args, "PRIOR", 0) for m in DIFFUSION if m in args.methods},
+        "diffusion_options": {m: options_of(args, "PRIOR", 0)(m) for m in DIFFUSION if m in args.methods},
         "untrained_control": UNTRAINED,
     }
     atomic_write_text(args.out / "learning.json", json.dumps({**setup, "tables": table, "cells": records, "failures": failures},

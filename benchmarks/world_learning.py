@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import world_judges  # noqa: E402
+from cells import CELL_FILE, CONTROL, MODEL_FREE, UNTRAINED, diffusion_options, row_options, rows  # noqa: E402
+from cells import cell_dir as named_cell_dir  # noqa: E402
 
 from anomalygen.benchmark import benchmark, markdown_table  # noqa: E402
 from anomalygen.data import load_category, load_defects, load_goods, load_image, paper_split  # noqa: E402
@@ -59,44 +62,22 @@ from anomalygen.io import atomic_write_text, read_json, read_manifest, save_png 
 from anomalygen.pipeline import build, parse_settings  # noqa: E402
 from anomalygen.visualize import grid  # noqa: E402
 
-MODEL_FREE = ("cutpaste", "croppaste", "draem")
 DIFFUSION = ("textual-inversion", "anomalydiffusion", "dualanodiff", "cagen", "anomalyxfusion")
-CONTROL = " (untrained)"
-UNTRAINED = {"time_budget_s": 1e-9}  # spent before the first step: 0 steps (max_steps=0 is refused)
 # a Latin diagonal: each category and each family held out once, each family seen in the 3 other categories
 HELD_OUT = ("wood:scratch", "nut:crack", "pill:stain", "fabric:hole")
-CELL_FILE = "cell.json"
 METRICS = {"family_accuracy": "family accuracy", "alignment_iou": "alignment IoU", "outside_change": "outside change",
            "category_kept": "category kept", "pixel_ap": "pixel AP", "pixel_au_pro": "AU-PRO",
            "heldout_loss": "held-out loss"}
 
 
-def rows(methods: list[str]) -> list[str]:
-    return [m for m in MODEL_FREE if m in methods] + [r for m in DIFFUSION if m in methods for r in (m, m + CONTROL)]
-
-
-def diffusion_options(method: str, args: argparse.Namespace, model: str, seed: int) -> dict[str, Any]:
-    """The CPU-size options of a diffusion method; ``--set METHOD.key=value`` overrides them."""
-    options: dict[str, Any] = {"model": model, "device": args.device, "seed": seed, "resolution": args.size,
-                               "batch_size": args.batch_size, "max_steps": args.steps,
-                               "num_inference_steps": args.sampling_steps, "checkpoint_every": 0}
-    if method == "anomalydiffusion":  # augmented real masks: trained and control rows share the masks
-        options.update(spatial_encoder="tiny", mask_source="augment", generate_batch_size=8)
-    if method == "dualanodiff":
-        options.update(rank=4, mask_tries=2, generate_batch_size=8)
-    if method == "anomalyxfusion":  # an untrained CLIP image encoder at the prior's width (CLIP ViT-L/14 in the paper)
-        options.update(image_encoder="tiny" if model == "tiny" else str((args.out / "image_encoder").resolve()))
-    prefix = f"{method}."
-    options.update({k[len(prefix):]: v for k, v in args.settings.items() if k.startswith(prefix)})
+def options_of(args: argparse.Namespace, model: str, seed: int) -> Callable[[str], dict[str, Any]]:
+    """A diffusion method's options in this benchmark (``cells.diffusion_options`` at ``--size``); AnomalyXFusion
+    gets an untrained CLIP image encoder at the prior's width (CLIP ViT-L/14 in the paper)."""
+    def options(method: str) -> dict[str, Any]:
+        extra = {"image_encoder": "tiny" if model == "tiny" else str((args.out / "image_encoder").resolve())} \
+            if method == "anomalyxfusion" else {}
+        return diffusion_options(method, args, model, seed, args.size, **extra)
     return options
-
-
-def row_options(row: str, args: argparse.Namespace, model: str, seed: int) -> dict[str, Any]:
-    method = row.removesuffix(CONTROL)
-    if method in MODEL_FREE:
-        return {}
-    options = diffusion_options(method, args, model, seed)
-    return {**options, **UNTRAINED} if row.endswith(CONTROL) else options
 
 
 def pair_name(pair: tuple[str, str]) -> str:
@@ -108,7 +89,7 @@ def pair_data(out: Path, pair: tuple[str, str]) -> Path:
 
 
 def cell_dir(out: Path, pair: tuple[str, str], seed: int, row: str) -> Path:
-    return out / "cells" / pair_name(pair) / f"seed-{seed}" / row.replace(CONTROL, "-untrained")
+    return named_cell_dir(out, pair_name(pair), seed, row)
 
 
 # ----------------------------------------------------------------------------- stages 1-3
@@ -308,7 +289,7 @@ def run_cell(cell: Path, pair: tuple[str, str], row: str, seed: int, options: di
 
 
 def cells(args: argparse.Namespace) -> list[tuple[tuple[str, str], int, str]]:
-    return [(pair, seed, row) for pair in args.pairs for seed in args.seeds for row in rows(args.methods)]
+    return [(pair, seed, row) for pair in args.pairs for seed in args.seeds for row in rows(args.methods, DIFFUSION)]
 
 
 def run_cells(args: argparse.Namespace, model: str, judges: world_judges.Judges, shard: tuple[int, int]) -> list[str]:
@@ -321,7 +302,7 @@ def run_cells(args: argparse.Namespace, model: str, judges: world_judges.Judges,
         cell = cell_dir(args.out, pair, seed, row)
         label = f"{pair_name(pair)} seed {seed} {row}"
         try:
-            record = run_cell(cell, pair, row, seed, row_options(row, args, model, seed), args, replace(localization, seed=seed), judges)
+            record = run_cell(cell, pair, row, seed, row_options(row, options_of(args, model, seed)), args, replace(localization, seed=seed), judges)
         except Exception as error:  # one line here, the traceback in the cell's error.txt; the next cell runs
             cell.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cell / "error.txt", traceback.format_exc())
@@ -370,7 +351,7 @@ def tables(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 
     results, deltas = [], []
     for pair in map(pair_name, args.pairs):
-        for row in rows(args.methods):
+        for row in rows(args.methods, DIFFUSION):
             results.append({"pair": pair, "row": row, **{label: _mean(values(pair, row, key)) for key, label in METRICS.items()}})
         for method in (m for m in DIFFUSION if m in args.methods):
             line = {"pair": pair, "method": method}
@@ -394,7 +375,7 @@ def figure(records: list[dict[str, Any]], reference: dict[str, dict[str, Any]], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, pairs = rows(args.methods), list(map(pair_name, args.pairs))
+    names, pairs = rows(args.methods, DIFFUSION), list(map(pair_name, args.pairs))
     colours = plt.cm.tab10(np.arange(len(pairs)) % 10)
     fig, axes = plt.subplots(len(METRICS), 1, figsize=(max(8, 0.75 * len(names)), 2.1 * len(METRICS)), sharex=True)
     for ax, (key, label) in zip(axes, METRICS.items()):
@@ -426,7 +407,7 @@ def sample_grid(args: argparse.Namespace, pair: tuple[str, str], path: Path) -> 
     train, _ = paper_split(category.defects)
     real = load_defects(train[pair[1]][:4])
     lines, labels = [[x for d in real for x in (d.image, d.mask)]], ["real (train third)"]
-    for row in rows(args.methods):
+    for row in rows(args.methods, DIFFUSION):
         cell = cell_dir(args.out, pair, args.seeds[0], row)
         if not (cell / CELL_FILE).is_file():
             continue
@@ -448,7 +429,7 @@ def write_results(args, model, records, failures, judge_report, prior_report, re
     setup = {"command": command, "machine": machine(), "wall_s_this_run": round(wall_s),
              "cells_compute_s": round(sum(r["wall_s"] for r in records)), "prior": model, "pairs": list(map(pair_name, args.pairs)),
              "seeds": args.seeds, "judges": judge_report, "prior_samples": prior_report, "real_reference": reference,
-             "diffusion_options": {m: diffusion_options(m, args, "PRIOR", 0) for m in DIFFUSION if m in args.methods},
+             "diffusion_options": {m: options_of(args, "PRIOR", 0)(m) for m in DIFFUSION if m in args.methods},
              "untrained_control": UNTRAINED}
     atomic_write_text(args.out / "world_learning.json", json.dumps({**setup, "tables": table, "cells": records, "failures": failures},
                                                                    indent=2, default=str))
@@ -556,8 +537,8 @@ def timed(args: argparse.Namespace, stage: str, work):
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse(argv)
-    for row in rows(args.methods):  # every option checked before anything is written
-        build(row.removesuffix(CONTROL), row_options(row, args, args.model or "tiny", args.seeds[0]))
+    for row in rows(args.methods, DIFFUSION):  # every option checked before anything is written
+        build(row.removesuffix(CONTROL), row_options(row, options_of(args, args.model or "tiny", args.seeds[0])))
     if args.shard:
         torch.set_num_threads(1)
         k, n = map(int, args.shard.split("/"))

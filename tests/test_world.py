@@ -107,7 +107,7 @@ def test_the_whole_pipeline_at_tiny_size_and_a_rerun_resumes(world, tmp_path, mo
 
     cell = tmp_path / "cells" / "wood-scratch" / "seed-0" / "textual-inversion"
     args = world["parse"](argv)
-    options = world["row_options"]("textual-inversion", args, "tiny", 0)
+    options = world["row_options"]("textual-inversion", world["options_of"](args, "tiny", 0))
     data = world["pair_data"](tmp_path, ("wood", "scratch"))
     loss = world["heldout_loss"]("textual-inversion", options, cell / "work", data, 1, 0)
     assert loss == cells["textual-inversion"]["heldout_loss"]
