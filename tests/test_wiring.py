@@ -118,6 +118,17 @@ def assert_blended_every_step(rec, calls, known, mask, rows=slice(None)):
 
 
 # ----------------------------------------------------------------- textual inversion
+def fit_with_fake_train(module, generator, goods, prepare=None):
+    """Fit ``generator`` on ``defects()`` with ``module.train`` replaced by a ``FakeTrain``; returns
+    (generator, the fake, the defects)."""
+    fake = FakeTrain(lambda: generator.backbone, prepare)
+    data = defects()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "train", fake)
+        generator.fit(data, goods)
+    return generator, fake, data
+
+
 @pytest.fixture(scope="module")
 def textual_inversion():
     import anomalygen.methods.textual_inversion as module
@@ -304,13 +315,7 @@ DUAL = dict(BASE, batch_size=2, rank=2, flip=False, vae_latents="mean", part_bac
 def dualanodiff():
     import anomalygen.methods.dualanodiff.generator as module
 
-    generator = module.DualAnoDiff(**DUAL)
-    fake = FakeTrain(lambda: generator.backbone)
-    data = defects()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "train", fake)
-        generator.fit(data, GOOD_OBJECTS)
-    return generator, fake, data
+    return fit_with_fake_train(module, module.DualAnoDiff(**DUAL), GOOD_OBJECTS)
 
 
 def test_dualanodiff_training_rows_whole_part_background_with_their_prompts_adapters_and_targets(dualanodiff):
@@ -429,12 +434,7 @@ def cagen():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(k)))
 
-    fake = FakeTrain(lambda: generator.backbone, prepare)
-    data = defects()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "train", fake)
-        generator.fit(data, GOOD)
-    return generator, fake, data
+    return fit_with_fake_train(module, generator, GOOD, prepare)
 
 
 def assert_controlled(rec, call, control_call, control):
@@ -502,13 +502,7 @@ AXF = dict(BASE, batch_size=4, tokens=2, mask_embedding=16, mif=True, ddf=True, 
 def anomalyxfusion():
     import anomalygen.methods.anomalyxfusion.generator as module
 
-    generator = module.AnomalyXFusion(**AXF)
-    fake = FakeTrain(lambda: generator.backbone)
-    data = defects()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "train", fake)
-        generator.fit(data, GOOD)
-    return generator, fake, data
+    return fit_with_fake_train(module, module.AnomalyXFusion(**AXF), GOOD)
 
 
 def x_context(modules, generator, caption, mask, defect_type, t):
