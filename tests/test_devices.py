@@ -5,7 +5,7 @@ import torch
 
 from anomalygen.devices import device_problem, resolve_device
 from anomalygen.errors import AnomalygenError
-from anomalygen.methods.options import Device
+from anomalygen.options import Device
 
 
 def test_auto_and_none_pick_cuda_when_available_else_cpu():

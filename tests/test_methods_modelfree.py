@@ -279,7 +279,7 @@ def test_every_method_declares_its_options_and_saved_configs_rebuild(name):
 
 @given(low=st.floats(-2, 2) | st.just(float("nan")), high=st.floats(-2, 2))
 def test_range_option_accepts_exactly_ordered_pairs_within_bounds(low, high):
-    from anomalygen.methods.options import OptionSpec, Range
+    from anomalygen.options import OptionSpec, Range
 
     spec = OptionSpec(r=Range([0, 1], 0, 1))
     valid = 0 <= low <= high <= 1
@@ -292,7 +292,7 @@ def test_range_option_accepts_exactly_ordered_pairs_within_bounds(low, high):
 
 
 def test_int_and_device_options_name_what_is_allowed():
-    from anomalygen.methods.options import Device, Int, OptionSpec
+    from anomalygen.options import Device, Int, OptionSpec
 
     spec = OptionSpec(n=Int(1, 1), device=Device())
     for value in (True, 1.5, "3", 0):

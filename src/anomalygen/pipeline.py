@@ -221,7 +221,7 @@ def generate(
     if loaded is not None and checkpoint is None:
         raise ValueError("loaded needs the checkpoint it was loaded from")
     if checkpoint is not None:
-        # --set on a fitted model: sampling-time options only (methods.options.Option.sampling)
+        # --set on a fitted model: sampling-time options only (options.Option.sampling)
         generator = loaded if loaded is not None and not options else AnomalyGenerator.load(checkpoint, options)
         if method is not None and method != generator.name:
             raise AnomalygenError(f"{checkpoint}: holds a {generator.name!r} model, not {method!r}")

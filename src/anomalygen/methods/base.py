@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 
 from anomalygen.errors import AnomalygenError, DataError, first_problem
 from anomalygen.io import atomic_write_text, corrupt, read_json, remove_partials
-from anomalygen.methods.options import OptionSpec
+from anomalygen.options import OptionSpec
 from anomalygen.types import AnomalySample, DefectExample
 
 CONFIG_FILE = "generator.json"
@@ -112,7 +112,7 @@ class AnomalyGenerator(ABC):
     # checks: "kept" (the good pixels outside the mask, exactly), "changed" (small changes outside
     # the mask allowed) or "none" (the whole image is generated; the source is no reference).
     outside_mask: ClassVar[str] = "kept"
-    OPTIONS: ClassVar[OptionSpec]  # the options the constructor accepts (methods.options)
+    OPTIONS: ClassVar[OptionSpec]  # the options the constructor accepts (anomalygen.options)
 
     def __init__(self, **options: Any):
         self.options = options

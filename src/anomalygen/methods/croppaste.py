@@ -28,7 +28,7 @@ from anomalygen.io import atomic_write_text, corrupt, read_json
 from anomalygen.methods.base import malformed_as_corrupt, model_path
 from anomalygen.methods.blending import blend, feather_alpha, place, random_point, rotate_patch
 from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, as_rgb, fit_mask
-from anomalygen.methods.options import Bool, Float, Int, OptionSpec, Range
+from anomalygen.options import Bool, Float, Int, OptionSpec, Range
 from anomalygen.methods.photometric import color_jitter
 from anomalygen.types import DefectExample
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from anomalygen.methods.blending import blend, place, random_point, rotate_patch
 from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator
-from anomalygen.methods.options import Float, Int, OptionSpec, Range, Subset
+from anomalygen.options import Float, Int, OptionSpec, Range, Subset
 from anomalygen.methods.photometric import color_jitter
 
 VARIANTS = ("patch", "scar")

@@ -24,7 +24,7 @@ from anomalygen.errors import DataError
 from anomalygen.masks import perlin_mask
 from anomalygen.methods.blending import blend
 from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, as_rgb
-from anomalygen.methods.options import Float, Int, OptionSpec, Range, Text, require
+from anomalygen.options import Float, Int, OptionSpec, Range, Text, require
 from anomalygen.methods.photometric import RAND_AUGMENT_OPS, rand_augment
 
 SKIMAGE_TEXTURES = ("brick", "grass", "gravel")

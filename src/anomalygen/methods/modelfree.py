@@ -16,7 +16,7 @@ import numpy as np
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resize_mask, resolve_mode
 from anomalygen.methods.base import AnomalyGenerator
-from anomalygen.methods.options import Choice
+from anomalygen.options import Choice
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 

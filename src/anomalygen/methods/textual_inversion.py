@@ -29,7 +29,7 @@ from anomalygen.io import atomic_write_bytes
 from anomalygen.masks import augment_mask
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt
 from anomalygen.methods.diffusion_base import copy_saved
-from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, Float, Int, OptionSpec, Text,
+from anomalygen.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, Float, Int, OptionSpec, Text,
                                         diffusion_options)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample

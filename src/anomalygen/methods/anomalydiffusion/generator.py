@@ -59,7 +59,7 @@ from anomalygen.methods.anomalydiffusion.prompts import PROMPTS, prompt
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, RANDOM, SpatialEncoder
 from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, mask_paths, read_masks, write_masks
 from anomalygen.methods.diffusion_base import copy_saved
-from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice,
+from anomalygen.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice,
                                         Float, Int, OptionSpec, diffusion_options)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample

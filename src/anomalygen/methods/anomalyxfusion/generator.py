@@ -53,7 +53,7 @@ from anomalygen.methods.anomalyxfusion.ddf import DDF
 from anomalygen.methods.anomalyxfusion.mif import MIF, MaskEncoder, load_mask_encoder, semantic_embedding, texture_init
 from anomalygen.methods.base import malformed_as_corrupt, mask_paths, read_masks, write_masks
 from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice, Float,
+from anomalygen.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice, Float,
                                         Int, OptionSpec, Text, diffusion_options, require)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample

@@ -33,7 +33,7 @@ from anomalygen.masks import FOREGROUND_MODES, augment_mask, foreground_mask, pe
 from anomalygen.methods.base import malformed_as_corrupt, mask_paths, read_masks, write_masks
 from anomalygen.methods.cagen.control import build_controlnet, control_image, controlled_eps
 from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, Bool, Choice, Float, Int,
+from anomalygen.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, Bool, Choice, Float, Int,
                                         OptionSpec, Text, diffusion_options)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample

@@ -49,7 +49,7 @@ from anomalygen.methods.dualanodiff.segment import (
 )
 from anomalygen.methods.dualanodiff.u2net import load_u2net, saliency
 from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.methods.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RANK, MAX_RESOLUTION, Bool, Choice, Float,
+from anomalygen.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RANK, MAX_RESOLUTION, Bool, Choice, Float,
                                         Int, OptionSpec, Text, diffusion_options, require)
 from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
