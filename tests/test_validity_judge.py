@@ -77,3 +77,23 @@ def test_on_object_is_the_masks_share_on_the_foreground():
     half[:, :30] = 128
     score = validity.on_object_score(mask, half)
     assert 0.3 < score < 0.7
+
+
+def test_the_ring_reaches_its_full_radius():
+    """The ring is the pixels at distance 1..r (r included): a change only at distance exactly r is seen."""
+    mask = np.zeros((40, 40), bool)
+    mask[15:25, 15:25] = True
+    distance = validity.distance_to(mask)
+    assert validity.ring_radius(mask) == 3
+    image = np.where(distance >= 2.9, 200, 100).astype(np.uint8)[..., None].repeat(3, -1)
+    assert not ((distance >= 2.9) & (distance < 3)).any()  # the outermost ring pixels are at exactly 3
+    assert validity.visible_score(image, mask) > 0.3  # 0 when the ring stops one pixel short
+
+
+def test_size_bounds_include_the_smallest_and_largest_real_area():
+    calibration = validity.Calibration(mode="texture", visible={}, spill={}, on_object={},
+                                       area={"crack": [16 / 256, 64 / 256]}, size_margin=1.0)
+    for side, passed in ((3, False), (4, True), (8, True), (9, False)):  # areas 9, 16, 64, 81 of 256 pixels
+        mask = np.zeros((16, 16), bool)
+        mask[:side, :side] = True
+        assert calibration._size(mask, "crack").passed is passed, side

@@ -10,7 +10,9 @@ minus or ``not``, a number, a boolean constant; or, for wiring, which value goes
 to a call with another local variable of the same function, the one assigned last before the call,
 else the first), is written into a copy of the project (``--work``,
 default a temporary folder; the copy's ``src`` shadows the installed package through PYTHONPATH) and
-the given tests run against it with ``-x``. A mutant the tests pass "SURVIVED": either a test is
+the given tests run against it with ``-x``, each run in a fork of this process after it imported
+torch, diffusers and the other heavy libraries once (about half the CPU of a new interpreter per
+mutant; ``--no-fork`` for a new one). A mutant the tests pass "SURVIVED": either a test is
 missing or the change does not alter behaviour (an equivalent mutant: read the line). Type hints
 are left alone (and strings are never changed). ``--kinds`` keeps mutants of the named kinds only
 (numbers stay those of the full list, so ``--only`` works either way); ``--sample N`` runs N of the
@@ -26,6 +28,7 @@ import ast
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -163,6 +166,54 @@ def mutant(source: str, k: int) -> tuple[str, int, str]:
     return ast.unparse(_Mutate(node, kind).visit(tree)), line, kind
 
 
+HEAVY = ("torch", "torchvision", "diffusers", "transformers", "peft", "numpy", "PIL", "scipy", "skimage", "pytest")
+
+
+def _preload(env: dict[str, str]) -> None:
+    """Import the heavy third-party packages once, so that each forked test run starts without their
+    import time (seconds); the project itself is never imported here, so every fork imports the mutant."""
+    os.environ.update(env)
+    for name in HEAVY:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+
+def _spawned(pytest_args: list[str], work: Path, env: dict[str, str], timeout: float) -> int | None:
+    """pytest's exit code in a new interpreter; None on a timeout."""
+    try:
+        return subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=work, env={**os.environ, **env},
+                              capture_output=True, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _forked(pytest_args: list[str], work: Path, env: dict[str, str], timeout: float) -> int | None:
+    """pytest's exit code in a fork of this process (``_preload`` done), killed after ``timeout``; None then."""
+    pid = os.fork()
+    if pid == 0:  # the child: the copy's src first on the path, output silenced
+        code = 3
+        try:
+            os.chdir(work)
+            sys.path.insert(0, str(work / "src"))
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1), os.dup2(null, 2)
+            import pytest
+            code = int(pytest.main(pytest_args))
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("module", help="path under src/, e.g. anomalygen/masks/augment.py")
@@ -173,6 +224,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the draw of --sample")
     parser.add_argument("--work", type=Path, help="the project copy (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mutant (a hang counts as caught)")
+    parser.add_argument("--no-fork", dest="fork", action="store_false",
+                        help="run each mutant's tests in a new interpreter (default: a fork of one that imported them once)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mutants-"))
     shutil.rmtree(work, ignore_errors=True)
@@ -188,18 +241,18 @@ def main() -> int:
     if args.sample is not None and args.sample < len(chosen):
         chosen = sorted(random.Random(args.seed).sample(list(chosen), args.sample))
     print(f"{args.module}: {len(kinds)} mutants, {len(chosen)} chosen", flush=True)
-    env = {**os.environ, "PYTHONPATH": str(work / "src"), "OMP_NUM_THREADS": "1"}
+    env = {"PYTHONPATH": str(work / "src"), "OMP_NUM_THREADS": "1"}
+    run = _forked if args.fork else _spawned
+    if args.fork:
+        _preload(env)
     lines, survived = source.splitlines(), 0
     for k in chosen:
         text, line, kind = mutant(source, k)
         target.write_text(text)
         start = time.monotonic()
-        try:
-            caught = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args.tests],
-                                    cwd=work, env=env, capture_output=True, timeout=args.timeout).returncode != 0
-            verdict = "caught  " if caught else "SURVIVED"
-        except subprocess.TimeoutExpired:
-            caught, verdict = True, "TIMEOUT "  # counted as caught: on a loaded machine, read it again with a longer --timeout
+        code = run(["-x", "-q", "-p", "no:cacheprovider", *args.tests], work, env, args.timeout)
+        caught = code != 0  # None (a timeout) counts as caught: on a loaded machine, read it again with a longer --timeout
+        verdict = "TIMEOUT " if code is None else "caught  " if caught else "SURVIVED"
         survived += not caught
         print(f"{verdict} #{k} line {line} {kind} ({time.monotonic() - start:.0f} s): "
               f"{lines[line - 1].strip()[:100]}", flush=True)
