@@ -7,11 +7,15 @@ Stages, each resumable (a finished one leaves its file and is skipped on a re-ru
    (category, family) pair except the held-out ones, ``3 x --prior-defects`` defect images (``pretrain
    --include-defects`` trains on the paper split's first third); ``OUT/world/pairs/<category>-<family>/``
    holds each held-out pair's own category folder (other seeds: not one image is shared with the prior).
-2. The prior: ``anomalygen.pretrain`` on ``OUT/world/prior`` with ``include_defects`` (prompts "a photo
-   of {category}" and "a photo of {category} with {family}"), ``--prior-minutes``; then a grid of its
-   samples for every prompt, seen and held-out (``prior-samples.png``), judged like the methods' samples.
-3. The judges (``world_judges.py``): a family classifier, a defect segmenter and a category classifier,
+2. The judges (``world_judges.py``): a family classifier, a defect segmenter and a category classifier,
    trained on fresh renders of every pair.
+3. The prior: ``anomalygen.pretrain`` on ``OUT/world/prior`` with ``include_defects`` (prompts "a photo
+   of {category}" and "a photo of {category} with {family}"): the autoencoder (``--prior-vae-steps``),
+   then the gate: the family classifier on real defects of every seen pair and on their
+   reconstructions (``prior-autoencoder.json``; below ``--min-kept`` the run stops: nothing built on
+   an autoencoder that loses the families can draw them), then the UNet (``--prior-steps``; steps,
+   not minutes, so that the prior does not depend on the machine's load). Then a grid of its samples
+   for every prompt, seen and held-out (``prior-samples.png``), judged like the methods' samples.
 4. The cells: for each held-out pair, seed and row (CutPaste, Crop-Paste, DRAEM; each diffusion method
    fitted on the pair's training third, and its untrained control: the same options with
    ``time_budget_s=1e-9``, i.e. 0 steps), one ``anomalygen.benchmark`` run (fit, ``--num-per-type``
@@ -112,8 +116,9 @@ def build_world(args: argparse.Namespace) -> None:
                    n_defect=args.pair_defects, seed=2)
 
 
-def prior_path(args: argparse.Namespace) -> str:
-    """``--model``, ``--prior``, or ``OUT/prior`` pretrained here once (``OUT/prior.json`` marks it finished)."""
+def prior_path(args: argparse.Namespace, judges: world_judges.Judges | None = None) -> str:
+    """``--model``, ``--prior``, or ``OUT/prior`` pretrained here once (``OUT/prior.json`` marks it finished):
+    the autoencoder first, by steps, then the gate (``autoencoder_gate``), then the UNet."""
     if args.model:
         return args.model
     if args.prior:
@@ -122,12 +127,56 @@ def prior_path(args: argparse.Namespace) -> str:
     if not done.is_file():
         from anomalygen.pretrain import PretrainConfig, pretrain
 
-        config = PretrainConfig(resolution=args.size, size=args.prior_size, time_budget_s=args.prior_minutes * 60, device=args.device,
-                                max_steps=args.prior_steps, vae_steps=args.prior_vae_steps,
-                                batch_size=args.prior_batch, include_defects=True, vae_share=args.vae_share, sample_every=10**6)
-        report = pretrain([args.out / "world" / "prior"], out, config, say=lambda line: print(f"[pretrain] {line}", flush=True))
+        def config(**stage: Any) -> PretrainConfig:
+            return PretrainConfig(resolution=args.size, size=args.prior_size, device=args.device, vae_steps=args.prior_vae_steps,
+                                  batch_size=args.prior_batch, include_defects=True, sample_every=10**6, **stage)
+
+        def say(line: str) -> None:
+            print(f"[pretrain] {line}", flush=True)
+
+        pretrain([args.out / "world" / "prior"], out, config(max_steps=0), say=say)  # steps, not time: load-independent
+        autoencoder_gate(args, out, judges or judges_for(args)[0])
+        budget = args.prior_minutes * 60 if args.prior_minutes else None
+        report = pretrain([args.out / "world" / "prior"], out, config(max_steps=args.prior_steps, time_budget_s=budget), say=say)
         atomic_write_text(done, json.dumps(report, indent=2, default=str))
     return str(out.resolve())
+
+
+def autoencoder_gate(args: argparse.Namespace, prior: Path, judges: world_judges.Judges) -> dict[str, Any]:
+    """Does the prior's autoencoder keep the families? The family classifier on real defect images of every
+    seen pair and on their reconstructions (``OUT/prior-autoencoder.json``). Nothing built on an autoencoder
+    that loses a family can draw it (a 470-step one turned red stains into blue spots, holes into the
+    background: 0 of 60 kept), so the UNet is not trained on one that keeps fewer than ``--min-kept``."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(prior / "training" / "vae_final").eval()
+    kept: dict[str, list[int]] = {}
+    for category in CATEGORIES:
+        data = load_category(args.out / "world" / "prior" / category)
+        for family in FAMILIES:
+            if (category, family) in args.pairs:
+                continue
+            defects = load_defects(data.defects.get(family, [])[: args.gate_images])
+            images, masks = [d.image for d in defects], [d.mask.astype(bool) for d in defects]
+            x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            with torch.no_grad():
+                decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            rebuilt = list(((decoded.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8))
+            real, again = judges.families(images, masks), judges.families(rebuilt, masks)
+            counts = kept.setdefault(family, [0, 0, 0])
+            counts[0] += sum(v == family for v in real)
+            counts[1] += sum(v == family for v in again)
+            counts[2] += len(images)
+    share = sum(c[1] for c in kept.values()) / max(1, sum(c[0] for c in kept.values()))
+    result = {"families": {f: {"real": c[0], "reconstructed": c[1], "images": c[2]} for f, c in kept.items()},
+              "kept": share, "min_kept": args.min_kept}
+    atomic_write_text(args.out / "prior-autoencoder.json", json.dumps(result, indent=2))
+    print("[prior] autoencoder keeps the family in " + ", ".join(f"{f} {c[1]}/{c[0]}" for f, c in kept.items())
+          + f" of the real defects the classifier recognises ({share:.0%})", flush=True)
+    if share < args.min_kept:
+        raise AnomalygenError(f"the prior's autoencoder keeps {share:.0%} of the families (--min-kept {args.min_kept:.0%}): "
+                              f"train it longer with a larger --prior-vae-steps (a new --out)")
+    return result
 
 
 def write_image_encoder(model: str, args: argparse.Namespace) -> None:
@@ -474,12 +523,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="world, prior, method and U-Net resolution")
     p.add_argument("--model", help="use this model instead of a prior (e.g. tiny, for tests)")
     p.add_argument("--prior", type=Path, help="an existing prior trained on this world (OUT/prior of an earlier run)")
-    p.add_argument("--prior-minutes", type=float, default=30.0)
+    p.add_argument("--prior-minutes", type=float, help="a cap on the prior's UNet time (default: none, --prior-steps decide)")
     p.add_argument("--prior-size", default="small")
     p.add_argument("--prior-batch", type=int, default=16)
-    p.add_argument("--prior-steps", type=int, default=30000, help="the prior's UNet steps at most (the time budget stops it first)")
-    p.add_argument("--prior-vae-steps", type=int, default=3000, help="the prior's autoencoder steps at most")
-    p.add_argument("--vae-share", type=float, default=0.2, help="the autoencoder's share of the prior's time")
+    p.add_argument("--prior-steps", type=int, default=2500, help="the prior's UNet steps")
+    p.add_argument("--prior-vae-steps", type=int, default=1500, help="the prior's autoencoder steps")
+    p.add_argument("--min-kept", type=float, default=0.5, help="share of recognised real defects whose family the "
+                   "prior's autoencoder must keep before its UNet trains")
+    p.add_argument("--gate-images", type=int, default=10, help="real defect images per seen pair in the autoencoder gate")
     p.add_argument("--prior-good", type=int, default=60, help="good images per category for the prior")
     p.add_argument("--prior-defects", type=int, default=30, help="defect images per seen pair the prior trains on")
     p.add_argument("--pair-good", type=int, default=30)
@@ -547,11 +598,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print("[1/5] world", flush=True)
     timed(args, "world", lambda: build_world(args))
-    print("[2/5] prior", flush=True)
-    model = timed(args, "prior", lambda: prior_path(args))
-    write_image_encoder(model, args)
-    print("[3/5] judges", flush=True)
+    print("[2/5] judges", flush=True)
     judges, judge_report = timed(args, "judges", lambda: judges_for(args))
+    print("[3/5] prior", flush=True)
+    model = timed(args, "prior", lambda: prior_path(args, judges))
+    write_image_encoder(model, args)
     prior_report = timed(args, "prior_samples", lambda: prior_samples(model, args, judges)) if not args.model else {}
     print(f"[4/5] {len(cells(args))} cells in {args.jobs} process(es)", flush=True)
     if args.jobs == 1:
