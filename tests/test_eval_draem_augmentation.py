@@ -170,11 +170,12 @@ def test_generated_pairs_reconstruct_their_source_good_image(generated, demo_roo
     for pair in pairs:  # croppaste keeps the source outside the mask
         outside = ~pair.mask
         assert np.abs(pair.image.astype(int) - pair.target.astype(int))[outside].mean() < 3
-    # a method that makes the whole image has no reconstruction target
+    # a method that makes the whole image (its run.json's outside_mask policy: "none") has no reconstruction target
     whole = tmp_path / "whole"
     shutil.copytree(generated, whole)
     run = whole / "nut" / "run.json"
-    run.write_text(json.dumps({**json.loads(run.read_text()), "method": "dualanodiff"}))
+    assert json.loads(run.read_text())["outside_mask"] == "kept"
+    run.write_text(json.dumps({**json.loads(run.read_text()), "outside_mask": "none"}))
     assert all(p.target is None for p in da.generated_pairs(load_evaluation_data(whole, demo_root, "nut"), 64))
 
 

@@ -51,10 +51,11 @@ def make_tiny_dataset(root, **kwargs):
 def fake_method(monkeypatch):
     """The fake method; its pairs (an inverted square anywhere) pass the validity checks here, which
     keep only valid pairs by default (the filter itself is test_validity's)."""
-    from anomalygen.validity import CHECKS, CheckResult
+    from anomalygen.generation import redraw
+    from anomalygen.generation.validity import CHECKS, CheckResult
 
     monkeypatch.setitem(METHODS, "fake", f"{__name__}:FakeGenerator")
-    monkeypatch.setattr(pipeline, "judge", lambda *a: {n: CheckResult(n, 1.0, True, "") for n in CHECKS})
+    monkeypatch.setattr(redraw, "judge", lambda *a: {n: CheckResult(n, 1.0, True, "") for n in CHECKS})
     FakeGenerator.fail_at = None
     yield "fake"
     FakeGenerator.fail_at = None

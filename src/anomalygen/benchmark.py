@@ -33,7 +33,8 @@ from anomalygen.evaluation.localization import SELECT_SUM, run_localization
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
 from anomalygen.evaluation.presets import announce
 from anomalygen.evaluation.run import evaluate, prepare, settings
-from anomalygen.io import MAX_SAMPLES, atomic_write_text, check_own_folder, folder_lock
+from anomalygen.generation.writer import MAX_SAMPLES
+from anomalygen.io import atomic_write_text, check_own_folder, folder_lock
 from anomalygen.methods.base import CONFIG_FILE, AnomalyGenerator, get_method
 from anomalygen.types import DefectExample
 from anomalygen.visualize import Section, grid, overlay, write_html

@@ -41,7 +41,6 @@ from anomalygen.evaluation import options
 from anomalygen.evaluation.inputs import EvaluationData, resize_image, resize_mask
 from anomalygen.evaluation.localization import as_input, diverged, measure, tensor_images, tensor_masks
 from anomalygen.evaluation.unet import DiscriminativeUNet, ReconstructiveNet, focal_loss
-from anomalygen.methods.base import get_method
 from anomalygen.methods.draem import DraemTexture
 from anomalygen.seeding import check_seed
 
@@ -119,12 +118,13 @@ class GeneratedPair:
 
 def generated_pairs(data: EvaluationData, size: int) -> list[GeneratedPair]:
     """Every generated pair at ``size`` px with its source good image as reconstruction target when
-    the manifest names one and the method keeps the image around the mask (``outside_mask``)."""
+    the manifest names one and the method keeps the image around the mask (the ``outside_mask`` policy
+    its ``run.json`` records; a run without one is taken as keeping nothing)."""
     pairs, targets = [], {}  # source path -> resized good image (many pairs share one)
     for example in (e for examples in data.generated.values() for e in examples):
-        method, line = data.manifest.get(Path(example.source).resolve(), (None, {})) if example.source else (None, {})
+        run, line = data.manifest.get(Path(example.source).resolve(), ({}, {})) if example.source else ({}, {})
         source = line.get("source")
-        keeps = method is not None and get_method(method).outside_mask != "none"
+        keeps = run.get("outside_mask", "none") != "none"
         if keeps and source and source not in targets and Path(source).is_file():
             targets[source] = resize_image(load_image(source), size)
         target = targets.get(source) if keeps else None

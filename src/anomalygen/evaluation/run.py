@@ -25,9 +25,9 @@ from anomalygen.evaluation.inception_score import inception_scores, load_incepti
 from anomalygen.evaluation.inputs import load_evaluation_data
 from anomalygen.evaluation.localization import LocalizationConfig, run_localization
 from anomalygen.evaluation.presets import announce
+from anomalygen.evaluation.rejections import rejection_rates
 from anomalygen.evaluation.report import protocol_labels, write_report
 from anomalygen.seeding import check_seed
-from anomalygen.validity import rejection_rates
 
 METRICS = ("is", "ic-lpips", "localization", "classification")  # the default set
 EXTRA_METRICS = ("draem-augmentation",)  # run only when named (CAGen's protocol trains DRAEM twice)
