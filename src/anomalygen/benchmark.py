@@ -25,7 +25,7 @@ import numpy as np
 
 from anomalygen import pipeline
 from anomalygen.data import list_categories, load_category, paper_split
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, OptionError
 from anomalygen.evaluation import figures
 from anomalygen.evaluation import options as checks
 from anomalygen.evaluation.inputs import load_evaluation_data
@@ -125,8 +125,8 @@ def benchmark(
     """
     data, out = Path(data), Path(out)
     if not methods:
-        raise AnomalygenError("--methods: no method given")
-    checks.positive_int(num_per_type, "--num-per-type", MAX_SAMPLES)
+        raise OptionError("methods", "no method given", sep=": ")
+    checks.positive_int(num_per_type, "num_per_type", MAX_SAMPLES)
     pipeline.check_max_attempts(max_attempts)
     for key, value in (settings or {}).items():
         if "." in key and key.partition(".")[0] not in methods:

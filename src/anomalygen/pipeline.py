@@ -23,7 +23,7 @@ from rich.console import Console
 
 from anomalygen.data import CategoryData, Training, load_training
 from anomalygen.data.training import Warn
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, OptionError
 from anomalygen.generation.redraw import GIVE_UP_AFTER, MAX_ATTEMPTS, check_max_attempts, draw_budget, filtered
 from anomalygen.generation.sharding import ShardJob, sharded_samples
 from anomalygen.generation.validity import Calibration
@@ -121,15 +121,15 @@ def fit(
 
 def check_num(num: int) -> None:
     if not 1 <= num <= MAX_SAMPLES:
-        raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
+        raise OptionError("num", f"{num}: give a number of samples from 1 to {MAX_SAMPLES}")
 
 
 def check_defect_type(defect_type: str | None, types: Iterable[str], category: str) -> None:
-    """``--defect-type`` names one of ``types``, the defect types there are to generate."""
+    """``defect_type`` names one of ``types``, the defect types there are to generate."""
     types = sorted(types)
     if defect_type is not None and defect_type not in types:
-        raise AnomalygenError(f"--defect-type {defect_type!r}: not a defect type of {category!r}; "
-                              f"give one of {', '.join(types) or '(none)'}")
+        raise OptionError("defect_type", f"{defect_type!r}: not a defect type of {category!r}; "
+                                         f"give one of {', '.join(types) or '(none)'}")
 
 
 def generate(
@@ -187,7 +187,7 @@ def generate(
     check_max_attempts(max_attempts, give_up_after)
     check_seed(seed)
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
-        raise AnomalygenError(f"--processes {processes}: give a number from 1 to 64")
+        raise OptionError("processes", f"{processes}: give a number from 1 to 64")
     if loaded is not None and checkpoint is None:
         raise ValueError("loaded needs the checkpoint it was loaded from")
     if checkpoint is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, OptionError
 from anomalygen.generation.validity import CHECKS, Calibration, CheckResult, failures, judge
 from anomalygen.types import AnomalySample
 
@@ -26,9 +26,9 @@ UNBOUNDED = 10**9  # draws of one sample when only valid pairs are kept (DrawBud
 
 def check_max_attempts(max_attempts: int, give_up_after: int = GIVE_UP_AFTER) -> None:
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 1000:
-        raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 1000")
+        raise OptionError("max_attempts", f"{max_attempts}: give a number from 1 to 1000")
     if isinstance(give_up_after, bool) or not isinstance(give_up_after, int) or not 0 <= give_up_after <= 100000:
-        raise AnomalygenError(f"--give-up-after {give_up_after}: give a number of draws from 0 (never) to 100000")
+        raise OptionError("give_up_after", f"{give_up_after}: give a number of draws from 0 (never) to 100000")
 
 
 def sub_seed(seed: int, index: int, attempt: int) -> int:

@@ -39,7 +39,6 @@ pairs pass overall and within every type. Types never seen in calibration use th
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
