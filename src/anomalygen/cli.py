@@ -41,7 +41,7 @@ console = Console(stderr=True, soft_wrap=True)  # a line stays one line: paths i
 # The library names options as its callers write them (``OptionError.option``); the flag of one is
 # "--" + its name with dashes where the command has that flag, else the flag below.
 OPTION_FLAGS = {
-    "time_budget_s": "--time-budget",
+    "unet_lr": "--lr",  # pretrain
     "localization.epochs": "--epochs", "localization.samples_per_epoch": "--samples-per-epoch",
     "localization.resolution": "--resolution", "localization.base": "--base", "localization.batch_size": "--batch-size",
     "localization.protocol": "--protocol", "localization.eval_every": "--eval-every",
@@ -250,6 +250,8 @@ def pretrain_command(
     """Train a base diffusion model from scratch on your own images (air-gapped: nothing is downloaded)."""
     from anomalygen.pretrain import pretrain
 
+    if time_budget is not None and time_budget <= 0:  # in the flag's unit (the config's is seconds)
+        raise OptionError("time_budget", f"{time_budget:g}: must be more than 0 minutes")
     config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
                             unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, balance=balance,
                             vae_attention=vae_attention,
