@@ -7,7 +7,7 @@ For every category folder given: calibrate on the paper split's training third (
 does), report the share of those real pairs that pass each check, then generate ``--num`` samples
 per method with the filter on (``--max-attempts`` draws at most) and report, per defect type, the
 share of samples whose first draw was rejected, the share still failing, and the rejected draws
-per check (``anomalygen.validity.rejection_rates`` over the written manifest).
+per check (``anomalygen.evaluation.rejections.rejection_rates`` over the written manifest).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 
 from anomalygen import pipeline
 from anomalygen.data import load_category, load_defects, paper_split
-from anomalygen.validity import CHECKS, fit_category, rejection_rates
+from anomalygen.evaluation.rejections import rejection_rates
+from anomalygen.generation.validity import CHECKS, fit_category
 
 
 def real_pass_rates(folder: Path) -> dict[str, float]:

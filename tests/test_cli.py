@@ -201,3 +201,25 @@ def test_ctrl_c_and_internal_errors_are_one_line(tmp_path, data, monkeypatch):
     result = invoke("generate", "--method", "fake", "--data", data, "--out", tmp_path, "--num", 1)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.startswith("error: internal error (KeyError: 'missing'); this is a bug")
+
+
+def test_an_option_error_is_worded_with_the_flag_of_the_command_that_sets_it():
+    """The library names options (``OptionError``); each command names the flag it has for one:
+    ``generate`` has no --device, ``fit`` no --num, and an option without a flag keeps its name."""
+    from anomalygen import cli
+    from anomalygen.errors import OptionError
+
+    flags = {name: cli.command_flags(getattr(cli, name)) for name in ("fit", "generate", "evaluate")}
+    device = OptionError("device", "got 'quantum'; allowed: auto", "m: option ", method=True)
+    assert str(device) == "m: option device got 'quantum'; allowed: auto"
+    assert cli.worded(device, flags["fit"], cli.METHOD_FLAGS["fit"]) == \
+        "m: option device (--device or --set device=...) got 'quantum'; allowed: auto"
+    assert cli.worded(device, flags["generate"], cli.METHOD_FLAGS["generate"]) == \
+        "m: option device (--set device=...) got 'quantum'; allowed: auto"
+    num = OptionError("num", "0: give a number")
+    assert cli.worded(num, flags["generate"], {}) == "--num 0: give a number"
+    assert cli.worded(num, flags["fit"], {}) == "num 0: give a number"
+    assert cli.worded(OptionError("classification.epochs", "0: bad"), flags["evaluate"], {}) == "--cls-epochs 0: bad"
+    assert cli.worded(OptionError("draem_augmentation.rec_base", "0: bad"), flags["evaluate"], {}) == \
+        "draem_augmentation.rec_base 0: bad"
+    assert cli.worded(OptionError("metrics", "unknown", sep=": "), flags["evaluate"], {}) == "--metrics: unknown"

@@ -318,7 +318,7 @@ def test_sample_i_depends_only_on_seed_and_i(fitted, name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_valid_pairs_and_the_declared_outside_mask_policy(fitted, name):
-    from anomalygen.validity import Calibration, changed_outside, distance_to
+    from anomalygen.generation.validity import Calibration, changed_outside, distance_to
 
     fit = fitted(name)
     policy = type(fit.generator).outside_mask
@@ -474,7 +474,7 @@ def test_the_learned_state_reaches_the_output(fitted, name):
         if policy == "kept":
             assert np.array_equal(a.image[~a.mask], b.image[~b.mask])
         elif policy == "changed":  # the learned state acts inside the mask: outside it (beyond the band) less
-            from anomalygen.validity import Calibration, distance_to
+            from anomalygen.generation.validity import Calibration, distance_to
 
             outside = distance_to(a.mask) > Calibration.__dataclass_fields__["band"].default
             difference = np.abs(a.image.astype(float) - b.image.astype(float))

@@ -11,9 +11,7 @@ from diffusers.models.attention_processor import Attention
 import anomalygen.diffusion
 from anomalygen.diffusion.attention import (
     AttentionRecorder,
-    GatedMix,
     HookedAttnProcessor,
-    JointAttention,
     AttentionReweight,
     ReferenceKV,
     install_hooks,
@@ -199,13 +197,16 @@ def test_diffusion_core_never_imports_methods():
     assert offenders == []
 
 
-def test_joint_attention_attends_over_the_group():
-    attn = _layer(cross=False)
-    x = torch.randn(4, 9, 8)
-    got = _run(attn, [JointAttention(2)], x)
-    with torch.no_grad():
-        expected = torch.cat([_by_hand(attn, x[i : i + 1], torch.cat([x[i - i % 2], x[i - i % 2 + 1]])[None])[0] for i in range(4)])
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+class GatedMix(torch.nn.Module):
+    """A learnable mix ``(1 - a)·h + a·(r + MLP(r))``, as a method would plug into ``ReferenceKV``."""
+
+    def __init__(self, dim: int, gate_init: float) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, dim))
+        self.gate = torch.nn.Parameter(torch.tensor(float(gate_init)))
+
+    def forward(self, hidden, reference):
+        return (1 - self.gate) * hidden + self.gate * (reference + self.mlp(reference))
 
 
 def test_reference_kv_gated_mix_on_target_rows():

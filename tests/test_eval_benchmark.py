@@ -81,7 +81,7 @@ def test_max_attempts_reaches_every_generate_and_is_checked_first(demo_root, tmp
     calls = []
     real = pipeline.generate
     monkeypatch.setattr(pipeline, "generate", lambda *a, **k: calls.append(k["max_attempts"]) or real(*a, **k))
-    with pytest.raises(AnomalygenError, match=r"^--max-attempts 0: give a number from 1 to 100"):
+    with pytest.raises(AnomalygenError, match=r"^max_attempts 0: give a number from 1 to 100"):
         benchmark(demo_root, ["cutpaste"], tmp_path / "bad", category="fabric", num_per_type=2, max_attempts=0)
     assert not (tmp_path / "bad").exists() and not calls
     benchmark(demo_root, ["cutpaste"], tmp_path / "bench", category="fabric", num_per_type=2, metrics=["localization"],

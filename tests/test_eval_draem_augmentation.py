@@ -147,8 +147,9 @@ def test_settings_default_to_draems_on_cuda_and_are_labelled_reduced_on_cpu():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"ratio": 1.5}, "--draem-ratio 1.5"), ({"test": "all"}, "--draem-test all"), ({"share_of": "x"}, "--draem-share-of"),
-    ({"epochs": 0}, "--draem-epochs 0"), ({"resolution": 50}, "--draem-resolution 50"),
+    ({"ratio": 1.5}, "draem_augmentation.ratio 1.5"), ({"test": "all"}, "draem_augmentation.test all"),
+    ({"share_of": "x"}, "draem_augmentation.share_of"), ({"epochs": 0}, "draem_augmentation.epochs 0"),
+    ({"resolution": 50}, "draem_augmentation.resolution 50"),
     ({"texture_source": "/nonexistent/dtd"}, "/nonexistent/dtd"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, fragment):
@@ -170,11 +171,12 @@ def test_generated_pairs_reconstruct_their_source_good_image(generated, demo_roo
     for pair in pairs:  # croppaste keeps the source outside the mask
         outside = ~pair.mask
         assert np.abs(pair.image.astype(int) - pair.target.astype(int))[outside].mean() < 3
-    # a method that makes the whole image has no reconstruction target
+    # a method that makes the whole image (its run.json's outside_mask policy: "none") has no reconstruction target
     whole = tmp_path / "whole"
     shutil.copytree(generated, whole)
     run = whole / "nut" / "run.json"
-    run.write_text(json.dumps({**json.loads(run.read_text()), "method": "dualanodiff"}))
+    assert json.loads(run.read_text())["outside_mask"] == "kept"
+    run.write_text(json.dumps({**json.loads(run.read_text()), "outside_mask": "none"}))
     assert all(p.target is None for p in da.generated_pairs(load_evaluation_data(whole, demo_root, "nut"), 64))
 
 

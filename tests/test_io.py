@@ -19,12 +19,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from anomalygen.errors import AnomalygenError, DataError
+from anomalygen.generation.writer import MAX_SAMPLES, NAME_WIDTH, SampleWriter
 from anomalygen.io import (
     LOCK_FILE,
     MANIFEST,
-    MAX_SAMPLES,
-    NAME_WIDTH,
-    SampleWriter,
     atomic_write_text,
     encode_png,
     folder_lock,

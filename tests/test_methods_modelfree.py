@@ -288,7 +288,7 @@ def test_range_option_accepts_exactly_ordered_pairs_within_bounds(low, high):
         assert valid
     except AnomalygenError as error:
         assert not valid
-        assert str(error).startswith("m: option r (--set r=...) got [")
+        assert str(error).startswith("m: option r got [")
 
 
 def test_int_and_device_options_name_what_is_allowed():
@@ -296,10 +296,10 @@ def test_int_and_device_options_name_what_is_allowed():
 
     spec = OptionSpec(n=Int(1, 1), device=Device())
     for value in (True, 1.5, "3", 0):
-        with pytest.raises(AnomalygenError, match=r"option n \(--set n=\.\.\.\) got .*; allowed: an integer >= 1$"):
+        with pytest.raises(AnomalygenError, match=r"^m: option n got .*; allowed: an integer >= 1$"):
             spec.validate("m", {"n": value})
     for device in ("quantum", "cuda:99", "", 3):
-        with pytest.raises(AnomalygenError, match=r"option device \(--device or --set device=\.\.\.\) got .*allowed: auto or a torch device available here \(cpu"):
+        with pytest.raises(AnomalygenError, match=r"^m: option device got .*allowed: auto or a torch device available here \(cpu"):
             spec.validate("m", {"device": device})
     assert spec.validate("m", {"device": "cpu", "n": 2}) == {"n": 2, "device": "cpu"}
 

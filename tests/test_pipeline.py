@@ -51,10 +51,11 @@ def make_tiny_dataset(root, **kwargs):
 def fake_method(monkeypatch):
     """The fake method; its pairs (an inverted square anywhere) pass the validity checks here, which
     keep only valid pairs by default (the filter itself is test_validity's)."""
-    from anomalygen.validity import CHECKS, CheckResult
+    from anomalygen.generation import redraw
+    from anomalygen.generation.validity import CHECKS, CheckResult
 
     monkeypatch.setitem(METHODS, "fake", f"{__name__}:FakeGenerator")
-    monkeypatch.setattr(pipeline, "judge", lambda *a: {n: CheckResult(n, 1.0, True, "") for n in CHECKS})
+    monkeypatch.setattr(redraw, "judge", lambda *a: {n: CheckResult(n, 1.0, True, "") for n in CHECKS})
     FakeGenerator.fail_at = None
     yield "fake"
     FakeGenerator.fail_at = None
@@ -136,7 +137,7 @@ def test_parse_settings():
 
 def test_bad_num_and_missing_method(tmp_path, tiny_root):
     for num in (0, -3, 10**6 + 1, 10**20):
-        with pytest.raises(AnomalygenError, match=f"--num {num}: give a number of samples from 1 to 1000000"):
+        with pytest.raises(AnomalygenError, match=f"^num {num}: give a number of samples from 1 to 1000000"):
             pipeline.generate("fake", tiny_root, tmp_path, num)
     assert not list(tmp_path.iterdir())
     with pytest.raises(AnomalygenError, match="give --method"):
@@ -145,20 +146,20 @@ def test_bad_num_and_missing_method(tmp_path, tiny_root):
 
 @pytest.mark.parametrize("method", ["cutpaste", "croppaste", "draem"])
 def test_model_free_kill_between_image_and_mask_then_resume(tmp_path, tiny_root, method, monkeypatch):
-    import anomalygen.io
+    from anomalygen.generation import writer
 
     whole = pipeline.generate(method, tiny_root, tmp_path / "whole", 4, seed=3, keep_failing=True)
-    real_save = anomalygen.io.save_png
+    real_save = writer.save_png
 
     def killed_at_third_mask(path, array):
         if path.name == "000002_mask.png":
             raise KeyboardInterrupt("simulated kill")
         real_save(path, array)
 
-    monkeypatch.setattr(anomalygen.io, "save_png", killed_at_third_mask)
+    monkeypatch.setattr(writer, "save_png", killed_at_third_mask)
     with pytest.raises(KeyboardInterrupt):
         pipeline.generate(method, tiny_root, tmp_path / "killed", 4, seed=3, keep_failing=True)
-    monkeypatch.setattr(anomalygen.io, "save_png", real_save)
+    monkeypatch.setattr(writer, "save_png", real_save)
     assert len(read_manifest(tmp_path / "killed" / "nut" / MANIFEST)) == 2
     resumed = pipeline.generate(method, tiny_root, tmp_path / "killed", 4, seed=3, keep_failing=True)
     assert (resumed.written, resumed.total) == (2, 4)

@@ -23,7 +23,8 @@ import pytest
 
 import cli_harness
 from anomalygen import pipeline
-from anomalygen.io import LOCK_FILE, MANIFEST, RUN_FILE
+from anomalygen.generation.writer import RUN_FILE
+from anomalygen.io import LOCK_FILE, MANIFEST
 from cli_harness import (assert_kept, assert_unchanged, assert_user_error, lock_held_elsewhere, run_cli,
                          run_cli_process, snapshot)
 from test_cli import BREAKERS

@@ -18,9 +18,9 @@ def test_seeds_in_range_pass(seed):
 
 
 @pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 2**70, True, 1.0, "3", None])
-def test_seeds_out_of_range_are_one_line_naming_the_flag(seed):
-    with pytest.raises(AnomalygenError, match=rf"^--demo-seed {seed}: give a seed from 0 to {MAX_SEED}$"):
-        check_seed(seed, "--demo-seed")
+def test_seeds_out_of_range_are_one_line_naming_the_option(seed):
+    with pytest.raises(AnomalygenError, match=rf"^demo_seed {seed}: give a seed from 0 to {MAX_SEED}$"):
+        check_seed(seed, "demo_seed")
 
 
 @pytest.mark.parametrize("config", ["LocalizationConfig", "ClassificationConfig", "DraemAugmentationConfig"])
@@ -29,7 +29,7 @@ def test_evaluation_configs_check_their_seed_when_built(config):
 
     klass = getattr(run, config)
     assert klass(seed=MAX_SEED).seed == MAX_SEED
-    with pytest.raises(AnomalygenError, match=r"^--seed -1: give a seed"):
+    with pytest.raises(AnomalygenError, match=r"^seed -1: give a seed"):
         klass(seed=-1)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from anomalygen import pipeline
 from anomalygen.errors import AnomalygenError
-from anomalygen.sharding import ShardJob, blocks
+from anomalygen.generation.sharding import ShardJob, blocks
 
 
 def _files(root):
@@ -88,14 +88,14 @@ def test_a_resumed_run_restarts_at_the_batch_of_its_first_missing_sample(demo_ro
 
 def test_bad_process_counts_are_one_line_errors(demo_root, tmp_path):
     for bad in (0, 65, True):
-        with pytest.raises(AnomalygenError, match=f"--processes {bad}"):
+        with pytest.raises(AnomalygenError, match=f"^processes {bad}: give a number from 1 to 64"):
             pipeline.generate("croppaste", demo_root / "nut", tmp_path, 2, processes=bad)
     assert not any(tmp_path.iterdir())
 
 
 def test_a_failing_process_stops_the_run_with_its_error(demo_root, tmp_path, monkeypatch):
     # the model folder the processes load is missing its config: the first process's error ends the run
-    from anomalygen import sharding
+    from anomalygen.generation import sharding
 
     monkeypatch.setattr(sharding, "shard_model", lambda generator, folder: str(folder / "nothing"))
     with pytest.raises(AnomalygenError, match="generation process .: .*not a saved anomalygen model"):
@@ -108,7 +108,7 @@ def test_a_process_works_in_the_environment_its_job_was_made_in(demo_root, tmp_p
     the caller's environment of the job's making (e.g. ``--compile``'s ``ANOMALYGEN_COMPILE``)."""
     import queue
 
-    from anomalygen import sharding
+    from anomalygen.generation import sharding
     from anomalygen.methods.base import create
 
     model = tmp_path / "model"

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from anomalygen.data.demo import render_pair
 from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.validity import CHECKS, Calibration, CheckResult, failures, fit_category, sub_seed
+from anomalygen.generation import redraw
+from anomalygen.generation.redraw import sub_seed
+from anomalygen.generation.validity import CHECKS, Calibration, CheckResult, failures, fit_category
 
 SIZE = 128
 SEEDS = range(6)
@@ -214,7 +216,7 @@ def _manifest(folder):
 def test_filter_redraws_rejected_samples_deterministically(demo_root, tmp_path, monkeypatch):
     from anomalygen import pipeline
 
-    monkeypatch.setattr(pipeline, "judge", _fussy)
+    monkeypatch.setattr(redraw, "judge", _fussy)
     data = demo_root / "fabric"
     result = pipeline.generate("cutpaste", data, tmp_path / "a", 6, filter=True, max_attempts=10)
     lines = _manifest(result.out)
@@ -245,7 +247,7 @@ def test_filter_redraws_rejected_samples_deterministically(demo_root, tmp_path, 
 def test_filter_keeps_the_least_bad_draw_when_all_fail(demo_root, tmp_path, monkeypatch):
     from anomalygen import pipeline
 
-    monkeypatch.setattr(pipeline, "judge", lambda *a: {n: CheckResult(n, 0.0, n != "visible", "") for n in CHECKS})
+    monkeypatch.setattr(redraw, "judge", lambda *a: {n: CheckResult(n, 0.0, n != "visible", "") for n in CHECKS})
     warnings = []
     result = pipeline.generate("cutpaste", demo_root / "fabric", tmp_path, 2, filter=True, max_attempts=3,
                                keep_failing=True, warn=warnings.append)
@@ -259,7 +261,7 @@ def test_only_valid_pairs_by_default_a_broken_model_stops_after_its_first_draws(
     from anomalygen import pipeline
 
     calls = []
-    monkeypatch.setattr(pipeline, "judge", lambda *a: calls.append(1) or {n: CheckResult(n, 0.0, n != "visible", "")
+    monkeypatch.setattr(redraw, "judge", lambda *a: calls.append(1) or {n: CheckResult(n, 0.0, n != "visible", "")
                                                                           for n in CHECKS})
     with pytest.raises(AnomalygenError) as error:
         pipeline.generate("cutpaste", demo_root / "fabric", tmp_path, 4, give_up_after=7)
@@ -271,7 +273,7 @@ def test_only_valid_pairs_by_default_a_broken_model_stops_after_its_first_draws(
 def test_the_cap_names_method_category_and_type_and_a_rerun_with_a_higher_cap_resumes(demo_root, tmp_path, monkeypatch):
     from anomalygen import pipeline
 
-    monkeypatch.setattr(pipeline, "judge", _fussy)
+    monkeypatch.setattr(redraw, "judge", _fussy)
     data = demo_root / "fabric"
     whole = pipeline.generate("cutpaste", data, tmp_path / "whole", 8, seed=2, max_attempts=10)
     lines = _manifest(whole.out)
@@ -312,7 +314,7 @@ def test_sub_seeds_differ_per_sample_attempt_and_run():
 
 def test_first_valid_keeps_the_earliest_draw_failing_fewest_checks():
     from anomalygen.types import AnomalySample
-    from anomalygen.validity import first_valid
+    from anomalygen.generation.redraw import first_valid
 
     failing = [["visible", "size"], ["size"], ["visible", "aligned", "size"], ["aligned"]]
     draw = lambda a: AnomalySample(np.zeros((2, 2), np.uint8), np.ones((2, 2), bool), "cut", meta={"draw": a})
@@ -339,7 +341,7 @@ def test_filter_is_on_by_default_and_its_rates_reach_the_report(demo_root, tmp_p
     from anomalygen.evaluation.localization import LocalizationConfig
     from anomalygen.evaluation.run import evaluate
 
-    monkeypatch.setattr(pipeline, "judge", _fussy)
+    monkeypatch.setattr(redraw, "judge", _fussy)
     result = pipeline.generate("cutpaste", demo_root / "fabric", tmp_path, 6, max_attempts=10)
     lines = _manifest(result.out)
     assert all("validity" in line["meta"] for line in lines)
@@ -353,7 +355,7 @@ def test_filter_is_on_by_default_and_its_rates_reach_the_report(demo_root, tmp_p
 
 
 def test_rejection_rates_count_first_draws_and_final_failures():
-    from anomalygen.validity import rejection_rates
+    from anomalygen.evaluation.rejections import rejection_rates
 
     def line(defect_type, rejected, passed):
         return {"defect_type": defect_type, "meta": {"validity": {

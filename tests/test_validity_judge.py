@@ -1,5 +1,5 @@
-"""Validity checks (``anomalygen.validity``) where a method's declaration reaches them: ``judge`` hands
-each method's sample to the checks with its source good image and ``blended`` as the class's
+"""Validity checks (``anomalygen.generation.validity``) where a method's declaration reaches them: ``judge``
+hands each method's sample to the checks with its source good image and ``blended`` as the class's
 ``outside_mask`` declares; and the measurements' edges (the band, the rings, an empty surrounding)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomalygen import validity
+from anomalygen.generation import validity
 from anomalygen.methods.base import available_methods, get_method
 from anomalygen.types import AnomalySample
 
@@ -23,7 +23,7 @@ def test_judge_gives_the_checks_the_source_and_blending_the_class_declares(name,
     mask[2:5, 2:5] = True
     policy = get_method(name).outside_mask
     for meta, image in [({"source_index": 1}, goods[0]), ({}, goods[0]), ({"source_index": 1}, np.zeros((6, 8, 3), np.uint8))]:
-        validity.judge(calibration, AnomalySample(image, mask[: image.shape[0]], "crack", meta=meta), goods, name)
+        validity.judge(calibration, AnomalySample(image, mask[: image.shape[0]], "crack", meta=meta), goods, policy)
     (with_source, blended), (no_index, _), (other_size, _) = seen
     assert blended == (policy == "kept")
     assert with_source is (None if policy == "none" else goods[1])

@@ -25,7 +25,7 @@ import numpy as np
 
 from anomalygen import pipeline
 from anomalygen.data import list_categories, load_category, paper_split
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, OptionError
 from anomalygen.evaluation import figures
 from anomalygen.evaluation import options as checks
 from anomalygen.evaluation.inputs import load_evaluation_data
@@ -33,7 +33,8 @@ from anomalygen.evaluation.localization import SELECT_SUM, run_localization
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
 from anomalygen.evaluation.presets import announce
 from anomalygen.evaluation.run import evaluate, prepare, settings
-from anomalygen.io import MAX_SAMPLES, atomic_write_text, check_own_folder, folder_lock
+from anomalygen.generation.writer import MAX_SAMPLES
+from anomalygen.io import atomic_write_text, check_own_folder, folder_lock
 from anomalygen.methods.base import CONFIG_FILE, AnomalyGenerator, get_method
 from anomalygen.types import DefectExample
 from anomalygen.visualize import Section, grid, overlay, write_html
@@ -124,8 +125,8 @@ def benchmark(
     """
     data, out = Path(data), Path(out)
     if not methods:
-        raise AnomalygenError("--methods: no method given")
-    checks.positive_int(num_per_type, "--num-per-type", MAX_SAMPLES)
+        raise OptionError("methods", "no method given", sep=": ")
+    checks.positive_int(num_per_type, "num_per_type", MAX_SAMPLES)
     pipeline.check_max_attempts(max_attempts)
     for key, value in (settings or {}).items():
         if "." in key and key.partition(".")[0] not in methods:

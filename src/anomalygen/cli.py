@@ -25,7 +25,7 @@ from anomalygen import network
 network.quiet()  # before diffusers / transformers / peft are imported
 
 from anomalygen import pipeline  # noqa: E402
-from anomalygen.errors import AnomalygenError, DataError  # noqa: E402
+from anomalygen.errors import AnomalygenError, DataError, OptionError  # noqa: E402
 from anomalygen.io import os_error  # noqa: E402
 from anomalygen.methods.base import available_methods  # noqa: E402
 from anomalygen.pretrain.config import PretrainConfig  # noqa: E402
@@ -38,18 +38,60 @@ app.add_typer(datasets_app, name="datasets")
 console = Console(stderr=True, soft_wrap=True)  # a line stays one line: paths in it can be copied, logs grepped
 
 
+# The library names options as its callers write them (``OptionError.option``); the flag of one is
+# "--" + its name with dashes where the command has that flag, else the flag below.
+OPTION_FLAGS = {
+    "unet_lr": "--lr",  # pretrain
+    "localization.epochs": "--epochs", "localization.samples_per_epoch": "--samples-per-epoch",
+    "localization.resolution": "--resolution", "localization.base": "--base", "localization.batch_size": "--batch-size",
+    "localization.protocol": "--protocol", "localization.eval_every": "--eval-every",
+    "classification.epochs": "--cls-epochs", "classification.resolution": "--resolution",
+    "classification.protocol": "--protocol",
+    "draem_augmentation.ratio": "--draem-ratio", "draem_augmentation.share_of": "--draem-share-of",
+    "draem_augmentation.epochs": "--draem-epochs", "draem_augmentation.resolution": "--draem-resolution",
+    "draem_augmentation.test": "--draem-test", "draem_augmentation.texture_source": "--draem-textures",
+}
+# Method options a command sets with a flag of its own (every one also with --set NAME=VALUE).
+METHOD_FLAGS = {
+    "fit": {"model": "--model", "max_steps": "--max-steps", "time_budget_s": "--time-budget", "device": "--device"},
+    "generate": {"max_steps": "--max-steps", "time_budget_s": "--time-budget"},
+}
+
+
+def command_flags(command: Callable[..., Any]) -> set[str]:
+    """The flags ``command`` takes, read from its typer options (``--filter/--no-filter``: both)."""
+    return {flag for parameter in inspect.signature(command).parameters.values()
+            for declaration in getattr(parameter.default, "param_decls", None) or ()
+            for flag in declaration.split("/") if flag.startswith("--")}
+
+
+def worded(error: OptionError, flags: set[str], method_flags: dict[str, str]) -> str:
+    """``error`` naming the command-line flag of its option: a method's option with the flag that sets
+    it, if any, and ``--set``; another option by its flag when the command has one, else by its name."""
+    name = error.option
+    if error.method:
+        return error.named(f"{name} ({method_flags[name] + ' or ' if name in method_flags else ''}--set {name}=...)")
+    flag = OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))
+    return error.named(flag if flag in flags else name)
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Errors as one red line on stderr, never a traceback.
 
     ``AnomalygenError`` and OS errors (disk full, permission denied, ...: ``anomalygen.io.os_error``)
-    exit 2; Ctrl-C exits 130 with a hint that re-running resumes; any other exception is a bug:
-    one "internal error" line, exit 1, and the traceback only with ``ANOMALYGEN_DEBUG=1``.
+    exit 2 (an ``OptionError`` named by the flag that sets its option: ``worded``); Ctrl-C exits 130
+    with a hint that re-running resumes; any other exception is a bug: one "internal error" line,
+    exit 1, and the traceback only with ``ANOMALYGEN_DEBUG=1``.
     """
+    flags = command_flags(command)
+    method_flags = METHOD_FLAGS.get(command.__name__, {})
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except OptionError as error:
+            _error(worded(error, flags, method_flags), 2)
         except AnomalygenError as error:
             _error(str(error), 2)
         except OSError as error:
@@ -208,6 +250,8 @@ def pretrain_command(
     """Train a base diffusion model from scratch on your own images (air-gapped: nothing is downloaded)."""
     from anomalygen.pretrain import pretrain
 
+    if time_budget is not None and time_budget <= 0:  # in the flag's unit (the config's is seconds)
+        raise OptionError("time_budget", f"{time_budget:g}: must be more than 0 minutes")
     config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
                             unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, balance=balance,
                             vae_attention=vae_attention,

@@ -1,6 +1,6 @@
 """The one device rule of the package: which torch devices a user may name, and what ``auto`` means.
 
-Methods' ``device`` option, ``evaluate --device``, ``pretrain --device`` and ``load_backbone`` all
+Methods' ``device`` option, evaluation's and pretraining's ``device`` and ``load_backbone`` all
 use it, so a device that does not exist on this machine is the same one-line error everywhere,
 raised before anything is written.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import OptionError
 
 
 def here() -> str:
@@ -37,12 +37,12 @@ def device_problem(value: object) -> str | None:
     return None if exists else allowed
 
 
-def resolve_device(value: str | torch.device | None = None, option: str = "--device") -> torch.device:
+def resolve_device(value: str | torch.device | None = None, option: str = "device") -> torch.device:
     """``None``/``"auto"``: CUDA when available, else CPU; a device this machine lacks is an
-    ``AnomalygenError`` naming ``option``."""
+    ``OptionError`` naming ``option``."""
     problem = device_problem(value)
     if problem is not None:
-        raise AnomalygenError(f"{option} {value}: not a device of this machine; use {problem}")
+        raise OptionError(option, f"{value}: not a device of this machine; use {problem}")
     if value is None or value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(value)

@@ -19,6 +19,21 @@ class DataError(AnomalygenError):
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
 
 
+class OptionError(AnomalygenError):
+    """A bad value of a named option: ``OptionError(option, problem, where="", sep=" ")`` reads
+    ``f"{where}{option}{sep}{problem}"`` (``"num 0: give a number of samples from 1 to 1000000"``).
+    The library names the option as its callers write it (a keyword, ``section.field`` of a config,
+    a method's option with ``method=``); the CLI words the message with its flag (``named``)."""
+
+    def __init__(self, option: str, problem: str, where: str = "", *, sep: str = " ", method: bool = False):
+        self.option, self.problem, self.where, self.sep, self.method = option, problem, where, sep, method
+        super().__init__(self.named(option))
+
+    def named(self, name: str) -> str:
+        """The message with the option called ``name`` (e.g. its command-line flag)."""
+        return f"{self.where}{name}{self.sep}{self.problem}"
+
+
 class ModelNotFoundError(AnomalygenError):
     """Weights are missing (offline, or a wrong path); the message says what to download and where."""
 

@@ -2,9 +2,9 @@
 
 A method declares ``OPTIONS = OptionSpec(name=Int(3, low=1), ...)``; adding an option is one line.
 ``OPTIONS.validate(method, given)`` refuses unknown names and values of the wrong type, out of range
-or not among the choices with one line naming the option (and its CLI flag, where it has one) and
-what is allowed, before anything is written. Values are returned as given (tuples as lists), so a
-method's ``config()`` and the ``run.json`` it feeds do not change.
+or not among the choices with one line naming the option (an ``OptionError``: the CLI adds how to
+set it) and what is allowed, before anything is written. Values are returned as given (tuples as
+lists), so a method's ``config()`` and the ``run.json`` it feeds do not change.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, OptionError
 from anomalygen.seeding import MAX_SEED
 
 # Upper bounds of size-like options, by what a method can use (a larger value only reached the allocator):
@@ -23,10 +23,6 @@ MAX_BATCH = 256  # images per training or sampling batch
 MAX_INFERENCE_STEPS = 1000  # the schedulers' training timesteps (SD 1.x, LDM): more cannot be sampled
 MAX_RANK = 320  # LoRA rank: SD 1.5's narrowest attention projection is 320 wide; a higher rank adds nothing
 MAX_TOKENS = 75  # learned tokens of one kind: CLIP's 77 context positions less the start and end tokens
-
-# CLI flags that set a method option directly (besides --set NAME=VALUE).
-CLI_FLAGS = {"device": "--device", "model": "--model", "max_steps": "--max-steps", "time_budget_s": "--time-budget"}
-
 
 class Invalid(ValueError):
     """Raised by a check with the description of what is allowed."""
@@ -209,8 +205,7 @@ class OptionSpec:
             try:
                 self.options[name].validate(value)
             except Invalid as allowed:
-                flag = f" ({CLI_FLAGS[name]} or --set {name}=...)" if name in CLI_FLAGS else f" (--set {name}=...)"
-                raise AnomalygenError(f"{method}: option {name}{flag} got {value!r}; allowed: {allowed}") from None
+                raise OptionError(name, f"got {value!r}; allowed: {allowed}", f"{method}: option ", method=True) from None
         lists = {name: list(value) for name, value in given.items() if isinstance(value, tuple)}
         return {**self.defaults(), **given, **lists}
 

@@ -3,7 +3,7 @@
 ``generate`` fits a generator on the generator-training third of each defect type (the paper
 split, ``anomalygen.data.paper_split``) plus ``train/good`` — or loads a fitted one from a
 checkpoint — and writes ``num`` samples built on the ``train/good`` images with
-``anomalygen.io.SampleWriter`` (resumable). ``fit`` does the same fitting and saves the model.
+``anomalygen.generation.writer.SampleWriter`` (resumable). ``fit`` does the same fitting and saves the model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +21,17 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from anomalygen.data import CategoryData, load_category, load_defects, load_goods, paper_split
-from anomalygen.errors import AnomalygenError
-from anomalygen.io import MAX_SAMPLES, SampleWriter, atomic_write_bytes, check_own_folder, folder_lock
+from anomalygen.data import CategoryData, Training, load_training
+from anomalygen.data.training import Warn
+from anomalygen.errors import AnomalygenError, OptionError
+from anomalygen.generation.redraw import GIVE_UP_AFTER, MAX_ATTEMPTS, check_max_attempts, draw_budget, filtered
+from anomalygen.generation.sharding import ShardJob, sharded_samples
+from anomalygen.generation.validity import Calibration
+from anomalygen.generation.writer import MAX_SAMPLES, SampleWriter
+from anomalygen.io import atomic_write_bytes, check_own_folder, folder_lock
 from anomalygen.methods.base import AnomalyGenerator, create
 from anomalygen.progress import display
 from anomalygen.seeding import check_seed
-from anomalygen.sharding import ShardJob, sharded_samples
-from anomalygen.validity import Calibration, DrawBudget, first_valid, judge, sub_seed
-
-Warn = Callable[[str], None]
-Training = tuple[CategoryData, list, list]  # what ``load_training`` returns
 
 
 @dataclass
@@ -86,25 +86,6 @@ def build(method: str, options: Mapping[str, Any]) -> AnomalyGenerator:
         raise AnomalygenError(f"method {method!r} does not accept these options {dict(options)}: {error}") from error
 
 
-def load_training(
-    data: str | Path, category: str | None = None, *, skip_bad: bool = False, warn: Warn | None = None
-) -> Training:
-    """The category, its paper-split training defects and its ``train/good`` images.
-
-    With ``skip_bad`` every file is checked first; each bad one is passed to ``warn`` and left out.
-    """
-    category_data = load_category(data, category, skip_bad=skip_bad)
-    for problem in category_data.problems:
-        if warn is not None:
-            warn(f"skipped {problem}")
-    train, _ = paper_split(category_data.defects)
-    defects = load_defects([record for records in train.values() for record in records], skip_bad=skip_bad)
-    goods = load_goods(category_data.train_good)
-    if not goods:
-        raise AnomalygenError(f"{category_data.root}: no usable train/good images to build samples on")
-    return category_data, defects, goods
-
-
 def fit(
     method: str,
     data: str | Path,
@@ -140,27 +121,15 @@ def fit(
 
 def check_num(num: int) -> None:
     if not 1 <= num <= MAX_SAMPLES:
-        raise AnomalygenError(f"--num {num}: give a number of samples from 1 to {MAX_SAMPLES}")
+        raise OptionError("num", f"{num}: give a number of samples from 1 to {MAX_SAMPLES}")
 
 
 def check_defect_type(defect_type: str | None, types: Iterable[str], category: str) -> None:
-    """``--defect-type`` names one of ``types``, the defect types there are to generate."""
+    """``defect_type`` names one of ``types``, the defect types there are to generate."""
     types = sorted(types)
     if defect_type is not None and defect_type not in types:
-        raise AnomalygenError(f"--defect-type {defect_type!r}: not a defect type of {category!r}; "
-                              f"give one of {', '.join(types) or '(none)'}")
-
-
-MAX_ATTEMPTS = 50  # the filter's cap: draws per valid pair on average (per sample with keep_failing)
-GIVE_UP_AFTER = 30  # stop when the first this many draws of a run all fail
-UNBOUNDED = 10**9  # draws of one sample when only valid pairs are kept (DrawBudget stops the run)
-
-
-def check_max_attempts(max_attempts: int, give_up_after: int = GIVE_UP_AFTER) -> None:
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 1000:
-        raise AnomalygenError(f"--max-attempts {max_attempts}: give a number from 1 to 1000")
-    if isinstance(give_up_after, bool) or not isinstance(give_up_after, int) or not 0 <= give_up_after <= 100000:
-        raise AnomalygenError(f"--give-up-after {give_up_after}: give a number of draws from 0 (never) to 100000")
+        raise OptionError("defect_type", f"{defect_type!r}: not a defect type of {category!r}; "
+                                         f"give one of {', '.join(types) or '(none)'}")
 
 
 def generate(
@@ -191,19 +160,20 @@ def generate(
 ) -> GenerateResult:
     """Write ``num`` samples of ``method`` (or of the model at ``checkpoint``) for one category.
 
-    Resumes an interrupted run of the same command; see ``anomalygen.io`` for the guarantees.
-    With ``filter`` each sample must pass the validity checks (``anomalygen.validity``, calibrated
-    on the training defects): a rejected sample ``i`` is redrawn with seed ``sub_seed(seed, i,
-    attempt)`` until a draw passes, so re-runs and resumes stay identical and the output holds
+    Resumes an interrupted run of the same command; see ``generation.writer`` for the guarantees.
+    With ``filter`` each sample must pass the validity checks (``generation.validity``, calibrated
+    on the training defects, judged by the method's ``outside_mask``, which ``run.json`` records): a
+    rejected sample ``i`` is redrawn with seed ``sub_seed(seed, i, attempt)`` until a draw passes
+    (``generation.redraw``), so re-runs and resumes stay identical and the output holds
     ``num`` valid pairs with the defect types of an unfiltered run. A defect type using more than
     ``max_attempts`` draws per valid pair on average (the cap), or the first ``give_up_after`` draws of
     the call all failing (0: never), stops the run with an error naming method, category and type
-    (``validity.DrawBudget``; what is written stays, a re-run goes on). With ``keep_failing`` every
+    (``DrawBudget``; what is written stays, a re-run goes on). With ``keep_failing`` every
     sample gets at most ``max_attempts`` draws and the least-failing one is kept when none passes
     (flagged in the manifest, counted in a warning).
     Samples of a grayscale category (``is_grayscale``) are written as grayscale PNGs.
     ``out/<category>-preview.png`` shows a few of the pairs (``visualize.write_preview``).
-    ``processes`` > 1 shards the samples over that many processes (``anomalygen.sharding``; one per
+    ``processes`` > 1 shards the samples over that many processes (``generation.sharding``; one per
     GPU): the same output as one process.
     With ``with_good`` the real good images are copied too (``copy_goods``).
     ``loaded``: the model at ``checkpoint``, already loaded by the caller (e.g. once for all defect
@@ -217,7 +187,7 @@ def generate(
     check_max_attempts(max_attempts, give_up_after)
     check_seed(seed)
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= 64:
-        raise AnomalygenError(f"--processes {processes}: give a number from 1 to 64")
+        raise OptionError("processes", f"{processes}: give a number from 1 to 64")
     if loaded is not None and checkpoint is None:
         raise ValueError("loaded needs the checkpoint it was loaded from")
     if checkpoint is not None:
@@ -237,6 +207,7 @@ def generate(
                       category_data.name)
     run = {
         "method": generator.name,
+        "outside_mask": generator.outside_mask,  # how the validity checks judged it, and what evaluation reads
         "seed": seed,
         "config": generator.config(),
         "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
@@ -369,24 +340,3 @@ def copy_goods(root: Path, category_data: CategoryData) -> None:
                 atomic_write_bytes(folder / name, data)
         for stale in sorted(set(p.name for p in folder.iterdir()) - set(names)) if folder.is_dir() else []:
             (folder / stale).unlink()
-
-
-def filtered(samples, generator, goods, calibration, seed: int, first: int, defect_type, max_attempts: int,
-             budget: DrawBudget | None):
-    """``first_valid`` for each of ``samples`` (indices ``first``, ``first + 1``, ...): redraw ``a`` of
-    sample ``i`` is sample ``i`` of seed ``sub_seed(seed, i, a)``. With a ``budget`` (only valid pairs)
-    a sample is redrawn until it passes or the budget stops the run; without (keep failing), at most
-    ``max_attempts`` times."""
-    attempts = max_attempts if budget is None else UNBOUNDED
-    for index, sample in enumerate(samples, first):
-
-        def redraw(attempt: int, index: int = index):
-            again = generator.generate(goods, 1, seed=sub_seed(seed, index, attempt), start=index, defect_type=defect_type)
-            return next(iter(again))
-
-        yield first_valid(sample, redraw, lambda s: judge(calibration, s, goods, generator.name), attempts, budget)
-
-
-def draw_budget(max_attempts: int, keep_failing: bool, give_up_after: int, label: str) -> DrawBudget | None:
-    """The ``DrawBudget`` of one generating process; None when failing pairs are kept."""
-    return None if keep_failing else DrawBudget(max_attempts, give_up_after, label)

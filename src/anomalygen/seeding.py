@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import OptionError
 
 # Seeds a user may give: numpy's SeedSequence takes no negative number and torch no more than 64
 # bits; 32 bits (numpy's legacy and scikit-learn's range) leaves room for seeds derived from them.
 MAX_SEED = 2**32 - 1
 
 
-def check_seed(seed: int, flag: str = "--seed") -> None:
-    """Refuse a seed outside [0, ``MAX_SEED``] in one line naming ``flag``, before anything runs."""
+def check_seed(seed: int, option: str = "seed") -> None:
+    """Refuse a seed outside [0, ``MAX_SEED``] in one line naming ``option``, before anything runs."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise AnomalygenError(f"{flag} {seed}: give a seed from 0 to {MAX_SEED}")
+        raise OptionError(option, f"{seed}: give a seed from 0 to {MAX_SEED}")
 
 
 def sample_rng(seed: int, index: int) -> np.random.Generator:

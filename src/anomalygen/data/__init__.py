@@ -1,5 +1,6 @@
-"""Datasets: readers (MVTec AD, MVTec LOCO, VisA, generic folder), the paper split, image and
-mask I/O with validation, dataset summaries, and a procedural demo dataset (``data.demo``)."""
+"""Datasets: readers (MVTec AD, MVTec LOCO, VisA, generic folder), the paper split, a category's
+training split (``load_training``), image and mask I/O with validation, dataset summaries, and a
+procedural demo dataset (``data.demo``)."""
 
 from anomalygen.data.images import (
     IMAGE_SUFFIXES,
@@ -14,10 +15,12 @@ from anomalygen.data.images import (
 from anomalygen.data.info import dataset_info
 from anomalygen.data.readers import CategoryData, list_categories, load_category, load_folder
 from anomalygen.data.split import paper_split
+from anomalygen.data.training import Training, load_training
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "CategoryData",
+    "Training",
     "check_record",
     "dataset_info",
     "image_size",
@@ -29,5 +32,6 @@ __all__ = [
     "load_goods",
     "load_image",
     "load_mask",
+    "load_training",
     "paper_split",
 ]

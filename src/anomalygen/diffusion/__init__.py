@@ -42,15 +42,14 @@ not, so model-free use stays light).
     the first's hooks, then its own); ``remove_hooks(unet, handle)`` gives those layers back exactly
     the processors they had before that install (last install first); ``remove_hooks(unet)`` undoes
     every install. Hooks (``nn.Module``, state on the object) override stages ``context`` (K/V
-    source), ``keys_values``, ``logits``, ``probabilities``, ``output`` (after ``to_out``, before the
-    residual, (B,N,C)); in list order. ``AttentionReweight(stage="logits"|"log_logits"|
+    source), ``logits``, ``probabilities``, ``output`` (after ``to_out``, before the residual,
+    (B,N,C)); in list order. ``AttentionReweight(stage="logits"|"log_logits"|
     "probabilities", renormalise=False)`` (``.weights`` (B,1,h,w) map, ``.positions`` per row,
     ``.rows`` of the UNet batch, e.g. ``StepState.cond_rows``: those tokens' attention × weight per
-    pixel), ``JointAttention(group_size)``, ``ReferenceKV(mix=use_reference)`` (``.mode``
-    "record"/"inject"/"off", ``.targets``, ``.reference_rows`` (reference from rows of the same
-    batch), ``.stored``; ``mix(own, reference) -> K/V source``, a module mix trains, e.g.
-    ``GatedMix(dim, gate_init)``), ``AttentionRecorder`` (``.maps``). Subclass ``AttentionHook``
-    for new ones. SDPA is kept unless a hook needs logits/probabilities.
+    pixel), ``ReferenceKV(mix=use_reference)`` (``.mode`` "record"/"inject"/"off", ``.targets``,
+    ``.reference_rows`` (reference from rows of the same batch), ``.stored``; ``mix(own, reference)
+    -> K/V source``, a module mix trains), ``AttentionRecorder`` (``.maps``). Subclass
+    ``AttentionHook`` for new ones. SDPA is kept unless a hook needs logits/probabilities.
 ``lora``
     ``add_adapters(unet, names, rank=32, alpha=None (= rank), targets=("to_q","to_k","to_v",
     "to_out.0"))``: one peft LoRA per name on every attention layer, all active and trainable

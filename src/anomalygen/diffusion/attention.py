@@ -12,20 +12,18 @@ returns. Hooks are ``nn.Module``s (so learned ones train and save with the UNet'
   probabilities by W and renormalising over tokens) or ``"probabilities"`` (post-softmax
   ``probs·W``, renormalised over tokens only with ``renormalise=True``). ``rows`` names the rows
   of the UNet batch it changes (under classifier-free guidance the conditional half only);
-- ``JointAttention`` (b): each element of a group of consecutive batch elements attends to the keys
-  and values of the whole group;
-- ``ReferenceKV`` (c): in ``record`` mode store each layer's K/V source from a reference pass; in
+- ``ReferenceKV`` (b): in ``record`` mode store each layer's K/V source from a reference pass; in
   ``inject`` mode give chosen rows the K/V source ``mix(own, reference)`` with a caller's ``mix``
-  (a learnable ``nn.Module`` trains with the hook; ``GatedMix`` is one), the reference taken from
-  the record or from other rows of the same batch;
-- ``AttentionRecorder`` (d): keep the attention probabilities (mean over heads) per layer.
+  (a learnable ``nn.Module`` trains with the hook), the reference taken from the record or from
+  other rows of the same batch;
+- ``AttentionRecorder`` (c): keep the attention probabilities (mean over heads) per layer.
 
 Every hook can also change the attention output (``output`` stage: after ``to_out``, before the
 residual). Installs compose and are undone exactly: ``remove_hooks(unet, handle)`` gives the
 layers back the processors they had before (see ``install_hooks``).
 
 The processor uses ``F.scaled_dot_product_attention`` unless a hook needs the logits or the
-probabilities (a, d); then it computes ``softmax(QKᵀ·scale)`` explicitly (Vaswani et al. 2017, Eq. 1).
+probabilities (a, c); then it computes ``softmax(QKᵀ·scale)`` explicitly.
 Hooks run in their order, so a recorder placed after a reweighting hook sees the changed
 probabilities. All hook state (weight maps, token positions, rows, recorded tensors, modes) lives
 on the hook objects, so a per-step sampling callback can change it.
@@ -100,10 +98,6 @@ class AttentionHook(nn.Module):
         """The K/V source (``hidden`` itself for self-attention), shape (B, S, C)."""
         return context
 
-    def keys_values(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values, shape (B, heads, S, d)."""
-        return key, value
-
     def logits(self, layer: str, logits: torch.Tensor) -> torch.Tensor:
         """Pre-softmax logits, shape (B, heads, N, S); only called when ``needs_logits``."""
         return logits
@@ -148,8 +142,6 @@ class HookedAttnProcessor(AttnProcessor2_0, nn.Module):
             return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
         query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(context)), split(attn.to_v(context))
-        for hook in self.hooks:
-            key, value = hook.keys_values(self.layer, key, value)
         mask = None
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch).view(batch, heads, -1, key.shape[2])
@@ -329,29 +321,6 @@ class AttentionReweight(AttentionHook):
         return self._reweight_rows(probs, scale)
 
 
-class JointAttention(AttentionHook):
-    """(b) Consecutive groups of ``group_size`` batch elements share keys and values.
-
-    Element ``i`` of group ``g`` attends to ``concat_j K[g·size + j]`` over the sequence axis.
-    """
-
-    def __init__(self, group_size: int = 2) -> None:
-        super().__init__()
-        self.group_size = group_size
-
-    def keys_values(self, layer, key, value):
-        size = self.group_size
-        if size == 1:
-            return key, value
-
-        def joint(x):
-            b, heads, s, d = x.shape
-            grouped = x.view(b // size, size, heads, s, d).transpose(1, 2).reshape(b // size, heads, size * s, d)
-            return grouped.repeat_interleave(size, dim=0)
-
-        return joint(key), joint(value)
-
-
 Rows = slice | Sequence[int] | torch.Tensor
 
 
@@ -370,24 +339,8 @@ def use_reference(hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     return reference.to(hidden.dtype)
 
 
-class GatedMix(nn.Module):
-    """A learnable mix ``(1 - a)·h + a·(r + MLP(r))``: the MLP starts at zero (so the residual
-    branch is the identity) and the gate ``a`` at ``gate_init``; both train."""
-
-    def __init__(self, dim: int, gate_init: float = 0.01) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
-        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
-
-    def forward(self, hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        projected = reference + self.mlp(reference)
-        return (1 - self.gate) * hidden + self.gate * projected.to(hidden.dtype)
-
-
 class ReferenceKV(AttentionHook):
-    """(c) K/V source from a reference: target rows use ``mix(own, reference)`` as their K/V source.
+    """(b) K/V source from a reference: target rows use ``mix(own, reference)`` as their K/V source.
 
     ``mix(hidden, reference) -> context`` comes from the caller (default ``use_reference``: attend
     to the reference only); an ``nn.Module`` mix is a submodule, so its parameters train and save
@@ -438,7 +391,7 @@ class ReferenceKV(AttentionHook):
 
 
 class AttentionRecorder(AttentionHook):
-    """(d) Keeps ``maps[layer]``: the attention probabilities averaged over heads, (B, N, S)."""
+    """(c) Keeps ``maps[layer]``: the attention probabilities averaged over heads, (B, N, S)."""
 
     needs_logits = True
 

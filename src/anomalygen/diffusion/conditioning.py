@@ -1,11 +1,11 @@
 """Conditioning hooks: learned token embeddings fed through the text encoder (CLIP or LDMBert).
 
 A prompt names *placeholders* (e.g. ``"a photo of <crack>"``). Each placeholder stands for ``k``
-token positions whose input embeddings are replaced by given vectors — learned ones (textual
-inversion, Gal et al. 2023, Eq. 2), or vectors computed per sample from a mask or an image — before
-the text transformer runs, so gradients reach them. The result is the usual
-``encoder_hidden_states``; extra context tokens can also be concatenated to it directly
-(``torch.cat([states, tokens], dim=1)``), the UNet's cross-attention takes any length.
+token positions whose input embeddings are replaced by given vectors — learned ones (trained through
+the encoder), or vectors computed per sample from a mask or an image — before the text transformer
+runs, so gradients reach them. The result is the usual ``encoder_hidden_states``; extra context
+tokens can also be concatenated to it directly (``torch.cat([states, tokens], dim=1)``), the UNet's
+cross-attention takes any length.
 """
 
 from __future__ import annotations

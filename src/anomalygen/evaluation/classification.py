@@ -57,12 +57,12 @@ class ClassificationConfig:
     random_init: bool = False
 
     def __post_init__(self) -> None:
-        options.positive_int(self.epochs, "--cls-epochs")
-        options.resolution(self.resolution)
-        options.positive_int(self.batch_size, "classification batch_size", options.MAX_BATCH)
-        options.positive_int(self.passes, "classification passes")
-        options.positive_float(self.lr, "classification lr")
-        options.choice(self.protocol, "--protocol", PROTOCOLS)
+        options.positive_int(self.epochs, "classification.epochs")
+        options.resolution(self.resolution, "classification.resolution")
+        options.positive_int(self.batch_size, "classification.batch_size", options.MAX_BATCH)
+        options.positive_int(self.passes, "classification.passes")
+        options.positive_float(self.lr, "classification.lr")
+        options.choice(self.protocol, "classification.protocol", PROTOCOLS)
         check_seed(self.seed)
 
 

@@ -36,12 +36,11 @@ import torch
 from rich.progress import Progress
 
 from anomalygen.data.images import load_image
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, OptionError
 from anomalygen.evaluation import options
 from anomalygen.evaluation.inputs import EvaluationData, resize_image, resize_mask
 from anomalygen.evaluation.localization import as_input, diverged, measure, tensor_images, tensor_masks
 from anomalygen.evaluation.unet import DiscriminativeUNet, ReconstructiveNet, focal_loss
-from anomalygen.methods.base import get_method
 from anomalygen.methods.draem import DraemTexture
 from anomalygen.seeding import check_seed
 
@@ -75,23 +74,24 @@ class DraemAugmentationConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
-            raise AnomalygenError(f"--draem-ratio {self.ratio}: must be a number in [0, 1]")
+            raise OptionError("draem_augmentation.ratio", f"{self.ratio}: must be a number in [0, 1]")
         for name in ("epochs", "rec_base", "disc_base"):
             if getattr(self, name) is not None:
-                options.positive_int(getattr(self, name), f"--draem-{name.replace('_', '-')}",
+                options.positive_int(getattr(self, name), f"draem_augmentation.{name}",
                                      None if name == "epochs" else options.MAX_WIDTH)
         if self.resolution is not None:
-            options.resolution(self.resolution, "--draem-resolution")
-        options.positive_int(self.batch_size, "--draem-batch-size", options.MAX_BATCH)
-        options.positive_float(self.lr, "DRAEM lr")
-        options.choice(self.test, "--draem-test", TESTS)
-        options.choice(self.share_of, "--draem-share-of", SHARES)
+            options.resolution(self.resolution, "draem_augmentation.resolution")
+        options.positive_int(self.batch_size, "draem_augmentation.batch_size", options.MAX_BATCH)
+        options.positive_float(self.lr, "draem_augmentation.lr")
+        options.choice(self.test, "draem_augmentation.test", TESTS)
+        options.choice(self.share_of, "draem_augmentation.share_of", SHARES)
         check_seed(self.seed)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
-            raise AnomalygenError(f"DRAEM workers {self.workers}: must be a whole number >= 0")
+            raise OptionError("draem_augmentation.workers", f"{self.workers}: must be a whole number >= 0")
         DraemTexture(texture_source=self.texture_source, foreground="texture")  # checks the option now
         if self.texture_source != "skimage" and not Path(self.texture_source).is_dir():
-            raise AnomalygenError(f"--draem-textures {self.texture_source}: not a folder of texture images (or 'skimage')")
+            raise OptionError("draem_augmentation.texture_source",
+                              f"{self.texture_source}: not a folder of texture images (or 'skimage')")
 
     def resolved(self, device: torch.device) -> "DraemAugmentationConfig":
         """A copy with every ``None`` filled in for ``device``."""
@@ -119,12 +119,13 @@ class GeneratedPair:
 
 def generated_pairs(data: EvaluationData, size: int) -> list[GeneratedPair]:
     """Every generated pair at ``size`` px with its source good image as reconstruction target when
-    the manifest names one and the method keeps the image around the mask (``outside_mask``)."""
+    the manifest names one and the method keeps the image around the mask (the ``outside_mask`` policy
+    its ``run.json`` records; a run without one is taken as keeping nothing)."""
     pairs, targets = [], {}  # source path -> resized good image (many pairs share one)
     for example in (e for examples in data.generated.values() for e in examples):
-        method, line = data.manifest.get(Path(example.source).resolve(), (None, {})) if example.source else (None, {})
+        run, line = data.manifest.get(Path(example.source).resolve(), ({}, {})) if example.source else ({}, {})
         source = line.get("source")
-        keeps = method is not None and get_method(method).outside_mask != "none"
+        keeps = run.get("outside_mask", "none") != "none"
         if keeps and source and source not in targets and Path(source).is_file():
             targets[source] = resize_image(load_image(source), size)
         target = targets.get(source) if keeps else None

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import OptionError
 from anomalygen.weights import find_weights, load_into, load_state_dict, missing
 
 BACKBONE_URLS = {
@@ -40,7 +40,7 @@ def load_lpips(net: str = "vgg", random_backbone: bool = False) -> torch.nn.Modu
     import lpips
 
     if net not in BACKBONE_URLS:
-        raise AnomalygenError(f"--lpips-net {net}: choose one of {', '.join(BACKBONE_URLS)}")
+        raise OptionError("lpips_net", f"{net}: choose one of {', '.join(BACKBONE_URLS)}")
     backbone = None if random_backbone else find_weights(BACKBONE_URLS[net])
     if backbone is None and not random_backbone:
         raise missing(f"IC-LPIPS ({net})", BACKBONE_URLS[net])

@@ -17,6 +17,7 @@ from rich.progress import track
 
 from anomalygen.data import load_category, load_defect, load_goods, paper_split
 from anomalygen.errors import DataError
+from anomalygen.generation.writer import RUN_FILE
 from anomalygen.io import MANIFEST, read_manifest
 from anomalygen.masks.resize import resize_mask as resize_to_shape
 from anomalygen.types import DefectExample
@@ -33,8 +34,8 @@ class EvaluationData:
     train_good: list[np.ndarray]
     test_good: list[np.ndarray]
     problems: list[str]
-    # (method, manifest line) of each generated image, by resolved path (``manifest_lines``)
-    manifest: dict[Path, tuple[str | None, dict[str, Any]]] = field(default_factory=dict)
+    # (run.json, manifest line) of each generated image, by resolved path (``manifest_lines``)
+    manifest: dict[Path, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
 
 
 def _load(records, what: str) -> list[DefectExample]:
@@ -71,11 +72,11 @@ def load_evaluation_data(
     )
 
 
-def manifest_lines(generated: dict[str, list[DefectExample]]) -> dict[Path, tuple[str | None, dict[str, Any]]]:
-    """(method, manifest line) of every generated image (``OUT/<category>/test/<type>/N.png``, links
-    followed: a benchmark merges several runs), read from its run's ``run.json`` and manifest;
-    (None, {}) for files another tool wrote."""
-    runs: dict[Path, tuple[str | None, dict[Path, dict[str, Any]]]] = {}
+def manifest_lines(generated: dict[str, list[DefectExample]]) -> dict[Path, tuple[dict[str, Any], dict[str, Any]]]:
+    """(run, manifest line) of every generated image (``OUT/<category>/test/<type>/N.png``, links
+    followed: a benchmark merges several runs): its run's ``run.json`` (the method, its
+    ``outside_mask`` policy, ...) and its line of the manifest; ({}, {}) for files another tool wrote."""
+    runs: dict[Path, tuple[dict[str, Any], dict[Path, dict[str, Any]]]] = {}
     found = {}
     for example in (e for examples in generated.values() for e in examples):
         if example.source is None:
@@ -83,12 +84,12 @@ def manifest_lines(generated: dict[str, list[DefectExample]]) -> dict[Path, tupl
         path = Path(example.source).resolve()
         folder = path.parents[2]
         if folder not in runs:
-            run = folder / "run.json"
-            method = json.loads(run.read_text()).get("method") if run.is_file() else None
+            run_file = folder / RUN_FILE
+            run = json.loads(run_file.read_text()) if run_file.is_file() else {}
             lines = read_manifest(folder / MANIFEST) if (folder / MANIFEST).is_file() else []
-            runs[folder] = (method, {(folder / line["image"]).resolve(): line for line in lines})
-        method, lines = runs[folder]
-        found[path] = (method, lines.get(path, {}))
+            runs[folder] = (run, {(folder / line["image"]).resolve(): line for line in lines})
+        run, lines = runs[folder]
+        found[path] = (run, lines.get(path, {}))
     return found
 
 

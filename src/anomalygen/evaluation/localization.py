@@ -62,14 +62,14 @@ class LocalizationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        options.positive_int(self.epochs, "--epochs")
-        options.positive_int(self.samples_per_epoch, "--samples-per-epoch")
-        options.resolution(self.resolution)
-        options.positive_int(self.base, "--base", options.MAX_WIDTH)
-        options.positive_int(self.batch_size, "--batch-size", options.MAX_BATCH)
-        options.positive_float(self.lr, "U-Net lr")
-        options.choice(self.protocol, "--protocol", PROTOCOLS)
-        options.positive_int(self.eval_every, "--eval-every")
+        options.positive_int(self.epochs, "localization.epochs")
+        options.positive_int(self.samples_per_epoch, "localization.samples_per_epoch")
+        options.resolution(self.resolution, "localization.resolution")
+        options.positive_int(self.base, "localization.base", options.MAX_WIDTH)
+        options.positive_int(self.batch_size, "localization.batch_size", options.MAX_BATCH)
+        options.positive_float(self.lr, "localization.lr")
+        options.choice(self.protocol, "localization.protocol", PROTOCOLS)
+        options.positive_int(self.eval_every, "localization.eval_every")
         check_seed(self.seed)
 
 

@@ -34,7 +34,7 @@ def apply_preset(name: str, given: dict[str, Any]) -> dict[str, Any]:
     """``given`` with every None filled from preset ``name`` (the options a user left out)."""
     from anomalygen.evaluation import options
 
-    options.choice(name, "--preset", tuple(PRESETS))
+    options.choice(name, "preset", tuple(PRESETS))
     return {key: PRESETS[name][key] if value is None and key in PRESETS[name] else value for key, value in given.items()}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from anomalygen.devices import resolve_device
-from anomalygen.errors import AnomalygenError, ModelNotFoundError
+from anomalygen.errors import ModelNotFoundError, OptionError
 from anomalygen.evaluation import options
 from anomalygen.evaluation.draem_augmentation import DraemAugmentationConfig, run_draem_augmentation
 from anomalygen.evaluation.classification import ClassificationConfig, resnet34_weights, run_classification
@@ -25,9 +25,9 @@ from anomalygen.evaluation.inception_score import inception_scores, load_incepti
 from anomalygen.evaluation.inputs import load_evaluation_data
 from anomalygen.evaluation.localization import LocalizationConfig, run_localization
 from anomalygen.evaluation.presets import announce
+from anomalygen.evaluation.rejections import rejection_rates
 from anomalygen.evaluation.report import protocol_labels, write_report
 from anomalygen.seeding import check_seed
-from anomalygen.validity import rejection_rates
 
 METRICS = ("is", "ic-lpips", "localization", "classification")  # the default set
 EXTRA_METRICS = ("draem-augmentation",)  # run only when named (CAGen's protocol trains DRAEM twice)
@@ -74,9 +74,9 @@ def prepare(
     chosen = list(METRICS if metrics is None else metrics)
     unknown = sorted(set(chosen) - set(METRICS + EXTRA_METRICS))
     if unknown or not chosen:
-        raise AnomalygenError(f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; "
-                              f"choose from {', '.join(METRICS + EXTRA_METRICS)}")
-    options.choice(lpips_net, "--lpips-net", tuple(BACKBONE_URLS))
+        raise OptionError("metrics", f"unknown metric(s) {', '.join(unknown) or '(none given)'}; "
+                                     f"choose from {', '.join(METRICS + EXTRA_METRICS)}", sep=": ")
+    options.choice(lpips_net, "lpips_net", tuple(BACKBONE_URLS))
     nets = Networks(chosen, resolve_device(device), localization or LocalizationConfig(seed=seed),
                     classification or ClassificationConfig(seed=seed), draem or DraemAugmentationConfig(seed=seed))
     for metric in ("is", "ic-lpips", "classification"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, OptionError
 from anomalygen.seeding import check_seed
 
 BALANCES = ("categories", "images")
@@ -39,32 +39,32 @@ class PretrainConfig:
     device: str | None = None
 
     def check(self) -> None:
-        """Every value, before anything is read or written."""
+        """Every value, before anything is read or written (an ``OptionError`` naming the field)."""
         from anomalygen.devices import resolve_device  # (torch: not for the command line's defaults)
         from anomalygen.pretrain.models import PRESETS
 
         if self.resolution % 32 or not 32 <= self.resolution <= 512:
-            raise AnomalygenError(f"--resolution {self.resolution}: use a multiple of 32 from 32 to 512 (64, 128 or 256)")
+            raise OptionError("resolution", f"{self.resolution}: use a multiple of 32 from 32 to 512 (64, 128 or 256)")
         if self.balance not in BALANCES:
-            raise AnomalygenError(f"--balance {self.balance!r}: use one of {', '.join(BALANCES)}")
+            raise OptionError("balance", f"{self.balance!r}: use one of {', '.join(BALANCES)}")
         if self.size not in PRESETS:
-            raise AnomalygenError(f"--size {self.size!r}: use one of {', '.join(PRESETS)}")
+            raise OptionError("size", f"{self.size!r}: use one of {', '.join(PRESETS)}")
         for name in ("vae_steps", "batch_size", "checkpoint_every", "sample_every"):
             if getattr(self, name) < 1:
-                raise AnomalygenError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+                raise OptionError(name, f"{getattr(self, name)}: must be at least 1")
         if self.batch_size > 256:
-            raise AnomalygenError(f"--batch-size {self.batch_size}: at most 256 images per batch")
+            raise OptionError("batch_size", f"{self.batch_size}: at most 256 images per batch")
         if self.max_steps < 0:
-            raise AnomalygenError(f"--max-steps {self.max_steps}: must be at least 0 (0: the autoencoder only)")
-        for flag, value in (("--lr", self.unet_lr), ("--vae-lr", self.vae_lr)):
+            raise OptionError("max_steps", f"{self.max_steps}: must be at least 0 (0: the autoencoder only)")
+        for name, value in (("unet_lr", self.unet_lr), ("vae_lr", self.vae_lr)):
             if not (math.isfinite(value) and 0 < value <= 1):
-                raise AnomalygenError(f"{flag} {value:g}: must be a learning rate in (0, 1]")
+                raise OptionError(name, f"{value:g}: must be a learning rate in (0, 1]")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise AnomalygenError(f"--time-budget {self.time_budget_s / 60:g}: must be more than 0 minutes")
+            raise OptionError("time_budget_s", f"{self.time_budget_s:g}: must be more than 0 seconds")
         if not (math.isfinite(self.vae_colour_augment) and 0 <= self.vae_colour_augment <= 1):
-            raise AnomalygenError(f"--vae-colour-augment {self.vae_colour_augment:g}: must be a share in [0, 1]")
+            raise OptionError("vae_colour_augment", f"{self.vae_colour_augment:g}: must be a share in [0, 1]")
         if not (math.isfinite(self.vae_share) and 0 < self.vae_share < 1):
-            raise AnomalygenError(f"--vae-share {self.vae_share:g}: must be a share of the time budget in (0, 1)")
+            raise OptionError("vae_share", f"{self.vae_share:g}: must be a share of the time budget in (0, 1)")
         check_seed(self.seed)
         if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1):
             raise AnomalygenError("uncond_prob and ema_decay must lie in [0, 1)")

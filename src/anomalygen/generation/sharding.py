@@ -39,10 +39,10 @@ class ShardJob:
     block: int
     processes: int
     defect_type: str | None
-    calibration: Any  # validity.Calibration with the filter on, else None
+    calibration: Any  # generation.validity.Calibration with the filter on, else None
     max_attempts: int
     keep_failing: bool = False
-    give_up_after: int = 0  # validity.DrawBudget's, per process
+    give_up_after: int = 0  # generation.redraw.DrawBudget's, per process
     label: str = ""  # the run's name in errors (method category/type)
     environment: dict[str, str] = field(default_factory=lambda: dict(os.environ))  # the caller's, at the job's making
 
@@ -60,7 +60,8 @@ def _work(job: ShardJob, rank: int, out: mp.Queue) -> None:
     try:
         import torch
 
-        from anomalygen import pipeline
+        from anomalygen.data import load_training
+        from anomalygen.generation.redraw import draw_budget, filtered
         from anomalygen.methods.base import AnomalyGenerator
 
         if torch.cuda.is_available():
@@ -68,13 +69,13 @@ def _work(job: ShardJob, rank: int, out: mp.Queue) -> None:
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.processes))
         generator = AnomalyGenerator.load(job.model)
-        _, _, goods = pipeline.load_training(job.data, job.category, skip_bad=job.skip_bad)
-        budget = pipeline.draw_budget(job.max_attempts, job.keep_failing, job.give_up_after, job.label)
+        _, _, goods = load_training(job.data, job.category, skip_bad=job.skip_bad)
+        budget = draw_budget(job.max_attempts, job.keep_failing, job.give_up_after, job.label)
         for first, count in blocks(job, rank):
             made = generator.generate(goods, count, seed=job.seed, start=first, defect_type=job.defect_type)
             if job.calibration is not None:
-                made = pipeline.filtered(made, generator, goods, job.calibration, job.seed, first, job.defect_type,
-                                         job.max_attempts, budget)
+                made = filtered(made, generator, goods, job.calibration, job.seed, first, job.defect_type,
+                                job.max_attempts, budget)
             for index, sample in enumerate(made, first):
                 out.put(("sample", index, sample))
         out.put(("done", rank, None))
@@ -132,7 +133,8 @@ def _context() -> mp.context.BaseContext:
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "diffusers", "transformers", "anomalygen.pipeline", "anomalygen.methods"])
+    context.set_forkserver_preload(["torch", "diffusers", "transformers", "anomalygen.data", "anomalygen.generation.redraw",
+                                    "anomalygen.generation.sharding", "anomalygen.methods"])
     return context
 
 

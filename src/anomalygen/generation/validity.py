@@ -39,7 +39,6 @@ pairs pass overall and within every type. Types never seen in calibration use th
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -314,121 +313,14 @@ def fit_category(data, *, mode: str = "auto", train_fraction: float = 1 / 3, **o
     return Calibration.fit(pairs, load_goods(data.train_good, limit=8), mode=mode, **options)
 
 
-# How a method's sample relates to its good image (``meta["source_index"]``): blended methods paste
-# into it (nothing outside the mask may change); whole-image methods use it as a hint only, so
-# they are judged against the mask's surroundings; any other method gets "little change outside".
-def sub_seed(seed: int, index: int, attempt: int) -> int:
-    """The seed of redraw ``attempt`` (>= 1) of sample ``index`` in a run seeded with ``seed``."""
-    return int(np.random.SeedSequence([seed, index, attempt]).generate_state(1)[0])
-
-
-def judge(calibration: Calibration, sample: AnomalySample, goods: list[np.ndarray], method: str) -> dict[str, CheckResult]:
-    """``calibration.check`` of a generated sample, with its source good image where the method
-    keeps one (its class's ``outside_mask``: "kept" must leave the outside untouched)."""
-    from anomalygen.methods.base import get_method
-
-    outside = get_method(method).outside_mask
+def judge(calibration: Calibration, sample: AnomalySample, goods: list[np.ndarray], outside: str) -> dict[str, CheckResult]:
+    """``calibration.check`` of a generated sample, with its source good image (``meta["source_index"]``
+    into ``goods``) where the method keeps one. ``outside`` is the method's outside-mask policy
+    (``AnomalyGenerator.outside_mask``): blended methods ("kept") paste into the source, so nothing
+    outside the mask may change; whole-image methods ("none") use it as a hint only, so they are judged
+    against the mask's surroundings; any other method ("changed") gets "little change outside"."""
     index = sample.meta.get("source_index")
     source = None if index is None or outside == "none" else goods[index]
     if source is not None and source.shape != sample.image.shape:
         source = None
     return calibration.check(sample.image, sample.mask, sample.defect_type, source, blended=outside == "kept")
-
-
-def first_valid(
-    sample: AnomalySample,
-    redraw: Callable[[int], AnomalySample],
-    check: Callable[[AnomalySample], dict[str, CheckResult]],
-    max_attempts: int,
-    on_draw: Callable[[AnomalySample, list[str]], None] | None = None,
-) -> AnomalySample:
-    """``sample`` if it passes ``check``, else ``redraw(1)``, ``redraw(2)``, ... up to ``max_attempts``
-    in all; when none passes, the one failing the fewest checks (the earliest of equals).
-    ``meta["validity"]`` records the attempts, the checks that rejected each and ``passed``.
-    ``on_draw`` is called with every draw and its failed checks (it may raise: ``DrawBudget``)."""
-    rejected, best = [], None
-    for attempt in range(max_attempts):
-        if attempt:
-            sample = redraw(attempt)
-        failed = [result.name for result in failures(check(sample))]
-        if on_draw is not None:
-            on_draw(sample, failed)
-        if not failed:
-            break
-        rejected.append({"attempt": attempt, "checks": failed})
-        if best is None or len(failed) < len(best[1]):
-            best = (sample, failed, attempt)
-    else:
-        sample, failed, attempt = best
-    sample.meta["validity"] = {"attempts": len(rejected) + (not failed), "kept": attempt,
-                               "rejected": rejected, "passed": not failed}
-    return sample
-
-
-class DrawBudget:
-    """``first_valid``'s ``on_draw`` for a run that keeps only valid pairs: it stops the run (an
-    ``AnomalygenError`` naming ``what``: method, category) when
-
-    - the first ``give_up_after`` draws all fail (a broken or untrained model, or a method that does
-      not suit the category), instead of redrawing for hours (0: never), or
-    - a defect type has used up ``per_pair`` draws per valid pair on average: its draws so far exceed
-      ``per_pair`` x (its valid pairs so far + the one being drawn).
-
-    Only a failure condition: which draw becomes sample ``i`` does not depend on it."""
-
-    def __init__(self, per_pair: int, give_up_after: int, what: str):
-        self.per_pair, self.give_up_after, self.what = per_pair, give_up_after, what
-        self.draws: dict[str, int] = {}
-        self.valid: dict[str, int] = {}
-        self.checks: dict[str, int] = dict.fromkeys(CHECKS, 0)
-
-    def __call__(self, sample: AnomalySample, failed: list[str]) -> None:
-        t = sample.defect_type
-        self.draws[t] = self.draws.get(t, 0) + 1
-        if not failed:
-            self.valid[t] = self.valid.get(t, 0) + 1
-            return
-        for name in failed:
-            self.checks[name] += 1
-        total = sum(self.draws.values())
-        if self.give_up_after and not self.valid and total >= self.give_up_after:
-            raise AnomalygenError(
-                f"{self.what}: the first {total} draws all failed the validity checks ({describe(self.checks)}); "
-                "the model looks broken or untrained, or the method does not suit this category: stopped early "
-                "(--give-up-after sets the number of draws, --keep-failing keeps failing pairs, --no-filter skips the checks)")
-        valid = self.valid.get(t, 0)
-        if self.draws[t] >= self.per_pair * (valid + 1):
-            raise AnomalygenError(
-                f"{self.what}/{t}: {self.draws[t]} draws gave {valid} valid pairs ({describe(self.checks)}), more than "
-                f"--max-attempts {self.per_pair} draws per valid pair; what is written stays. Re-run with a higher "
-                "--max-attempts to go on, or add --keep-failing to keep failing pairs (flagged in the manifest)")
-
-
-def describe(checks: dict[str, int]) -> str:
-    """``{"visible": 3, "size": 0}`` as "rejected by visible 3"."""
-    counts = ", ".join(f"{name} {n}" for name, n in checks.items() if n)
-    return f"rejected by {counts}" if counts else "no check failed"
-
-
-def rejection_rates(lines: list[dict]) -> dict[str, dict]:
-    """Per defect type (and ``"all"``), from manifest lines written with the filter: samples, the share
-    whose first draw was rejected (``rejected_first``), the share still failing after every draw
-    (``kept_failing``) and the rejected draws per check. Types written without the filter are absent."""
-    rates: dict[str, dict] = {}
-    for line in lines:
-        validity = (line.get("meta") or {}).get("validity")
-        if validity is None:
-            continue
-        for key in (line["defect_type"], "all"):
-            entry = rates.setdefault(key, {"samples": 0, "rejected_first": 0, "kept_failing": 0,
-                                           "rejected_draws": dict.fromkeys(CHECKS, 0)})
-            entry["samples"] += 1
-            entry["rejected_first"] += bool(validity["rejected"]) and validity["rejected"][0]["attempt"] == 0
-            entry["kept_failing"] += not validity["passed"]
-            for draw in validity["rejected"]:
-                for check in draw["checks"]:
-                    entry["rejected_draws"][check] += 1
-    for entry in rates.values():
-        entry["rejected_first"] /= entry["samples"]
-        entry["kept_failing"] /= entry["samples"]
-    return dict(sorted(rates.items(), key=lambda item: (item[0] == "all", item[0])))
