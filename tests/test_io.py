@@ -145,6 +145,15 @@ def test_different_run_refused_unless_overwrite(tmp_path):
     assert read_manifest(tmp_path / "cat" / MANIFEST)[0]["seed"] == 4
 
 
+def test_a_run_json_from_before_outside_mask_was_recorded_resumes_and_gains_it(tmp_path):
+    write_run(tmp_path, 2)  # RUN has no outside_mask: as written by the previous version
+    now = {**RUN, "outside_mask": "kept"}
+    assert write_run(tmp_path, 4, run=now).done == 4
+    assert json.loads((tmp_path / "cat" / "run.json").read_text())["outside_mask"] == "kept"
+    with pytest.raises(AnomalygenError, match="different run"):  # a recorded value that differs still refuses
+        SampleWriter(tmp_path, "cat", {**RUN, "outside_mask": "none"})
+
+
 def test_foreign_folder_is_never_written(tmp_path):
     real = tmp_path / "cat" / "test" / "crack"
     real.mkdir(parents=True)

@@ -44,6 +44,7 @@ RUN_FILE = "run.json"
 NAME_WIDTH = 6  # sample names 000000.png ... 999999.png
 LEGACY_WIDTH = 3  # names of folders written before: 000.png ... 999.png, 1000.png, ...
 MAX_SAMPLES = 10**NAME_WIDTH
+RECORDED = ("outside_mask",)  # what a run records without defining it: a run.json from before lacks it and resumes
 
 
 def _normalise(value: Any) -> Any:
@@ -92,11 +93,14 @@ class SampleWriter:
                     previous = read_json(run_path)
                 except DataError as error:
                     raise DataError(run_path, f"{error.problem}; use --overwrite to start over") from None
-                if previous != self.run:
+                recorded = {k: self.run[k] for k in RECORDED if k in self.run and k not in previous}
+                if {**recorded, **previous} != self.run:
                     raise AnomalygenError(
                         f"{self.root}: holds the output of a different run ({_difference(previous, self.run)}); "
                         "use --overwrite to replace it or choose another --out"
                     )
+                if recorded:  # written by a version that did not record them: the same run, now recorded
+                    atomic_write_text(run_path, json.dumps(self.run, indent=2, sort_keys=True))
         remove_partials(self.root)
         self.width = LEGACY_WIDTH if _has_legacy_names(self.root) else NAME_WIDTH
         if not run_path.is_file():
