@@ -33,7 +33,7 @@ def test_fit_save_load_generate_round_trip(tmp_path):
     assert (tmp_path / "work" / "loss.csv").is_file()
     generator.save(tmp_path / "model")
     loaded = AnomalyGenerator.load(tmp_path / "model")
-    torch.testing.assert_close(loaded.embeddings.vectors, generator.embeddings.vectors.detach().cpu())
+    torch.testing.assert_close(loaded.embeddings.tokens, generator.embeddings.tokens.detach().cpu())
     first = list(loaded.generate(good, 3, seed=5))
     again = list(AnomalyGenerator.load(tmp_path / "model").generate(good, 3, seed=5))
     alone = list(loaded.generate(good, 1, seed=5, start=2))
