@@ -9,7 +9,7 @@ pixels back outside the mask. It is the "no components" row of AnomalyDiffusion'
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from anomalygen.methods.kit.batch import Batch
 from anomalygen.methods.kit.method import DiffusionMethod
 from anomalygen.methods.kit.state import copy_saved, write_modules
 from anomalygen.methods.textual_inversion.config import OPTIONS
-from anomalygen.seeding import sample_rng
 from anomalygen.types import AnomalySample, DefectExample
 
 TOKEN = "<defect>"
@@ -111,36 +110,31 @@ class TextualInversionGenerator(DiffusionMethod):
     def fitted(self) -> bool:
         return self.embeddings is not None and super().fitted
 
-    def _mask(self, defect_type: str, shape: tuple[int, int], index: int, seed: int) -> np.ndarray:
-        """An augmented real training mask of this type (flip/rotate/scale/shift), from ``(seed, index)``."""
-        rng = sample_rng(seed, index)
+    def _mask(self, defect_type: str, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """An augmented real training mask of this type (flip/rotate/scale/shift), drawn from the sample's ``rng``."""
         if defect_type not in self.train_masks:
             raise AnomalygenError(f"textual-inversion: no non-empty training mask of type {defect_type!r}; give masks to generate at")
         masks = self.train_masks[defect_type]
         return augment_mask(masks[rng.integers(len(masks))], rng, shape=shape)
 
-    def generate(self, good: Sequence[np.ndarray], n: int, **kwargs: Any) -> Iterator[AnomalySample]:
-        self._good = good
-        yield from super().generate(good, n, **kwargs)
-
     def sample_batch(self, batch: Batch) -> list[AnomalySample]:
+        """Each sample on the good image drawn from ``(seed, i)`` (as every method), inside an
+        augmented training mask drawn on from the same generator, or the given mask."""
         opt, backbone = self.opt, self.backbone
-        good = self._good
-        images = [good[i % len(good)] for i in batch.indices]
         if batch.given is not None:
             masks = [np.asarray(m, bool) for m in batch.given]
         else:
-            masks = [self._mask(t, im.shape[:2], i, batch.seed) for i, t, im in zip(batch.indices, batch.types, images)]
+            masks = [self._mask(t, im.shape[:2], rng) for t, im, rng in zip(batch.types, batch.images, batch.rngs)]
         rows = self.embeddings(torch.tensor([self._defect_types.index(t) for t in batch.types], device=backbone.device))
         with torch.no_grad():
             context = self.prompts([self._prompt()] * len(batch), {TOKEN: rows}).hidden_states
         uncond = self.prompts([""]).hidden_states if opt["guidance_scale"] > 1 else None
         outputs = blended_generate(
-            backbone, context, images, masks, batch.generators, resolution=opt["resolution"],
+            backbone, context, batch.images, masks, batch.generators, resolution=opt["resolution"],
             sampler=opt["sampler"], num_inference_steps=opt["num_inference_steps"], eta=opt["eta"],
             guidance_scale=opt["guidance_scale"], uncond_hidden_states=uncond,
         )
         return [AnomalySample(image, mask, t, prompt=opt["prompt"].format(f"<{t}>"),
-                              meta={"index": i, "source_index": i % len(good), "model": backbone.label,
+                              meta={"index": i, "source_index": source, "model": backbone.label,
                                     "untrained": backbone.untrained})
-                for i, image, mask, t in zip(batch.indices, outputs, masks, batch.types)]
+                for i, image, mask, t, source in zip(batch.indices, outputs, masks, batch.types, batch.sources)]
