@@ -46,7 +46,7 @@ def toy_data():
 
 def learned(method: str, generator) -> dict[str, torch.Tensor]:
     if method == "textual-inversion":
-        return {"vectors": generator.embeddings.vectors.detach().clone()}
+        return {"tokens": generator.embeddings.tokens.detach().clone()}
     if method == "dualanodiff":
         from anomalygen.diffusion.lora import adapter_names, trainable_parameters
 
@@ -67,7 +67,7 @@ def learned(method: str, generator) -> dict[str, torch.Tensor]:
 def initial(method: str, generator) -> dict[str, torch.Tensor]:
     """What ``learned`` holds before training (fit starts from exactly this)."""
     if method == "textual-inversion":
-        return {"vectors": generator._setup()[1].word_embedding(generator.options["init_word"]).expand(2, -1).clone()}
+        return {"tokens": generator.prompts.word_embedding(generator.opt["init_word"]).float().expand(2, 1, -1).clone()}
     if method == "dualanodiff":
         generator._defect_types = ["crack", "hole"]
         for k in range(2):

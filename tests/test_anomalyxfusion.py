@@ -119,11 +119,12 @@ def test_location_embedding_reads_the_mask(fitted):
 
 def test_textural_tokens_start_from_the_clip_embedding_of_image_times_mask(monkeypatch):
     import anomalygen.methods.anomalyxfusion.generator as module
+    import anomalygen.methods.kit.method as kit
 
     calls = []
     original = module.image_embeds
     monkeypatch.setattr(module, "image_embeds", lambda encoder, images: calls.append(images.clone()) or original(encoder, images))
-    monkeypatch.setattr(module, "train", lambda modules, loss_fn, config, out: [loss_fn(modules, s, torch.Generator()) for s in range(3)]
+    monkeypatch.setattr(kit, "train", lambda modules, loss_fn, config, out: [loss_fn(modules, s, torch.Generator()) for s in range(3)]
                         and type("R", (), {"losses": []})())
     defects, good = toy_data()
     generator = AnomalyXFusion(**FAST)
@@ -163,10 +164,10 @@ def test_e_t_changes_with_the_timestep():
     (False, False, set()),
 ])
 def test_ablations_switch_the_trainable_set(mif, ddf, trained, monkeypatch):
-    import anomalygen.methods.anomalyxfusion.generator as module
+    import anomalygen.methods.kit.method as kit
 
     seen = []
-    monkeypatch.setattr(module, "train", lambda modules, loss_fn, config, out: seen.append(
+    monkeypatch.setattr(kit, "train", lambda modules, loss_fn, config, out: seen.append(
         {f"{n}.{p}" for n, m in modules.items() for p, q in m.named_parameters() if q.requires_grad}) or type("R", (), {"losses": []})())
     defects, good = toy_data()
     generator = AnomalyXFusion(**FAST, mif=mif, ddf=ddf)
@@ -180,10 +181,10 @@ def test_ablations_switch_the_trainable_set(mif, ddf, trained, monkeypatch):
 
 def test_training_feeds_each_rows_timestep_to_ddf(monkeypatch):
     """Eq. 14 in training: the UNet row at timestep t is conditioned on e_t = DDF(e_X, t) of that t."""
-    import anomalygen.methods.anomalyxfusion.generator as module
+    import anomalygen.methods.kit.method as kit
 
     losses = []
-    monkeypatch.setattr(module, "train", lambda modules, loss_fn, config, out: losses.append((modules, loss_fn))
+    monkeypatch.setattr(kit, "train", lambda modules, loss_fn, config, out: losses.append((modules, loss_fn))
                         or type("R", (), {"losses": []})())
     defects, good = toy_data()
     generator = AnomalyXFusion(**{**FAST, "batch_size": 4})
@@ -197,7 +198,7 @@ def test_training_feeds_each_rows_timestep_to_ddf(monkeypatch):
 
 
 def test_a_pretrained_istr_mask_encoder_is_fine_tuned_or_frozen_and_bad_files_are_one_line(tmp_path, monkeypatch):
-    import anomalygen.methods.anomalyxfusion.generator as module
+    import anomalygen.methods.kit.method as kit
 
     torch.manual_seed(1)
     istr = MaskEncoder(24)
@@ -206,7 +207,7 @@ def test_a_pretrained_istr_mask_encoder_is_fine_tuned_or_frozen_and_bad_files_ar
     assert loaded.embedding == 24 and not any(p.requires_grad for p in loaded.parameters())
     assert all(torch.equal(v, istr.state_dict()[k]) for k, v in loaded.state_dict().items())
     seen = []
-    monkeypatch.setattr(module, "train", lambda modules, loss_fn, config, out: seen.append(
+    monkeypatch.setattr(kit, "train", lambda modules, loss_fn, config, out: seen.append(
         {f"{n}.{p}" for n, m in modules.items() for p, q in m.named_parameters() if q.requires_grad}) or type("R", (), {"losses": []})())
     defects, good = toy_data()
     generator = AnomalyXFusion(**FAST, mask_encoder=str(tmp_path / "istr.safetensors"))
@@ -229,10 +230,10 @@ def test_a_pretrained_istr_mask_encoder_is_fine_tuned_or_frozen_and_bad_files_ar
 
 def _loss_fn(monkeypatch, **options):
     """The training loss of a generator built on toy_data with ``options`` (training itself skipped)."""
-    import anomalygen.methods.anomalyxfusion.generator as module
+    import anomalygen.methods.kit.method as kit
 
     losses = []
-    monkeypatch.setattr(module, "train", lambda modules, loss_fn, config, out: losses.append((modules, loss_fn))
+    monkeypatch.setattr(kit, "train", lambda modules, loss_fn, config, out: losses.append((modules, loss_fn))
                         or type("R", (), {"losses": []})())
     defects, good = toy_data()
     generator = AnomalyXFusion(**{**FAST, "batch_size": 4}, **options)
@@ -320,7 +321,7 @@ def test_bad_caption_files_are_one_line_naming_the_file(tmp_path, content, fragm
 
 
 def test_fit_gives_each_training_image_its_own_caption(tmp_path, monkeypatch):
-    import anomalygen.methods.anomalyxfusion.generator as module
+    import anomalygen.methods.kit.method as kit
 
     defects, good = toy_data(tmp_path)  # crack: 9.png, 10.png (the 9th and 10th image of 0..10)
     for defect_type in ("crack", "hole"):
@@ -330,7 +331,7 @@ def test_fit_gives_each_training_image_its_own_caption(tmp_path, monkeypatch):
     captions = {"widget": {t: [f"{t} caption {i}" for i in range(11)] for t in ("crack", "hole")}}
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     prompts = []
-    monkeypatch.setattr(module, "train", lambda *a, **k: type("R", (), {"losses": []})())
+    monkeypatch.setattr(kit, "train", lambda *a, **k: type("R", (), {"losses": []})())
     generator = AnomalyXFusion(**FAST, captions=str(tmp_path / "captions.json"))
     original = generator.encode_text
     generator.encode_text = lambda texts: prompts.append(list(texts)) or original(texts)
@@ -366,9 +367,9 @@ def test_blended_sampling_keeps_the_good_latent_outside_the_mask_with_a_per_step
 
 
 def test_guidance_and_the_text_only_ablation_generate(monkeypatch):
-    import anomalygen.methods.anomalyxfusion.generator as module
+    import anomalygen.methods.kit.method as kit
 
-    monkeypatch.setattr(module, "train", lambda *a, **k: type("R", (), {"losses": []})())
+    monkeypatch.setattr(kit, "train", lambda *a, **k: type("R", (), {"losses": []})())
     defects, good = toy_data()
     for options in (dict(guidance_scale=3.0), dict(mif=False, ddf=False, mask_augment=False)):
         generator = AnomalyXFusion(**FAST, **options)

@@ -100,7 +100,7 @@ def test_training_defects_are_drawn_at_random_per_type_by_default():
 
 
 def test_steps_follow_the_papers_epochs(monkeypatch):
-    import anomalygen.methods.cagen.generator as module
+    import anomalygen.methods.kit.method as module
 
     steps = []
     monkeypatch.setattr(module, "train", lambda modules, loss_fn, config, out: steps.append(config.max_steps) or

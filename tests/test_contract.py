@@ -432,7 +432,7 @@ def _conditioning(name: str, generator) -> dict:
     """Each conditioning input of the method, zeroed (a context), besides the mask (tested for every
     method that takes one) and the good image (the reference)."""
     if name == "textual-inversion":
-        return {"type token": _zero_parameter(generator.embeddings.vectors)}
+        return {"type token": _zero_parameter(generator.embeddings.tokens)}
     if name == "anomalydiffusion":
         return {"anomaly tokens e_a": _zero_parameter(generator.anomaly_tokens.tokens),
                 "spatial tokens E(m)": _module_attribute(generator, "spatial_encoder", _zeroed_output)}

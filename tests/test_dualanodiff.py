@@ -287,7 +287,7 @@ def test_each_type_encodes_its_prompts_through_its_own_text_lora_only(fitted):
 
 
 def test_training_uses_the_official_optimiser_settings(monkeypatch):
-    import anomalygen.methods.dualanodiff.generator as module
+    import anomalygen.methods.kit.method as kit
 
     configs = []
 
@@ -295,7 +295,7 @@ def test_training_uses_the_official_optimiser_settings(monkeypatch):
         configs.append(config)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "train", capture)
+    monkeypatch.setattr(kit, "train", capture)
     defects, good = toy_data()
     with pytest.raises(KeyboardInterrupt):
         DualAnoDiff(**{k: v for k, v in FAST.items() if k != "max_steps"}).fit(defects[:1], good)
@@ -308,6 +308,7 @@ def test_the_time_budget_is_shared_by_the_defect_types(monkeypatch):
     import types
 
     import anomalygen.methods.dualanodiff.generator as module
+    import anomalygen.methods.kit.method as kit
     from anomalygen.diffusion.train import TrainResult
 
     clock, budgets = [100.0], []
@@ -318,7 +319,7 @@ def test_the_time_budget_is_shared_by_the_defect_types(monkeypatch):
         clock[0] += 0.3  # this type used 0.3 s
         return TrainResult(0, float("nan"), "time_budget")
 
-    monkeypatch.setattr(module, "train", fake_train)
+    monkeypatch.setattr(kit, "train", fake_train)
     defects, good = toy_data()
     three = defects[:3] + [DefectExample(defects[0].image, defects[0].mask, "stain")]
     DualAnoDiff(**{**FAST, "time_budget_s": 1.5}).fit(three, good)

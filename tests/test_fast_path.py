@@ -81,7 +81,8 @@ def test_generation_batch_is_the_requested_or_the_cpu_default(method):
 def test_textual_inversion_samples_in_the_batch_the_fast_path_chooses(monkeypatch):
     import numpy as np
 
-    from anomalygen.methods import textual_inversion
+    from anomalygen.methods.kit import method as kit
+    from anomalygen.methods.textual_inversion import generator as textual_inversion
     from anomalygen.types import DefectExample
 
     mask = np.zeros((32, 32), bool)
@@ -91,7 +92,7 @@ def test_textual_inversion_samples_in_the_batch_the_fast_path_chooses(monkeypatc
                        num_inference_steps=1, checkpoint_every=0)
     generator.fit([DefectExample(good[0], mask, "crack")], good)
     asked, sizes = [], []
-    monkeypatch.setattr(textual_inversion, "sampling_batch", lambda backbone, *a: asked.append(a) or 3)
+    monkeypatch.setattr(kit, "sampling_batch", lambda backbone, *a: asked.append(a) or 3)
     monkeypatch.setattr(textual_inversion, "blended_generate",
                         lambda backbone, context, images, *a, **k: sizes.append(len(images)) or images)
     assert len(list(generator.generate(good, 7))) == 7

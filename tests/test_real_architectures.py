@@ -140,10 +140,9 @@ def test_bert_prompt_encoder_pads_to_77_with_cls_sep(ldm_folder):
 def test_resolution_defaults_to_native_and_warns_below_it_on_sd(tmp_path, ldm_folder):
     sd = write_model(tmp_path, "sd")
     generator = create("textual-inversion", model=str(sd), device="cpu")
-    generator._setup()
-    assert generator.resolution == 512
+    assert generator.backbone is not None and generator.opt["resolution"] == 512
     with pytest.warns(UserWarning, match=r"resolution 256 is below the 512 px"):
-        create("textual-inversion", model=str(sd), device="cpu", resolution=256)._setup()
+        create("textual-inversion", model=str(sd), device="cpu", resolution=256).backbone
     anomalydiffusion = create("anomalydiffusion", model=str(ldm_folder), device="cpu")
     assert anomalydiffusion.backbone is not None and anomalydiffusion.opt["resolution"] == 256
     assert create("anomalydiffusion", model="tiny", device="cpu").backbone.native_resolution == 32
@@ -228,7 +227,7 @@ def test_every_sd_method_runs_on_the_ldm_layout_at_small_width(ldm_folder, monke
     here 32-d) on the LDM layout; AnomalyXFusion without a CLIP semantic encoder refuses it in one line."""
     backbone = load_backbone(str(ldm_folder), device="cpu")
     seen = _record_unet_calls(backbone.unet)
-    monkeypatch.setattr("anomalygen.methods.diffusion_base.load_backbone", lambda *args, **kwargs: backbone)
+    monkeypatch.setattr("anomalygen.methods.kit.method.load_backbone", lambda *args, **kwargs: backbone)
     common = dict(model=str(ldm_folder), device="cpu", resolution=64, batch_size=1, max_steps=1, num_inference_steps=1,
                   checkpoint_every=0, generate_batch_size=1)
     _fit_generate_each({"cagen": dict(mask_source="augment"), "dualanodiff": dict(rank=2, mask_tries=1)}, common, seen, 32, {})
@@ -253,7 +252,7 @@ def test_anomalyxfusion_runs_on_the_ldm_layout_with_a_clip_semantic_encoder(ldm_
     tiny_tokenizer().save_pretrained(tmp_path / "clip")
     backbone = load_backbone(str(ldm_folder), device="cpu")
     seen = _record_unet_calls(backbone.unet)
-    monkeypatch.setattr("anomalygen.methods.diffusion_base.load_backbone", lambda *args, **kwargs: backbone)
+    monkeypatch.setattr("anomalygen.methods.kit.method.load_backbone", lambda *args, **kwargs: backbone)
     generator = create("anomalyxfusion", model=str(ldm_folder), device="cpu", resolution=32, batch_size=1, max_steps=1,
                        num_inference_steps=1, checkpoint_every=0, generate_batch_size=1, tokens=2, mif=False,
                        semantic_encoder=str(tmp_path / "clip"))  # DDF alone: e = DDF(projected e_sem, t)
@@ -284,9 +283,7 @@ def test_full_shape_fit_and_generate(arch, monkeypatch, one_model_at_a_time):
     assert sum(p.numel() for p in backbone.unet.parameters()) > 850e6
     assert backbone.text_encoder.get_input_embeddings().num_embeddings == (49408 if arch == "sd15" else 30522)  # published vocab
     seen = _record_unet_calls(backbone.unet)
-    for module in ("anomalygen.methods.textual_inversion", "anomalygen.methods.anomalydiffusion.generator",
-                   "anomalygen.methods.diffusion_base"):
-        monkeypatch.setattr(f"{module}.load_backbone", lambda *args, **kwargs: backbone)
+    monkeypatch.setattr("anomalygen.methods.kit.method.load_backbone", lambda *args, **kwargs: backbone)
     common = dict(model=arch, device="cpu", resolution=64, batch_size=1, max_steps=1, num_inference_steps=1, checkpoint_every=0)
     runs = {
         "textual-inversion": {},

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from anomalygen.diffusion.sampling import encode_images, latent_mask, to_tensor, to_uint8
 from anomalygen.diffusion.train import TrainResult
+from anomalygen.methods.kit import method as kit
 from anomalygen.types import DefectExample
 from recording import record, source
 
@@ -118,13 +119,13 @@ def assert_blended_every_step(rec, calls, known, mask, rows=slice(None)):
 
 
 # ----------------------------------------------------------------- textual inversion
-def fit_with_fake_train(module, generator, goods, prepare=None):
-    """Fit ``generator`` on ``defects()`` with ``module.train`` replaced by a ``FakeTrain``; returns
+def fit_with_fake_train(generator, goods, prepare=None):
+    """Fit ``generator`` on ``defects()`` with the kit's ``train`` replaced by a ``FakeTrain``; returns
     (generator, the fake, the defects)."""
     fake = FakeTrain(lambda: generator.backbone, prepare)
     data = defects()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "train", fake)
+        patch.setattr(kit, "train", fake)
         generator.fit(data, goods)
     return generator, fake, data
 
@@ -135,9 +136,9 @@ def textual_inversion():
 
     generator = module.TextualInversionGenerator(**{**BASE, "seed": 1}, batch_size=4, num_inference_steps=3, guidance_scale=2.0,
                                                  prompt="a photo of {} here", generate_batch_size=2)
-    fake = FakeTrain(lambda: generator._backbone, lambda m: distinct(m["embeddings"].vectors, 1))
+    fake = FakeTrain(lambda: generator.backbone, lambda m: distinct(m["embeddings"].tokens, 1))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "train", fake)
+        patch.setattr(kit, "train", fake)
         generator.fit(defects(), GOOD)
     return generator, fake
 
@@ -145,7 +146,7 @@ def textual_inversion():
 def test_textual_inversion_training_rows_get_their_image_its_type_token_and_their_own_noise(textual_inversion):
     generator, fake = textual_inversion
     (rec, loss, _), = fake.calls
-    backbone, encoder = generator._backbone, generator._encoder
+    backbone, encoder = generator.backbone, generator.prompts
     data = defects()
     clean = latents_of(backbone, [d.image for d in data])
     call, = rec.unet
@@ -155,22 +156,22 @@ def test_textual_inversion_training_rows_get_their_image_its_type_token_and_thei
     assert types != types[::-1] and len(set(types)) == 2  # (seed 1) rows of one batch in an order a swap changes
     for row, (x, d) in enumerate(zip(call.latents, picked)):
         z0, _, t = rec.made(x)
-        vector = generator.embeddings.vectors[generator._defect_types.index(d.defect_type)]
-        expected = encoder(["a photo of <defect> here"], {"<defect>": vector[None]}).hidden_states[0]
+        vector = generator.embeddings.tokens[generator._defect_types.index(d.defect_type)]
+        expected = encoder(["a photo of <defect> here"], {"<defect>": vector}).hidden_states[0]
         assert torch.allclose(call.context[row], expected, atol=1e-5)
         assert int(call.timesteps[row]) == int(t)
 
 
 def test_textual_inversion_generation_conditions_every_step_and_blends_at_every_step(textual_inversion):
     generator, _ = textual_inversion
-    backbone, encoder = generator._backbone, generator._encoder
+    backbone, encoder = generator.backbone, generator.prompts
     with record(backbone) as rec:
         samples = list(generator.generate(GOOD, 2, seed=3, start=1))
     assert len(rec.unet) == 3
     uncond = encoder([""]).hidden_states[0]
     for j, sample in enumerate(samples):
-        vector = generator.embeddings.vectors[generator._defect_types.index(sample.defect_type)]
-        expected = encoder(["a photo of <defect> here"], {"<defect>": vector[None]}).hidden_states[0]
+        vector = generator.embeddings.tokens[generator._defect_types.index(sample.defect_type)]
+        expected = encoder(["a photo of <defect> here"], {"<defect>": vector}).hidden_states[0]
         for call in rec.unet:  # [uncond; cond] under classifier-free guidance
             assert torch.allclose(call.context[2 + j], expected, atol=1e-5)
             assert torch.allclose(call.context[j], uncond, atol=1e-5)
@@ -216,7 +217,7 @@ def anomalydiffusion():
 
     fake = FakeTrain(lambda: generator.backbone, prepare)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "train", fake)
+        patch.setattr(kit, "train", fake)
         patch.setattr(module, "augment_pair", augment)
         patch.setattr(module, "masked_diffusion_loss", loss)
         prompts = drawn_prompts(patch)
@@ -315,7 +316,7 @@ DUAL = dict(BASE, batch_size=2, rank=2, flip=False, vae_latents="mean", part_bac
 def dualanodiff():
     import anomalygen.methods.dualanodiff.generator as module
 
-    return fit_with_fake_train(module, module.DualAnoDiff(**DUAL), GOOD_OBJECTS)
+    return fit_with_fake_train(module.DualAnoDiff(**DUAL), GOOD_OBJECTS)
 
 
 def test_dualanodiff_training_rows_whole_part_background_with_their_prompts_adapters_and_targets(dualanodiff):
@@ -434,7 +435,7 @@ def cagen():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(k)))
 
-    return fit_with_fake_train(module, generator, GOOD, prepare)
+    return fit_with_fake_train(generator, GOOD, prepare)
 
 
 def assert_controlled(rec, call, control_call, control):
@@ -502,7 +503,7 @@ AXF = dict(BASE, batch_size=4, tokens=2, mask_embedding=16, mif=True, ddf=True, 
 def anomalyxfusion():
     import anomalygen.methods.anomalyxfusion.generator as module
 
-    return fit_with_fake_train(module, module.AnomalyXFusion(**AXF), GOOD)
+    return fit_with_fake_train(module.AnomalyXFusion(**AXF), GOOD)
 
 
 def x_context(modules, generator, caption, mask, defect_type, t):

@@ -52,52 +52,6 @@ def model_path(directory: Path, name: Any, recorded_in: Path) -> Path:
     return path
 
 
-MASK_DIR = "training_masks"
-
-
-def write_masks(directory: Path, masks: dict[str, list[np.ndarray]], types: list[str]) -> dict[str, list[str]]:
-    """Save each type's bool masks as PNGs under ``directory/training_masks/NNN/`` (NNN: the type's
-    index in ``types``); returns the relative paths by type, for the model's JSON."""
-    import cv2
-
-    names: dict[str, list[str]] = {}
-    for t, type_masks in masks.items():
-        folder = directory / MASK_DIR / f"{types.index(t):03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        names[t] = []
-        for j, mask in enumerate(type_masks):
-            cv2.imwrite(str(folder / f"{j:03d}.png"), np.asarray(mask, np.uint8) * 255)
-            names[t].append(f"{MASK_DIR}/{folder.name}/{j:03d}.png")
-    return names
-
-
-def mask_paths(directory: Path, recorded: Any, types: list[str], recorded_in: Path) -> dict[str, list[Path]]:
-    """The paths ``write_masks`` returned, as the model's JSON ``recorded_in`` holds them: every type
-    has at least one mask (``fit`` saves one per training defect), each checked with ``model_path``."""
-    paths = {}
-    for t in types:
-        names = recorded[t]
-        if not isinstance(names, list) or not names:
-            raise ValueError(f"training_masks of type {t!r} must be a non-empty list of files, got {names!r}")
-        paths[t] = [model_path(directory, name, recorded_in) for name in names]
-    return paths
-
-
-def read_masks(paths: dict[str, list[Path]]) -> dict[str, list[np.ndarray]]:
-    """The masks ``write_masks`` saved (paths already checked with ``model_path``)."""
-    import cv2
-
-    masks: dict[str, list[np.ndarray]] = {}
-    for t, type_paths in paths.items():
-        masks[t] = []
-        for path in type_paths:
-            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-            if image is None:
-                raise DataError(path, "unreadable training mask of the fitted model")
-            masks[t].append(image > 127)
-    return masks
-
-
 class AnomalyGenerator(ABC):
     """Learns from a few real defects (``fit``) and produces image+mask pairs (``generate``).
 

@@ -25,115 +25,65 @@ the spatial-token bound is ours (``spatial_encoder.py``).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
 
 from anomalygen.diffusion.attention import AttentionReweight, install_hooks, remove_hooks, select_layers
-from anomalygen.diffusion.backbone import LDM_MODEL, Backbone, default_model, load_backbone
-from anomalygen.diffusion.conditioning import PromptEncoder
-from anomalygen.diffusion.fast import sampling_batch
-from anomalygen.diffusion.sampling import (
-    SAMPLERS, StepState, blended_generate, decode_latents, encode_images, sample_generators, sample_latents, to_tensor,
-)
-from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
-from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
+from anomalygen.diffusion.backbone import LDM_MODEL
+from anomalygen.diffusion.sampling import StepState, blended_generate, decode_latents, encode_images, sample_latents, to_tensor
+from anomalygen.diffusion.tokens import TypeTokens
+from anomalygen.diffusion.train import batch_share
+from anomalygen.errors import DataError
 from anomalygen.masks import augment_mask, resize_mask
-from anomalygen.methods.anomalydiffusion.aar import (
-    AAR_TOKENS, AAR_VARIANTS, APPLY, DEFAULT_APPLY, HOOK_STAGE, dilation_scale, latent_weights, paper_weights,
-)
+from anomalygen.methods.anomalydiffusion.aar import DEFAULT_APPLY, HOOK_STAGE, dilation_scale, latent_weights, paper_weights
 from anomalygen.methods.anomalydiffusion.augment import augment_pair
-from anomalygen.methods.anomalydiffusion.embedding import TypeTokens
-from anomalygen.methods.anomalydiffusion.loss import NORMALISATIONS, latent_mask, masked_diffusion_loss
-from anomalygen.methods.anomalydiffusion.mask_model import (
-    MASK_FILTERS, OFFICIAL_THRESHOLD, MaskStats, binarize, official_rejection,
-)
+from anomalygen.methods.anomalydiffusion.config import OPTIONS
+from anomalygen.methods.anomalydiffusion.loss import latent_mask, masked_diffusion_loss
+from anomalygen.methods.anomalydiffusion.mask_model import MaskStats, binarize, official_rejection
 from anomalygen.methods.anomalydiffusion.prompts import PROMPTS, prompt
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS, RANDOM, SpatialEncoder
-from anomalygen.methods.base import AnomalyGenerator, malformed_as_corrupt, mask_paths, read_masks, write_masks
-from anomalygen.methods.diffusion_base import copy_saved
-from anomalygen.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice,
-                                        Float, Int, OptionSpec, diffusion_options)
-from anomalygen.seeding import sample_rng
+from anomalygen.methods.base import malformed_as_corrupt
+from anomalygen.methods.kit.batch import Batch
+from anomalygen.methods.kit.method import DiffusionMethod
+from anomalygen.methods.kit.state import copy_saved, mask_paths, read_masks, read_modules, write_masks, write_modules
 from anomalygen.types import AnomalySample, DefectExample
 
 ANOMALY, SPATIAL, MASK = "<anomaly>", "<spatial>", "<mask>"
 STATE_FILE = "anomalydiffusion.safetensors"
-META_FILE = "anomalydiffusion.json"
 FALLBACK = "augment (fallback: learned masks rejected)"  # mask_source of a sample whose learned masks were all rejected
 
 
-class AnomalyDiffusion(AnomalyGenerator):
+class AnomalyDiffusion(DiffusionMethod):
     """Few-shot anomaly image + mask generation with spatial anomaly embeddings and AAR."""
 
     name = "anomalydiffusion"
-
-    OPTIONS = OptionSpec(
-        **diffusion_options(),
-        max_steps=Int(2000, 1),
-        resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size (LDM text2im 256, as the paper; SD 1.x 512)
-        lr=Float(None, 0, low_open=True, optional=True),  # None = 5e-3 × batch_size, as the official code scales it
-        num_anomaly_tokens=Int(8, 1, MAX_TOKENS),  # k (paper; the official code uses 4)
-        num_spatial_tokens=Int(4, 1, MAX_TOKENS),  # n
-        spatial_encoder=Choice(None, sorted(PRESETS), optional=True),  # None = "tiny" for the tiny model, else "resnet50"
-        spatial_token_bound=Float(1.0, 0, low_open=True, optional=True),  # ours: |E(m) − init| < this × the vocabulary's mean token norm; None = unbounded (official)
-        prompt=Choice("official", PROMPTS),  # "official": a random textual-inversion template around the tokens (prompts.py) | "tokens": the tokens alone (ours)
-        aar=Choice("off", AAR_VARIANTS, sampling=True),  # "off" unless asked (official: --adaptive_mask, for texture defects) | "latent" (official code) | "paper" (Eq. 7, one extra UNet pass per step)
-        aar_tokens=Choice("official", AAR_TOKENS, sampling=True),  # "official": start column + anomaly + spatial tokens | "anomaly": the anomaly tokens only (ours)
-        aar_apply=Choice(None, APPLY, optional=True, sampling=True),  # "multiply_logits" | "probabilities" | "add_log_logits"; None = the variant's own (aar.py)
-        aar_dilation_scale=Int(None, 0, optional=True, sampling=True),  # latent AAR; None = the official rule: 16 at 50 DDIM steps, else 8
-        masked_loss=Bool(True),
-        masked_loss_norm=Choice("latent_size", NORMALISATIONS),  # "latent_size": ÷ C·h·w (official code) | "sum": Eq. 5 as written | "mask_area": ÷ C·mask area (ours)
-        spatial_encoder_lr=Float(None, 0, low_open=True, optional=True),  # None = lr (official: one Adam over e_a, e_m and E)
-        spatial_embedding=Bool(True),
-        mask_source=Choice("learned", ("learned", "augment")),  # "learned" (Eq. 9) | "augment" (augmented training masks)
-        mask_tokens=Int(4, 1, MAX_TOKENS),  # k'
-        num_inference_steps=Int(200, 1, MAX_INFERENCE_STEPS, sampling=True),
-        eta=Float(1.0, 0, 1, sampling=True),
-        mask_sampler=Choice("ddim", SAMPLERS, sampling=True),
-        mask_inference_steps=Int(100, 1, MAX_INFERENCE_STEPS, sampling=True),
-        mask_guidance_scale=Float(5.0, 0, sampling=True),
-        mask_eta=Float(1.0, 0, 1, sampling=True),  # official: log_images' ddim_eta = 1
-        mask_threshold=Float(OFFICIAL_THRESHOLD, -1, 1, sampling=True),  # on the decoded mask's [-1, 1] channel mean (official 0.8; ours was 0.6)
-        mask_filter=Choice("official", MASK_FILTERS, sampling=True),  # "official": > 1/3 of a border side (and empty) | "ours": area and border vs the training masks
-        mask_tries=Int(8, 0, 100, sampling=True),
-        generate_batch_size=Int(0, 0, MAX_BATCH, sampling=True),  # 0: auto (fast.sampling_batch; 8 on the CPU)
-    )
+    OPTIONS = OPTIONS
+    BASE_MODEL = LDM_MODEL  # the paper's base: LDM text2im-256
 
     def __init__(self, **options: Any):
-        self.opt = self.OPTIONS.validate(self.name, options)
         super().__init__(**options)
-        self._backbone: Backbone | None = None
-        self._defect_types: list[str] = []
+        self.anomaly_tokens: TypeTokens | None = None
         self.training_masks: dict[str, list[np.ndarray]] = {}
         self.mask_stats: dict[str, MaskStats] = {}
         self.loss_log: list[float] = []
 
     # ----------------------------------------------------------------- components
-    @property
-    def backbone(self) -> Backbone:
-        if self._backbone is None:
-            self._backbone = load_backbone(self.opt["model"] or default_model(LDM_MODEL), device=self.opt["device"],
-                                           dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
-            self.opt["resolution"] = self._backbone.resolution(self.opt["resolution"])
-        return self._backbone
+    def placeholders(self) -> dict[str, int]:
+        opt = self.opt
+        return {ANOMALY: opt["num_anomaly_tokens"], SPATIAL: opt["num_spatial_tokens"], MASK: opt["mask_tokens"]}
 
     def _build(self, types: list[str], encoder: dict[str, str] | None = None) -> None:
-        """Prompt encoder, e_a, e_m and E for ``types`` (all on the backbone's device, fp32).
+        """e_a, e_m and E for ``types`` (all on the backbone's device, fp32).
 
         ``encoder``: a saved model's ``{"preset", "source", "equalized", "bound"}`` record of E,
         rebuilt as it was; None (fitting): the ``spatial_encoder`` and ``spatial_token_bound``
         options, ImageNet weights when cached (``resnet50``)."""
         backbone, opt = self.backbone, self.opt
-        counts = {ANOMALY: opt["num_anomaly_tokens"], SPATIAL: opt["num_spatial_tokens"], MASK: opt["mask_tokens"]}
-        self.prompts = PromptEncoder(backbone.text_encoder, backbone.tokenizer, counts)
         init = self.prompts.word_embedding(opt["init_word"]).float()
         self.anomaly_tokens = TypeTokens(types, opt["num_anomaly_tokens"], init).to(backbone.device)
         self.mask_tokens = TypeTokens(types, opt["mask_tokens"], init).to(backbone.device)
@@ -178,12 +128,10 @@ class AnomalyDiffusion(AnomalyGenerator):
 
     # ----------------------------------------------------------------- training
     def _noised(self, latents: torch.Tensor, generator: torch.Generator, share: slice):
-        """Noise and timesteps drawn for the whole batch (``batch_size`` rows), ``share`` of them kept."""
-        scheduler = self.backbone.noise_scheduler()
-        batch = self.opt["batch_size"]
-        noise = torch.randn((batch, *latents.shape[1:]), generator=generator)[share].to(latents.device)
-        timesteps = torch.randint(0, self.backbone.num_train_timesteps, (batch,), generator=generator)[share]
-        return scheduler.add_noise(latents, noise, timesteps.to(latents.device)), noise, timesteps.to(latents.device)
+        """ε, then t, drawn for the whole batch, ``share`` of them kept; returns (z_t, ε, t)."""
+        noise = self.draw_noise(latents.shape[1:], generator, share).to(latents.device)
+        timesteps = self.draw_timesteps(generator, share).to(latents.device)
+        return self.backbone.noise_scheduler().add_noise(latents, noise, timesteps), noise, timesteps
 
     def _eps(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         unet = self.backbone.unet
@@ -250,14 +198,10 @@ class AnomalyDiffusion(AnomalyGenerator):
             rng = np.random.default_rng(np.random.SeedSequence([opt["seed"], 0, step]))  # augmentation of this step
             return self.training_loss(defects, type_indices, rng, generator, modules)
 
-        config = TrainConfig(
-            max_steps=int(opt["max_steps"]), time_budget_s=opt["time_budget_s"], lr=opt["lr"] or 5e-3 * opt["batch_size"],
-            module_lr={} if opt["spatial_encoder_lr"] is None else {"spatial_encoder": opt["spatial_encoder_lr"]},
-            mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"], seed=opt["seed"],
-            device=opt["device"], max_grad_norm=None,
-        )
-        with work_directory(opt["work_dir"]) as work_dir:
-            return train(self._trainable(), loss_fn, config, work_dir).losses
+        config = self.train_config(
+            lr=opt["lr"] or 5e-3 * opt["batch_size"], max_grad_norm=None,
+            module_lr={} if opt["spatial_encoder_lr"] is None else {"spatial_encoder": opt["spatial_encoder_lr"]})
+        return self.train_modules(self._trainable(), loss_fn, config)
 
     # ----------------------------------------------------------------- masks
     def _sample_masks(self, type_indices: list[int], seeds: list[np.random.SeedSequence]) -> list[np.ndarray | None]:
@@ -365,67 +309,43 @@ class AnomalyDiffusion(AnomalyGenerator):
         spatial = encoded.positions.get(SPATIAL, [[] for _ in anomaly])
         return [[0, *a, *s] for a, s in zip(anomaly, spatial)]
 
-    def generation_batch(self) -> int:
-        # the learned masks sample with CFG: 2 UNet rows per sample
-        return sampling_batch(self.backbone, self.opt["generate_batch_size"], 8, self.opt["resolution"], rows_per_sample=2)
+    def sampling_rows(self) -> float:
+        return 2  # the learned masks sample with CFG
 
-    def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
-                 seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
-        if not self._defect_types or not hasattr(self, "anomaly_tokens"):
-            raise AnomalygenError("anomalydiffusion: call fit() or load a fitted model before generate()")
-        if not good:
-            raise DataError(None, "anomalydiffusion.generate needs at least one good image")
-        if defect_type is not None:
-            self.anomaly_tokens.index(defect_type)
-        chunk = self.generation_batch()
-        for first in range(start, start + n, chunk):
-            yield from self._generate_batch(good, list(range(first, min(first + chunk, start + n))),
-                                            masks, seed, defect_type)
+    @property
+    def fitted(self) -> bool:
+        return self.anomaly_tokens is not None and super().fitted
 
-    def _generate_batch(self, good, indices, given_masks, seed, defect_type) -> list[AnomalySample]:
+    def sample_batch(self, batch: Batch) -> list[AnomalySample]:
+        """A mask per sample (given, learned or augmented), then blended sampling per group of same-size good images."""
         opt, backbone = self.opt, self.backbone
-        types, sources = [], []
-        for i in indices:
-            rng = sample_rng(seed, i)
-            name = defect_type or self._defect_types[i % len(self._defect_types)]
-            types.append(self._defect_types.index(name))
-            sources.append(int(rng.integers(len(good))))
-        images = [np.asarray(good[s]) for s in sources]
-        if given_masks is not None:
-            chosen = [np.asarray(given_masks[i % len(given_masks)], bool) for i in indices]
-            masks = [resize_mask(m, im.shape[:2]) for m, im in zip(chosen, images)]
-            mask_meta = [{"mask_source": "given"}] * len(indices)
+        types = [self._defect_types.index(t) for t in batch.types]
+        if batch.given is not None:
+            masks = [resize_mask(m, im.shape[:2]) for m, im in zip(batch.given, batch.images)]
+            mask_meta = [{"mask_source": "given"}] * len(batch)
         else:
-            masks, mask_meta = self._masks_for(indices, types, [im.shape[:2] for im in images], seed)
-        outputs: list[np.ndarray | None] = [None] * len(indices)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for j, image in enumerate(images):  # the core batches images of one size
-            by_shape.setdefault(image.shape, []).append(j)
-        for group in by_shape.values():
-            made = self._sample_images([images[j] for j in group], [masks[j] for j in group],
-                                       [types[j] for j in group], [indices[j] for j in group], seed)
-            for j, image in zip(group, made):
-                outputs[j] = image
+            masks, mask_meta = self._masks_for(batch.indices, types, [im.shape[:2] for im in batch.images], batch.seed)
+        outputs: dict[int, np.ndarray] = {}
+        for group in batch.split([image.shape for image in batch.images]):  # the core batches images of one size
+            outputs.update(zip(group, self._sample_images(batch.subset(group), [masks[j] for j in group],
+                                                          [types[j] for j in group])))
         aar = opt["aar"] if opt["aar"] == "off" else f"{opt['aar']} ({opt['aar_apply'] or DEFAULT_APPLY[opt['aar']]})"
-        return [
-            AnomalySample(image=out, mask=mask, defect_type=self._defect_types[t], prompt=None,
-                          meta={"source_index": src, **mm, "aar": aar, "model": backbone.label})
-            for out, mask, t, src, mm in zip(outputs, masks, types, sources, mask_meta)
-        ]
+        return [AnomalySample(image=outputs[j], mask=masks[j], defect_type=batch.types[j], prompt=None,
+                              meta={"source_index": batch.sources[j], **mask_meta[j], "aar": aar, "model": backbone.label})
+                for j in range(len(batch))]
 
-    def _sample_images(self, images: list[np.ndarray], masks: list[np.ndarray], types: list[int],
-                       indices: list[int], seed: int) -> list[np.ndarray]:
+    def _sample_images(self, batch: Batch, masks: list[np.ndarray], types: list[int]) -> list[np.ndarray]:
         """Blended latent diffusion of same-size good images conditioned on {e_a, E(m)}, with AAR
         on the cross-attention of the anomaly tokens (``aar.py``)."""
         opt, backbone = self.opt, self.backbone
         size = opt["resolution"]
         square = torch.stack([torch.from_numpy(resize_mask(m, (size, size))) for m in masks])[:, None].float()
         sampling = dict(sampler=opt["sampler"], num_inference_steps=opt["num_inference_steps"], eta=opt["eta"],
-                        guidance_scale=opt["guidance_scale"], progress=len(indices) > 1)
+                        guidance_scale=opt["guidance_scale"], progress=len(batch) > 1)
         installed = None
         try:
             with torch.no_grad():
-                rngs = [np.random.default_rng(np.random.SeedSequence([seed, i, 3])) for i in indices]
+                rngs = [np.random.default_rng(np.random.SeedSequence([batch.seed, i, 3])) for i in batch.indices]
                 encoded = self.condition(torch.tensor(types, device=backbone.device), square, rngs=rngs)
                 uncond = self.prompts([""]).hidden_states if opt["guidance_scale"] > 1 else None
                 sampling["uncond_hidden_states"] = uncond
@@ -435,35 +355,32 @@ class AnomalyDiffusion(AnomalyGenerator):
                     installed = install_hooks(backbone.unet, lambda layer: [hook],
                                               select_layers(backbone.unet, kinds=("cross",)))
                     sampling["callback"] = self._aar_callback(
-                        hook, to_tensor(images, (size, size)).to(backbone.device), square.to(backbone.device), uncond)
-                return blended_generate(backbone, encoded.hidden_states, images, masks,
-                                        sample_generators(seed, indices), resolution=size, **sampling)
+                        hook, to_tensor(batch.images, (size, size)).to(backbone.device), square.to(backbone.device), uncond)
+                return blended_generate(backbone, encoded.hidden_states, batch.images, masks, batch.generators,
+                                        resolution=size, **sampling)
         finally:
             if installed is not None:
                 remove_hooks(backbone.unet, installed)
 
     # ----------------------------------------------------------------- persistence
     def save_state(self, directory: Path) -> None:
-        tensors = {"anomaly_tokens": self.anomaly_tokens.tokens.detach().cpu().contiguous(),
-                   "mask_tokens": self.mask_tokens.tokens.detach().cpu().contiguous()}
-        tensors.update({f"spatial_encoder.{k}": v.detach().cpu().contiguous()
-                        for k, v in self.spatial_encoder.state_dict().items()})
-        atomic_write_bytes(directory / STATE_FILE, save(tensors))
-        meta = {"defect_types": self._defect_types,
-                "spatial_encoder": {"preset": self._encoder_preset, "source": self.spatial_encoder.source,
-                                    "equalized": self.spatial_encoder.gain != 1.0, "bound": self.spatial_encoder.bound},
-                "prompt": self.opt["prompt"],
-                "mask_stats": {t: s.to_json() for t, s in self.mask_stats.items()},
-                "training_masks": write_masks(directory, self.training_masks, self._defect_types),
-                "loss_log": self.loss_log}
-        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
+        """e_a and e_m (``anomaly_tokens``, ``mask_tokens``) and E (``spatial_encoder.*``) in
+        ``anomalydiffusion.safetensors``; E's record, the mask statistics and the training masks
+        (PNG) in ``anomalydiffusion.json``."""
+        write_modules(directory / STATE_FILE, {"spatial_encoder": self.spatial_encoder},
+                      {"anomaly_tokens": self.anomaly_tokens.tokens, "mask_tokens": self.mask_tokens.tokens})
+        self.write_meta(directory, {
+            "defect_types": self._defect_types,
+            "spatial_encoder": {"preset": self._encoder_preset, "source": self.spatial_encoder.source,
+                                "equalized": self.spatial_encoder.gain != 1.0, "bound": self.spatial_encoder.bound},
+            "prompt": self.opt["prompt"],
+            "mask_stats": {t: s.to_json() for t, s in self.mask_stats.items()},
+            "training_masks": write_masks(directory, self.training_masks, self._defect_types),
+            "loss_log": self.loss_log})
 
     def load_state(self, directory: Path) -> None:
-        state_path, meta_path = directory / STATE_FILE, directory / META_FILE
-        for path in (state_path, meta_path):
-            if not path.is_file():
-                raise DataError(path, "missing: not a fitted anomalydiffusion model folder")
-        meta = read_json(meta_path)
+        state_path, meta_path = self.fitted_file(directory / STATE_FILE), self.meta_file(directory)
+        meta = self.read_meta(directory)
         with malformed_as_corrupt(meta_path):
             types = meta["defect_types"]
             if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
@@ -478,14 +395,11 @@ class AnomalyDiffusion(AnomalyGenerator):
             if not isinstance(encoder, dict) or encoder.get("preset") not in (None, *PRESETS):
                 raise TypeError(f"spatial_encoder must be an object naming a preset of {sorted(PRESETS)}, got {encoder!r}")
         self._build(types, encoder)
+        tensors = read_modules(state_path, {"spatial_encoder": self.spatial_encoder}, self.backbone.device)
         with malformed_as_corrupt(state_path):
-            tensors = load_file(str(state_path), device=str(self.backbone.device))
-            copy_saved(self.anomaly_tokens.tokens, tensors.pop("anomaly_tokens"), "anomaly_tokens")
-            copy_saved(self.mask_tokens.tokens, tensors.pop("mask_tokens"), "mask_tokens")
-            prefix = "spatial_encoder."
-            self.spatial_encoder.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
+            copy_saved(self.anomaly_tokens.tokens, tensors["anomaly_tokens"], "anomaly_tokens")
+            copy_saved(self.mask_tokens.tokens, tensors["mask_tokens"], "mask_tokens")
         self.opt["prompt"] = fitted_prompt
         self.mask_stats = mask_stats
         self.training_masks = read_masks(mask_files)
         self.loss_log = loss_log
-

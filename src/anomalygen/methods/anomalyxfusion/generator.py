@@ -30,65 +30,34 @@ timestep embedding. The UNet, VAE, CLIP text and image encoders stay frozen.
 from __future__ import annotations
 
 import copy
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
 
 from anomalygen.data.captions import caption_for, default_caption, load_captions
 from anomalygen.diffusion.backbone import default_model
 from anomalygen.diffusion.conditioning import PromptEncoder
 from anomalygen.diffusion.image_encoder import image_embeds, load_image_encoder, load_text_encoder
-from anomalygen.diffusion.sampling import blended_generate, encode_images, sample_generators, to_tensor
-from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
+from anomalygen.diffusion.sampling import blended_generate, encode_images, to_tensor
+from anomalygen.diffusion.train import batch_share
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
 from anomalygen.masks import augment_mask, resize_mask
+from anomalygen.methods.anomalyxfusion.config import OPTIONS
 from anomalygen.methods.anomalyxfusion.ddf import DDF
 from anomalygen.methods.anomalyxfusion.mif import MIF, MaskEncoder, load_mask_encoder, semantic_embedding, texture_init
-from anomalygen.methods.base import malformed_as_corrupt, mask_paths, read_masks, write_masks
-from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, MAX_TOKENS, Bool, Choice, Float,
-                                        Int, OptionSpec, Text, diffusion_options, require)
-from anomalygen.seeding import sample_rng
+from anomalygen.methods.base import malformed_as_corrupt
+from anomalygen.methods.kit.batch import Batch
+from anomalygen.methods.kit.method import DiffusionMethod
+from anomalygen.methods.kit.state import mask_paths, read_masks, read_modules, write_masks, write_modules
+from anomalygen.options import require
 from anomalygen.types import AnomalySample, DefectExample
 
-META_FILE = "anomalyxfusion.json"
 X_TOKEN = "<x-embedding>"  # the placeholder standing for e_t's tokens in the template
 WEIGHTS_FILE = "anomalyxfusion.safetensors"
-
-
-def _options() -> OptionSpec:
-    shared = diffusion_options()
-    del shared["init_word"]
-    return OptionSpec(
-        **shared,
-        max_steps=Int(1000, 1),
-        lr=Float(1e-4, 0, low_open=True),
-        resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size
-        tokens=Int(4, 1, MAX_TOKENS),  # k: tokens per modality; e_X has 3k (MIF), e_sem alone k
-        mif=Bool(True),  # Multi-modal In-Fusion (Eqs. 1-5)
-        ddf=Bool(True),  # Dynamic Dif-Fusion (Eq. 14)
-        captions=Text(None, optional=True),  # {category: {type: [caption of the i-th image]}} JSON; None = "{category} with {type}"
-        category=Text(None, optional=True),  # None = the dataset's category folder name (the captions file's key)
-        image_encoder=Text(None, optional=True),  # CLIP vision model: hub id / folder / "tiny"; None = model's image_encoder/, else ViT-L/14
-        semantic_encoder=Text(None, optional=True),  # CLIP text model for e_sem (hub id / folder / "tiny"); None = the base's own CLIP (an LDM base needs one: the authors' ViT-B/32)
-        mask_encoder=Text(None, optional=True),  # a pretrained ISTR mask encoder (.safetensors); None = trained from scratch
-        mask_encoder_finetune=Bool(True),  # the pretrained one trains with MIF (the paper) | false: frozen (ours)
-        loss=Choice("masked", ("masked", "plain")),  # ε-MSE inside the mask (the authors' code) | the whole image (ours)
-        placement=Choice("template", ("template", "caption")),  # e_t at the template's * (authors' code) | after the caption's tokens (ours)
-        template=Text("a photo of a *", contains="*"),  # the authors' prompt; its * stands for e_t's tokens
-        mask_embedding=Int(256, 1, 4096),  # E_mask's output width when trained from scratch
-        mask_augment=Bool(True, sampling=True),  # generation: flip / rotate / scale / move the training mask
-        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS, sampling=True),
-        final_paste=Bool(True, sampling=True),  # the good image's pixels outside the mask (blending alone keeps its latent)
-        generate_batch_size=Int(0, 0, MAX_BATCH, sampling=True),  # 0: auto (fast.sampling_batch; 4 on the CPU)
-    )
 
 
 def _mask_tensor(masks: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -97,12 +66,12 @@ def _mask_tensor(masks: Sequence[np.ndarray], size: int) -> torch.Tensor:
                       for m in masks])
 
 
-class AnomalyXFusion(DiffusionGenerator):
+class AnomalyXFusion(DiffusionMethod):
     """Caption + mask + image fused into a timestep-dependent X-embedding; blended diffusion."""
 
     name = "anomalyxfusion"
     outside_mask = "changed"  # exactly kept with final_paste (default); the decoder's small changes without it
-    OPTIONS = _options()
+    OPTIONS = OPTIONS
     CPU_BATCH = 4
 
     def __init__(self, **options: Any):
@@ -111,7 +80,6 @@ class AnomalyXFusion(DiffusionGenerator):
         # files are read now, so a bad one is refused before anything is written
         self.caption_file = load_captions(self.opt["captions"]) if self.opt["captions"] else None
         self.pretrained_mask_encoder = load_mask_encoder(self.opt["mask_encoder"]) if self.opt["mask_encoder"] else None
-        self._defect_types: list[str] = []
         self.category = self.opt["category"]
         self.captions: dict[str, list[str]] = {}  # type -> the caption of each training defect
         self.training_masks: dict[str, list[np.ndarray]] = {}
@@ -271,11 +239,7 @@ class AnomalyXFusion(DiffusionGenerator):
         device = backbone.device
 
         def loss_fn(modules, step, generator):
-            batch, share = opt["batch_size"], batch_share(opt["batch_size"])
-            picks = torch.randint(0, len(captions), (batch,), generator=generator)[share]
-            timesteps = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)[share]
-            noise = torch.randn((batch, *latents.shape[1:]), generator=generator)[share]
-            noisy = backbone.noise_scheduler().add_noise(latents[picks].cpu(), noise, timesteps)
+            picks, timesteps, noise, noisy = self.draw_noised(latents, generator, batch_share(opt["batch_size"]))
             t = timesteps.to(device)
             tokens = self.x_embedding(modules, semantic[picks], masks[picks].to(device), type_ids[picks].to(device))
             context = self.step_context(modules, states[picks], tokens, t)
@@ -286,53 +250,37 @@ class AnomalyXFusion(DiffusionGenerator):
                 error = error * (F.interpolate(masks[picks].to(device), size=error.shape[-2:], mode="bilinear") >= 0.5)
             return error.pow(2).mean()
 
-        config = TrainConfig(max_steps=int(opt["max_steps"]), time_budget_s=opt["time_budget_s"], lr=opt["lr"],
-                             mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"],
-                             seed=opt["seed"], device=opt["device"])
         modules = self.modules()
         for module in modules.values():
             module.train()
-        with work_directory(opt["work_dir"]) as work_dir:
-            return train(modules, loss_fn, config, work_dir).losses
+        return self.train_modules(modules, loss_fn, self.train_config())
 
     # ----------------------------------------------------------------- generation
-    def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
-                 seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
-        if not self._defect_types or not self.captions:
-            raise AnomalygenError("anomalyxfusion: call fit() or load a fitted model before generate()")
-        if not good:
-            raise DataError(None, "anomalyxfusion.generate needs at least one good image")
-        if defect_type is not None and defect_type not in self._defect_types:
-            raise AnomalygenError(f"anomalyxfusion: defect type {defect_type!r} not learned; have {', '.join(self._defect_types)}")
-        chunk = self.generation_batch()
-        for first in range(start, start + n, chunk):
-            yield from self._generate_batch(good, list(range(first, min(first + chunk, start + n))), masks, seed, defect_type)
+    @property
+    def fitted(self) -> bool:
+        return bool(self.captions) and super().fitted
 
-    def _draw(self, good: Sequence[np.ndarray], i: int, given, seed: int, defect_type: str | None) -> dict[str, Any]:
-        """Sample ``i``'s type, good image, training defect (its caption) and mask, from ``(seed, i)`` only."""
-        rng = sample_rng(seed, i)
-        name = defect_type or self._defect_types[i % len(self._defect_types)]
-        source = int(rng.integers(len(good)))
-        image = np.asarray(good[source])
-        j = int(rng.integers(len(self.captions[name])))
-        if given is not None:
-            mask, origin = resize_mask(given[i % len(given)], image.shape[:2]), "given"
+    def _draw(self, batch: Batch, j: int) -> dict[str, Any]:
+        """Sample ``j``'s training defect (its caption) and mask, drawn on from its ``(seed, i)`` generator."""
+        rng, name, image = batch.rngs[j], batch.types[j], batch.images[j]
+        k = int(rng.integers(len(self.captions[name])))
+        if batch.given is not None:
+            mask, origin = resize_mask(batch.given[j], image.shape[:2]), "given"
         elif self.opt["mask_augment"]:
-            mask, origin = augment_mask(self.training_masks[name][j], rng, shape=image.shape[:2]), "augment"
+            mask, origin = augment_mask(self.training_masks[name][k], rng, shape=image.shape[:2]), "augment"
         else:
-            mask, origin = resize_mask(self.training_masks[name][j], image.shape[:2]), "training"
-        return {"type": name, "source": source, "image": image, "caption": self.captions[name][j], "mask": mask,
-                "mask_source": origin}
+            mask, origin = resize_mask(self.training_masks[name][k], image.shape[:2]), "training"
+        return {"caption": self.captions[name][k], "mask": mask, "mask_source": origin}
 
-    def _generate_batch(self, good, indices, given, seed, defect_type) -> list[AnomalySample]:
-        draws = [self._draw(good, i, given, seed, defect_type) for i in indices]
+    def sample_batch(self, batch: Batch) -> list[AnomalySample]:
+        draws = [self._draw(batch, j) for j in range(len(batch))]
         opt, backbone = self.opt, self.backbone
         size = opt["resolution"]
         modules = self.modules()
         states, semantic = self.encode_text([d["caption"] for d in draws])
         device = backbone.device
         masks = _mask_tensor([d["mask"] for d in draws], size).to(device)
-        type_ids = torch.tensor([self._defect_types.index(d["type"]) for d in draws], device=device)
+        type_ids = torch.tensor([self._defect_types.index(t) for t in batch.types], device=device)
         with torch.no_grad():
             tokens = self.x_embedding(modules, semantic, masks, type_ids)  # e_X does not depend on t: once per batch
 
@@ -346,31 +294,26 @@ class AnomalyXFusion(DiffusionGenerator):
                 extra = empty.new_zeros(1, first.shape[1] - empty.shape[1], empty.shape[-1])
                 sampling["uncond_hidden_states"] = torch.cat([empty, extra], dim=1)
             made = blended_generate(
-                backbone, first, [d["image"] for d in draws], [d["mask"] for d in draws], sample_generators(seed, indices),
+                backbone, first, batch.images, [d["mask"] for d in draws], batch.generators,
                 resolution=size, final_paste=opt["final_paste"], sampler=opt["sampler"],
                 num_inference_steps=opt["num_inference_steps"], guidance_scale=opt["guidance_scale"],
-                progress=len(indices) > 1, **sampling)
-        return [AnomalySample(image=image, mask=d["mask"], defect_type=d["type"], prompt=d["caption"],
-                              meta={"source_index": d["source"], "mask_source": d["mask_source"], "model": backbone.label,
+                progress=len(batch) > 1, **sampling)
+        return [AnomalySample(image=image, mask=d["mask"], defect_type=t, prompt=d["caption"],
+                              meta={"source_index": source, "mask_source": d["mask_source"], "model": backbone.label,
                                     "modules": "+".join(self.modules()) or "text only"})
-                for image, d in zip(made, draws)]
+                for image, d, t, source in zip(made, draws, batch.types, batch.sources)]
 
     # ----------------------------------------------------------------- persistence
     def save_state(self, directory: Path) -> None:
         """MIF / DDF weights (``anomalyxfusion.safetensors``: ``mif.*``, ``ddf.*``), the captions
         and training masks (PNG) of every type, ``anomalyxfusion.json``."""
-        tensors = {f"{name}.{key}": value.detach().float().cpu().contiguous()
-                   for name, module in self.modules().items() for key, value in module.state_dict().items()}
-        atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors))
+        write_modules(directory / WEIGHTS_FILE, self.modules())
         names = write_masks(directory, self.training_masks, self._defect_types)
-        meta = {"category": self.category, "captions": self.captions, "training_masks": names, "loss_log": self.loss_log}
-        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
+        self.write_meta(directory, {"category": self.category, "captions": self.captions, "training_masks": names,
+                                    "loss_log": self.loss_log})
 
     def load_state(self, directory: Path) -> None:
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise DataError(meta_path, "missing: not a fitted anomalyxfusion model folder")
-        meta = read_json(meta_path)
+        meta, meta_path = self.read_meta(directory), self.meta_file(directory)
         with malformed_as_corrupt(meta_path):
             category, captions = meta["category"], meta["captions"]
             if not isinstance(category, str) or sorted(captions) != self._defect_types:
@@ -381,16 +324,11 @@ class AnomalyXFusion(DiffusionGenerator):
             if any(len(files[t]) != len(captions[t]) for t in self._defect_types):
                 raise ValueError("each type needs one training mask per caption")
             loss_log = [float(v) for v in meta.get("loss_log", [])]
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise DataError(weights, "missing: not a fitted anomalyxfusion model folder")
+        weights = self.fitted_file(directory / WEIGHTS_FILE)
         self.encode_text(["x"])  # e_sem's width: whether a projection was trained
         self._build(torch.zeros(len(self._defect_types), self.opt["tokens"], self.width))
-        with malformed_as_corrupt(weights):
-            tensors = load_file(str(weights), device=str(self.backbone.device))
-            for name, module in self.modules().items():
-                prefix = name + "."
-                module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-                module.eval().requires_grad_(False)
+        read_modules(weights, self.modules(), self.backbone.device)
+        for module in self.modules().values():
+            module.eval().requires_grad_(False)
         self.category, self.captions, self.loss_log = category, captions, loss_log
         self.training_masks = read_masks(files)

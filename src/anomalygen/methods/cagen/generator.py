@@ -11,9 +11,8 @@ z_i = E(x_n): z_f = z_g·c_m + z_i·(1 − c_m), once at the end (Eqs. 2-5), dec
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,61 +22,30 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel
 
 from anomalygen.data.captions import caption_for, load_captions
-from anomalygen.diffusion.sampling import (
-    blended_generate, encode_images, sample_generators, to_tensor,
-)
-from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
-from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.io import atomic_write_text, read_json
-from anomalygen.masks import FOREGROUND_MODES, augment_mask, foreground_mask, perlin_mask, resize_mask, resolve_mode
-from anomalygen.methods.base import malformed_as_corrupt, mask_paths, read_masks, write_masks
+from anomalygen.diffusion.sampling import blended_generate, encode_images, to_tensor
+from anomalygen.diffusion.train import batch_share
+from anomalygen.errors import DataError
+from anomalygen.masks import augment_mask, foreground_mask, perlin_mask, resize_mask, resolve_mode
+from anomalygen.methods.base import malformed_as_corrupt
+from anomalygen.methods.cagen.config import OPTIONS
 from anomalygen.methods.cagen.control import build_controlnet, control_image, controlled_eps
-from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RESOLUTION, Bool, Choice, Float, Int,
-                                        OptionSpec, Text, diffusion_options)
-from anomalygen.seeding import sample_rng
+from anomalygen.methods.kit.batch import Batch
+from anomalygen.methods.kit.method import DiffusionMethod
+from anomalygen.methods.kit.state import mask_paths, read_masks, write_masks
 from anomalygen.types import AnomalySample, DefectExample
 
-META_FILE = "cagen.json"
 CONTROLNET_DIR = "controlnet"
-FUSIONS = ("end", "step")
 
 
-def _options() -> OptionSpec:
-    shared = diffusion_options()
-    del shared["init_word"]
-    shared["guidance_scale"] = Float(7.5, 0, sampling=True)  # not in the paper; diffusers' ControlNet pipeline default
-    return OptionSpec(
-        **shared,
-        epochs=Int(1000, 1),  # the paper: 1000 epochs over the training images
-        max_steps=Int(None, 1, optional=True),  # None = epochs × images / batch_size
-        lr=Float(1e-5, 0, low_open=True),  # ours: the paper gives no learning rate
-        resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size
-        max_per_type=Int(3, 1),  # real defects per type the ControlNet trains on (the paper: 3)
-        training_pick=Choice("random", ("random", "first")),  # which of them: drawn at random with the seed (the paper) | the first (ours)
-        prompt=Text("{defect} {category}", contains="{defect}"),
-        captions=Text(None, optional=True),  # a captions file (MVTec Caption format): each training image's caption is its prompt
-        category=Text(None, optional=True),  # None = the dataset's category folder name (the captions file's key)
-        mask_source=Choice("perlin", ("perlin", "augment"), sampling=True),  # foreground × Perlin (paper) | augmented training masks
-        foreground=Choice("auto", FOREGROUND_MODES),
-        perlin_threshold=Float(0.5, 0, 1, sampling=True),
-        fusion=Choice("end", FUSIONS, sampling=True),  # "end": Eqs. 2-5, fused once | "step": blended every step (ablation)
-        num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS, sampling=True),
-        final_paste=Bool(False, sampling=True),  # True: the good image's pixels outside the mask (the paper decodes z_f as is)
-        generate_batch_size=Int(0, 0, MAX_BATCH, sampling=True),  # 0: auto (fast.sampling_batch; 8 on the CPU)
-    )
-
-
-class CAGen(DiffusionGenerator):
+class CAGen(DiffusionMethod):
     """A ControlNet on mask + text, fused into the normal image's latents."""
 
     name = "cagen"
     outside_mask = "changed"
-    OPTIONS = _options()
+    OPTIONS = OPTIONS
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self._defect_types: list[str] = []
         self.controlnet: ControlNetModel | None = None
         self.category = self.opt["category"]
         self.training_masks: dict[str, list[np.ndarray]] = {}
@@ -151,21 +119,13 @@ class CAGen(DiffusionGenerator):
         steps = opt["max_steps"] or math.ceil(opt["epochs"] * len(chosen) / opt["batch_size"])
 
         def loss_fn(modules, step, generator):
-            batch, share = opt["batch_size"], batch_share(opt["batch_size"])
-            picks = torch.randint(0, len(chosen), (batch,), generator=generator)[share]
-            timesteps = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)[share]
-            noise = torch.randn((batch, *latents.shape[1:]), generator=generator)[share]
+            picks, timesteps, noise, noisy = self.draw_noised(latents, generator, batch_share(opt["batch_size"]))
             device, dtype = backbone.device, backbone.unet.dtype
-            noisy = backbone.noise_scheduler().add_noise(latents[picks].cpu(), noise, timesteps)
             eps = controlled_eps(backbone.unet, modules["controlnet"], noisy.to(device, dtype), timesteps.to(device),
                                  contexts[picks].to(device, dtype), control[picks])
             return F.mse_loss(eps.float(), noise.to(device))
 
-        config = TrainConfig(max_steps=int(steps), time_budget_s=opt["time_budget_s"], lr=opt["lr"],
-                             mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"],
-                             seed=opt["seed"], device=opt["device"])
-        with work_directory(opt["work_dir"]) as work_dir:
-            return train({"controlnet": self.controlnet}, loss_fn, config, work_dir).losses
+        return self.train_modules({"controlnet": self.controlnet}, loss_fn, self.train_config(max_steps=steps))
 
     # ----------------------------------------------------------------- generation
     def location_mask(self, good: np.ndarray, defect_type: str, rng: np.random.Generator) -> np.ndarray:
@@ -182,46 +142,26 @@ class CAGen(DiffusionGenerator):
     def sampling_rows(self) -> float:
         return super().sampling_rows() * 1.5  # the ControlNet adds about half a UNet
 
-    def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
-                 seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
-        if self.controlnet is None or not self._defect_types:
-            raise AnomalygenError("cagen: call fit() or load a fitted model before generate()")
-        if not good:
-            raise DataError(None, "cagen.generate needs at least one good image")
-        if defect_type is not None and defect_type not in self._defect_types:
-            raise AnomalygenError(f"cagen: defect type {defect_type!r} not learned; have {', '.join(self._defect_types)}")
-        chunk = self.generation_batch()
-        for first in range(start, start + n, chunk):
-            yield from self._generate_batch(good, list(range(first, min(first + chunk, start + n))), masks, seed, defect_type)
+    @property
+    def fitted(self) -> bool:
+        return self.controlnet is not None and super().fitted
 
-    def _generate_batch(self, good, indices, given, seed, defect_type) -> list[AnomalySample]:
-        types, images, masks, sources = [], [], [], []
-        for i in indices:
-            rng = sample_rng(seed, i)
-            name = defect_type or self._defect_types[i % len(self._defect_types)]
-            source = int(rng.integers(len(good)))
-            image = np.asarray(good[source])
-            if given is not None:
-                mask = resize_mask(given[i % len(given)], image.shape[:2])
-            else:
-                mask = self.location_mask(image, name, rng)
-            types.append(name), images.append(image), masks.append(mask), sources.append(source)
+    def sample_batch(self, batch: Batch) -> list[AnomalySample]:
+        """A location mask per sample (or the given one), then stage 2 per group of same-size good images."""
+        if batch.given is not None:
+            masks = [resize_mask(m, image.shape[:2]) for m, image in zip(batch.given, batch.images)]
+        else:
+            masks = [self.location_mask(image, t, rng) for image, t, rng in zip(batch.images, batch.types, batch.rngs)]
         outputs: dict[int, np.ndarray] = {}
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for j, image in enumerate(images):
-            by_shape.setdefault(image.shape, []).append(j)
-        for group in by_shape.values():
-            made = self._fuse([images[j] for j in group], [masks[j] for j in group], [types[j] for j in group],
-                              [indices[j] for j in group], seed)
-            outputs.update(zip(group, made))
-        mask_source = "given" if given is not None else self.opt["mask_source"]
-        return [AnomalySample(image=outputs[j], mask=masks[j], defect_type=types[j], prompt=self.prompt(types[j], indices[j]),
-                              meta={"source_index": sources[j], "mask_source": mask_source,
+        for group in batch.split([image.shape for image in batch.images]):
+            outputs.update(zip(group, self._fuse(batch.subset(group), [masks[j] for j in group])))
+        mask_source = "given" if batch.given is not None else self.opt["mask_source"]
+        return [AnomalySample(image=outputs[j], mask=masks[j], defect_type=t, prompt=self.prompt(t, i),
+                              meta={"source_index": batch.sources[j], "mask_source": mask_source,
                                     "fusion": self.opt["fusion"], "model": self.backbone.label})
-                for j in range(len(indices))]
+                for j, (i, t) in enumerate(zip(batch.indices, batch.types))]
 
-    def _fuse(self, images: list[np.ndarray], masks: list[np.ndarray], types: list[str], indices: list[int],
-              seed: int) -> list[np.ndarray]:
+    def _fuse(self, batch: Batch, masks: list[np.ndarray]) -> list[np.ndarray]:
         """Stage 2 (Eqs. 2-5): z_g by ControlNet-guided denoising, z_f = z_g·c_m + z_i·(1 − c_m), decoded."""
         opt, backbone = self.opt, self.backbone
         size = opt["resolution"]
@@ -231,12 +171,12 @@ class CAGen(DiffusionGenerator):
         guided = opt["guidance_scale"] > 1
         with torch.no_grad():
             return blended_generate(
-                backbone, self._contexts([self.prompt(t, i) for t, i in zip(types, indices)]), images, masks,
-                sample_generators(seed, indices), resolution=size, final_paste=opt["final_paste"],
+                backbone, self._contexts([self.prompt(t, i) for t, i in zip(batch.types, batch.indices)]), batch.images,
+                masks, batch.generators, resolution=size, final_paste=opt["final_paste"],
                 blend=opt["fusion"], sampler=opt["sampler"], num_inference_steps=opt["num_inference_steps"],
                 guidance_scale=opt["guidance_scale"], uncond_hidden_states=self.prompts([""]).hidden_states if guided else None,
                 denoiser=lambda x, t, ctx: controlled_eps(backbone.unet, self.controlnet, x, t, ctx, control),
-                progress=len(indices) > 1)
+                progress=len(batch) > 1)
 
     # ----------------------------------------------------------------- persistence
     def save_state(self, directory: Path) -> None:
@@ -244,15 +184,11 @@ class CAGen(DiffusionGenerator):
         loads it as is), ``cagen.json`` and the training masks (PNG)."""
         self.controlnet.float().save_pretrained(directory / CONTROLNET_DIR, safe_serialization=True)
         names = write_masks(directory, self.training_masks, self._defect_types)
-        meta = {"category": self.category, "foreground_mode": self.foreground_mode, "training_masks": names,
-                "captions": self.captions, "loss_log": self.loss_log}
-        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
+        self.write_meta(directory, {"category": self.category, "foreground_mode": self.foreground_mode, "training_masks": names,
+                                    "captions": self.captions, "loss_log": self.loss_log})
 
     def load_state(self, directory: Path) -> None:
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise DataError(meta_path, "missing: not a fitted cagen model folder")
-        meta = read_json(meta_path)
+        meta, meta_path = self.read_meta(directory), self.meta_file(directory)
         with malformed_as_corrupt(meta_path):
             category, mode = meta["category"], meta["foreground_mode"]
             if not isinstance(category, str) or mode not in ("object", "texture"):
@@ -263,9 +199,7 @@ class CAGen(DiffusionGenerator):
             if not isinstance(captions, dict) or not all(isinstance(c, list) and all(isinstance(x, str) for x in c)
                                                          for c in captions.values()):
                 raise ValueError("captions must map defect types to lists of captions")
-        weights = directory / CONTROLNET_DIR / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file():
-            raise DataError(weights, "missing: not a fitted cagen model folder")
+        weights = self.fitted_file(directory / CONTROLNET_DIR / "diffusion_pytorch_model.safetensors")
         with malformed_as_corrupt(weights):
             controlnet = ControlNetModel.from_pretrained(directory / CONTROLNET_DIR, use_safetensors=True)
         self.controlnet = controlnet.to(self.backbone.device).eval().requires_grad_(False)

@@ -17,9 +17,8 @@ with BCM), the first two stacked ``[uncond; cond]`` under CFG, the background ro
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,92 +26,46 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
 
 from anomalygen.diffusion import lora
 from anomalygen.diffusion.attention import AttentionRecorder, ReferenceKV, attention_layers, install_hooks, remove_hooks
 from anomalygen.diffusion.sampling import (
-    SAMPLERS, StepState, decode_latents, encode_images, encode_posterior, sample_generators, sample_latents, to_tensor,
-    to_uint8,
+    StepState, decode_latents, encode_images, encode_posterior, sample_latents, to_tensor, to_uint8,
 )
-from anomalygen.diffusion.train import TrainConfig, batch_share, train, work_directory
+from anomalygen.diffusion.train import batch_share
 from anomalygen.devices import resolve_device
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.io import atomic_write_bytes, atomic_write_text, read_json
-from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resize_mask, resolve_mode
+from anomalygen.masks import foreground_mask, resize_mask, resolve_mode
 from anomalygen.methods.base import malformed_as_corrupt, model_path
-from anomalygen.methods.dualanodiff.bcm import BCM_MIXES, BackgroundMix
+from anomalygen.methods.dualanodiff.bcm import BackgroundMix
+from anomalygen.methods.dualanodiff.config import BCM_DEFAULTS, OPTIONS, PART_BACKGROUNDS
 from anomalygen.methods.dualanodiff.saim import SAIM
 from anomalygen.methods.dualanodiff.segment import (
-    MASK_REFERENCES, MASK_SOURCES, decoded_background, mask_from_attention, mask_from_part, mask_from_saliency,
-    token_attention,
+    decoded_background, mask_from_attention, mask_from_part, mask_from_saliency, token_attention,
 )
 from anomalygen.methods.dualanodiff.u2net import load_u2net, saliency
-from anomalygen.methods.diffusion_base import DiffusionGenerator
-from anomalygen.options import (MAX_BATCH, MAX_INFERENCE_STEPS, MAX_RANK, MAX_RESOLUTION, Bool, Choice, Float,
-                                        Int, OptionSpec, Text, diffusion_options, require)
-from anomalygen.seeding import sample_rng
+from anomalygen.methods.kit.batch import Batch
+from anomalygen.methods.kit.method import DiffusionMethod
+from anomalygen.methods.kit.state import read_modules, write_modules
+from anomalygen.options import require
 from anomalygen.types import AnomalySample, DefectExample
 
-META_FILE = "dualanodiff.json"
 TYPE_DIR = "types"
 BRANCHES = ("whole", "part")
-PART_BACKGROUNDS = {"gray": 0.5, "black": 0.0}  # the anomaly-part image's value outside the mask, in [0, 1]
-# the official scripts' values without / with BCM (dual-interrelated_diff vs bcm-dual-interrelated_diff)
-BCM_DEFAULTS = {"batch_size": (4, 2), "num_inference_steps": (100, 50), "guidance_scale": (2.5, 2.0)}
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # none, horizontal, vertical, both: the official augmentation
 
 
-def _options() -> OptionSpec:
-    shared = diffusion_options()
-    del shared["init_word"]  # no learned token to initialise
-    shared["sampler"] = Choice("pndm", SAMPLERS, sampling=True)  # the official code samples with SD's PNDM
-    shared["guidance_scale"] = Float(None, 0, optional=True, sampling=True)  # None: 2.5, or 2.0 with BCM (official; 1.2 for screw)
-    shared["batch_size"] = Int(None, 1, MAX_BATCH, optional=True)  # None: 4, or 2 with BCM (the official scripts)
-    return OptionSpec(
-        **shared,
-        max_steps=Int(5000, 1),
-        resolution=Int(None, 8, MAX_RESOLUTION, optional=True),  # None = the base model's native size (512 on SD 1.x)
-        lr=Float(2e-5, 0, low_open=True),
-        weight_decay=Float(1e-2, 0),  # AdamW's, as the official code
-        flip=Bool(True),  # random horizontal + vertical flips of image and mask (official; it skips them for cable)
-        part_background=Choice("gray", PART_BACKGROUNDS),  # I·M in [-1, 1] leaves 0 = gray outside M (official) | black
-        rank=Int(32, 1, MAX_RANK),  # LoRA rank on every attention projection, per branch
-        text_encoder_lora=Bool(True),  # a LoRA (same rank) on the text encoder too, per type, as the official code
-        vae_latents=Choice("sample", ("sample", "mean")),  # a posterior sample per step (official) | its mean
-        object_word=Text("vfx"),  # x of "a x with y" (Eq. 2); e.g. the category name
-        defect_word=Text("sks"),  # y; "{type}" = the defect type's name
-        saim=Bool(True),
-        saim_zero_init=Bool(False),  # True: SAIM starts as the identity (the official code: default init)
-        bcm=Bool(True),
-        bcm_mix=Choice("paper", BCM_MIXES),  # "paper" (Eq. 5: φ + γ·MLP(φ_b), γ=0.1) | "official" ((1−a)φ + a·MLP(φ_b), a=0)
-        bcm_uncond=Choice("gray", ("gray", "black"), sampling=True),  # CFG's negative background: a mid-gray image encoded (official) | black (ours)
-        bcm_latent=Choice("unscaled", ("unscaled", "scaled")),  # I_b's latent without the VAE scaling factor (official) | scaled (ours)
-        foreground=Choice("auto", (*FOREGROUND_MODES, "u2net")),  # BCM's object to remove: auto = U²-Net with u2net_weights (official), else masks/foreground.py
-        num_inference_steps=Int(None, 1, MAX_INFERENCE_STEPS, optional=True, sampling=True),  # None: 100, or 50 with BCM (official)
-        u2net_weights=Text(None, optional=True),  # U²-Net weights (u2net.pth / u2netp.pth or safetensors): the official masks
-        mask_source=Choice("auto", ("auto", *MASK_SOURCES), sampling=True),  # auto: u2net with u2net_weights (official), else threshold (ours)
-        mask_threshold=Float(0.15, 0, 1, sampling=True),  # how far from the part background ([0, 1]) a pixel must be
-        mask_reference=Choice("nominal", MASK_REFERENCES, sampling=True),  # that background: its value | as the autoencoder returns it
-        attention_threshold=Float(0.5, 0, 1, sampling=True),  # of the attention map scaled to [0, 1]
-        mask_min_area=Float(5e-4, 0, 1, sampling=True),  # components smaller than this share of the image are dropped
-        mask_tries=Int(4, 1, 100, sampling=True),  # draws per sample until its mask is not empty
-        generate_batch_size=Int(0, 0, MAX_BATCH, sampling=True),  # 0: auto (fast.sampling_batch; 4 on the CPU)
-        gradient_checkpointing=Bool(False),  # recompute UNet activations in backward: less memory, ~30 % slower
-    )
-
-
-class DualAnoDiff(DiffusionGenerator):
+class DualAnoDiff(DiffusionMethod):
     """Dual-branch LoRA diffusion: the whole anomalous image and its anomaly part, generated together."""
 
     name = "dualanodiff"
     outside_mask = "none"
-    OPTIONS = _options()
+    OPTIONS = OPTIONS
     CPU_BATCH = 4
+    GOOD_USE = " for BCM's background"
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self._defect_types: list[str] = []
         self.interaction: dict[str, dict[str, torch.nn.Module]] = {}  # type -> layer -> SAIM / BCM mix
         self.sizes: dict[str, list[int]] = {}  # type -> (H, W) of its real images: the output size
         opt = self.opt
@@ -263,19 +216,18 @@ class DualAnoDiff(DiffusionGenerator):
         batch's picks and noise and keeps its rows (``batch_share``)."""
         backbone, opt = self.backbone, self.opt
         modules = modules or {"unet": backbone.unet}
-        batch, share = opt["batch_size"], batch_share(opt["batch_size"])
+        share = batch_share(opt["batch_size"])
         shape = latents["whole"][0].shape[1:]
         flips = len(FLIPS) if opt["flip"] else 1
         pairs = latents["whole"][0].shape[0] // flips
-        picks = torch.randint(0, pairs, (batch,), generator=generator)
-        timesteps = torch.randint(0, backbone.num_train_timesteps, (batch,), generator=generator)[share]
-        picks = (torch.randint(0, flips, (batch,), generator=generator) * pairs + picks)[share]  # pair i under a flip
+        picks = self.draw_picks(pairs, generator, share)
+        timesteps = self.draw_timesteps(generator, share)
+        picks = self.draw_picks(flips, generator, share) * pairs + picks  # pair i under a flip
         branches = ["whole", "part"] + (["background"] if opt["bcm"] else [])
-        noise = {b: torch.randn((batch, *shape), generator=generator)[share] for b in branches}
+        noise = {b: self.draw_noise(shape, generator, share) for b in branches}
         clean = {b: latents[b][0][picks] for b in branches}
         if opt["vae_latents"] == "sample":  # z ~ N(mean, std²), drawn afresh every step
-            clean = {b: clean[b] + latents[b][1][picks] * torch.randn((batch, *shape), generator=generator)[share].to(clean[b])
-                     for b in branches}
+            clean = {b: clean[b] + latents[b][1][picks] * self.draw_noise(shape, generator, share).to(clean[b]) for b in branches}
         scheduler = backbone.noise_scheduler()
         device, n = backbone.device, len(picks)
         noisy = torch.cat([scheduler.add_noise(clean[b], noise[b].to(device), timesteps.to(device)) for b in branches])
@@ -314,10 +266,7 @@ class DualAnoDiff(DiffusionGenerator):
         self._freeze_adapters({self.adapter(b, k) for b in (*BRANCHES, "text")})
         latents = self._latents(examples)
         handle = self._install(k)
-        config = TrainConfig(max_steps=int(opt["max_steps"]), time_budget_s=time_budget_s, lr=opt["lr"],
-                             weight_decay=opt["weight_decay"],
-                             mixed_precision=opt["mixed_precision"], checkpoint_every=opt["checkpoint_every"],
-                             seed=opt["seed"] + k, device=opt["device"])
+        config = self.train_config(time_budget_s=time_budget_s, weight_decay=opt["weight_decay"], seed=opt["seed"] + k)
 
         def loss_fn(modules, step, generator):
             return self.training_loss(k, latents, generator, modules)
@@ -328,63 +277,60 @@ class DualAnoDiff(DiffusionGenerator):
         if opt["gradient_checkpointing"]:
             unet.enable_gradient_checkpointing()
         try:  # routed through backward too: checkpointing recomputes the forward there
-            with work_directory(opt["work_dir"]) as work_dir, lora.route(unet, rows):
-                result = train(trainable, loss_fn, config, Path(work_dir) / f"type-{k:03d}")
+            with lora.route(unet, rows):
+                return self.train_modules(trainable, loss_fn, config, f"type-{k:03d}")
         finally:
             unet.disable_gradient_checkpointing()
             remove_hooks(unet, handle)
             self._freeze_adapters()
             for module in self.interaction[self._defect_types[k]].values():
                 module.requires_grad_(False)
-        return result.losses
 
     # ----------------------------------------------------------------- generation
     def sampling_rows(self) -> float:
         return 2 * super().sampling_rows() + self.opt["bcm"]  # whole + part (x CFG) + background
 
-    def generate(self, good: Sequence[np.ndarray], n: int, *, masks: Sequence[np.ndarray] | None = None,
-                 seed: int = 0, start: int = 0, defect_type: str | None = None) -> Iterator[AnomalySample]:
-        """Samples ``start .. start+n-1``; sample ``i`` is of type ``defect_type`` or the i-th in turn.
+    @property
+    def fitted(self) -> bool:
+        return bool(self.interaction) and super().fitted
 
-        The whole image is generated (no good image is pasted); with BCM its background comes
-        from a good image (``source_index`` in the manifest), without BCM no good image is used.
-        ``masks`` cannot be given: the mask comes from the anomaly branch."""
-        if not self._defect_types or not self.interaction:
-            raise AnomalygenError("dualanodiff: call fit() or load a fitted model before generate()")
+    def needs_good(self) -> bool:
+        return self.opt["bcm"]  # BCM's background; without BCM no good image is used
+
+    def check_inputs(self, good: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None,
+                     defect_type: str | None) -> None:
         if masks is not None:
             raise AnomalygenError("dualanodiff: masks come from the anomaly branch; generate() takes no masks")
-        if defect_type is not None and defect_type not in self._defect_types:
-            raise AnomalygenError(f"dualanodiff: defect type {defect_type!r} not learned; have {', '.join(self._defect_types)}")
-        if self.opt["bcm"] and not good:
-            raise DataError(None, "dualanodiff with BCM needs at least one good image for the background")
-        chunk = self.generation_batch()
-        for first in range(start, start + n, chunk):
-            indices = list(range(first, min(first + chunk, start + n)))
-            types = [self._defect_types.index(defect_type) if defect_type else i % len(self._defect_types) for i in indices]
-            made: dict[int, AnomalySample] = {}
-            for k in sorted(set(types)):
-                group = [i for i, t in zip(indices, types) if t == k]
-                made.update(zip(group, self._generate_type(k, group, good, seed)))
-            yield from (made[i] for i in indices)
+        super().check_inputs(good, masks, defect_type)
 
-    def _generate_type(self, k: int, indices: list[int], good: Sequence[np.ndarray], seed: int) -> list[AnomalySample]:
-        """Samples of type ``k``; a sample whose mask comes out empty is drawn again (``mask_tries``)."""
-        defect_type = self._defect_types[k]
-        sources = [int(sample_rng(seed, i).integers(len(good))) for i in indices] if self.opt["bcm"] else [None] * len(indices)
+    def sample_batch(self, batch: Batch) -> list[AnomalySample]:
+        """The whole image is generated (no good image is pasted); with BCM its background comes
+        from a good image (``source_index`` in the manifest). One pass per type (its LoRA sets)."""
+        made: dict[int, AnomalySample] = {}
+        for group in batch.split(batch.types):
+            made.update(zip(group, self._generate_type(batch.subset(group))))
+        return [made[j] for j in range(len(batch))]
+
+    def _generate_type(self, batch: Batch) -> list[AnomalySample]:
+        """Samples of one type; a sample whose mask comes out empty is drawn again (``mask_tries``)."""
+        defect_type = batch.types[0]
+        k = self._defect_types.index(defect_type)
+        sources = batch.sources if self.opt["bcm"] else [None] * len(batch)
         result: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
-        pending = list(range(len(indices)))
+        pending = list(range(len(batch)))
         for attempt in range(self.opt["mask_tries"]):
             if not pending:
                 break
-            generators = [_generator(seed, indices[j], attempt) for j in pending]
-            backgrounds = [good[sources[j]] for j in pending] if self.opt["bcm"] else None
+            generators = [batch.generators[j] if attempt == 0 else _redraw(batch.seed, batch.indices[j], attempt)
+                          for j in pending]
+            backgrounds = [batch.images[j] for j in pending] if self.opt["bcm"] else None
             for j, (image, mask) in zip(pending, self._sample(k, generators, backgrounds)):
                 if mask.any() or attempt == self.opt["mask_tries"] - 1:
                     result[j] = (image, mask, attempt + 1)
             pending = [j for j in pending if j not in result]
         size = tuple(self.sizes[defect_type])
         samples = []
-        for j, i in enumerate(indices):
+        for j in range(len(batch)):
             image, mask, draws = result[j]
             if image.shape[:2] != size:
                 image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
@@ -486,19 +432,13 @@ class DualAnoDiff(DiffusionGenerator):
                 if self.opt["text_encoder_lora"] else {}
             for branch in BRANCHES:
                 lora.save_adapter(unet, self.adapter(branch, k), folder / branch, **text)
-            tensors = {f"{name}.{key}": value.detach().float().cpu().contiguous()
-                       for name, module in self.interaction[defect_type].items()
-                       for key, value in module.state_dict().items()}
-            atomic_write_bytes(folder / "interaction.safetensors", save(tensors))
+            write_modules(folder / "interaction.safetensors", self.interaction[defect_type])
             types[defect_type] = f"{TYPE_DIR}/{k:03d}"
-        meta = {"types": types, "sizes": self.sizes, "foreground_mode": self.foreground_mode, "loss_log": self.loss_log}
-        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
+        self.write_meta(directory, {"types": types, "sizes": self.sizes, "foreground_mode": self.foreground_mode,
+                                    "loss_log": self.loss_log})
 
     def load_state(self, directory: Path) -> None:
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise DataError(meta_path, "missing: not a fitted dualanodiff model folder")
-        meta = read_json(meta_path)
+        meta, meta_path = self.read_meta(directory), self.meta_file(directory)
         with malformed_as_corrupt(meta_path):
             types = list(meta["types"])
             if not types or types != self._defect_types:
@@ -515,28 +455,19 @@ class DualAnoDiff(DiffusionGenerator):
             self._add_branches(k, adapters=False)
             unet = self.backbone.unet
             for branch in BRANCHES:
-                path = folder / branch / lora.WEIGHT_NAME
-                if not path.is_file():
-                    raise DataError(path, "missing: not a fitted dualanodiff model folder")
+                path = self.fitted_file(folder / branch / lora.WEIGHT_NAME)
                 text = dict(text_encoder=self.backbone.text_encoder, text_name=self.adapter("text", k)) \
                     if self.opt["text_encoder_lora"] and branch == "whole" else {}
                 with malformed_as_corrupt(path):
                     lora.load_adapter(unet, folder / branch, self.adapter(branch, k), **text)
-            path = folder / "interaction.safetensors"
-            if not path.is_file():
-                raise DataError(path, "missing: not a fitted dualanodiff model folder")
-            with malformed_as_corrupt(path):
-                tensors = load_file(str(path), device=str(self.backbone.device))
-                for name, module in self.interaction[types[k]].items():
-                    prefix = name + "."
-                    module.load_state_dict({key[len(prefix):]: v for key, v in tensors.items() if key.startswith(prefix)})
-                    module.requires_grad_(False)
+            modules = self.interaction[types[k]]
+            read_modules(self.fitted_file(folder / "interaction.safetensors"), modules, self.backbone.device)
+            for module in modules.values():
+                module.requires_grad_(False)
         self._freeze_adapters()
 
 
-def _generator(seed: int, index: int, attempt: int) -> torch.Generator:
-    """Sample ``index``'s generator for its ``attempt``-th draw (the first: ``sample_generators``'s)."""
-    if attempt == 0:
-        return sample_generators(seed, [index])[0]
+def _redraw(seed: int, index: int, attempt: int) -> torch.Generator:
+    """Sample ``index``'s generator for its ``attempt``-th draw (> 0; the first is ``Batch.generators``')."""
     state = np.random.SeedSequence([seed, index, attempt]).generate_state(2, np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
