@@ -12,10 +12,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # bottom to top; a module may import its own layer and those below (docs/architecture.md)
 LAYERS = [
-    ("foundation", {"anomalygen", "errors", "types", "seeding", "io", "devices", "weights", "progress", "network"}),
+    ("foundation", {"anomalygen", "errors", "types", "seeding", "io", "devices", "weights", "progress", "network", "options"}),
     ("data", {"data", "masks", "visualize"}),
     ("diffusion core", {"diffusion"}),
-    ("options", {"options"}),
     ("methods", {"methods"}),
     ("generation", {"generation"}),
     ("evaluation", {"evaluation"}),

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from anomalygen.errors import AnomalygenError, OptionError
-from anomalygen.seeding import MAX_SEED
 
 # Upper bounds of size-like options, by what a method can use (a larger value only reached the allocator):
 MAX_RESOLUTION = 2048  # px: 4 × SD 1.5's native 512
@@ -214,22 +213,3 @@ def require(condition: bool, method: str, message: str) -> None:
     """A rule between options (e.g. ``min_exp < max_exp``), checked after each one's own."""
     if not condition:
         raise AnomalygenError(f"{method}: {message}")
-
-
-def diffusion_options() -> dict[str, Option]:
-    """The options every method on the diffusion core shares (same meaning, same default)."""
-    from anomalygen.diffusion.sampling import SAMPLERS
-
-    return dict(
-        model=Text(None, optional=True),  # hub id, local diffusers folder or "tiny"; None = $ANOMALYGEN_MODEL, else the method's paper base (SD 1.5; LDM text2im-256 for anomalydiffusion)
-        time_budget_s=Float(None, 0, low_open=True, optional=True),
-        device=Device(),
-        mixed_precision=Precision(),
-        batch_size=Int(4, 1, MAX_BATCH),
-        seed=Int(0, 0, MAX_SEED),
-        sampler=Choice("ddim", SAMPLERS, sampling=True),
-        guidance_scale=Float(1.0, 0, sampling=True),
-        init_word=Text("defect"),
-        checkpoint_every=Int(500, 0),  # 0: only at the end
-        work_dir=Text(None, optional=True),  # keep training checkpoints here (a re-run resumes); None = a temporary folder
-    )

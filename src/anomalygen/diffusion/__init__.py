@@ -76,6 +76,9 @@ not, so model-free use stays light).
     ``encode_posterior`` (mean and std of the latent posterior),
     ``decode_latents`` (chunked), ``latent_mask``, ``to_tensor``, ``to_uint8``, ``paste``,
     ``make_scheduler``.
+``tokens``
+    ``TypeTokens(types, num_tokens, init)``: ``k`` learnable input embeddings per defect type
+    (``module(type_indices) -> (B, k, D)``), initialised from a word's embedding.
 ``train``
     ``train(modules, loss_fn, config, validate=None) -> TrainResult``: one accelerate loop for
     "these parameters, this loss" with bf16, gradient accumulation, ``max_steps`` + wall-time

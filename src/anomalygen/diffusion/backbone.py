@@ -3,7 +3,7 @@
 Two diffusers layouts are read; ``model_index.json`` says which, and which class each part is:
 
 - Stable Diffusion: ``vae/`` (AutoencoderKL), ``text_encoder/`` (CLIPTextModel), a CLIP tokenizer;
-- CompVis LDM text-to-image (``CompVis/ldm-text2im-large-256``, AnomalyDiffusion's base model):
+- CompVis LDM text-to-image (``CompVis/ldm-text2im-large-256``):
   ``vqvae/`` (an AutoencoderKL in that repository despite the folder's name; a VQModel is read as
   well), ``bert/`` (LDMBertModel), a BERT tokenizer.
 

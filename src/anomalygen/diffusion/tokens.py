@@ -1,8 +1,7 @@
-"""Learnable token embeddings per defect type: textual inversion (Gal et al., "An Image is Worth
-One Word", ICLR 2023, Eq. 2), ``k`` vectors per type in the text encoder's input-embedding space,
-initialised from the embedding of a word (``PromptEncoder.word_embedding``) and fed through a
-placeholder (``conditioning.PromptEncoder``). Textual inversion learns one per type;
-AnomalyDiffusion its anomaly embedding e_a (k = 8) and mask embedding e_m (k' = 4)."""
+"""Learnable token embeddings per defect type: ``k`` vectors per type in the text encoder's
+input-embedding space, initialised from the embedding of a word (``PromptEncoder.word_embedding``)
+and fed through a placeholder (``conditioning.PromptEncoder``); a method decides how many and what
+they stand for."""
 
 from __future__ import annotations
 
