@@ -96,7 +96,7 @@ def fit_all(out: Path, tag: str) -> None:
             save_file(initial(method, create(method, **options)), str(out / f"{method}-initial.safetensors"))
         torch.manual_seed(0)
         generator = create(method, **options)
-        backbone = generator._setup()[0] if method == "textual-inversion" else generator.backbone
+        backbone = generator.backbone
         rows: list[int] = []  # the batch rows of every UNet call: a rank computes its share only
         handle = backbone.unet.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
         try:
