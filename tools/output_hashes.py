@@ -10,7 +10,8 @@ checks, and the redraws took longer than the check (a first draw is what every r
 the filter's own behaviour has its tests). Each method is fitted through the CLI on a small demo category (``nut``, 64 px) with ``--model tiny`` at
 32 px and 2 steps (diffusion methods), then generates 4 samples with seed 0. Every file is hashed byte
 for byte after the temporary work folder's path (recorded in run.json and the manifest) is replaced
-by ``WORK``; JSON fields that record times are dropped first.
+by ``WORK``; JSON fields that record times are dropped first; a safetensors file is hashed by its
+metadata and tensors, not by its header's key order.
 """
 
 from __future__ import annotations
@@ -36,8 +37,36 @@ def _stable(value):
     return value
 
 
+def _tensors(path: Path) -> bytes:
+    """A safetensors file's content: its metadata and every tensor (name, dtype, shape, bytes) in name
+    order. peft writes a LoRA's ``target_modules`` (a set) in the string-hash order of the process, so
+    lists of names in JSON metadata are compared sorted."""
+    from safetensors import safe_open
+
+    def canonical(value):
+        if isinstance(value, dict):
+            return {k: canonical(v) for k, v in value.items()}
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return sorted(value)
+        return value
+
+    def parsed(text: str):
+        try:
+            return canonical(json.loads(text))
+        except ValueError:
+            return text
+
+    with safe_open(str(path), "np") as f:
+        metadata = {k: parsed(v) for k, v in (f.metadata() or {}).items()}
+        parts = [json.dumps(metadata, sort_keys=True).encode()]
+        for name in sorted(f.keys()):
+            array = f.get_tensor(name)
+            parts += [name.encode(), str(array.dtype).encode(), str(array.shape).encode(), array.tobytes()]
+    return b"\0".join(parts)
+
+
 def digest(path: Path, work: Path) -> str:
-    data = path.read_bytes()
+    data = _tensors(path) if path.suffix == ".safetensors" else path.read_bytes()
     if path.suffix in (".json", ".jsonl", ".txt", ".html"):
         data = data.replace(str(work).encode(), b"WORK")
     if path.suffix in (".json", ".jsonl"):
