@@ -149,6 +149,8 @@ def autoencoder_gate(args: argparse.Namespace, prior: Path, judges: world_judges
     background: 0 of 60 kept), so the UNet is not trained on one that keeps fewer than ``--min-kept``."""
     from diffusers import AutoencoderKL
 
+    from anomalygen.diffusion.sampling import to_tensor, to_uint8
+
     vae = AutoencoderKL.from_pretrained(prior / "training" / "vae_final").eval()
     kept: dict[str, list[int]] = {}
     for category in CATEGORIES:
@@ -158,10 +160,9 @@ def autoencoder_gate(args: argparse.Namespace, prior: Path, judges: world_judges
                 continue
             defects = load_defects(data.defects.get(family, [])[: args.gate_images])
             images, masks = [d.image for d in defects], [d.mask.astype(bool) for d in defects]
-            x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
             with torch.no_grad():
-                decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
-            rebuilt = list(((decoded.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8))
+                decoded = vae.decode(vae.encode(to_tensor(images) * 2 - 1).latent_dist.mode()).sample
+            rebuilt = to_uint8((decoded + 1) / 2)
             real, again = judges.families(images, masks), judges.families(rebuilt, masks)
             counts = kept.setdefault(family, [0, 0, 0])
             counts[0] += sum(v == family for v in real)
