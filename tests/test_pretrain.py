@@ -255,6 +255,9 @@ def test_bad_input_is_one_line_and_damages_nothing(demo, tmp_path):
         (["--data", demo, "--out", tmp_path / "o9", "--vae-colour-augment", 1.5], ["--vae-colour-augment 1.5", "[0, 1]"]),
         (["--data", demo, "--out", tmp_path / "o10", "--vae-share", 1], ["--vae-share 1", "(0, 1)"]),
         (["--data", demo, "--out", tmp_path / "o11", "--balance", "prompts"], ["--balance 'prompts'", "categories, images"]),
+        (["--data", demo, "--out", tmp_path / "o12", "--vae-defect-weight", 1], ["--vae-defect-weight 1", "defect images"]),
+        (["--data", demo, "--out", tmp_path / "o13", "--include-defects", "--unet-defect-weight", -1],
+         ["--unet-defect-weight -1", "[0, 1000]"]),
     ]
     for args, fragments in cases:  # in this process (typer's runner): a fresh interpreter costs seconds each
         result = CliRunner().invoke(app, [str(a) for a in base + args])
@@ -401,19 +404,19 @@ def test_colour_variants_reach_every_colouring_and_inversion_gives_the_complemen
 def test_the_autoencoder_trains_on_recoloured_crops_and_reports_them(demo, tmp_path, monkeypatch, share):
     """Every crop the autoencoder trains on is the one ``batch`` drew (share 0) or another colouring of it (share 1)."""
     drawn, encoded = [], []
-    real_batch, real_encode = run.PretrainImages.batch, run.AutoencoderKL.encode
+    real_crops, real_encode = run.PretrainImages.crops, run.AutoencoderKL.encode
 
-    def batch(self, *args, **kwargs):
-        pixels, ids = real_batch(self, *args, **kwargs)
+    def crops(self, *args, **kwargs):
+        pixels, ids, masks = real_crops(self, *args, **kwargs)
         drawn.append(pixels)
-        return pixels, ids
+        return pixels, ids, masks
 
     def encode(self, x, *args, **kwargs):
         if torch.is_grad_enabled() and self.training:
             encoded.append(x.detach().clone())
         return real_encode(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(run.PretrainImages, "batch", batch)
+    monkeypatch.setattr(run.PretrainImages, "crops", crops)
     monkeypatch.setattr(run.AutoencoderKL, "encode", encode)
     report = pretrain([demo], tmp_path / "p", PretrainConfig(**{**TINY, "vae_steps": 2, "max_steps": 1, "batch_size": 4},
                                                             vae_colour_augment=share), say=lambda m: None)
@@ -478,6 +481,87 @@ def test_the_autoencoder_loss_is_l1_plus_kl_weight_times_the_kl_per_pixel(prior)
         kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).flatten(1).sum(1).mean()
     assert loss[0.0] == pytest.approx(l1, rel=1e-5)
     assert float(kl) > 0 and loss[100.0] - loss[0.0] == pytest.approx(100 * float(kl) / (3 * 32 * 32), rel=1e-4)
+
+
+class _Offsets:
+    """An "autoencoder" whose reconstruction is off by 0.5 on the pixels of ``where`` and 0.1 elsewhere, with no KL."""
+
+    def __init__(self, where: torch.Tensor):
+        self.where = where
+
+    def encode(self, pixels):
+        dist = type("Posterior", (), {"sample": lambda _, generator: pixels, "kl": lambda _: torch.zeros(len(pixels))})
+        return type("Encoded", (), {"latent_dist": dist()})
+
+    def decode(self, z):
+        return type("Decoded", (), {"sample": z + torch.where(self.where[:, None], 0.5, 0.1)})
+
+
+def test_the_defect_weight_adds_lambda_times_the_l1_over_the_defect_pixels_only():
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, 2:4, 3:6] = True  # 6 defect pixels in one image of two
+    pixels = torch.zeros(2, 3, 8, 8)
+
+    def loss(where, weight, given=masks):
+        return float(run.autoencoder_loss(_Offsets(where), pixels, None, 1e-6, given, weight))
+
+    base = 0.1 + 0.4 * 6 / 128
+    assert loss(masks, 0.0) == pytest.approx(base) and loss(masks, 3.0) == pytest.approx(base + 3 * 0.5)
+    assert loss(~masks, 3.0) == pytest.approx(0.5 - 0.4 * 6 / 128 + 3 * 0.1)  # the error on the masked pixels, not the rest
+    assert loss(masks, 3.0, torch.zeros_like(masks)) == pytest.approx(base) and loss(masks, 3.0, None) == pytest.approx(base)
+
+
+def test_the_unet_defect_weight_adds_lambda_times_the_loss_on_the_latents_a_defect_touches():
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 5, 6] = True  # one pixel: latent (1, 1) of a 4 x 4 grid
+    noise = torch.zeros(2, 4, 4, 4)
+    pred = noise.clone()
+    pred[0, :, 1, 1], pred[1, :, 2, 2] = 3.0, 1.0  # row 1's error is off every defect
+    base = (9 * 4 + 1 * 4) / pred.numel()
+    assert float(run.denoising_loss(pred, noise)) == pytest.approx(base)
+    assert float(run.denoising_loss(pred, noise, masks, 2.0)) == pytest.approx(base + 2 * 9)
+    masks[0, 5, 6], masks[0, 15, 15] = False, True  # latent (3, 3): no error there
+    assert float(run.denoising_loss(pred, noise, masks, 2.0)) == pytest.approx(base)
+
+
+def test_crops_carry_each_defect_mask_cropped_and_flipped_with_its_image():
+    rng = np.random.default_rng(0)
+    defect = rng.integers(0, 200, (8, 13, 3), dtype=np.uint8)
+    mask = np.zeros((8, 13), bool)
+    mask[1:5, 2:4], mask[6, 9:12] = True, True
+    defect[mask] = 255  # the only white pixels
+    images = PretrainImages(8, categories=["c"])
+    images.add(rng.integers(0, 200, (8, 10, 3), dtype=np.uint8), "good")
+    images.add(defect, "defect", mask=mask)
+    pixels, ids, masks = images.crops(64, torch.Generator().manual_seed(0))
+    white = (pixels == 1).all(1)
+    assert set(ids) == {0, 1} and masks.shape == (64, 8, 8)
+    assert torch.equal(masks, white) and masks[torch.tensor(ids) == 1].any(dim=(1, 2)).any()
+    again, again_ids = images.batch(64, torch.Generator().manual_seed(0))
+    assert torch.equal(again, pixels) and again_ids == ids  # the same draws with or without the masks
+
+
+def test_defect_masks_are_loaded_with_their_images_and_reach_both_losses(demo, tmp_path, monkeypatch):
+    data = load_pretrain_images([demo], 32, include_defects=True)
+    defects = [m for m in data.masks if m is not None]
+    assert len(defects) == 6 and all(m.shape == im.shape[:2] and m.any() for m, im in zip(data.masks, data.images) if m is not None)
+    assert [m is None for m in data.masks] == ["with" not in data.prompts[i] for i in data.prompt_ids]
+    drawn, seen = [], {"vae": [], "unet": []}
+    real_crops, real_vae, real_unet = run.PretrainImages.crops, run.autoencoder_loss, run.denoising_loss
+
+    def crops(self, *args, **kwargs):
+        out = real_crops(self, *args, **kwargs)
+        drawn.append(out[2])
+        return out
+
+    monkeypatch.setattr(run.PretrainImages, "crops", crops)
+    monkeypatch.setattr(run, "autoencoder_loss", lambda *a: seen["vae"].append(a[4:]) or real_vae(*a))
+    monkeypatch.setattr(run, "denoising_loss", lambda *a: seen["unet"].append(a[2:]) or real_unet(*a))
+    pretrain([demo], tmp_path / "p", PretrainConfig(**{**TINY, "vae_steps": 2, "max_steps": 2, "batch_size": 8}, include_defects=True,
+                                                    vae_defect_weight=3.0, unet_defect_weight=5.0), say=lambda m: None)
+    assert [w for _, w in seen["vae"]] == [3.0, 3.0] and [w for _, w in seen["unet"]] == [5.0, 5.0]
+    received = [m for m, _ in seen["vae"] + seen["unet"]]
+    assert all(any(r is d for d in drawn) for r in received) and any(bool(r.any()) for r in received)
 
 
 def test_the_latent_scale_gives_unit_std_on_the_training_crops(prior):

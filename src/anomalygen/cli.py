@@ -244,6 +244,12 @@ def pretrain_command(
     vae_colour_augment: float = typer.Option(
         PretrainConfig.vae_colour_augment, "--vae-colour-augment", help="Share of autoencoder crops recoloured (channel orders, inversion) so it can "
         "encode colours your good images lack, as defects have; 0: none."),
+    vae_defect_weight: float = typer.Option(
+        PretrainConfig.vae_defect_weight, "--vae-defect-weight", help="With --include-defects: add this many times the "
+        "autoencoder's L1 over the defect pixels (their masks), so it keeps thin or small defects; 0: LDM's loss."),
+    unet_defect_weight: float = typer.Option(
+        PretrainConfig.unet_defect_weight, "--unet-defect-weight", help="With --include-defects: add this many times the "
+        "UNet's loss over the latents a defect touches; 0: DDPM's loss."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ..."),
     seed: int = typer.Option(PretrainConfig.seed, "--seed"),
 ) -> None:
@@ -255,7 +261,8 @@ def pretrain_command(
     config = PretrainConfig(resolution=resolution, size=size, max_steps=max_steps, vae_steps=vae_steps, batch_size=batch_size,
                             unet_lr=lr, vae_lr=vae_lr, include_defects=include_defects, balance=balance,
                             vae_attention=vae_attention,
-                            vae_colour_augment=vae_colour_augment, vae_share=vae_share, device=device, seed=seed,
+                            vae_colour_augment=vae_colour_augment, vae_defect_weight=vae_defect_weight,
+                            unet_defect_weight=unet_defect_weight, vae_share=vae_share, device=device, seed=seed,
                             time_budget_s=None if time_budget is None else time_budget * 60)
     report = pretrain(data, out, config, say=lambda message: console.print(message, highlight=False))
     vae = f"autoencoder {report['vae']['steps']} steps, PSNR {report['vae']['psnr_db']} dB"

@@ -26,6 +26,8 @@ class PretrainConfig:
     unet_lr: float = 2e-4
     kl_weight: float = 1e-6
     vae_colour_augment: float = 0.5  # share of autoencoder crops recoloured (data.colour_variants)
+    vae_defect_weight: float = 0.0  # ours: + this × the L1 over defect pixels (include_defects' masks); 0: LDM's loss
+    unet_defect_weight: float = 0.0  # ours: + this × the ε loss over the latents a defect touches; 0: DDPM's loss
     vae_attention: bool | None = None  # the autoencoder's mid-block self-attention; None: the size's (LDM's: on)
     ema_decay: float = 0.999
     uncond_prob: float = 0.1
@@ -63,6 +65,12 @@ class PretrainConfig:
             raise OptionError("time_budget_s", f"{self.time_budget_s:g}: must be more than 0 seconds")
         if not (math.isfinite(self.vae_colour_augment) and 0 <= self.vae_colour_augment <= 1):
             raise OptionError("vae_colour_augment", f"{self.vae_colour_augment:g}: must be a share in [0, 1]")
+        for name in ("vae_defect_weight", "unet_defect_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1000):
+                raise OptionError(name, f"{value:g}: must be a weight in [0, 1000]")
+            if value and not self.include_defects:
+                raise OptionError(name, f"{value:g}: weighs the defect pixels, which only the defect images (include_defects) have")
         if not (math.isfinite(self.vae_share) and 0 < self.vae_share < 1):
             raise OptionError("vae_share", f"{self.vae_share:g}: must be a share of the time budget in (0, 1)")
         check_seed(self.seed)

@@ -5,7 +5,8 @@ Every category of every ``--data`` (a dataset root or one category folder) gives
 training third of each defect type (``paper_split``: never the test two-thirds), prompted
 ``"a photo of {category} with {defect type}"``. Images of any size are accepted: each is resized
 (bicubic, aspect kept) so that its shorter side is the training resolution, and training takes
-random square crops of it (and horizontal flips). A few good images per category are held back
+random square crops of it (and horizontal flips); a defect image's mask is resized (nearest) and
+cropped with it (``crops``). A few good images per category are held back
 (never trained on) to measure the autoencoder. By default each crop's category is drawn first,
 uniformly, then an image of it (``balanced``): a prior of several categories learns each of them,
 however unequal their image counts (magnetic_tile's 280 good images against hazelnut_toy's 32
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomalygen.data import list_categories, load_category, load_image, paper_split
+from anomalygen.data import list_categories, load_category, load_image, load_mask, paper_split
 from anomalygen.data.readers import category_layout
 from anomalygen.diffusion.tiny import TINY_WORDS, clip_words
 from anomalygen.errors import DataError
@@ -72,6 +73,7 @@ class PretrainImages:
 
     resolution: int
     images: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray | None] = field(default_factory=list)  # a defect image's (H, W) bool mask; None: good
     prompt_ids: list[int] = field(default_factory=list)
     held_back: list[np.ndarray] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
@@ -87,14 +89,15 @@ class PretrainImages:
         text = " ".join([*self.prompts, *map(prompt_name, self.categories + self.defect_types), *TINY_WORDS])
         return list(dict.fromkeys(clip_words(text)))
 
-    def add(self, image: np.ndarray, prompt: str, held_back: bool = False) -> None:
-        """``image`` of the last category added to ``categories``."""
+    def add(self, image: np.ndarray, prompt: str, held_back: bool = False, mask: np.ndarray | None = None) -> None:
+        """``image`` (and a defect image's ``mask``) of the last category added to ``categories``."""
         if held_back:
             self.held_back.append(image)
             return
         if prompt not in self.prompts:
             self.prompts.append(prompt)
         self.images.append(image)
+        self.masks.append(mask)
         self.prompt_ids.append(self.prompts.index(prompt))
         self.by_category.setdefault(len(self.categories) - 1, []).append(len(self.images) - 1)
 
@@ -105,22 +108,30 @@ class PretrainImages:
         chosen = torch.randint(len(groups), (size,), generator=generator).tolist()
         return [groups[k][int(torch.randint(len(groups[k]), (1,), generator=generator))] for k in chosen]
 
-    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
-        """``size`` random crops (B, 3, R, R) in [-1, 1], half of them flipped, and their prompt ids;
+    def crops(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """``size`` random crops (B, 3, R, R) in [-1, 1], half of them flipped, their prompt ids, and
+        their defect masks cropped and flipped alike ((B, R, R) bool, all False for good images);
         every draw comes from ``generator``."""
         picks = self._pick(size, generator)
-        crops = []
+        crops, masks = [], []
         r = self.resolution
         for i in picks:
-            image = self.images[i]
+            image, mask = self.images[i], self.masks[i]
             y = int(torch.randint(image.shape[0] - r + 1, (1,), generator=generator))
             x = int(torch.randint(image.shape[1] - r + 1, (1,), generator=generator))
-            crop = image[y : y + r, x : x + r]
+            window = (slice(y, y + r), slice(x, x + r))
+            crop, crop_mask = image[window], np.zeros((r, r), bool) if mask is None else mask[window]
             if torch.rand(1, generator=generator).item() < 0.5:
-                crop = crop[:, ::-1]
+                crop, crop_mask = crop[:, ::-1], crop_mask[:, ::-1]
             crops.append(torch.from_numpy(np.array(crop)))
+            masks.append(torch.from_numpy(np.array(crop_mask)))
         pixels = torch.stack(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return pixels, [self.prompt_ids[i] for i in picks]
+        return pixels, [self.prompt_ids[i] for i in picks], torch.stack(masks)
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+        """``crops`` without the masks."""
+        pixels, ids, _ = self.crops(size, generator)
+        return pixels, ids
 
     def held_back_batch(self) -> torch.Tensor:
         """The held-back images, centre-cropped, (N, 3, R, R) in [-1, 1]."""
@@ -130,12 +141,12 @@ class PretrainImages:
         return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize so that the shorter side is ``size`` px (bicubic, aspect ratio kept)."""
+def resize_short_side(image: np.ndarray, size: int, resample: int = Image.BICUBIC) -> np.ndarray:
+    """Resize so that the shorter side is ``size`` px (bicubic by default, aspect ratio kept)."""
     h, w = image.shape[:2]
     scale = size / min(h, w)
     shape = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(shape, Image.BICUBIC)) if shape != (w, h) else image
+    return np.asarray(Image.fromarray(image).resize(shape, resample)) if shape != (w, h) else image
 
 
 def _categories(root: Path) -> list:
@@ -170,7 +181,10 @@ def load_pretrain_images(roots: list[Path], resolution: int, include_defects: bo
             for record, prompt, held_back in records:
                 image = load_image(record.path)
                 data.upscaled += min(image.shape[:2]) < resolution
-                data.add(resize_short_side(image, resolution), prompt, held_back)
+                mask = None
+                if record.mask_paths:
+                    mask = resize_short_side(load_mask(record).astype(np.uint8), resolution, Image.NEAREST).astype(bool)
+                data.add(resize_short_side(image, resolution), prompt, held_back, mask)
     if not data.images:
         raise DataError(Path(roots[0]), "no good images to train on")
     return data

@@ -9,7 +9,10 @@ time budget, ``loss.csv``), then a diffusers Stable Diffusion folder:
    here). A share ``vae_colour_augment`` (default 0.5) of its training crops is recoloured
    (``data.colour_variants``: channel orders, inversion) so that it encodes colours the good images
    lack (defects, DualAnoDiff's gray part background); LDM's autoencoder gets them from OpenImages.
-   0 trains on the images as they are. Its latent scale is then set to 1 / std of the training
+   0 trains on the images as they are. ``vae_defect_weight`` λ (ours; 0, LDM's objective, by default)
+   adds λ × the L1 averaged over the defect pixels of each batch (``include_defects``' masks): an
+   L1 autoencoder spends its capacity on the texture around a defect and loses thin lines and small
+   blots (measured on the defect world: ``benchmarks/RESULTS.md``). Its latent scale is then set to 1 / std of the training
    latents, as SD's 0.18215 was chosen; its PSNR on held-back good images is reported, and on those
    images in the 11 other colourings (``psnr_recoloured_db``). ``max_steps=0`` stops after this
    stage, and a re-run with more ``vae_steps`` trains the autoencoder on from its last checkpoint,
@@ -21,7 +24,8 @@ time budget, ``loss.csv``), then a diffusers Stable Diffusion folder:
    hazelnut_toy in its colours more often and magnetic_tile less often, and corner faults came with
    and without it (``benchmarks/RESULTS.md``, "The autoencoder's corner blot"). The default stays LDM's.
 2. the UNet (``UNet2DConditionModel``): the ε-prediction loss of DDPM (Ho et al. 2020, Eq. 14) on
-   latents of random crops, conditioned on the prompt's text-encoder states; the prompt is dropped
+   latents of random crops (``unet_defect_weight`` λ, ours, 0 by default: + λ × that loss averaged
+   over the latents a defect touches), conditioned on the prompt's text-encoder states; the prompt is dropped
    (empty prompt) with probability ``uncond_prob`` to train the unconditional model that
    classifier-free guidance needs (Ho & Salimans 2022); an EMA of its weights is what is saved.
 
@@ -81,7 +85,7 @@ REPORT = "pretrain.json"
 # settings that may change when a run is resumed (the others define the model)
 RESUMABLE = ("vae_steps", "max_steps", "time_budget_s", "vae_share", "checkpoint_every", "sample_every", "device")
 # what runs written before a setting existed did (their settings.json lacks it)
-BEFORE_SETTINGS = {"balance": "images"}
+BEFORE_SETTINGS = {"balance": "images", "vae_defect_weight": 0.0, "unet_defect_weight": 0.0}
 Say = Callable[[str], None]
 
 
@@ -172,22 +176,28 @@ def _psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
     return float((10 * torch.log10(1 / mse)).mean())
 
 
-def autoencoder_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator, kl_weight: float) -> torch.Tensor:
+def autoencoder_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator, kl_weight: float,
+                     masks: torch.Tensor | None = None, defect_weight: float = 0.0) -> torch.Tensor:
     """LDM's autoencoder objective without its LPIPS and adversarial terms: L1 of the reconstruction
     of a posterior sample + ``kl_weight`` × KL(q(z|x) ‖ N(0, I)), both per-image sums as in LDM
-    (weight 1e-6 against the summed L1), divided by the pixel count."""
+    (weight 1e-6 against the summed L1), divided by the pixel count. With ``defect_weight`` λ > 0
+    (ours) and (B, H, W) bool ``masks``, + λ × the L1 averaged over the batch's defect pixels, so
+    that the defects (1-5 % of a defect image) weigh as much as λ whole images, whatever their size."""
     posterior = vae.encode(pixels).latent_dist
     recon = vae.decode(posterior.sample(generator=generator)).sample
-    return F.l1_loss(recon.float(), pixels) + kl_weight * posterior.kl().mean() / pixels[0].numel()
+    loss = F.l1_loss(recon.float(), pixels) + kl_weight * posterior.kl().mean() / pixels[0].numel()
+    if defect_weight and masks is not None and bool(masks.any()):
+        loss = loss + defect_weight * (recon.float() - pixels).abs().mean(1)[masks.to(pixels.device)].mean()
+    return loss
 
 
 def _vae_stage(vae: AutoencoderKL, images: PretrainImages, config: PretrainConfig, work: Path,
                budget: float | None, train_config: dict[str, Any]) -> dict[str, Any]:
     def loss_fn(modules, step, generator):
         model = modules["vae"]
-        pixels, _ = images.batch(config.batch_size, generator)
+        pixels, _, masks = images.crops(config.batch_size, generator)
         pixels = colour_variants(pixels, generator, config.vae_colour_augment).to(model.device)
-        return autoencoder_loss(model, pixels, generator, config.kl_weight)
+        return autoencoder_loss(model, pixels, generator, config.kl_weight, masks, config.vae_defect_weight)
 
     def validate(step):
         write_loss_curve(work / LOG_FILE, work / "loss.png")
@@ -236,6 +246,18 @@ def _sample(backbone: Backbone, states: torch.Tensor, uncond: torch.Tensor, seed
     return to_uint8(decode_latents(backbone, latents))
 
 
+def denoising_loss(pred: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor | None = None,
+                   defect_weight: float = 0.0) -> torch.Tensor:
+    """DDPM's ε loss, the MSE over every latent; with ``defect_weight`` λ > 0 (ours) and (B, H, W) bool
+    pixel ``masks``, + λ × the MSE averaged over the latent pixels a defect touches (the masks
+    max-pooled to the latent grid), as ``autoencoder_loss`` weighs the defect pixels."""
+    loss = F.mse_loss(pred, noise)
+    if defect_weight and masks is not None and bool(masks.any()):
+        latent = F.adaptive_max_pool2d(masks[:, None].float(), pred.shape[-2:])[:, 0].bool().to(pred.device)
+        loss = loss + defect_weight * (pred - noise).pow(2).mean(1)[latent].mean()
+    return loss
+
+
 def _unet_stage(backbone: Backbone, images: PretrainImages, states: torch.Tensor, uncond: torch.Tensor,
                 config: PretrainConfig, work: Path, budget: float | None, train_config: dict[str, Any]) -> dict[str, Any]:
     unet, vae, device = backbone.unet, backbone.vae, backbone.device
@@ -243,7 +265,7 @@ def _unet_stage(backbone: Backbone, images: PretrainImages, states: torch.Tensor
     shown = states.repeat_interleave(2, 0)[:16]  # two samples per prompt
 
     def loss_fn(modules, step, generator):
-        pixels, ids = images.batch(config.batch_size, generator)
+        pixels, ids, masks = images.crops(config.batch_size, generator)
         with torch.no_grad():
             posterior = vae.encode(pixels.to(device)).latent_dist
             latents = posterior.sample(generator=generator) * vae.config.scaling_factor
@@ -252,7 +274,7 @@ def _unet_stage(backbone: Backbone, images: PretrainImages, states: torch.Tensor
         dropped = torch.rand(len(ids), generator=generator) < config.uncond_prob
         context = torch.where(dropped[:, None, None].to(states.device), uncond, states[ids]).to(device)
         pred = modules["unet"](scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=context).sample
-        return F.mse_loss(pred.float(), noise)
+        return denoising_loss(pred.float(), noise, masks, config.unet_defect_weight)
 
     def validate(step):
         write_loss_curve(work / LOG_FILE, work / "loss.png")
