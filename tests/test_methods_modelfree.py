@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.methods import create
 from anomalygen.methods.base import AnomalyGenerator
-from anomalygen.methods.blending import blend, feather_alpha, place, random_point, rotate_patch
+from anomalygen.synthesis.blending import blend, feather_alpha, place, random_point, rotate_patch
 from anomalygen.types import DefectExample
 
 cv2.setNumThreads(1)
@@ -248,7 +248,7 @@ def test_demo_categories(demo_root, category, mode):
 
 
 def test_photometric_ops_are_seeded_and_bounded():
-    from anomalygen.methods.photometric import RAND_AUGMENT_OPS, color_jitter, rand_augment
+    from anomalygen.synthesis.photometric import RAND_AUGMENT_OPS, color_jitter, rand_augment
 
     image = textures(1)[0]
     a, names = rand_augment(image, np.random.default_rng(4))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anomalygen.errors import DataError
+from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.types import DefectExample, ImageRecord
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -139,3 +139,15 @@ def check_record(record: ImageRecord) -> None:
         load_image(record.path)
     else:
         load_defect(record)
+
+
+def as_rgb(image: np.ndarray, what: str) -> np.ndarray:
+    """``image`` as a contiguous (H, W, 3) uint8 array; grayscale (H, W) or (H, W, 1) is repeated."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise AnomalygenError(f"{what}: expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise AnomalygenError(f"{what}: expected an (H, W, 3) image, got shape {image.shape}")
+    return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)

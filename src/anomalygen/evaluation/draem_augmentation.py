@@ -4,7 +4,7 @@ simulated anomalies replaced by generated pairs, test on the real test split.
 DRAEM (Zavrtanik et al., ICCV 2021) as its paper and official code train it: every training sample is
 a ``train/good`` image (rotated by U(-90, 90) degrees with probability 0.3), left normal with
 probability 0.5, else given a simulated anomaly (Perlin mask x augmented texture, Eq. 1:
-``methods.draem``). The reconstructive sub-network maps the sample back to the good image (L2 + SSIM
+``synthesis.draem``). The reconstructive sub-network maps the sample back to the good image (L2 + SSIM
 loss, Eq. 2-3), the discriminative one segments the anomaly from (reconstruction, sample) with the
 focal loss (Eq. 4); Adam lr 1e-4 for both, x0.2 at 80 % and 90 % of 700 epochs, batch 8, 256 px.
 Anomaly map = softmax of the anomalous class; image score = max of the 21 x 21 average-pooled map.
@@ -41,8 +41,8 @@ from anomalygen.evaluation import options
 from anomalygen.evaluation.inputs import EvaluationData, resize_image, resize_mask
 from anomalygen.evaluation.localization import as_input, diverged, measure, tensor_images, tensor_masks
 from anomalygen.evaluation.unet import DiscriminativeUNet, ReconstructiveNet, focal_loss
-from anomalygen.methods.draem import DraemTexture
-from anomalygen.seeding import check_seed
+from anomalygen.seeding import check_seed, sample_rng
+from anomalygen.synthesis.draem import load_textures, pick_texture, simulate
 
 TESTS = ("clean", "full")
 SHARES = ("training_set", "anomalies")  # what ``ratio`` is a share of: CAGen's words | ours
@@ -88,8 +88,8 @@ class DraemAugmentationConfig:
         check_seed(self.seed)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
             raise OptionError("draem_augmentation.workers", f"{self.workers}: must be a whole number >= 0")
-        DraemTexture(texture_source=self.texture_source, foreground="texture")  # checks the option now
-        if self.texture_source != "skimage" and not Path(self.texture_source).is_dir():
+        if not isinstance(self.texture_source, str) or (self.texture_source != "skimage"
+                                                         and not Path(self.texture_source).is_dir()):
             raise OptionError("draem_augmentation.texture_source",
                               f"{self.texture_source}: not a folder of texture images (or 'skimage')")
 
@@ -149,7 +149,7 @@ class TrainingSamples(torch.utils.data.Dataset):
     def __init__(self, good: list[np.ndarray], pairs: list[GeneratedPair], ratio: float, texture_source: str, seed: int,
                  share_of: str = "training_set"):
         self.good, self.pairs, self.ratio, self.seed, self.share_of = good, pairs, ratio, seed, share_of
-        self.texture = DraemTexture(texture_source=texture_source, foreground="texture")
+        self.source = pick_texture(load_textures(texture_source))
 
     def __getitem__(self, item: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         rng = np.random.default_rng([self.seed, item])
@@ -172,8 +172,7 @@ class TrainingSamples(torch.utils.data.Dataset):
                     sample, mask = _rotate(sample, angle), _rotate(mask.astype(np.uint8), angle, nearest=True) > 0
                     target = None if target is None else _rotate(target, angle)
             else:
-                made = next(self.texture.generate([image], 1, seed=int(rng.integers(2**31))))
-                sample, mask = made.image, made.mask
+                sample, mask, _ = simulate(image, sample_rng(int(rng.integers(2**31)), 0), self.source)
         has_target = target is not None
         target = target if has_target else np.zeros_like(sample)
         return sample, target, mask, has_target

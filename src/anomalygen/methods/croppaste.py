@@ -22,14 +22,14 @@ import numpy as np
 from PIL import Image
 from skimage import measure
 
-from anomalygen.data.images import load_image
+from anomalygen.data.images import as_rgb, load_image
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import atomic_write_text, corrupt, read_json
 from anomalygen.methods.base import malformed_as_corrupt, model_path
-from anomalygen.methods.blending import blend, feather_alpha, place, random_point, rotate_patch
-from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, as_rgb, fit_mask
+from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator, fit_mask
 from anomalygen.options import Bool, Float, Int, OptionSpec, Range
-from anomalygen.methods.photometric import color_jitter
+from anomalygen.synthesis.blending import blend, feather_alpha, place, random_point, rotate_patch
+from anomalygen.synthesis.photometric import color_jitter
 from anomalygen.types import DefectExample
 
 CROPS_FILE = "crops.json"

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from anomalygen.methods.blending import blend, place, random_point, rotate_patch
+from anomalygen.synthesis.blending import blend, place, random_point, rotate_patch
 from anomalygen.methods.modelfree import FOREGROUND, ModelFreeGenerator
 from anomalygen.options import Float, Int, OptionSpec, Range, Subset
-from anomalygen.methods.photometric import color_jitter
+from anomalygen.synthesis.photometric import color_jitter
 
 VARIANTS = ("patch", "scar")
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from anomalygen.data.images import as_rgb
 from anomalygen.errors import AnomalygenError
 from anomalygen.masks import FOREGROUND_MODES, foreground_mask, resize_mask, resolve_mode
 from anomalygen.methods.base import AnomalyGenerator
@@ -22,18 +23,6 @@ from anomalygen.types import AnomalySample, DefectExample
 
 # Where anomalies may go: "auto" (decide by ``is_object``), "object" or "texture".
 FOREGROUND = Choice("auto", FOREGROUND_MODES, sampling=True)  # acts at generation
-
-
-def as_rgb(image: np.ndarray, what: str) -> np.ndarray:
-    """``image`` as a contiguous (H, W, 3) uint8 array; grayscale (H, W) or (H, W, 1) is repeated."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise AnomalygenError(f"{what}: expected uint8 pixels, got {image.dtype}")
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise AnomalygenError(f"{what}: expected an (H, W, 3) image, got shape {image.shape}")
-    return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
 
 
 def fit_mask(mask: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
