@@ -8,7 +8,7 @@ over heads and pixels) that fall on the X-token positions. Reported: that share 
 steps and samples), the share a uniform attention would give (tokens / context length), and the
 share of the start token.
 
-    python benchmarks/anomalyxfusion_attention.py ../shared/data/mvtec_ad_grid_subset --category grid \\
+    PYTHONPATH=src python benchmarks/anomalyxfusion_attention.py ../shared/data/mvtec_ad_grid_subset --category grid \\
         --captions ../shared/data/mvtec_caption/mvtec_ad.json [--model tiny] [--steps 60] [--resolution 32]
 
 With ``--model tiny`` (the default here: no real weights offline) the base model is a random

