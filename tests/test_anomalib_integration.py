@@ -21,7 +21,8 @@ from anomalygen.data import load_category, load_image, paper_split
 from anomalygen.data.demo import make_demo_dataset
 from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.io import MANIFEST, read_manifest
-from cli_harness import run_cli
+
+from tests.helpers.cli_harness import run_cli
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CATEGORY = "fabric"
@@ -53,7 +54,7 @@ def ai():
 
 
 def _cli(*args) -> None:
-    result = run_cli(*args)  # in this process (tests/cli_harness.py): a fresh interpreter would only add its imports
+    result = run_cli(*args)  # in this process (tests/helpers/cli_harness.py): a fresh interpreter would only add its imports
     assert result.returncode == 0, result.stderr
 
 

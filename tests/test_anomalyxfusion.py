@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_harness import assert_user_error, run_cli  # tests/ is on sys.path (pytest's rootdir-less import mode)
 from safetensors.torch import save_file
 
 from anomalygen.data.captions import caption_for, default_caption, image_index, load_captions
@@ -22,6 +21,8 @@ from anomalygen.methods.anomalyxfusion.ddf import DDF
 from anomalygen.methods.anomalyxfusion.mif import Aggregator, MaskEncoder, load_mask_encoder
 from anomalygen.methods.base import AnomalyGenerator
 from anomalygen.types import DefectExample
+
+from tests.helpers.cli_harness import assert_user_error, run_cli
 
 torch.set_num_threads(1)
 

@@ -34,7 +34,8 @@ import anomalygen.diffusion.train as core
 from anomalygen.errors import AnomalygenError
 from anomalygen.methods.base import AnomalyGenerator, available_methods, get_method
 from anomalygen.types import DefectExample
-from cli_harness import assert_user_error, run_cli, snapshot
+
+from tests.helpers.cli_harness import assert_user_error, run_cli, snapshot
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,6 @@
 """Two processes (torchrun, gloo, CPU) train like one on the concatenated batch, for every method
 on the core trainer: the losses call the DDP-wrapped modules (gradients are all-reduced) and each
-rank computes the loss on its share of one global batch (tests/ddp_fit.py)."""
+rank computes the loss on its share of one global batch (tests/helpers/ddp_fit.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ddp_fit import CLI_FIT, METHODS, ROWS_PER_SAMPLE, fit_all, toy_data  # tests/ is on sys.path (pytest's rootdir-less import mode)
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from anomalygen.cli import app
 from anomalygen.data.demo import make_demo_dataset
 from anomalygen.methods.base import create
+
+from tests.helpers.ddp_fit import CLI_FIT, METHODS, ROWS_PER_SAMPLE, fit_all, toy_data
 
 torch.set_num_threads(1)
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
@@ -33,7 +34,7 @@ def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
            "CUDA_VISIBLE_DEVICES": ""}
     data = make_demo_dataset(tmp_path / "data", n_good=2, n_test_good=0, n_defect=3, size=64, categories=("fabric",))
-    run = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(root / "tests" / "ddp_fit.py"), str(tmp_path), str(data)],
+    run = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(root / "tests" / "helpers" / "ddp_fit.py"), str(tmp_path), str(data)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-3000:]
     # the command line's fit: one process saved (the other's lock would have refused it), what one process on the whole batch saves

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from cli_harness import lock_held_elsewhere
-
 from anomalygen.diffusion.train import TrainConfig, latest_checkpoint, load_trainable, train
+
+from tests.helpers.cli_harness import lock_held_elsewhere
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,8 @@ from anomalygen.errors import AnomalygenError
 from anomalygen.evaluation import draem_augmentation as da
 from anomalygen.evaluation.inputs import load_evaluation_data
 from anomalygen.evaluation.unet import ReconstructiveNet
-from cli_harness import run_cli
+
+from tests.helpers.cli_harness import run_cli
 
 SIZE = 32
 

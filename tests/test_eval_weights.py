@@ -13,7 +13,8 @@ from anomalygen.evaluation.classification import RESNET34_URL, ClassificationCon
 from anomalygen.evaluation.ic_lpips import BACKBONE_URLS, load_lpips
 from anomalygen.evaluation.inception_score import load_inception
 from anomalygen.weights import hub_checkpoint, load_state_dict
-from cli_harness import assert_user_error, run_cli
+
+from tests.helpers.cli_harness import assert_user_error, run_cli
 
 torch.set_num_threads(1)
 

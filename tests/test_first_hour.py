@@ -4,7 +4,6 @@ sight (preview.png, next commands, tables), and readable reports."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +11,8 @@ from typer.testing import CliRunner
 
 from anomalygen import cli, pipeline
 from anomalygen.evaluation import presets
-from test_pipeline import fake_method, make_tiny_dataset  # noqa: F401  (fixture)
+
+from tests.test_pipeline import fake_method, make_tiny_dataset  # noqa: F401  (fixture)
 
 runner = CliRunner()
 

@@ -21,7 +21,8 @@ import pytest
 
 import anomalygen
 from anomalygen.data.demo import make_demo_dataset
-from cli_harness import run_cli, snapshot
+
+from tests.helpers.cli_harness import run_cli, snapshot
 
 # the package under test, whatever the subprocess's cwd (PYTHONPATH=src is relative)
 ENV = {"PYTHONPATH": str(Path(anomalygen.__file__).parents[1]), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

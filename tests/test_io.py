@@ -32,7 +32,8 @@ from anomalygen.io import (
 )
 from anomalygen.types import AnomalySample
 from anomalygen.visualize import Section, grid, overlay, write_html
-from cli_harness import lock_held_elsewhere
+
+from tests.helpers.cli_harness import lock_held_elsewhere
 
 RUN = {"method": "fake", "seed": 3, "config": {"a": 1}}
 

@@ -15,7 +15,6 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from cli_harness import assert_unchanged, assert_user_error, run_cli, snapshot
 from typer.testing import CliRunner
 
 import anomalygen.pretrain.run as run
@@ -26,6 +25,8 @@ from anomalygen.diffusion.train import TrainConfig, latest_checkpoint, train
 from anomalygen.pretrain import PretrainConfig, pretrain
 from anomalygen.pretrain.data import (COLOURINGS, PretrainImages, colour_variant, colour_variants, load_pretrain_images,
                                       prompt_name)
+
+from tests.helpers.cli_harness import assert_unchanged, assert_user_error, run_cli, snapshot
 
 torch.set_num_threads(1)
 TINY = dict(resolution=32, size="tiny", vae_steps=3, max_steps=4, batch_size=2, checkpoint_every=2, sample_every=2,

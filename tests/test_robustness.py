@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cli_harness
 from anomalygen import pipeline
 from anomalygen.generation.writer import RUN_FILE
 from anomalygen.io import LOCK_FILE, MANIFEST
-from cli_harness import (assert_kept, assert_unchanged, assert_user_error, lock_held_elsewhere, run_cli,
-                         run_cli_process, snapshot)
-from test_cli import BREAKERS
-from test_pipeline import make_tiny_dataset, tree_bytes
+
+from tests.helpers import cli_harness
+from tests.helpers.cli_harness import (assert_kept, assert_unchanged, assert_user_error, lock_held_elsewhere, run_cli,
+                                       run_cli_process, snapshot)
+from tests.test_cli import BREAKERS
+from tests.test_pipeline import make_tiny_dataset, tree_bytes
 
 METHOD = "croppaste"  # model-free and fast
 

@@ -18,7 +18,8 @@ from PIL import Image
 import anomalygen
 from anomalygen.data.demo import make_demo_dataset
 from anomalygen.methods.base import METHODS
-from cli_harness import CASES, assert_unchanged, assert_user_error, run_cli, snapshot
+
+from tests.helpers.cli_harness import CASES, assert_unchanged, assert_user_error, run_cli, snapshot
 
 ENV = {"PYTHONPATH": str(Path(anomalygen.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
 TINY = {"model": "tiny", "device": "cpu", "resolution": 32, "batch_size": 2, "max_steps": 1,

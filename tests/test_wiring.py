@@ -1,5 +1,5 @@
 """Wiring of every diffusion method, in training and in generation: what each UNet (ControlNet,
-text encoder) call receives per batch row, recorded by ``tests/recording.py`` on the tiny preset.
+text encoder) call receives per batch row, recorded by ``tests/helpers/recording.py`` on the tiny preset.
 
 Inputs are told apart by value: each training image and each good image is a different constant
 (or a two-level) image, defect types have different prompts and learned vectors set to different
@@ -21,7 +21,8 @@ from anomalygen.diffusion.sampling import encode_images, latent_mask, to_tensor,
 from anomalygen.diffusion.train import TrainResult
 from anomalygen.methods.kit import method as kit
 from anomalygen.types import DefectExample
-from recording import record, source
+
+from tests.helpers.recording import record, source
 
 torch.set_num_threads(1)
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import cli_faults
+from tests.helpers import cli_faults
 
 CASES: list[str] = []  # names of the harness cases run in this session (for the counts in the note)
 
