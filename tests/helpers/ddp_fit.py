@@ -1,6 +1,6 @@
 """Fit AnomalyDiffusion, textual inversion, DualAnoDiff, CAGen and AnomalyXFusion a few steps on the tiny preset; save what was learned.
 
-Run as ``torchrun --nproc_per_node N ddp_fit.py OUT DATA`` (gloo, CPU) by tests/test_ddp.py, each rank writes
+Run as ``torchrun --nproc_per_node N ddp_fit.py OUT DATA`` (gloo, CPU) by tests/integration/test_ddp.py, each rank writes
 ``<out>/<method>-rank<r>.safetensors`` (+ ``.json``: the rows of its UNet calls), then runs ``anomalygen fit
 CLI_FIT --data DATA --out OUT/cli-fit``; imported, ``fit_all(out, "single")`` is the one-process reference on
 the same global batch.

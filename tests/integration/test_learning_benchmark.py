@@ -12,7 +12,7 @@ from PIL import Image
 
 torch.set_num_threads(1)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "learning.py"
 TINY = ["--model", "tiny", "--seeds", "0", "--num-per-type", "1", "--resolution", "32", "--steps", "2",
         "--sampling-steps", "1", "--batch-size", "2", "--epochs", "1", "--samples-per-epoch", "2", "--unet-base", "4",
         "--set", "dualanodiff.max_steps=1", "--set", "dualanodiff.rank=2",

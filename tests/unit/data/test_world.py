@@ -13,7 +13,7 @@ from anomalygen.data.world import CATEGORIES, FAMILIES, render_defect
 
 torch.set_num_threads(1)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "world_learning.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "world_learning.py"
 TINY_WORLD = ["--size", "32", "--prior-good", "2", "--prior-defects", "1", "--pair-good", "3", "--pair-test-good", "2",
               "--pair-defects", "6"]
 TINY = [*TINY_WORLD, "--model", "tiny", "--seeds", "0", "--num-per-type", "2", "--steps", "2", "--sampling-steps", "1",

@@ -428,7 +428,7 @@ def test_the_autoencoder_trains_on_recoloured_crops_and_reports_them(demo, tmp_p
 def test_vae_psnr_curve_script_ends_at_the_reported_psnr(prior, tmp_path, monkeypatch, capsys):
     import runpy
 
-    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "vae_psnr_curve.py"))
+    script = runpy.run_path(str(Path(__file__).resolve().parents[3] / "benchmarks" / "vae_psnr_curve.py"))
     monkeypatch.setattr("sys.argv", ["vae_psnr_curve.py", str(prior)])
     script["main"]()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -445,7 +445,7 @@ def test_prior_corners_script_finds_the_faulty_corner_and_reads_a_prior(prior, t
     import runpy
     from types import SimpleNamespace
 
-    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "prior_corners.py"))
+    script = runpy.run_path(str(Path(__file__).resolve().parents[3] / "benchmarks" / "prior_corners.py"))
     pixels = torch.zeros(2, 3, 32, 32)
 
     def blotted(x, sample_posterior):  # wrong by 0.5 in the bottom-left 4 x 4 only

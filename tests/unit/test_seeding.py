@@ -10,7 +10,7 @@ from anomalygen.errors import AnomalygenError
 from anomalygen.io import MANIFEST, read_manifest
 from anomalygen.seeding import MAX_SEED, check_seed
 
-from tests.test_pipeline import make_tiny_dataset
+from tests.integration.test_pipeline import make_tiny_dataset
 
 
 @pytest.mark.parametrize("seed", [0, 1, MAX_SEED, np.int64(7)])

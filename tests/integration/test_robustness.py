@@ -28,8 +28,8 @@ from anomalygen.io import LOCK_FILE, MANIFEST
 from tests.helpers import cli_harness
 from tests.helpers.cli_harness import (assert_kept, assert_unchanged, assert_user_error, lock_held_elsewhere, run_cli,
                                        run_cli_process, snapshot)
-from tests.test_cli import BREAKERS
-from tests.test_pipeline import make_tiny_dataset, tree_bytes
+from tests.integration.test_cli import BREAKERS
+from tests.integration.test_pipeline import make_tiny_dataset, tree_bytes
 
 METHOD = "croppaste"  # model-free and fast
 

@@ -30,7 +30,7 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or sh
 @pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None or not torch.distributed.is_available(), reason="needs torchrun and torch.distributed")
 def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
            "CUDA_VISIBLE_DEVICES": ""}
     data = make_demo_dataset(tmp_path / "data", n_good=2, n_test_good=0, n_defect=3, size=64, categories=("fabric",))

@@ -6,7 +6,7 @@ import ast
 import importlib.util
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location("mutants", Path(__file__).parents[1] / "tools" / "mutants.py")
+spec = importlib.util.spec_from_file_location("mutants", Path(__file__).parents[2] / "tools" / "mutants.py")
 mutants = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mutants)
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from anomalygen import cli, pipeline
 from anomalygen.evaluation import presets
 
-from tests.test_pipeline import fake_method, make_tiny_dataset  # noqa: F401  (fixture)
+from tests.integration.test_pipeline import fake_method, make_tiny_dataset  # noqa: F401  (fixture)
 
 runner = CliRunner()
 

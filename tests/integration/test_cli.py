@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from anomalygen.cli import app
 from anomalygen.io import MANIFEST, read_manifest
 
-from tests.test_pipeline import fake_method, make_tiny_dataset, tree_bytes  # noqa: F401  (fixture)
+from tests.integration.test_pipeline import fake_method, make_tiny_dataset, tree_bytes  # noqa: F401  (fixture)
 
 runner = CliRunner()
 

@@ -24,7 +24,7 @@ from anomalygen.io import MANIFEST, read_manifest
 
 from tests.helpers.cli_harness import run_cli
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 CATEGORY = "fabric"
 NUM = 6
 

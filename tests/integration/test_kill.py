@@ -20,7 +20,7 @@ import pytest
 from anomalygen.io import MANIFEST, read_manifest
 
 from tests.helpers.cli_harness import cli_command, cli_env, run_cli
-from tests.test_pipeline import make_tiny_dataset, tree_bytes
+from tests.integration.test_pipeline import make_tiny_dataset, tree_bytes
 
 KILLS = int(os.environ.get("ANOMALYGEN_KILLS", "3"))
 SEED = int(os.environ.get("ANOMALYGEN_KILL_SEED", "0"))
