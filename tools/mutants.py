@@ -1,8 +1,8 @@
 """Hand-made mutation testing: does the test suite notice when one operator or constant of a module changes?
 
-    python tools/mutants.py anomalygen/masks/augment.py tests/test_masks.py [--only 3,7] [--work DIR]
-    python tools/mutants.py anomalygen.synthesis.blending.py -- tests/test_methods_modelfree.py -k blend   (pytest options after --)
-    python tools/mutants.py anomalygen/diffusion/sampling.py --kinds swap,argument -- tests/test_wiring.py
+    python tools/mutants.py anomalygen/masks/augment.py tests/unit/masks/test_masks.py [--only 3,7] [--work DIR]
+    python tools/mutants.py anomalygen/synthesis/blending.py -- tests/unit/methods/test_modelfree.py -k blend   (pytest options after --)
+    python tools/mutants.py anomalygen/diffusion/sampling.py --kinds swap,argument -- tests/integration/test_wiring.py
 
 Each mutant changes one thing in the module (an arithmetic operator, a comparison, and/or, a unary
 minus or ``not``, a number, a boolean constant; or, for wiring, which value goes where in a call:

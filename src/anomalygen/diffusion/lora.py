@@ -1,7 +1,7 @@
 """Several LoRA adapters on one UNet (or text encoder), all trainable at once, routed per batch row.
 
 Built on peft (``LoraConfig``, its ``LoraLayer`` mixed-batch forward) and diffusers (``add_adapter``,
-the LoRA file format). Two library facts this module works around (``tests/test_diffusion_lora.py``
+the LoRA file format). Two library facts this module works around (``tests/unit/diffusion/test_lora.py``
 asserts both, so a library change is noticed):
 
 - ``set_adapter(name)`` (diffusers and peft) turns ``requires_grad`` off for every other adapter;

@@ -1,0 +1,143 @@
+"""The procedural defect world (``data.world``) and its proof-of-learning benchmark (``benchmarks/world_learning.py``)."""
+
+import hashlib
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomalygen.data.world import CATEGORIES, FAMILIES, render_defect
+
+torch.set_num_threads(1)
+
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "world_learning.py"
+TINY_WORLD = ["--size", "32", "--prior-good", "2", "--prior-defects", "1", "--pair-good", "3", "--pair-test-good", "2",
+              "--pair-defects", "6"]
+TINY = [*TINY_WORLD, "--model", "tiny", "--seeds", "0", "--num-per-type", "2", "--steps", "2", "--sampling-steps", "1",
+        "--batch-size", "2", "--epochs", "1", "--samples-per-epoch", "2", "--unet-base", "4", "--judge-renders", "16",
+        "--judge-steps", "2", "--loss-batches", "1", "--max-attempts", "1"]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return runpy.run_path(str(SCRIPT))
+
+
+def test_every_family_changes_exactly_its_mask_in_every_category_with_its_own_look():
+    for c, category in enumerate(CATEGORIES):
+        for f, family in enumerate(FAMILIES):
+            good, image, mask = render_defect(category, family, np.random.default_rng([c, f]), 32)
+            assert mask.sum() >= 4 and ((image != good).any(-1) == mask).all(), (category, family)
+            before, after = good[mask].astype(float), image[mask].astype(float)
+            if family == "scratch":  # brighter, towards white
+                assert after.mean() > before.mean() + 20, category
+            elif family == "crack":  # much darker
+                assert after.mean() < 0.45 * before.mean(), category
+            elif family == "stain":  # redder
+                assert (after[:, 0] / after[:, 1:].mean(1)).mean() > 1.5 * (before[:, 0] / before[:, 1:].mean(1)).mean(), category
+            else:  # hole: a near-black inside within a shaded rim
+                assert (after.max(1) < 40).mean() > 0.25 and np.ptp(after.mean(1)) > 60, category
+
+
+def _hashes(folder: Path) -> set[str]:
+    return {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.png") if "ground_truth" not in p.parts}
+
+
+def test_held_out_pairs_never_reach_the_priors_training_data(world, tmp_path):
+    from anomalygen.pretrain.data import load_pretrain_images
+
+    args = world["parse"](["--out", str(tmp_path), "--pairs", "wood:scratch,nut:crack", *TINY_WORLD])
+    world["build_world"](args)
+    images = load_pretrain_images([tmp_path / "world" / "prior"], 32, include_defects=True)
+    expected = {f"a photo of {c}" for c in CATEGORIES} | {f"a photo of {c} with {f}" for c in CATEGORIES for f in FAMILIES
+                                                           if (c, f) not in [("wood", "scratch"), ("nut", "crack")]}
+    assert set(images.prompts) == expected
+    pairs = tmp_path / "world" / "pairs"
+    assert sorted(p.name for p in pairs.iterdir()) == ["nut-crack", "wood-scratch"]
+    assert sorted(p.name for p in (pairs / "wood-scratch" / "wood" / "test").iterdir()) == ["good", "scratch"]
+    assert not _hashes(tmp_path / "world" / "prior") & _hashes(pairs)  # not one image shared
+
+
+def test_outside_change_is_measured_outside_the_mask_only(world):
+    judge = world["judge"]
+
+    class Stub:  # every judge answers the same; only the outside-mask arithmetic is tested here
+        def segment(self, images):
+            return np.zeros((len(images), 8, 8), bool)
+
+        def families(self, images, masks):
+            return ["scratch"] * len(images)
+
+        def categories(self, images):
+            return ["wood"] * len(images)
+
+    source = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    inside = source.copy()
+    inside[mask] = 255
+    outside = inside.copy()
+    outside[~mask] += 51
+    result = judge(Stub(), [inside, outside], [mask, mask], "scratch", "wood", [source, source])
+    assert result["outside_change"] == pytest.approx(0.1)  # (0 + 51 / 255) / 2
+    assert result["family_accuracy"] == 1.0 and result["category_kept"] == 1.0 and result["alignment_iou"] == 0.0
+
+
+def test_the_whole_pipeline_at_tiny_size_and_a_rerun_resumes(world, tmp_path, monkeypatch, capsys):
+    argv = ["--out", str(tmp_path), "--pairs", "wood:scratch", "--methods", "croppaste,textual-inversion", *TINY]
+    assert world["main"](argv) == 0
+    result = json.loads((tmp_path / "world_learning.json").read_text())
+    assert [r["row"] for r in result["tables"]["results"]] == ["croppaste", "textual-inversion", "textual-inversion (untrained)"]
+    cells = {c["row"]: c for c in result["cells"]}
+    assert cells["textual-inversion"]["steps"] == 2 and cells["textual-inversion (untrained)"]["steps"] == 0
+    assert {k: v for k, v in cells["textual-inversion (untrained)"]["options"].items() if k not in ("time_budget_s", "work_dir")} == \
+        {k: v for k, v in cells["textual-inversion"]["options"].items() if k != "work_dir"}
+    assert all(isinstance(cells[r]["heldout_loss"], float) for r in ("textual-inversion", "textual-inversion (untrained)"))
+    assert "heldout_loss" not in cells["croppaste"]
+    assert all(c["samples"] == 2 and 0 <= c["family_accuracy"] <= 1 and 0 <= c["pixel_ap"] <= 1 for c in cells.values())
+    assert cells["croppaste"]["outside_change"] == 0.0  # Crop-Paste keeps every pixel outside its mask
+    for name in ("world_learning.md", "world_learning.png", "samples-wood-scratch.png", "judges.json"):
+        assert (tmp_path / name).stat().st_size > 0
+
+    # the held-out loss is measured in the state of the cell's checkpoint: a scaled token moves it
+    from safetensors.torch import load_file, save_file
+
+    cell = tmp_path / "cells" / "wood-scratch" / "seed-0" / "textual-inversion"
+    args = world["parse"](argv)
+    options = world["row_options"]("textual-inversion", world["options_of"](args, "tiny", 0))
+    data = world["pair_data"](tmp_path, ("wood", "scratch"))
+    loss = world["heldout_loss"]("textual-inversion", options, cell / "work", data, 1, 0)
+    assert loss == cells["textual-inversion"]["heldout_loss"]
+    (weights,) = (cell / "work").rglob("trainable.safetensors")
+    save_file({k: v * 50 for k, v in load_file(str(weights)).items()}, str(weights))
+    assert world["heldout_loss"]("textual-inversion", options, cell / "work", data, 1, 0) != pytest.approx(loss, abs=1e-3)
+    assert world["heldout_loss"]("textual-inversion", options, tmp_path / "nowhere", data, 1, 0) is None
+
+    # a rerun resumes every cell
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setitem(world["run_cell"].__globals__, "benchmark", refuse)
+    capsys.readouterr()
+    assert world["main"](argv) == 0
+    assert capsys.readouterr().out.count("resumed") == 3
+
+
+def test_beats_spread_needs_every_paired_difference_above_both_rows_seed_spread(world, tmp_path):
+    args = world["parse"](["--out", str(tmp_path), "--pairs", "wood:scratch", "--methods", "cagen", "--seeds", "0", "1"])
+
+    def records(trained, control):
+        return [{"pair": "wood-scratch", "row": row, "seed": s, "family_accuracy": v, "alignment_iou": 0.1}
+                for row, values in (("cagen", trained), ("cagen (untrained)", control)) for s, v in enumerate(values)]
+
+    (delta,) = world["tables"](records((0.5, 0.6), (0.1, 0.12)), args)["deltas"]
+    assert delta["family accuracy − untrained"] == "+0.440 (+0.400 … +0.480)" and delta["family accuracy: beats spread"] == "yes"
+    assert delta["alignment IoU: beats spread"] == "no"  # +0.000
+    (delta,) = world["tables"](records((0.3, 0.9), (0.1, 0.12)), args)["deltas"]
+    assert delta["family accuracy: beats spread"] == "no"  # mean difference 0.49, smallest 0.2: below the trained spread 0.42
+    args.seeds = [0]
+    (delta,) = world["tables"](records((0.5,), (0.1,)), args)["deltas"]
+    assert delta["family accuracy: beats spread"] == "—"  # one seed: no spread to beat
