@@ -159,7 +159,7 @@ def test_help_names_every_option_in_full_on_an_80_column_terminal():
     """A user reads an option's name off --help to type it: none may be cut short, none shown
     taking a value it does not take."""
     import typer.main
-    from cli_harness import run_cli
+    from tests.helpers.cli_harness import run_cli
 
     group = typer.main.get_command(app)
     commands = [(name, command) for name, command in group.commands.items() if name != "datasets"]
