@@ -209,24 +209,24 @@ def test_resnet_without_imagenet_weights_needs_cls_random_init(tiny, tmp_path, m
 
 
 @pytest.mark.parametrize("config, option", [
-    (dict(epochs=0), "localization.epochs 0"), (dict(resolution=33), "localization.resolution 33"),
-    (dict(resolution=16), "localization.resolution 16"), (dict(batch_size=-2), "localization.batch_size -2"),
-    (dict(samples_per_epoch=0), "localization.samples_per_epoch 0"), (dict(base=0), "localization.base 0"),
-    (dict(eval_every=0), "localization.eval_every 0"), (dict(protocol="best"), "localization.protocol best"),
+    (dict(epochs=0), "localization.epochs got 0"), (dict(resolution=33), "localization.resolution got 33"),
+    (dict(resolution=16), "localization.resolution got 16"), (dict(batch_size=-2), "localization.batch_size got -2"),
+    (dict(samples_per_epoch=0), "localization.samples_per_epoch got 0"), (dict(base=0), "localization.base got 0"),
+    (dict(eval_every=0), "localization.eval_every got 0"), (dict(protocol="best"), "localization.protocol got 'best'"),
 ])
 def test_localization_config_checks_its_options(config, option):
     from anomalygen.errors import AnomalygenError
 
-    with pytest.raises(AnomalygenError, match=f"^{option}: "):
+    with pytest.raises(AnomalygenError, match=f"^{option}; allowed: "):
         LocalizationConfig(**config)
 
 
 def test_classification_config_checks_its_options():
     from anomalygen.errors import AnomalygenError
 
-    with pytest.raises(AnomalygenError, match="^classification.epochs 0: must be a whole number >= 1"):
+    with pytest.raises(AnomalygenError, match="^classification.epochs got 0; allowed: an integer >= 1"):
         ClassificationConfig(epochs=0)
-    with pytest.raises(AnomalygenError, match="^classification.resolution 100: must be a multiple of 32"):
+    with pytest.raises(AnomalygenError, match="^classification.resolution got 100; allowed: a multiple of 32"):
         ClassificationConfig(resolution=100)
 
 

@@ -27,7 +27,6 @@ from anomalygen import pipeline
 from anomalygen.data import list_categories, load_category, paper_split
 from anomalygen.errors import AnomalygenError, OptionError
 from anomalygen.evaluation import figures
-from anomalygen.evaluation import options as checks
 from anomalygen.evaluation.inputs import load_evaluation_data
 from anomalygen.evaluation.localization import SELECT_SUM, run_localization
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
@@ -36,6 +35,7 @@ from anomalygen.evaluation.run import evaluate, prepare, settings
 from anomalygen.generation.writer import MAX_SAMPLES
 from anomalygen.io import atomic_write_text, check_own_folder, folder_lock
 from anomalygen.methods.base import CONFIG_FILE, AnomalyGenerator, get_method
+from anomalygen.options import Int, check
 from anomalygen.types import DefectExample
 from anomalygen.visualize import Section, grid, overlay, write_html
 
@@ -126,7 +126,7 @@ def benchmark(
     data, out = Path(data), Path(out)
     if not methods:
         raise OptionError("methods", "no method given", sep=": ")
-    checks.positive_int(num_per_type, "num_per_type", MAX_SAMPLES)
+    check("num_per_type", Int(low=1, high=MAX_SAMPLES), num_per_type)
     pipeline.check_max_attempts(max_attempts)
     for key, value in (settings or {}).items():
         if "." in key and key.partition(".")[0] not in methods:
