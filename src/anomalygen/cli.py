@@ -163,8 +163,6 @@ def generate(
                                    "test/good: OUT reads as an MVTec AD dataset (anomalib's MVTecAD)."),
 ) -> None:
     """Generate NUM defect image + mask pairs; re-running resumes an interrupted run."""
-    if compile:
-        os.environ["ANOMALYGEN_COMPILE"] = "1"  # read by diffusion.fast, in this process and the --processes ones
     options = pipeline.parse_settings(settings)
     options.update({key: value for key, value in {"max_steps": max_steps, "time_budget_s": None if time_budget is None
                                                    else time_budget * 60}.items() if value is not None})
@@ -174,7 +172,7 @@ def generate(
         method, data, out, num, category=category, seed=seed, checkpoint=checkpoint,
         defect_type=defect_type, options=options, overwrite=overwrite,
         skip_bad=skip_bad, filter=filter, max_attempts=max_attempts, keep_failing=keep_failing,
-        give_up_after=give_up_after, processes=processes, with_good=with_good,
+        give_up_after=give_up_after, processes=processes, compile=compile, with_good=with_good,
         warn=_warn, say=_say, status=_status, console=console,
     )
     masks = "".join(f", {n} {source}" for source, n in sorted(result.mask_sources.items()))

@@ -152,6 +152,7 @@ def generate(
     keep_failing: bool = False,
     give_up_after: int = GIVE_UP_AFTER,
     processes: int = 1,
+    compile: bool = False,
     with_good: bool = False,
     warn: Warn | None = None,
     say: Warn | None = None,
@@ -174,7 +175,8 @@ def generate(
     Samples of a grayscale category (``is_grayscale``) are written as grayscale PNGs.
     ``out/<category>-preview.png`` shows a few of the pairs (``visualize.write_preview``).
     ``processes`` > 1 shards the samples over that many processes (``generation.sharding``; one per
-    GPU): the same output as one process.
+    GPU): the same output as one process. ``compile``: sample with a ``torch.compile``'d UNet on CUDA
+    (diffusion methods; its compile time is printed once).
     With ``with_good`` the real good images are copied too (``copy_goods``).
     ``loaded``: the model at ``checkpoint``, already loaded by the caller (e.g. once for all defect
     types), used instead of loading it again; ``training`` likewise ``load_training(data, category,
@@ -199,6 +201,8 @@ def generate(
         raise AnomalygenError("give --method (or --checkpoint with a fitted model)")
     else:
         generator = build(method, options or {})
+    if compile:
+        generator.compile_unet()
     if training is None:
         status(f"reading {data}" + (f" (category {category})" if category else ""))
     category_data, defects, goods = training if training is not None else load_training(data, category, skip_bad=skip_bad,
@@ -250,7 +254,7 @@ def generate(
                 if processes > 1:
                     job = ShardJob(None if checkpoint is None or options else str(checkpoint), str(data), category, skip_bad,
                                    seed, first, num, block, processes, defect_type, calibration, max_attempts,
-                                   keep_failing, give_up_after, f"{generator.name} on {category_data.name}")
+                                   keep_failing, give_up_after, f"{generator.name} on {category_data.name}", compile)
                     samples = sharded_samples(job, generator)
                 else:
                     made = generator.generate(goods, num - first, seed=seed, start=first, defect_type=defect_type)

@@ -86,6 +86,7 @@ class Backbone:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     untrained: bool = False  # random weights (``tiny``, ``build_backbone``): outputs are noise
+    compile: bool = False  # ``fast.prepare_for_sampling`` compiles the UNet (on CUDA)
     prepared: bool = False  # ``fast.prepare_for_sampling`` ran
     compile_started: float | None = None  # set while a compiled UNet's first call is pending
 

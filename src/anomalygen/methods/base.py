@@ -96,6 +96,10 @@ class AnomalyGenerator(ABC):
         ``defect_type`` restricts generation to one learned type; otherwise types cycle.
         """
 
+    def compile_unet(self) -> None:
+        """Sample with a ``torch.compile``'d UNet on CUDA (``pipeline.generate``'s ``compile``); a method
+        without a UNet ignores it."""
+
     def generation_batch(self) -> int:
         """How many samples one batched pass of ``generate`` makes, counted from ``start``: a resumed
         run restarts at such a batch, and sharded generation deals blocks of this size, so that
