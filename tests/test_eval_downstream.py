@@ -173,7 +173,7 @@ def test_a_diverged_unet_is_one_error_naming_the_epoch(tiny, tmp_path, monkeypat
     monkeypatch.setattr(localization, "predict", diverging)
     data, out = tiny
     with pytest.raises(AnomalygenError, match=r"^downstream U-Net diverged at epoch 2: 2 of \d+ anomaly-map values are NaN "
-                                              r"or infinite; re-run with another --seed$"):
+                                              r"or infinite; re-run with another `seed`$"):
         evaluate(out, data, category="tiles", metrics=["localization"], out=tmp_path / "r", device="cpu",
                  localization=LocalizationConfig(**{**SMALL, "epochs": 3}))
     assert not (tmp_path / "r").exists()
@@ -199,12 +199,12 @@ def test_resnet_without_imagenet_weights_needs_cls_random_init(tiny, tmp_path, m
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
     # Asked for by name: an error naming the file and the option, before anything is read or written.
     with pytest.raises(ModelNotFoundError, match=r"resnet34-b627a593\.pth not found offline; download https://download"
-                                                 r".*or pass --cls-random-init"):
+                                                 r".*or set `classification.random_init`"):
         evaluate(tmp_path / "missing", tmp_path / "missing", metrics=["classification"], out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
     # On by default only: skipped with the same note.
     networks = prepare(None, device="cpu")
-    assert "--cls-random-init" in networks.skipped["classification"]
+    assert "`classification.random_init`" in networks.skipped["classification"]
     assert prepare(["classification"], classification=ClassificationConfig(random_init=True)).resnet_weights is None
 
 

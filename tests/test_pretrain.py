@@ -338,7 +338,7 @@ def test_the_autoencoder_alone_can_be_extended_until_the_unet_begins(demo, prior
     report = pretrain([demo], out, PretrainConfig(**{**TINY, "vae_steps": 5}), say=said.append)
     assert report["vae"]["steps"] == TINY["vae_steps"] and np.isfinite(report["unet"]["last_loss"])
     assert (out / WEIGHTS[1]).read_bytes() == (prior / WEIGHTS[1]).read_bytes()
-    assert [line for line in said if "kept at its 3 steps (not --vae-steps 5)" in line], said
+    assert [line for line in said if "kept at its 3 steps (not `vae_steps` 5)" in line], said
 
 
 def test_cli_max_steps_zero_says_no_model_yet_and_negative_is_refused(demo, tmp_path):

@@ -84,7 +84,7 @@ def generate_per_type(
             pipeline.fit(method, data, checkpoint, category=category, options=options, skip_bad=skip_bad, training=training)
         elif json.loads(saved.read_text())["options"] != pipeline.build(method, options or {}).config():
             raise AnomalygenError(f"{checkpoint}: a {method} model fitted with other options; delete it or "
-                                  f"benchmark into another --out")
+                                  "benchmark into another `out`")
         model = AnomalyGenerator.load(checkpoint)  # once for every type
     for defect_type in real.defect_types:
         run = out / method / "runs" / defect_type
@@ -130,8 +130,8 @@ def benchmark(
     pipeline.check_max_attempts(max_attempts)
     for key, value in (settings or {}).items():
         if "." in key and key.partition(".")[0] not in methods:
-            raise AnomalygenError(f"--set {key}={json.dumps(value)}: {key.partition('.')[0]!r} is not a benchmarked "
-                                  f"method (--methods {','.join(methods)})")
+            raise AnomalygenError(f"`settings` {key}={json.dumps(value)}: {key.partition('.')[0]!r} is not a benchmarked "
+                                  f"method (`methods` {','.join(methods)})")
     for method in methods:
         pipeline.build(method, method_options(settings or {}, method))
     networks = prepare(metrics, seed=seed, **evaluate_options)
@@ -286,7 +286,7 @@ def same_figures(reports: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         if len(figures_of) > 1 and len(set(figures_of.values())) == 1 and None not in next(iter(figures_of.values())):
             notes.append(f"{name}: every method has the same image-level figures: the U-Net (at these settings) does "
                          "not tell their data apart at image level; compare pixel-level figures, or train longer "
-                         "(--preset paper)")
+                         "(the paper preset)")
     return notes
 
 

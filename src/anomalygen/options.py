@@ -201,7 +201,7 @@ class OptionSpec:
         fitted = sorted(name for name in given if name in self.options and not self.options[name].sampling)
         if fitted:
             raise AnomalygenError(
-                f"{method}: --set {', '.join(fitted)}: shapes what was fitted, so a model loaded with --checkpoint "
+                f"{method}: `options` {', '.join(fitted)}: shapes what was fitted, so a model loaded from a `checkpoint` "
                 f"keeps its fitted value; fit a new model to change it (options that act at generation: "
                 f"{', '.join(self.sampling()) or 'none'})")
         self.validate(method, given)

@@ -60,7 +60,7 @@ def parse_settings(pairs: Iterable[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise AnomalygenError(f"--set {pair!r}: expected key=value")
+            raise AnomalygenError(f"`settings` {pair!r}: expected key=value")
         try:
             settings[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -198,7 +198,7 @@ def generate(
         if method is not None and method != generator.name:
             raise AnomalygenError(f"{checkpoint}: holds a {generator.name!r} model, not {method!r}")
     elif method is None:
-        raise AnomalygenError("give --method (or --checkpoint with a fitted model)")
+        raise AnomalygenError("give `method` (or `checkpoint` with a fitted model)")
     else:
         generator = build(method, options or {})
     if compile:
@@ -231,8 +231,8 @@ def generate(
         start = writer.done
         if start > num:
             raise AnomalygenError(
-                f"{writer.root}: holds {start} samples, more than --num {num}; give --num {start} or more to keep "
-                f"them, or add --overwrite to start over with {num}"
+                f"{writer.root}: holds {start} samples, more than `num` {num}; give `num` {start} or more to keep "
+                f"them, or add `overwrite` to start over with {num}"
             )
         if start < num:
             if checkpoint is None:
@@ -287,7 +287,7 @@ def generate(
             write_preview(writer.root)
     if invalid and warn is not None:
         warn(f"{generator.name} on {category_data.name}: {invalid} samples ({', '.join(f'{t} {n}' for t, n in sorted(failing.items()))}) "
-             f"failed a validity check in all {max_attempts} draws; kept (--keep-failing; flagged in the manifest)")
+             f"failed a validity check in all {max_attempts} draws; kept (`keep_failing`; flagged in the manifest)")
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
                           dict(mask_sources), dict(rejected), dict(written_types), dict(+redrawn), invalid)
 
@@ -320,8 +320,8 @@ def training_note(generator: AnomalyGenerator, defects: int, goods: int) -> str:
     if config.get("time_budget_s") is not None:
         limits.append(f"at most {config['time_budget_s'] / 60:g} min")
     device = f" on {config['device']}" if config.get("device") else ""
-    return (f"{generator.name} has no fitted model (--checkpoint): training it first on {defects} defects and {goods} good "
-            f"images{device} ({', '.join(limits) or 'until done'}); --max-steps / --time-budget MINUTES bound it, and "
+    return (f"{generator.name} has no fitted model (`checkpoint`): training it first on {defects} defects and {goods} good "
+            f"images{device} ({', '.join(limits) or 'until done'}); `max_steps` / `time_budget_s` bound it, and "
             "`anomalygen fit` saves a model to generate from again")
 
 

@@ -138,8 +138,8 @@ def _not_found(model: str, reason: str, local: bool = False) -> ModelNotFoundErr
     return ModelNotFoundError(
         f"model {model!r} could not be loaded ({reason}). Download it once where there is network: "
         f"`huggingface-cli download {model} --local-dir DIR` (or `hf download {model} --local-dir DIR`), "
-        f"then point anomalygen at the copy with `--model DIR` or `export {MODEL_ENV}=DIR`; "
-        f"`--model {TINY}` runs an untrained test model without any download"
+        f"then point anomalygen at the copy with `model` DIR or `export {MODEL_ENV}=DIR`; "
+        f"`model` {TINY} runs an untrained test model without any download"
     )
 
 

@@ -72,7 +72,8 @@ def resnet34_weights(config: ClassificationConfig) -> Path | None:
     path = find_weights(RESNET34_URL)
     if path is None:
         raise missing("Classification (ResNet-34)", RESNET34_URL,
-                      hint="; or pass --cls-random-init to train from random initialisation (not the papers' protocol)")
+                      hint="; or set `classification.random_init` to train from random initialisation (not the papers' "
+                           "protocol)")
     return path
 
 

@@ -121,8 +121,8 @@ def diverged(network: str, epoch: int, what: str, device: torch.device) -> Anoma
     """The one error for a downstream network whose outputs became NaN / inf, and what to do."""
     if device.type == "cuda":
         return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what} (bf16 autocast on cuda); "
-                               "re-run with --device cpu (fp32) or another --seed")
-    return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what}; re-run with another --seed")
+                               "re-run with `device` cpu (fp32) or another `seed`")
+    return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what}; re-run with another `seed`")
 
 
 def best_row(history: Sequence[dict[str, float | None]], key: str) -> dict[str, float | None] | None:

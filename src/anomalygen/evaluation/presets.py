@@ -123,5 +123,5 @@ def announce(settings: dict[str, Any], device: torch.device, *, test_images: int
         warn(line)
         return total
     faster = sum(estimate_seconds(quick, device, **about).values()) * runs
-    warn(f"{line}; --preset quick takes about {duration(faster)} (reduced settings: figures that rank little)")
+    warn(f"{line}; `preset` quick takes about {duration(faster)} (reduced settings: figures that rank little)")
     return total

@@ -156,7 +156,7 @@ class AnomalyGenerator(ABC):
             raise
         except AnomalygenError as error:  # an unknown method or an invalid option
             if sampling:  # a rule between options the new sampling values break: the user's to fix
-                raise AnomalygenError(f"{config_path} with --set: {error}") from None
+                raise AnomalygenError(f"{config_path} with `options`: {error}") from None
             raise corrupt(config_path, str(error)) from None
         generator._defect_types = list(types)
         generator.load_state(directory)
