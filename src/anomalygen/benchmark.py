@@ -27,7 +27,6 @@ from anomalygen import pipeline
 from anomalygen.data import list_categories, load_category, paper_split
 from anomalygen.errors import AnomalygenError, OptionError
 from anomalygen.evaluation import figures
-from anomalygen.evaluation import options as checks
 from anomalygen.evaluation.inputs import load_evaluation_data
 from anomalygen.evaluation.localization import SELECT_SUM, run_localization
 from anomalygen.evaluation.report import LOCALIZATION_KEYS
@@ -36,6 +35,7 @@ from anomalygen.evaluation.run import evaluate, prepare, settings
 from anomalygen.generation.writer import MAX_SAMPLES
 from anomalygen.io import atomic_write_text, check_own_folder, folder_lock
 from anomalygen.methods.base import CONFIG_FILE, AnomalyGenerator, get_method
+from anomalygen.options import Int, check
 from anomalygen.types import DefectExample
 from anomalygen.visualize import Section, grid, overlay, write_html
 
@@ -84,7 +84,7 @@ def generate_per_type(
             pipeline.fit(method, data, checkpoint, category=category, options=options, skip_bad=skip_bad, training=training)
         elif json.loads(saved.read_text())["options"] != pipeline.build(method, options or {}).config():
             raise AnomalygenError(f"{checkpoint}: a {method} model fitted with other options; delete it or "
-                                  f"benchmark into another --out")
+                                  "benchmark into another `out`")
         model = AnomalyGenerator.load(checkpoint)  # once for every type
     for defect_type in real.defect_types:
         run = out / method / "runs" / defect_type
@@ -126,12 +126,12 @@ def benchmark(
     data, out = Path(data), Path(out)
     if not methods:
         raise OptionError("methods", "no method given", sep=": ")
-    checks.positive_int(num_per_type, "num_per_type", MAX_SAMPLES)
+    check("num_per_type", Int(low=1, high=MAX_SAMPLES), num_per_type)
     pipeline.check_max_attempts(max_attempts)
     for key, value in (settings or {}).items():
         if "." in key and key.partition(".")[0] not in methods:
-            raise AnomalygenError(f"--set {key}={json.dumps(value)}: {key.partition('.')[0]!r} is not a benchmarked "
-                                  f"method (--methods {','.join(methods)})")
+            raise AnomalygenError(f"`settings` {key}={json.dumps(value)}: {key.partition('.')[0]!r} is not a benchmarked "
+                                  f"method (`methods` {','.join(methods)})")
     for method in methods:
         pipeline.build(method, method_options(settings or {}, method))
     networks = prepare(metrics, seed=seed, **evaluate_options)
@@ -286,7 +286,7 @@ def same_figures(reports: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         if len(figures_of) > 1 and len(set(figures_of.values())) == 1 and None not in next(iter(figures_of.values())):
             notes.append(f"{name}: every method has the same image-level figures: the U-Net (at these settings) does "
                          "not tell their data apart at image level; compare pixel-level figures, or train longer "
-                         "(--preset paper)")
+                         "(the paper preset)")
     return notes
 
 

@@ -6,9 +6,11 @@ act on (``AnomalygenError``) print as one line and exit with code 2, without a t
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,15 +40,17 @@ app.add_typer(datasets_app, name="datasets")
 console = Console(stderr=True, soft_wrap=True)  # a line stays one line: paths in it can be copied, logs grepped
 
 
-# The library names options as its callers write them (``OptionError.option``); the flag of one is
-# "--" + its name with dashes where the command has that flag, else the flag below.
+# The library names options as its callers write them (``OptionError.option``, and `name` in the advice
+# of any message); the flag of one is "--" + its name with dashes where the command has that flag, else
+# the flag below.
 OPTION_FLAGS = {
     "unet_lr": "--lr",  # pretrain
+    "time_budget_s": "--time-budget", "options": "--set", "settings": "--set",
     "localization.epochs": "--epochs", "localization.samples_per_epoch": "--samples-per-epoch",
     "localization.resolution": "--resolution", "localization.base": "--base", "localization.batch_size": "--batch-size",
     "localization.protocol": "--protocol", "localization.eval_every": "--eval-every",
     "classification.epochs": "--cls-epochs", "classification.resolution": "--resolution",
-    "classification.protocol": "--protocol",
+    "classification.protocol": "--protocol", "classification.random_init": "--cls-random-init",
     "draem_augmentation.ratio": "--draem-ratio", "draem_augmentation.share_of": "--draem-share-of",
     "draem_augmentation.epochs": "--draem-epochs", "draem_augmentation.resolution": "--draem-resolution",
     "draem_augmentation.test": "--draem-test", "draem_augmentation.texture_source": "--draem-textures",
@@ -65,21 +69,35 @@ def command_flags(command: Callable[..., Any]) -> set[str]:
             for flag in declaration.split("/") if flag.startswith("--")}
 
 
+def flag_of(name: str, flags: set[str]) -> str | None:
+    """The flag of option ``name`` when the command has one."""
+    flag = OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))
+    return flag if flag in flags else None
+
+
+def flagged(message: str, flags: set[str]) -> str:
+    """``message`` with each option its advice names as `name` called by its flag, where the command has one."""
+    return re.sub(r"`([a-z][a-z0-9_.]*)`", lambda match: flag_of(match.group(1), flags) or match.group(0), message)
+
+
 def worded(error: OptionError, flags: set[str], method_flags: dict[str, str]) -> str:
     """``error`` naming the command-line flag of its option: a method's option with the flag that sets
     it, if any, and ``--set``; another option by its flag when the command has one, else by its name."""
     name = error.option
     if error.method:
         return error.named(f"{name} ({method_flags[name] + ' or ' if name in method_flags else ''}--set {name}=...)")
-    flag = OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))
-    return error.named(flag if flag in flags else name)
+    return error.named(flag_of(name, flags) or name)
+
+
+FLAGS: contextvars.ContextVar[set[str]] = contextvars.ContextVar("FLAGS", default=set())  # the running command's
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Errors as one red line on stderr, never a traceback.
 
     ``AnomalygenError`` and OS errors (disk full, permission denied, ...: ``anomalygen.io.os_error``)
-    exit 2 (an ``OptionError`` named by the flag that sets its option: ``worded``); Ctrl-C exits 130
+    exit 2 (an ``OptionError`` named by the flag that sets its option: ``worded``; the options advice names
+    as `name`, here and in what the command says or warns, by their flags: ``flagged``); Ctrl-C exits 130
     with a hint that re-running resumes; any other exception is a bug: one "internal error" line,
     exit 1, and the traceback only with ``ANOMALYGEN_DEBUG=1``.
     """
@@ -88,12 +106,13 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        running = FLAGS.set(flags)  # for _say / _warn / _status
         try:
             return command(*args, **kwargs)
         except OptionError as error:
-            _error(worded(error, flags, method_flags), 2)
+            _error(flagged(worded(error, flags, method_flags), flags), 2)
         except AnomalygenError as error:
-            _error(str(error), 2)
+            _error(flagged(str(error), flags), 2)
         except OSError as error:
             _error(str(os_error(error)), 2)
         except KeyboardInterrupt:
@@ -105,6 +124,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             _error(f"internal error ({type(error).__name__}: {error}); this is a bug, please report it; "
                    "set ANOMALYGEN_DEBUG=1 for the traceback", 1)
+        finally:
+            FLAGS.reset(running)
 
     return wrapper
 
@@ -115,17 +136,17 @@ def _error(message: str, code: int) -> None:
 
 
 def _say(message: str) -> None:
-    console.print(message, highlight=False)
+    console.print(flagged(message, FLAGS.get()), highlight=False)
 
 
 def _status(message: str) -> None:
     """What a command is doing before its first progress bar; on a terminal only (logs get the bar)."""
     if console.is_terminal:
-        console.print(f"[dim]{escape(message)}…[/dim]", highlight=False)
+        console.print(f"[dim]{escape(flagged(message, FLAGS.get()))}…[/dim]", highlight=False)
 
 
 def _warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    console.print(f"[yellow]warning:[/yellow] {flagged(message, FLAGS.get())}", highlight=False)
 
 
 @app.command()
@@ -163,8 +184,6 @@ def generate(
                                    "test/good: OUT reads as an MVTec AD dataset (anomalib's MVTecAD)."),
 ) -> None:
     """Generate NUM defect image + mask pairs; re-running resumes an interrupted run."""
-    if compile:
-        os.environ["ANOMALYGEN_COMPILE"] = "1"  # read by diffusion.fast, in this process and the --processes ones
     options = pipeline.parse_settings(settings)
     options.update({key: value for key, value in {"max_steps": max_steps, "time_budget_s": None if time_budget is None
                                                    else time_budget * 60}.items() if value is not None})
@@ -174,7 +193,7 @@ def generate(
         method, data, out, num, category=category, seed=seed, checkpoint=checkpoint,
         defect_type=defect_type, options=options, overwrite=overwrite,
         skip_bad=skip_bad, filter=filter, max_attempts=max_attempts, keep_failing=keep_failing,
-        give_up_after=give_up_after, processes=processes, with_good=with_good,
+        give_up_after=give_up_after, processes=processes, compile=compile, with_good=with_good,
         warn=_warn, say=_say, status=_status, console=console,
     )
     masks = "".join(f", {n} {source}" for source, n in sorted(result.mask_sources.items()))
@@ -264,7 +283,7 @@ def pretrain_command(
                             vae_colour_augment=vae_colour_augment, vae_defect_weight=vae_defect_weight,
                             unet_defect_weight=unet_defect_weight, vae_share=vae_share, device=device, seed=seed,
                             time_budget_s=None if time_budget is None else time_budget * 60)
-    report = pretrain(data, out, config, say=lambda message: console.print(message, highlight=False))
+    report = pretrain(data, out, config, say=_say)
     vae = f"autoencoder {report['vae']['steps']} steps, PSNR {report['vae']['psnr_db']} dB"
     if "unet" in report:
         console.print(f"model saved in {out} ({vae}, UNet {report['unet']['steps']} steps); use it with --model {out}",

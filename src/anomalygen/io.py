@@ -121,7 +121,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         os.close(fd)
 
 
-def check_own_folder(folder: str | Path, option: str = "--out", *, overwrite: bool = False) -> None:
+def check_own_folder(folder: str | Path, option: str = "out", *, overwrite: bool = False) -> None:
     """Refuse to write into ``folder`` when it holds files and no lock file of ours (a folder
     anomalygen did not make: the user's own files), unless ``overwrite``; nothing is written."""
     folder = Path(folder)
@@ -131,8 +131,8 @@ def check_own_folder(folder: str | Path, option: str = "--out", *, overwrite: bo
         foreign = sorted(entry.name for entry in entries)
     if foreign:
         raise DataError(folder, f"holds files anomalygen did not write ({', '.join(foreign[:3])}"
-                                f"{', ...' if len(foreign) > 3 else ''}); give a new or empty {option}, "
-                                "or add --overwrite to write into it anyway")
+                                f"{', ...' if len(foreign) > 3 else ''}); give a new or empty `{option}`, "
+                                "or add `overwrite` to write into it anyway")
 
 
 def _take_lock(folder: Path) -> int:

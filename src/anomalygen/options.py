@@ -1,10 +1,14 @@
-"""Declarative method options: name -> kind, range or choices, default; checked when a method is built.
+"""Declarative options: name -> kind, range or choices, default; the one way options are checked.
 
 A method declares ``OPTIONS = OptionSpec(name=Int(3, low=1), ...)``; adding an option is one line.
 ``OPTIONS.validate(method, given)`` refuses unknown names and values of the wrong type, out of range
 or not among the choices with one line naming the option (an ``OptionError``: the CLI adds how to
 set it) and what is allowed, before anything is written. Values are returned as given (tuples as
 lists), so a method's ``config()`` and the ``run.json`` it feeds do not change.
+
+A config dataclass declares its fields' checks the same way (``FIELDS = OptionSpec(epochs=Int(low=1))``,
+its defaults staying the dataclass's) and runs ``FIELDS.check_fields(self, "section")``; a keyword
+argument is checked with ``check(name, option, value)``. Both raise the ``OptionError`` the methods do.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ MAX_TOKENS = 75  # learned tokens of one kind: CLIP's 77 context positions less 
 
 class Invalid(ValueError):
     """Raised by a check with the description of what is allowed."""
+
+
+def problem(value: Any, allowed: Invalid | str) -> str:
+    """What an ``OptionError`` says of a bad ``value``."""
+    return f"got {value!r}; allowed: {allowed}"
 
 
 @dataclass(frozen=True)
@@ -53,42 +62,44 @@ def _number(value: Any, integer: bool) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _bounds(low: float | None, high: float | None, low_open: bool = False) -> str:
+def _bounds(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
     parts = []
     if low is not None:
         parts.append(f"{'>' if low_open else '>='} {low}")
     if high is not None:
-        parts.append(f"<= {high}")
+        parts.append(f"{'<' if high_open else '<='} {high}")
     return " and ".join(parts)
 
 
-def _in_bounds(value: float, low: float | None, high: float | None, low_open: bool) -> bool:
+def _in_bounds(value: float, low: float | None, high: float | None, low_open: bool, high_open: bool = False) -> bool:
     above = low is None or (value > low if low_open else value >= low)
-    return above and (high is None or value <= high)
+    return above and (high is None or (value < high if high_open else value <= high))
 
 
-def Number(default: Any, low: float | None = None, high: float | None = None, *, integer: bool = False,
-           low_open: bool = False, optional: bool = False, sampling: bool = False) -> Option:
-    """An int (``integer``) or a finite float (ints accepted) in [``low``, ``high``]; ``low_open``
-    makes the lower bound strict."""
-    allowed = f"{'an integer' if integer else 'a number'} {_bounds(low, high, low_open)}".strip()
-    allowed += " or null" if optional else ""
+def Number(default: Any = None, low: float | None = None, high: float | None = None, *, integer: bool = False,
+           multiple: int | None = None, low_open: bool = False, high_open: bool = False, optional: bool = False,
+           sampling: bool = False) -> Option:
+    """An int (``integer``; a multiple of ``multiple`` when given) or a finite float (ints accepted)
+    in [``low``, ``high``]; ``low_open`` / ``high_open`` make a bound strict."""
+    kind = f"a multiple of {multiple}" if multiple else "an integer" if integer else "a number"
+    allowed = f"{kind} {_bounds(low, high, low_open, high_open)}".strip() + (" or null" if optional else "")
 
     def check(value: Any) -> None:
-        if not _number(value, integer) or not _in_bounds(value, low, high, low_open):
+        if (not _number(value, integer) or not _in_bounds(value, low, high, low_open, high_open)
+                or (multiple and value % multiple)):
             raise Invalid(allowed)
 
     return Option(default, check, optional, sampling)
 
 
-def Int(default: Any, low: int | None = None, high: int | None = None, *, optional: bool = False,
-        sampling: bool = False) -> Option:
-    return Number(default, low, high, integer=True, optional=optional, sampling=sampling)
+def Int(default: Any = None, low: int | None = None, high: int | None = None, *, multiple: int | None = None,
+        optional: bool = False, sampling: bool = False) -> Option:
+    return Number(default, low, high, integer=True, multiple=multiple, optional=optional, sampling=sampling)
 
 
-def Float(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-          optional: bool = False, sampling: bool = False) -> Option:
-    return Number(default, low, high, low_open=low_open, optional=optional, sampling=sampling)
+def Float(default: Any = None, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+          high_open: bool = False, optional: bool = False, sampling: bool = False) -> Option:
+    return Number(default, low, high, low_open=low_open, high_open=high_open, optional=optional, sampling=sampling)
 
 
 def Bool(default: bool, *, sampling: bool = False) -> Option:
@@ -190,7 +201,7 @@ class OptionSpec:
         fitted = sorted(name for name in given if name in self.options and not self.options[name].sampling)
         if fitted:
             raise AnomalygenError(
-                f"{method}: --set {', '.join(fitted)}: shapes what was fitted, so a model loaded with --checkpoint "
+                f"{method}: `options` {', '.join(fitted)}: shapes what was fitted, so a model loaded from a `checkpoint` "
                 f"keeps its fitted value; fit a new model to change it (options that act at generation: "
                 f"{', '.join(self.sampling()) or 'none'})")
         self.validate(method, given)
@@ -204,9 +215,24 @@ class OptionSpec:
             try:
                 self.options[name].validate(value)
             except Invalid as allowed:
-                raise OptionError(name, f"got {value!r}; allowed: {allowed}", f"{method}: option ", method=True) from None
+                raise OptionError(name, problem(value, allowed), f"{method}: option ", method=True) from None
         lists = {name: list(value) for name, value in given.items() if isinstance(value, tuple)}
         return {**self.defaults(), **given, **lists}
+
+
+    def check_fields(self, config: Any, section: str = "") -> None:
+        """Check the field of ``config`` (a dataclass) of each option; a bad value raises an
+        ``OptionError`` naming ``section.field`` (the field's name without a ``section``)."""
+        for name, option in self.options.items():
+            check(f"{section}.{name}" if section else name, option, getattr(config, name))
+
+
+def check(name: str, option: Option, value: Any) -> None:
+    """``value`` of the option called ``name`` (as the caller writes it); a bad one raises an ``OptionError``."""
+    try:
+        option.validate(value)
+    except Invalid as allowed:
+        raise OptionError(name, problem(value, allowed)) from None
 
 
 def require(condition: bool, method: str, message: str) -> None:

@@ -60,7 +60,7 @@ def parse_settings(pairs: Iterable[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise AnomalygenError(f"--set {pair!r}: expected key=value")
+            raise AnomalygenError(f"`settings` {pair!r}: expected key=value")
         try:
             settings[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -152,6 +152,7 @@ def generate(
     keep_failing: bool = False,
     give_up_after: int = GIVE_UP_AFTER,
     processes: int = 1,
+    compile: bool = False,
     with_good: bool = False,
     warn: Warn | None = None,
     say: Warn | None = None,
@@ -174,7 +175,8 @@ def generate(
     Samples of a grayscale category (``is_grayscale``) are written as grayscale PNGs.
     ``out/<category>-preview.png`` shows a few of the pairs (``visualize.write_preview``).
     ``processes`` > 1 shards the samples over that many processes (``generation.sharding``; one per
-    GPU): the same output as one process.
+    GPU): the same output as one process. ``compile``: sample with a ``torch.compile``'d UNet on CUDA
+    (diffusion methods; its compile time is printed once).
     With ``with_good`` the real good images are copied too (``copy_goods``).
     ``loaded``: the model at ``checkpoint``, already loaded by the caller (e.g. once for all defect
     types), used instead of loading it again; ``training`` likewise ``load_training(data, category,
@@ -196,9 +198,11 @@ def generate(
         if method is not None and method != generator.name:
             raise AnomalygenError(f"{checkpoint}: holds a {generator.name!r} model, not {method!r}")
     elif method is None:
-        raise AnomalygenError("give --method (or --checkpoint with a fitted model)")
+        raise AnomalygenError("give `method` (or `checkpoint` with a fitted model)")
     else:
         generator = build(method, options or {})
+    if compile:
+        generator.compile_unet()
     if training is None:
         status(f"reading {data}" + (f" (category {category})" if category else ""))
     category_data, defects, goods = training if training is not None else load_training(data, category, skip_bad=skip_bad,
@@ -227,8 +231,8 @@ def generate(
         start = writer.done
         if start > num:
             raise AnomalygenError(
-                f"{writer.root}: holds {start} samples, more than --num {num}; give --num {start} or more to keep "
-                f"them, or add --overwrite to start over with {num}"
+                f"{writer.root}: holds {start} samples, more than `num` {num}; give `num` {start} or more to keep "
+                f"them, or add `overwrite` to start over with {num}"
             )
         if start < num:
             if checkpoint is None:
@@ -250,7 +254,7 @@ def generate(
                 if processes > 1:
                     job = ShardJob(None if checkpoint is None or options else str(checkpoint), str(data), category, skip_bad,
                                    seed, first, num, block, processes, defect_type, calibration, max_attempts,
-                                   keep_failing, give_up_after, f"{generator.name} on {category_data.name}")
+                                   keep_failing, give_up_after, f"{generator.name} on {category_data.name}", compile)
                     samples = sharded_samples(job, generator)
                 else:
                     made = generator.generate(goods, num - first, seed=seed, start=first, defect_type=defect_type)
@@ -283,7 +287,7 @@ def generate(
             write_preview(writer.root)
     if invalid and warn is not None:
         warn(f"{generator.name} on {category_data.name}: {invalid} samples ({', '.join(f'{t} {n}' for t, n in sorted(failing.items()))}) "
-             f"failed a validity check in all {max_attempts} draws; kept (--keep-failing; flagged in the manifest)")
+             f"failed a validity check in all {max_attempts} draws; kept (`keep_failing`; flagged in the manifest)")
     return GenerateResult(writer.root, category_data.name, generator.name, writer.done - start, writer.done,
                           dict(mask_sources), dict(rejected), dict(written_types), dict(+redrawn), invalid)
 
@@ -316,8 +320,8 @@ def training_note(generator: AnomalyGenerator, defects: int, goods: int) -> str:
     if config.get("time_budget_s") is not None:
         limits.append(f"at most {config['time_budget_s'] / 60:g} min")
     device = f" on {config['device']}" if config.get("device") else ""
-    return (f"{generator.name} has no fitted model (--checkpoint): training it first on {defects} defects and {goods} good "
-            f"images{device} ({', '.join(limits) or 'until done'}); --max-steps / --time-budget MINUTES bound it, and "
+    return (f"{generator.name} has no fitted model (`checkpoint`): training it first on {defects} defects and {goods} good "
+            f"images{device} ({', '.join(limits) or 'until done'}); `max_steps` / `time_budget_s` bound it, and "
             "`anomalygen fit` saves a model to generate from again")
 
 

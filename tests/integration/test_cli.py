@@ -221,6 +221,10 @@ def test_an_option_error_is_worded_with_the_flag_of_the_command_that_sets_it():
     assert cli.worded(num, flags["generate"], {}) == "--num 0: give a number"
     assert cli.worded(num, flags["fit"], {}) == "num 0: give a number"
     assert cli.worded(OptionError("classification.epochs", "0: bad"), flags["evaluate"], {}) == "--cls-epochs 0: bad"
+    # the options a message's advice names as `name`: by the command's flag, else as the library wrote them
+    advice = "give `num` 3 or add `overwrite`; `classification.random_init`, `model` tiny"
+    assert cli.flagged(advice, flags["generate"]) == "give --num 3 or add --overwrite; `classification.random_init`, `model` tiny"
+    assert cli.flagged(advice, flags["evaluate"]) == "give `num` 3 or add `overwrite`; --cls-random-init, `model` tiny"
     assert cli.worded(OptionError("draem_augmentation.rec_base", "0: bad"), flags["evaluate"], {}) == \
         "draem_augmentation.rec_base 0: bad"
     assert cli.worded(OptionError("metrics", "unknown", sep=": "), flags["evaluate"], {}) == "--metrics: unknown"

@@ -6,19 +6,19 @@ from typer.testing import CliRunner
 from anomalygen.cli import app
 
 BAD = [
-    (["--epochs", "0"], "--epochs 0: must be a whole number >= 1"),
-    (["--resolution", "33"], "--resolution 33: must be a multiple of 32"),
-    (["--lpips-net", "resnet"], "--lpips-net resnet: choose one of vgg, alex"),
-    (["--batch-size", "0"], "--batch-size 0: must be a whole number >= 1"),
-    (["--batch-size", "-4"], "--batch-size -4: must be a whole number >= 1"),
-    (["--samples-per-epoch", "0"], "--samples-per-epoch 0"),
-    (["--eval-every", "0"], "--eval-every 0"),
-    (["--cls-epochs", "0"], "--cls-epochs 0"),
-    (["--protocol", "best"], "--protocol best: choose one of paper, clean, both"),
+    (["--epochs", "0"], "--epochs got 0; allowed: an integer >= 1"),
+    (["--resolution", "33"], "--resolution got 33; allowed: a multiple of 32"),
+    (["--lpips-net", "resnet"], "--lpips-net got 'resnet'; allowed: one of vgg, alex"),
+    (["--batch-size", "0"], "--batch-size got 0; allowed: an integer >= 1"),
+    (["--batch-size", "-4"], "--batch-size got -4; allowed: an integer >= 1"),
+    (["--samples-per-epoch", "0"], "--samples-per-epoch got 0"),
+    (["--eval-every", "0"], "--eval-every got 0"),
+    (["--cls-epochs", "0"], "--cls-epochs got 0"),
+    (["--protocol", "best"], "--protocol got 'best'; allowed: one of paper, clean, both"),
     (["--device", "quantum"], "--device quantum: not a device"),
     (["--metrics", "is,bogus"], "unknown metric(s) bogus"),
-    (["--draem-ratio", "1.5"], "--draem-ratio 1.5: must be a number in [0, 1]"),
-    (["--draem-test", "train"], "--draem-test train: choose one of clean, full"),
+    (["--draem-ratio", "1.5"], "--draem-ratio got 1.5; allowed: a number >= 0 and <= 1"),
+    (["--draem-test", "train"], "--draem-test got 'train'; allowed: one of clean, full"),
     (["--draem-textures", "/nonexistent/dtd"], "/nonexistent/dtd"),
 ]
 
@@ -40,7 +40,7 @@ def test_evaluate_rejects_bad_options_before_writing(tmp_path, args, fragment):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    *BAD[:3], (["--num-per-type", "0"], "--num-per-type 0"), (["--methods", "cutpaste,bogus"], "unknown method 'bogus'"),
+    *BAD[:3], (["--num-per-type", "0"], "--num-per-type got 0"), (["--methods", "cutpaste,bogus"], "unknown method 'bogus'"),
 ])
 def test_benchmark_rejects_bad_options_before_generating(demo_root, tmp_path, args, fragment):
     result = CliRunner().invoke(app, ["benchmark", "--data", str(demo_root), "--category", "fabric",

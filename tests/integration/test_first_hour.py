@@ -66,7 +66,7 @@ def test_estimate_counts_steps_and_warns_past_the_threshold(monkeypatch):
     slow = {"epochs": 10 ** 6}  # past the threshold; the quick preset's estimate follows its settings
     monkeypatch.setattr(presets, "estimate_seconds", lambda s, *a, **k: {"localization": s["epochs"] * 3600.0})
     presets.announce({**settings, **slow}, torch.device("cpu"), runs=1, say=said.append, warn=warned.append, **about)
-    assert len(said) == 1 and "41666.7 days" in warned[0] and "--preset quick takes about 10.0 h" in warned[0]
+    assert len(said) == 1 and "41666.7 days" in warned[0] and "`preset` quick takes about 10.0 h" in warned[0]
 
 
 def test_generate_that_must_train_says_so_and_takes_max_steps(monkeypatch, tmp_path, tiny, fake_method):

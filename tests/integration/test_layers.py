@@ -4,6 +4,7 @@ no import circle, no import from a lower layer to a higher one, and evaluation i
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,30 @@ def test_a_lower_layer_names_no_method(lower):
     uses = {(a, b) for a, targets in GRAPH.items() if a.startswith(lower) for b in targets
             if b.startswith("anomalygen.methods") and b != "anomalygen.methods.base"}
     assert uses == set()
+
+
+# --flag texts below the CLI that are no advice the CLI could word: another program's flag, and report text
+FLAGS_ALLOWED = {
+    ("anomalygen.diffusion.backbone", "--local-dir"),  # the `huggingface-cli download` command to run
+    ("anomalygen.diffusion.image_encoder", "--local-dir"),
+    ("anomalygen.evaluation.classification", "--cls-random-init"),  # the report's label of the ResNet's start
+    ("anomalygen.evaluation.run", "--cls-random-init"),  # the report's note on it
+}
+
+
+def test_no_flag_named_below_the_cli():
+    """Messages below the CLI name options as the library does (`name` in advice: ``cli.flagged`` words
+    it as a flag); a ``--flag`` in a string other than a docstring is refused."""
+    flag = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+    found = set()
+    for name, path in MODULES.items():
+        if name in ("anomalygen.cli", "anomalygen.__main__"):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        found |= {(name, match) for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  for match in flag.findall(node.value)}
+    assert found - FLAGS_ALLOWED == set()

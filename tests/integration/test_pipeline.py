@@ -116,7 +116,7 @@ def test_fit_then_generate_from_checkpoint(tmp_path, tiny_root, fake_method):
 def test_num_below_what_the_folder_holds_is_refused(tmp_path, tiny_root, fake_method):
     pipeline.generate("fake", tiny_root, tmp_path, 3)
     before = tree_bytes(tmp_path)
-    with pytest.raises(AnomalygenError, match=r"nut: holds 3 samples, more than --num 2; give --num 3 or more .* --overwrite"):
+    with pytest.raises(AnomalygenError, match=r"nut: holds 3 samples, more than `num` 2; give `num` 3 or more .* `overwrite`"):
         pipeline.generate("fake", tiny_root, tmp_path, 2)
     assert tree_bytes(tmp_path) == before
     assert pipeline.generate("fake", tiny_root, tmp_path, 2, overwrite=True).total == 2
@@ -140,7 +140,7 @@ def test_bad_num_and_missing_method(tmp_path, tiny_root):
         with pytest.raises(AnomalygenError, match=f"^num {num}: give a number of samples from 1 to 1000000"):
             pipeline.generate("fake", tiny_root, tmp_path, num)
     assert not list(tmp_path.iterdir())
-    with pytest.raises(AnomalygenError, match="give --method"):
+    with pytest.raises(AnomalygenError, match="give `method`"):
         pipeline.generate(None, tiny_root, tmp_path, 1)
 
 

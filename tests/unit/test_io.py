@@ -138,7 +138,7 @@ def test_complete_run_is_left_alone_and_extends(tmp_path):
 def test_different_run_refused_unless_overwrite(tmp_path):
     write_run(tmp_path, 3)
     other = {**RUN, "seed": 4}
-    with pytest.raises(AnomalygenError, match=r"different run \(seed: 3 there, 4 now\).*--overwrite"):
+    with pytest.raises(AnomalygenError, match=r"different run \(seed: 3 there, 4 now\).*`overwrite`"):
         SampleWriter(tmp_path, "cat", other)
     writer = write_run(tmp_path, 2, run=other, overwrite=True)
     assert writer.done == 2

@@ -86,6 +86,7 @@ class Backbone:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     untrained: bool = False  # random weights (``tiny``, ``build_backbone``): outputs are noise
+    compile: bool = False  # ``fast.prepare_for_sampling`` compiles the UNet (on CUDA)
     prepared: bool = False  # ``fast.prepare_for_sampling`` ran
     compile_started: float | None = None  # set while a compiled UNet's first call is pending
 
@@ -137,8 +138,8 @@ def _not_found(model: str, reason: str, local: bool = False) -> ModelNotFoundErr
     return ModelNotFoundError(
         f"model {model!r} could not be loaded ({reason}). Download it once where there is network: "
         f"`huggingface-cli download {model} --local-dir DIR` (or `hf download {model} --local-dir DIR`), "
-        f"then point anomalygen at the copy with `--model DIR` or `export {MODEL_ENV}=DIR`; "
-        f"`--model {TINY}` runs an untrained test model without any download"
+        f"then point anomalygen at the copy with `model` DIR or `export {MODEL_ENV}=DIR`; "
+        f"`model` {TINY} runs an untrained test model without any download"
     )
 
 

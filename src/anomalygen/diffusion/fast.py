@@ -1,7 +1,7 @@
 """The fast sampling path on CUDA, in one place: every ``sample_latents`` call goes through it.
 
 - ``prepare_for_sampling`` (once per backbone): TF32 matmuls, cuDNN autotuning, and, when
-  ``$ANOMALYGEN_COMPILE`` is 1 (``--compile``), a channels_last UNet and VAE and ``torch.compile`` of the UNet:
+  ``backbone.compile`` (``pipeline.generate``'s ``compile``), a channels_last UNet and VAE and ``torch.compile`` of the UNet:
   its compile time is printed once, with the first step. bf16 weights come from the methods'
   ``mixed_precision=auto``; attention is PyTorch's SDPA (``diffusion.attention``). On the CPU it
   changes nothing.
@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -21,13 +20,8 @@ import torch
 
 from anomalygen.diffusion.backbone import Backbone
 
-COMPILE_ENV = "ANOMALYGEN_COMPILE"
 MAX_BATCH = 64
 MEMORY_SHARE = 0.7
-
-
-def compile_requested() -> bool:
-    return os.environ.get(COMPILE_ENV, "") == "1"
 
 
 def prepare_for_sampling(backbone: Backbone) -> None:
@@ -37,7 +31,7 @@ def prepare_for_sampling(backbone: Backbone) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    if compile_requested():  # channels_last pays under compile only (eager: 8 % slower on an H100, RESULTS.md)
+    if backbone.compile:  # channels_last pays under compile only (eager: 8 % slower on an H100, RESULTS.md)
         backbone.unet.to(memory_format=torch.channels_last)
         backbone.vae.to(memory_format=torch.channels_last)
         backbone.unet.compile()  # in place: hooks and attention processors stay reachable

@@ -32,8 +32,8 @@ SUBFOLDER = "image_encoder"
 def _not_found(source: str, reason: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"image encoder {source!r} could not be loaded ({reason}). Download a CLIP vision model once where there is "
-        f"network: `huggingface-cli download {DEFAULT_IMAGE_ENCODER} --local-dir DIR`, then pass it with "
-        f"`--set image_encoder=DIR` (or put it in the model folder as {SUBFOLDER}/); `tiny` builds an untrained test one")
+        f"network: `huggingface-cli download {DEFAULT_IMAGE_ENCODER} --local-dir DIR`, then pass it as "
+        f"the option image_encoder=DIR (or put it in the model folder as {SUBFOLDER}/); `tiny` builds an untrained test one")
 
 
 def default_source(model: str | None) -> str:

@@ -28,8 +28,8 @@ from rich.progress import Progress
 from torchvision.models import ResNet34_Weights, resnet34
 
 from anomalygen.evaluation.inputs import EvaluationData, resize_image
-from anomalygen.evaluation.localization import PROTOCOLS, diverged
-from anomalygen.evaluation import options
+from anomalygen.evaluation.localization import BATCH, LR, POSITIVE, PROTOCOLS, RESOLUTION, diverged
+from anomalygen.options import Choice, OptionSpec
 from anomalygen.seeding import check_seed
 from anomalygen.weights import find_weights, load_into, load_state_dict, missing
 
@@ -56,13 +56,11 @@ class ClassificationConfig:
     seed: int = 0
     random_init: bool = False
 
+    FIELDS = OptionSpec(epochs=POSITIVE, resolution=RESOLUTION, batch_size=BATCH, passes=POSITIVE, lr=LR,
+                        protocol=Choice(None, PROTOCOLS))
+
     def __post_init__(self) -> None:
-        options.positive_int(self.epochs, "classification.epochs")
-        options.resolution(self.resolution, "classification.resolution")
-        options.positive_int(self.batch_size, "classification.batch_size", options.MAX_BATCH)
-        options.positive_int(self.passes, "classification.passes")
-        options.positive_float(self.lr, "classification.lr")
-        options.choice(self.protocol, "classification.protocol", PROTOCOLS)
+        self.FIELDS.check_fields(self, "classification")
         check_seed(self.seed)
 
 
@@ -74,7 +72,8 @@ def resnet34_weights(config: ClassificationConfig) -> Path | None:
     path = find_weights(RESNET34_URL)
     if path is None:
         raise missing("Classification (ResNet-34)", RESNET34_URL,
-                      hint="; or pass --cls-random-init to train from random initialisation (not the papers' protocol)")
+                      hint="; or set `classification.random_init` to train from random initialisation (not the papers' "
+                           "protocol)")
     return path
 
 

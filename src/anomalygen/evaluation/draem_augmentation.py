@@ -37,10 +37,11 @@ from rich.progress import Progress
 
 from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError, OptionError
-from anomalygen.evaluation import options
 from anomalygen.evaluation.inputs import EvaluationData, resize_image, resize_mask
-from anomalygen.evaluation.localization import as_input, diverged, measure, tensor_images, tensor_masks
+from anomalygen.evaluation.localization import (BATCH, LR, MAX_RESOLUTION, MAX_WIDTH, as_input, diverged, measure,
+                                                tensor_images, tensor_masks)
 from anomalygen.evaluation.unet import DiscriminativeUNet, ReconstructiveNet, focal_loss
+from anomalygen.options import Choice, Float, Int, OptionSpec
 from anomalygen.seeding import check_seed, sample_rng
 from anomalygen.synthesis.draem import load_textures, pick_texture, simulate
 
@@ -72,22 +73,15 @@ class DraemAugmentationConfig:
     workers: int | None = None
     seed: int = 0
 
+    FIELDS = OptionSpec(
+        ratio=Float(low=0, high=1), epochs=Int(low=1, optional=True), rec_base=Int(low=1, high=MAX_WIDTH, optional=True),
+        disc_base=Int(low=1, high=MAX_WIDTH, optional=True),
+        resolution=Int(low=32, high=MAX_RESOLUTION, multiple=32, optional=True), batch_size=BATCH, lr=LR,
+        test=Choice(None, TESTS), share_of=Choice(None, SHARES), workers=Int(low=0, optional=True))
+
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
-            raise OptionError("draem_augmentation.ratio", f"{self.ratio}: must be a number in [0, 1]")
-        for name in ("epochs", "rec_base", "disc_base"):
-            if getattr(self, name) is not None:
-                options.positive_int(getattr(self, name), f"draem_augmentation.{name}",
-                                     None if name == "epochs" else options.MAX_WIDTH)
-        if self.resolution is not None:
-            options.resolution(self.resolution, "draem_augmentation.resolution")
-        options.positive_int(self.batch_size, "draem_augmentation.batch_size", options.MAX_BATCH)
-        options.positive_float(self.lr, "draem_augmentation.lr")
-        options.choice(self.test, "draem_augmentation.test", TESTS)
-        options.choice(self.share_of, "draem_augmentation.share_of", SHARES)
+        self.FIELDS.check_fields(self, "draem_augmentation")
         check_seed(self.seed)
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
-            raise OptionError("draem_augmentation.workers", f"{self.workers}: must be a whole number >= 0")
         if not isinstance(self.texture_source, str) or (self.texture_source != "skimage"
                                                          and not Path(self.texture_source).is_dir()):
             raise OptionError("draem_augmentation.texture_source",

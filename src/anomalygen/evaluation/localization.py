@@ -33,13 +33,22 @@ import torch
 from rich.progress import Progress
 
 from anomalygen.errors import AnomalygenError
-from anomalygen.evaluation import options
 from anomalygen.evaluation.inputs import EvaluationData, resize_image, resize_mask
 from anomalygen.evaluation.metrics import image_scores, localization_metrics, pr_curve
 from anomalygen.evaluation.unet import DiscriminativeUNet, focal_loss
+from anomalygen.options import MAX_BATCH, Choice, Float, Int, OptionSpec
 from anomalygen.seeding import check_seed
 
 PROTOCOLS = ("paper", "clean", "both")
+# the largest input size and network width the evaluation networks can use (the papers: 256 px, U-Net base 64)
+MAX_RESOLUTION = 1024
+MAX_WIDTH = 512
+# the checks the evaluation configs share (their fields' defaults are the dataclasses')
+POSITIVE = Int(low=1)
+RESOLUTION = Int(low=32, high=MAX_RESOLUTION, multiple=32)
+WIDTH = Int(low=1, high=MAX_WIDTH)
+BATCH = Int(low=1, high=MAX_BATCH)
+LR = Float(low=0, low_open=True)
 SELECT_SUM = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_au_pro")  # the official script's epoch rule
 
 
@@ -61,15 +70,11 @@ class LocalizationConfig:
     eval_every: int = 1
     seed: int = 0
 
+    FIELDS = OptionSpec(epochs=POSITIVE, samples_per_epoch=POSITIVE, resolution=RESOLUTION, base=WIDTH, batch_size=BATCH,
+                        lr=LR, protocol=Choice(None, PROTOCOLS), eval_every=POSITIVE)
+
     def __post_init__(self) -> None:
-        options.positive_int(self.epochs, "localization.epochs")
-        options.positive_int(self.samples_per_epoch, "localization.samples_per_epoch")
-        options.resolution(self.resolution, "localization.resolution")
-        options.positive_int(self.base, "localization.base", options.MAX_WIDTH)
-        options.positive_int(self.batch_size, "localization.batch_size", options.MAX_BATCH)
-        options.positive_float(self.lr, "localization.lr")
-        options.choice(self.protocol, "localization.protocol", PROTOCOLS)
-        options.positive_int(self.eval_every, "localization.eval_every")
+        self.FIELDS.check_fields(self, "localization")
         check_seed(self.seed)
 
 
@@ -116,8 +121,8 @@ def diverged(network: str, epoch: int, what: str, device: torch.device) -> Anoma
     """The one error for a downstream network whose outputs became NaN / inf, and what to do."""
     if device.type == "cuda":
         return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what} (bf16 autocast on cuda); "
-                               "re-run with --device cpu (fp32) or another --seed")
-    return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what}; re-run with another --seed")
+                               "re-run with `device` cpu (fp32) or another `seed`")
+    return AnomalygenError(f"downstream {network} diverged at epoch {epoch}: {what}; re-run with another `seed`")
 
 
 def best_row(history: Sequence[dict[str, float | None]], key: str) -> dict[str, float | None] | None:

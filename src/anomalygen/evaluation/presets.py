@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from anomalygen.options import Choice, check
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"epochs": 200, "samples_per_epoch": 500, "resolution": 256, "base": 64, "batch_size": 8, "cls_epochs": 30,
               "num_per_type": 500},
@@ -32,9 +34,7 @@ WARN_AFTER_S = 30 * 60  # an estimate past this is printed as a warning, with th
 
 def apply_preset(name: str, given: dict[str, Any]) -> dict[str, Any]:
     """``given`` with every None filled from preset ``name`` (the options a user left out)."""
-    from anomalygen.evaluation import options
-
-    options.choice(name, "preset", tuple(PRESETS))
+    check("preset", Choice(None, tuple(PRESETS)), name)
     return {key: PRESETS[name][key] if value is None and key in PRESETS[name] else value for key, value in given.items()}
 
 
@@ -123,5 +123,5 @@ def announce(settings: dict[str, Any], device: torch.device, *, test_images: int
         warn(line)
         return total
     faster = sum(estimate_seconds(quick, device, **about).values()) * runs
-    warn(f"{line}; --preset quick takes about {duration(faster)} (reduced settings: figures that rank little)")
+    warn(f"{line}; `preset` quick takes about {duration(faster)} (reduced settings: figures that rank little)")
     return total

@@ -17,7 +17,6 @@ import torch
 
 from anomalygen.devices import resolve_device
 from anomalygen.errors import ModelNotFoundError, OptionError
-from anomalygen.evaluation import options
 from anomalygen.evaluation.draem_augmentation import DraemAugmentationConfig, run_draem_augmentation
 from anomalygen.evaluation.classification import ClassificationConfig, resnet34_weights, run_classification
 from anomalygen.evaluation.ic_lpips import BACKBONE_URLS, ic_lpips_scores, load_lpips
@@ -27,6 +26,7 @@ from anomalygen.evaluation.localization import LocalizationConfig, run_localizat
 from anomalygen.evaluation.presets import announce
 from anomalygen.evaluation.rejections import rejection_rates
 from anomalygen.evaluation.report import protocol_labels, write_report
+from anomalygen.options import Choice, Int, check
 from anomalygen.seeding import check_seed
 
 METRICS = ("is", "ic-lpips", "localization", "classification")  # the default set
@@ -76,7 +76,7 @@ def prepare(
     if unknown or not chosen:
         raise OptionError("metrics", f"unknown metric(s) {', '.join(unknown) or '(none given)'}; "
                                      f"choose from {', '.join(METRICS + EXTRA_METRICS)}", sep=": ")
-    options.choice(lpips_net, "lpips_net", tuple(BACKBONE_URLS))
+    check("lpips_net", Choice(None, tuple(BACKBONE_URLS)), lpips_net)
     nets = Networks(chosen, resolve_device(device), localization or LocalizationConfig(seed=seed),
                     classification or ClassificationConfig(seed=seed), draem or DraemAugmentationConfig(seed=seed))
     for metric in ("is", "ic-lpips", "classification"):
@@ -124,7 +124,7 @@ def evaluate(
     """
     check_seed(seed)
     nets = networks or prepare(metrics, seed=seed, **prepare_options)
-    options.positive_int(lpips_size, "IC-LPIPS size")
+    check("lpips_size", Int(low=1), lpips_size)
     torch_device = nets.device
     inputs = load_evaluation_data(generated, data, category, skip_bad=skip_bad)
     for problem in inputs.problems if warn is not None else []:

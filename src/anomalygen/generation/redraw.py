@@ -96,13 +96,13 @@ class DrawBudget:
             raise AnomalygenError(
                 f"{self.what}: the first {total} draws all failed the validity checks ({describe(self.checks)}); "
                 "the model looks broken or untrained, or the method does not suit this category: stopped early "
-                "(--give-up-after sets the number of draws, --keep-failing keeps failing pairs, --no-filter skips the checks)")
+                "(`give_up_after` sets the number of draws, `keep_failing` keeps failing pairs, without `filter` no check runs)")
         valid = self.valid.get(t, 0)
         if self.draws[t] >= self.per_pair * (valid + 1):
             raise AnomalygenError(
                 f"{self.what}/{t}: {self.draws[t]} draws gave {valid} valid pairs ({describe(self.checks)}), more than "
-                f"--max-attempts {self.per_pair} draws per valid pair; what is written stays. Re-run with a higher "
-                "--max-attempts to go on, or add --keep-failing to keep failing pairs (flagged in the manifest)")
+                f"`max_attempts` {self.per_pair} draws per valid pair; what is written stays. Re-run with a higher "
+                "`max_attempts` to go on, or add `keep_failing` to keep failing pairs (flagged in the manifest)")
 
 
 def describe(checks: dict[str, int]) -> str:

@@ -44,6 +44,7 @@ class ShardJob:
     keep_failing: bool = False
     give_up_after: int = 0  # generation.redraw.DrawBudget's, per process
     label: str = ""  # the run's name in errors (method category/type)
+    compile: bool = False  # pipeline.generate's: a torch.compile'd UNet
     environment: dict[str, str] = field(default_factory=lambda: dict(os.environ))  # the caller's, at the job's making
 
 
@@ -69,6 +70,8 @@ def _work(job: ShardJob, rank: int, out: mp.Queue) -> None:
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.processes))
         generator = AnomalyGenerator.load(job.model)
+        if job.compile:
+            generator.compile_unet()
         _, _, goods = load_training(job.data, job.category, skip_bad=job.skip_bad)
         budget = draw_budget(job.max_attempts, job.keep_failing, job.give_up_after, job.label)
         for first, count in blocks(job, rank):

@@ -83,7 +83,7 @@ class SampleWriter:
         self._refuse_links()  # before the lock file is created: OUT/<category> itself may be a link
         run_path = self.root / RUN_FILE
         if not run_path.is_file() and any((self.root / name).exists() for name in ("train", "test", "ground_truth", MANIFEST)):
-            raise AnomalygenError(f"{self.root}: holds files anomalygen did not write (no {RUN_FILE}); choose another --out")
+            raise AnomalygenError(f"{self.root}: holds files anomalygen did not write (no {RUN_FILE}); choose another `out`")
         self._stack.enter_context(folder_lock(self.root, "generate"))
         if run_path.is_file():
             if overwrite:
@@ -92,12 +92,12 @@ class SampleWriter:
                 try:
                     previous = read_json(run_path)
                 except DataError as error:
-                    raise DataError(run_path, f"{error.problem}; use --overwrite to start over") from None
+                    raise DataError(run_path, f"{error.problem}; use `overwrite` to start over") from None
                 recorded = {k: self.run[k] for k in RECORDED if k in self.run and k not in previous}
                 if {**recorded, **previous} != self.run:
                     raise AnomalygenError(
                         f"{self.root}: holds the output of a different run ({_difference(previous, self.run)}); "
-                        "use --overwrite to replace it or choose another --out"
+                        "use `overwrite` to replace it or choose another `out`"
                     )
                 if recorded:  # written by a version that did not record them: the same run, now recorded
                     atomic_write_text(run_path, json.dumps(self.run, indent=2, sort_keys=True))
@@ -201,7 +201,7 @@ class SampleWriter:
         link = _first_link(self.root)
         if link is not None:
             raise DataError(link, f"is a symbolic link (to {os.readlink(link)}); anomalygen never writes through "
-                                  "links inside its output folder: replace it with a real folder or choose another --out")
+                                  "links inside its output folder: replace it with a real folder or choose another `out`")
 
     def _clear(self) -> None:
         """Delete the previous run's files (a failure is an error, not stale samples left behind)."""

@@ -77,7 +77,7 @@ def _whole_folders(records: Sequence[ImageRecord], what: str) -> list[Path]:
         images = {p.resolve() for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS}
         if not images <= wanted:
             raise DataError(folder, f"holds images that are not the {what} images; anomalib's Folder reads whole "
-                                    "folders: write the output with `anomalygen generate --with-good` and use MVTecAD")
+                                    "folders: write the output with generate's `with_good` and use MVTecAD")
     return folders
 
 

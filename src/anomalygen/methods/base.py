@@ -96,6 +96,10 @@ class AnomalyGenerator(ABC):
         ``defect_type`` restricts generation to one learned type; otherwise types cycle.
         """
 
+    def compile_unet(self) -> None:
+        """Sample with a ``torch.compile``'d UNet on CUDA (``pipeline.generate``'s ``compile``); a method
+        without a UNet ignores it."""
+
     def generation_batch(self) -> int:
         """How many samples one batched pass of ``generate`` makes, counted from ``start``: a resumed
         run restarts at such a batch, and sharded generation deals blocks of this size, so that
@@ -152,7 +156,7 @@ class AnomalyGenerator(ABC):
             raise
         except AnomalygenError as error:  # an unknown method or an invalid option
             if sampling:  # a rule between options the new sampling values break: the user's to fix
-                raise AnomalygenError(f"{config_path} with --set: {error}") from None
+                raise AnomalygenError(f"{config_path} with `options`: {error}") from None
             raise corrupt(config_path, str(error)) from None
         generator._defect_types = list(types)
         generator.load_state(directory)

@@ -6,13 +6,16 @@ defaults from here.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from anomalygen.errors import AnomalygenError, OptionError
+from anomalygen.errors import OptionError
+from anomalygen.options import MAX_BATCH, Choice, Float, Int, OptionSpec, check, problem
 from anomalygen.seeding import check_seed
 
 BALANCES = ("categories", "images")
+STEPS = Int(low=1)
+LR = Float(low=0, high=1, low_open=True)
+DEFECT_WEIGHT = Float(low=0, high=1000)
 
 
 @dataclass
@@ -40,40 +43,24 @@ class PretrainConfig:
     seed: int = 0
     device: str | None = None
 
+    FIELDS = OptionSpec(
+        resolution=Int(low=32, high=512, multiple=32), balance=Choice(None, BALANCES),
+        vae_steps=STEPS, batch_size=Int(low=1, high=MAX_BATCH), checkpoint_every=STEPS, sample_every=STEPS,
+        max_steps=Int(low=0), unet_lr=LR, vae_lr=LR, time_budget_s=Float(low=0, low_open=True, optional=True),
+        vae_colour_augment=Float(low=0, high=1), vae_defect_weight=DEFECT_WEIGHT, unet_defect_weight=DEFECT_WEIGHT,
+        vae_share=Float(low=0, high=1, low_open=True, high_open=True), uncond_prob=Float(low=0, high=1, high_open=True),
+        ema_decay=Float(low=0, high=1, high_open=True))
+
     def check(self) -> None:
         """Every value, before anything is read or written (an ``OptionError`` naming the field)."""
         from anomalygen.devices import resolve_device  # (torch: not for the command line's defaults)
         from anomalygen.pretrain.models import PRESETS
 
-        if self.resolution % 32 or not 32 <= self.resolution <= 512:
-            raise OptionError("resolution", f"{self.resolution}: use a multiple of 32 from 32 to 512 (64, 128 or 256)")
-        if self.balance not in BALANCES:
-            raise OptionError("balance", f"{self.balance!r}: use one of {', '.join(BALANCES)}")
-        if self.size not in PRESETS:
-            raise OptionError("size", f"{self.size!r}: use one of {', '.join(PRESETS)}")
-        for name in ("vae_steps", "batch_size", "checkpoint_every", "sample_every"):
-            if getattr(self, name) < 1:
-                raise OptionError(name, f"{getattr(self, name)}: must be at least 1")
-        if self.batch_size > 256:
-            raise OptionError("batch_size", f"{self.batch_size}: at most 256 images per batch")
-        if self.max_steps < 0:
-            raise OptionError("max_steps", f"{self.max_steps}: must be at least 0 (0: the autoencoder only)")
-        for name, value in (("unet_lr", self.unet_lr), ("vae_lr", self.vae_lr)):
-            if not (math.isfinite(value) and 0 < value <= 1):
-                raise OptionError(name, f"{value:g}: must be a learning rate in (0, 1]")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise OptionError("time_budget_s", f"{self.time_budget_s:g}: must be more than 0 seconds")
-        if not (math.isfinite(self.vae_colour_augment) and 0 <= self.vae_colour_augment <= 1):
-            raise OptionError("vae_colour_augment", f"{self.vae_colour_augment:g}: must be a share in [0, 1]")
+        self.FIELDS.check_fields(self)
+        check("size", Choice(None, tuple(PRESETS)), self.size)
         for name in ("vae_defect_weight", "unet_defect_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0 <= value <= 1000):
-                raise OptionError(name, f"{value:g}: must be a weight in [0, 1000]")
-            if value and not self.include_defects:
-                raise OptionError(name, f"{value:g}: weighs the defect pixels, which only the defect images (include_defects) have")
-        if not (math.isfinite(self.vae_share) and 0 < self.vae_share < 1):
-            raise OptionError("vae_share", f"{self.vae_share:g}: must be a share of the time budget in (0, 1)")
+            if getattr(self, name) and not self.include_defects:
+                raise OptionError(name, problem(getattr(self, name), "0 without include_defects (it weighs the defect "
+                                                                     "pixels, which only the defect images have)"))
         check_seed(self.seed)
-        if not (0 <= self.uncond_prob < 1 and 0 <= self.ema_decay < 1):
-            raise AnomalygenError("uncond_prob and ema_decay must lie in [0, 1)")
         resolve_device(self.device)

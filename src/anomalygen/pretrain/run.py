@@ -92,7 +92,7 @@ Say = Callable[[str], None]
 def _check_out(out: Path) -> None:
     """A new or empty folder, or one a pretrain run wrote (it resumes); never another folder."""
     if out.is_dir() and not (out / SETTINGS).is_file() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise DataError(out, "not empty and not an anomalygen pretrain folder; give a new or empty folder as --out")
+        raise DataError(out, "not empty and not an anomalygen pretrain folder; give a new or empty folder as `out`")
 
 
 def _settings(config: PretrainConfig, data: list[Path]) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
     if changed:
         raise DataError(out, f"holds a pretrain run with other settings ({'; '.join(changed)}); "
-                             "re-run with the same settings to resume it, or give a new --out")
+                             "re-run with the same settings to resume it, or give a new `out`")
 
 
 def write_loss_curve(log: Path, png: Path, size: tuple[int, int] = (480, 240)) -> None:
@@ -328,8 +328,8 @@ def _pretrain(images: PretrainImages, out: Path, config: PretrainConfig, say: Sa
     if unet_begun or trained >= config.vae_steps:  # fixed, or as long as asked
         vae = _load_vae(work / "vae_final").to(device)
         if trained < config.vae_steps:
-            say(f"autoencoder: kept at its {trained} steps (not --vae-steps {config.vae_steps}): the UNet stage has begun "
-                "on its latents; give a new --out to train a longer one")
+            say(f"autoencoder: kept at its {trained} steps (not `vae_steps` {config.vae_steps}): the UNet stage has begun "
+                "on its latents; give a new `out` to train a longer one")
     else:
         say(f"[1/2] autoencoder: {config.vae_steps} steps")
         vae = _build(AutoencoderKL, configs["vae"], config.seed).to(device)
@@ -340,7 +340,7 @@ def _pretrain(images: PretrainImages, out: Path, config: PretrainConfig, say: Sa
         say(f"autoencoder: {vae_report['steps']} steps, PSNR {vae_report['psnr_db']} dB on {len(images.held_back)} "
             f"held-back images ({vae_report['psnr_recoloured_db']} dB recoloured)")
     if config.max_steps == 0 and not unet_begun:
-        say("autoencoder only (--max-steps 0): re-run with more --vae-steps to train it on, or with --max-steps N "
+        say("autoencoder only (`max_steps` 0): re-run with more `vae_steps` to train it on, or with `max_steps` N "
             "to train the UNet on it")
         return _finish(report, images, out, started)
     vae.requires_grad_(False).eval()

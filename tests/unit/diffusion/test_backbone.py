@@ -72,7 +72,7 @@ def test_offline_error_names_download_and_how_to_point(monkeypatch, tmp_path):
         load_backbone()
     message = str(error.value)
     assert f"huggingface-cli download {DEFAULT_MODEL} --local-dir DIR" in message
-    assert "--model DIR" in message and f"{MODEL_ENV}=DIR" in message
+    assert "`model` DIR" in message and f"{MODEL_ENV}=DIR" in message
     monkeypatch.setenv(MODEL_ENV, str(tmp_path / "missing"))
     with pytest.raises(ModelNotFoundError, match="not a diffusers model folder"):
         load_backbone()

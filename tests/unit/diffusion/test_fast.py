@@ -50,9 +50,9 @@ def test_batch_from_memory():
     assert fast.batch_from_memory(8 * gib, 6 * gib, 1 * gib) == 1  # never below one
 
 
-def test_the_cpu_path_is_unchanged(monkeypatch):
-    monkeypatch.setenv(fast.COMPILE_ENV, "1")
+def test_the_cpu_path_is_unchanged():
     backbone = load_backbone("tiny", device="cpu")
+    backbone.compile = True
     assert fast.sampling_batch(backbone, 3, 8, 32) == 3
     assert fast.sampling_batch(backbone, 0, 8, 32) == 8
     fast.prepare_for_sampling(backbone)
@@ -65,6 +65,12 @@ def test_cpu_sampling_batch_reaches_the_methods():
     generator = create("cagen", model="tiny", device="cpu", resolution=32)
     assert generator.opt["generate_batch_size"] == 0
     assert fast.sampling_batch(generator.backbone, generator.opt["generate_batch_size"], 8, 32) == 8
+    assert not generator.backbone.compile
+    generator.compile_unet()  # pipeline.generate's compile, on a loaded backbone and on one loaded later
+    assert generator.backbone.compile
+    later = create("cagen", model="tiny", device="cpu", resolution=32)
+    later.compile_unet()
+    assert later.backbone.compile
 
 
 CPU_BATCH = {"anomalydiffusion": 8, "anomalyxfusion": 4, "cagen": 8, "dualanodiff": 4, "textual-inversion": 4}
@@ -101,9 +107,9 @@ def test_textual_inversion_samples_in_the_batch_the_fast_path_chooses(monkeypatc
 
 @cuda
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_backbone_is_prepared_and_the_batch_fits(monkeypatch, compiled):
-    monkeypatch.setenv(fast.COMPILE_ENV, "1" if compiled else "0")
+def test_cuda_backbone_is_prepared_and_the_batch_fits(compiled):
     backbone = load_backbone("tiny", device="cuda", dtype="auto")
+    backbone.compile = compiled
     assert backbone.unet.dtype == torch.bfloat16
     batch = fast.sampling_batch(backbone, 0, 8, 64, rows_per_sample=2)
     assert backbone.prepared and 1 <= batch <= fast.MAX_BATCH

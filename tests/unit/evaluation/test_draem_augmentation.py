@@ -148,9 +148,9 @@ def test_settings_default_to_draems_on_cuda_and_are_labelled_reduced_on_cpu():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"ratio": 1.5}, "draem_augmentation.ratio 1.5"), ({"test": "all"}, "draem_augmentation.test all"),
-    ({"share_of": "x"}, "draem_augmentation.share_of"), ({"epochs": 0}, "draem_augmentation.epochs 0"),
-    ({"resolution": 50}, "draem_augmentation.resolution 50"),
+    ({"ratio": 1.5}, "draem_augmentation.ratio got 1.5"), ({"test": "all"}, "draem_augmentation.test got 'all'"),
+    ({"share_of": "x"}, "draem_augmentation.share_of"), ({"epochs": 0}, "draem_augmentation.epochs got 0"),
+    ({"resolution": 50}, "draem_augmentation.resolution got 50"),
     ({"texture_source": "/nonexistent/dtd"}, "/nonexistent/dtd"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, fragment):

@@ -173,7 +173,7 @@ def test_a_diverged_unet_is_one_error_naming_the_epoch(tiny, tmp_path, monkeypat
     monkeypatch.setattr(localization, "predict", diverging)
     data, out = tiny
     with pytest.raises(AnomalygenError, match=r"^downstream U-Net diverged at epoch 2: 2 of \d+ anomaly-map values are NaN "
-                                              r"or infinite; re-run with another --seed$"):
+                                              r"or infinite; re-run with another `seed`$"):
         evaluate(out, data, category="tiles", metrics=["localization"], out=tmp_path / "r", device="cpu",
                  localization=LocalizationConfig(**{**SMALL, "epochs": 3}))
     assert not (tmp_path / "r").exists()
@@ -199,34 +199,34 @@ def test_resnet_without_imagenet_weights_needs_cls_random_init(tiny, tmp_path, m
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
     # Asked for by name: an error naming the file and the option, before anything is read or written.
     with pytest.raises(ModelNotFoundError, match=r"resnet34-b627a593\.pth not found offline; download https://download"
-                                                 r".*or pass --cls-random-init"):
+                                                 r".*or set `classification.random_init`"):
         evaluate(tmp_path / "missing", tmp_path / "missing", metrics=["classification"], out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
     # On by default only: skipped with the same note.
     networks = prepare(None, device="cpu")
-    assert "--cls-random-init" in networks.skipped["classification"]
+    assert "`classification.random_init`" in networks.skipped["classification"]
     assert prepare(["classification"], classification=ClassificationConfig(random_init=True)).resnet_weights is None
 
 
 @pytest.mark.parametrize("config, option", [
-    (dict(epochs=0), "localization.epochs 0"), (dict(resolution=33), "localization.resolution 33"),
-    (dict(resolution=16), "localization.resolution 16"), (dict(batch_size=-2), "localization.batch_size -2"),
-    (dict(samples_per_epoch=0), "localization.samples_per_epoch 0"), (dict(base=0), "localization.base 0"),
-    (dict(eval_every=0), "localization.eval_every 0"), (dict(protocol="best"), "localization.protocol best"),
+    (dict(epochs=0), "localization.epochs got 0"), (dict(resolution=33), "localization.resolution got 33"),
+    (dict(resolution=16), "localization.resolution got 16"), (dict(batch_size=-2), "localization.batch_size got -2"),
+    (dict(samples_per_epoch=0), "localization.samples_per_epoch got 0"), (dict(base=0), "localization.base got 0"),
+    (dict(eval_every=0), "localization.eval_every got 0"), (dict(protocol="best"), "localization.protocol got 'best'"),
 ])
 def test_localization_config_checks_its_options(config, option):
     from anomalygen.errors import AnomalygenError
 
-    with pytest.raises(AnomalygenError, match=f"^{option}: "):
+    with pytest.raises(AnomalygenError, match=f"^{option}; allowed: "):
         LocalizationConfig(**config)
 
 
 def test_classification_config_checks_its_options():
     from anomalygen.errors import AnomalygenError
 
-    with pytest.raises(AnomalygenError, match="^classification.epochs 0: must be a whole number >= 1"):
+    with pytest.raises(AnomalygenError, match="^classification.epochs got 0; allowed: an integer >= 1"):
         ClassificationConfig(epochs=0)
-    with pytest.raises(AnomalygenError, match="^classification.resolution 100: must be a multiple of 32"):
+    with pytest.raises(AnomalygenError, match="^classification.resolution got 100; allowed: a multiple of 32"):
         ClassificationConfig(resolution=100)
 
 

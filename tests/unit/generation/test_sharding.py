@@ -55,13 +55,15 @@ def test_the_processes_get_blocks_of_the_generators_batch(demo_root, tmp_path, m
         pass
 
     def capture(job, generator):
-        raise Seen(job.block)
+        raise Seen(job.block, job.compile)
 
+    compiled = []  # and compile, an argument to this process's generator and the job's
+    monkeypatch.setattr(CropPaste, "compile_unet", lambda self: compiled.append(self.name))
     monkeypatch.setattr(CropPaste, "generation_batch", lambda self: 5)
     monkeypatch.setattr(pipeline, "sharded_samples", capture)
     with pytest.raises(Seen) as seen:
-        pipeline.generate("croppaste", demo_root / "nut", tmp_path, 12, processes=2, filter=False)
-    assert seen.value.args == (5,)
+        pipeline.generate("croppaste", demo_root / "nut", tmp_path, 12, processes=2, filter=False, compile=True)
+    assert seen.value.args == (5, True) and compiled == ["croppaste"]
 
 
 def test_a_resumed_run_restarts_at_the_batch_of_its_first_missing_sample(demo_root, tmp_path, monkeypatch):
@@ -105,26 +107,28 @@ def test_a_failing_process_stops_the_run_with_its_error(demo_root, tmp_path, mon
 
 def test_a_process_works_in_the_environment_its_job_was_made_in(demo_root, tmp_path, monkeypatch):
     """The processes fork from a server started with the environment of its first use; each takes on
-    the caller's environment of the job's making (e.g. ``--compile``'s ``ANOMALYGEN_COMPILE``)."""
+    the caller's environment of the job's making; ``compile`` reaches it as the job's argument."""
     import queue
 
     from anomalygen.generation import sharding
-    from anomalygen.methods.base import create
+    from anomalygen.methods.base import AnomalyGenerator, create
 
     model = tmp_path / "model"
     _, defects, goods = pipeline.load_training(demo_root / "nut")
     generator = create("croppaste")
     generator.fit(defects, goods)
     generator.save(model)
-    monkeypatch.setenv("ANOMALYGEN_COMPILE", "1")
+    monkeypatch.setenv("ANOMALYGEN_SETTING", "1")
     job = ShardJob(str(model), str(demo_root / "nut"), None, False, 0, start=0, num=2, block=2, processes=1,
-                   defect_type=None, calibration=None, max_attempts=1)
-    monkeypatch.setenv("ANOMALYGEN_COMPILE", "0")  # what the server's environment would be
+                   defect_type=None, calibration=None, max_attempts=1, compile=True)
+    monkeypatch.setenv("ANOMALYGEN_SETTING", "0")  # what the server's environment would be
+    compiled = []
+    monkeypatch.setattr(AnomalyGenerator, "compile_unet", lambda self: compiled.append(self.name))
     monkeypatch.setenv("LEFT_OVER", "1")
     out, threads = queue.Queue(), torch.get_num_threads()
     try:
         sharding._work(job, 0, out)
     finally:
         torch.set_num_threads(threads)  # (a process sets its share of the cores: not this one's to keep)
-    assert os.environ.get("ANOMALYGEN_COMPILE") == "1" and "LEFT_OVER" not in os.environ
+    assert os.environ.get("ANOMALYGEN_SETTING") == "1" and "LEFT_OVER" not in os.environ and compiled == ["croppaste"]
     assert [out.get()[0] for _ in range(3)] == ["sample", "sample", "done"]

@@ -254,7 +254,7 @@ def test_filter_keeps_the_least_bad_draw_when_all_fail(demo_root, tmp_path, monk
     assert result.invalid == 2 and result.rejected == {"visible": 6}
     assert [line["meta"]["validity"]["attempts"] for line in _manifest(result.out)] == [3, 3]
     assert warnings == ["cutpaste on fabric: 2 samples (patch 1, scar 1) failed a validity check in all 3 draws; "
-                        "kept (--keep-failing; flagged in the manifest)"]
+                        "kept (`keep_failing`; flagged in the manifest)"]
 
 
 def test_only_valid_pairs_by_default_a_broken_model_stops_after_its_first_draws(demo_root, tmp_path, monkeypatch):
@@ -283,7 +283,7 @@ def test_the_cap_names_method_category_and_type_and_a_rerun_with_a_higher_cap_re
     with pytest.raises(AnomalygenError) as error:  # at most 1 draw per valid pair: stops there
         pipeline.generate("cutpaste", data, tmp_path / "capped", 8, seed=2, max_attempts=1, give_up_after=0)
     assert str(error.value).startswith(f"cutpaste on fabric/{lines[first]['defect_type']}: ")
-    assert "more than --max-attempts 1 draws per valid pair" in str(error.value)
+    assert "more than `max_attempts` 1 draws per valid pair" in str(error.value)
     assert len(_manifest(tmp_path / "capped" / "fabric")) == first
     pipeline.generate("cutpaste", data, tmp_path / "capped", 8, seed=2, max_attempts=10)
     assert (tmp_path / "capped" / "fabric" / "manifest.jsonl").read_text() == (whole.out / "manifest.jsonl").read_text()

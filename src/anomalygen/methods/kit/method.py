@@ -39,6 +39,7 @@ class DiffusionMethod(AnomalyGenerator):
         self.opt = self.OPTIONS.validate(self.name, options)
         super().__init__(**options)
         self._backbone: Backbone | None = None
+        self._compile = False  # compile_unet
         self._prompt_encoder: PromptEncoder | None = None
         self._defect_types: list[str] = []
 
@@ -49,7 +50,13 @@ class DiffusionMethod(AnomalyGenerator):
             self._backbone = load_backbone(self.opt["model"] or default_model(self.BASE_MODEL), device=self.opt["device"],
                                            dtype=self.opt["mixed_precision"], seed=self.opt["seed"])
             self.opt["resolution"] = self._backbone.resolution(self.opt["resolution"])
+            self._backbone.compile = self._compile
         return self._backbone
+
+    def compile_unet(self) -> None:
+        self._compile = True
+        if self._backbone is not None:
+            self._backbone.compile = True
 
     def placeholders(self) -> dict[str, int]:
         """The prompt encoder's placeholders (name -> token positions) for the method's learned tokens."""

@@ -183,7 +183,7 @@ def test_a_fitted_model_takes_sampling_options_and_refuses_fitted_ones(built, tm
     assert (loaded.opt["aar"], loaded.opt["num_inference_steps"], loaded.opt["mask_threshold"]) == ("paper", 3, 0.5)
     assert loaded.config()["aar"] == "paper"  # recorded in run.json
     torch.testing.assert_close(loaded.anomaly_tokens.tokens, built.anomaly_tokens.tokens)
-    with pytest.raises(Exception, match=r"--set lr, masked_loss_norm: shapes what was fitted.*aar"):
+    with pytest.raises(Exception, match=r"`options` lr, masked_loss_norm: shapes what was fitted.*aar"):
         AnomalyGenerator.load(tmp_path / "model", {"lr": 0.1, "masked_loss_norm": "sum"})
     with pytest.raises(Exception, match="option aar .*got 'sometimes'"):
         AnomalyGenerator.load(tmp_path / "model", {"aar": "sometimes"})
