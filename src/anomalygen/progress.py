@@ -78,7 +78,15 @@ class Bar:
         if self._progress is not None:
             self._progress.update(self._task, postfix=" ".join(f"{k}={v}" for k, v in values.items()))
 
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Ends the row (and the display it opened): also when the work raised, or a later bar
+        would join a display that no longer draws (a notebook after a failed fit)."""
         if self._progress is None:
             return
         if self.budget is not None:  # stopped: the steps done are the whole of this run

@@ -311,7 +311,7 @@ def pickled(tmp_path_factory) -> Path:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from anomalygen.diffusion.tiny import tiny_image_encoder_config
-    from test_real_architectures import write_model
+    from tests.unit.diffusion.test_architectures import write_model
 
     root = tmp_path_factory.mktemp("pickled")
     base = write_model(root / "base", "sd")

@@ -275,40 +275,39 @@ def _train(accelerator, modules, loss_fn, config, out_dir, validate, resume) -> 
     start = time.monotonic()
     loss_value = float(rows[-1][1]) if rows else float("nan")  # a resumed run with no step left: the last logged
     stopped_by = "max_steps"
-    progress = Bar(config.max_steps, "training", initial=step, disable=not accelerator.is_main_process,
-                   time_budget_s=config.time_budget_s)
-    while step < config.max_steps:
-        if config.time_budget_s is not None and time.monotonic() - start > config.time_budget_s:
-            stopped_by = "time_budget"
-            break
-        for _ in range(config.grad_accumulation):
-            with accelerator.accumulate(*modules.values()), accelerator.autocast():
-                loss = loss_fn(modules, step, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-        step += 1
-        if ema is not None:
-            ema.step(list(named.values()))
-        loss_value = float(loss.detach())
-        rows.append([str(step), f"{loss_value:.6g}", f"{scheduler.get_last_lr()[0]:.6g}",
-                     f"{elapsed_before + time.monotonic() - start:.2f}"])
-        if log_file is not None:
-            log.writerow(rows[-1])
-            log_file.flush()  # a kill loses at most the row of the step being trained
-        if board is not None:
-            board.add_scalar("loss", loss_value, step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}")
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            save_checkpoint()
-        if validate is not None and config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
-            (out_dir / "validation").mkdir(exist_ok=True)
-            save_grid(validate(step), out_dir / "validation" / f"step-{step:07d}.png")
-    progress.close()
+    with Bar(config.max_steps, "training", initial=step, disable=not accelerator.is_main_process,
+             time_budget_s=config.time_budget_s) as progress:
+        while step < config.max_steps:
+            if config.time_budget_s is not None and time.monotonic() - start > config.time_budget_s:
+                stopped_by = "time_budget"
+                break
+            for _ in range(config.grad_accumulation):
+                with accelerator.accumulate(*modules.values()), accelerator.autocast():
+                    loss = loss_fn(modules, step, generator)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+            step += 1
+            if ema is not None:
+                ema.step(list(named.values()))
+            loss_value = float(loss.detach())
+            rows.append([str(step), f"{loss_value:.6g}", f"{scheduler.get_last_lr()[0]:.6g}",
+                         f"{elapsed_before + time.monotonic() - start:.2f}"])
+            if log_file is not None:
+                log.writerow(rows[-1])
+                log_file.flush()  # a kill loses at most the row of the step being trained
+            if board is not None:
+                board.add_scalar("loss", loss_value, step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                save_checkpoint()
+            if validate is not None and config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
+                (out_dir / "validation").mkdir(exist_ok=True)
+                save_grid(validate(step), out_dir / "validation" / f"step-{step:07d}.png")
     if latest_checkpoint(out_dir) is None or json.loads((latest_checkpoint(out_dir) / "state.json").read_text())["step"] != step:
         save_checkpoint()
     if log_file is not None:

@@ -65,6 +65,15 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def test_a_fit_that_raises_closes_its_progress_display(tmp_path):
+    """In a notebook the next fit's bar must not join the stopped display of one that failed."""
+    from anomalygen import progress
+
+    with pytest.raises(Killed):
+        train(_modules(), _loss(kill_at=2), CONFIG, tmp_path)
+    assert progress._active == []
+
+
 def test_time_budget_stops_and_checkpoints(tmp_path):
     config = TrainConfig(max_steps=10**6, time_budget_s=0.5, checkpoint_every=0, device="cpu", mixed_precision="fp32")
     result = train(_modules(), _loss(), config, tmp_path)

@@ -23,13 +23,13 @@ FILE = ResNet50_Weights.DEFAULT.url.rsplit("/", 1)[-1]  # resnet50-11ad3fa6.pth
 
 
 @pytest.fixture
-def hub(tmp_path):
-    """An empty torch hub cache (``<hub>/checkpoints`` is where torchvision keeps weights)."""
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
+def hub(tmp_path, monkeypatch):
+    """An empty torch hub cache (``<hub>/checkpoints`` is where torchvision keeps weights). Set as
+    ``set_dir`` does and undone after the test: restoring with ``set_dir(get_dir())`` would pin the
+    hub folder for later tests, which then no longer follow ``$TORCH_HOME``."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    yield tmp_path / "hub" / "checkpoints"
-    torch.hub.set_dir(previous)
+    return tmp_path / "hub" / "checkpoints"
 
 
 @pytest.fixture
