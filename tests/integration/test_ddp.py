@@ -57,13 +57,16 @@ def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
         moved = sum(int(((single[k] - initial[k]).abs() > 1e-3).sum()) for k in single)
         assert moved > 0.9 * sum(v.numel() for v in single.values())
         for key in [k for k in single if "tokens" in k or "vectors" in k or (".heads." in k and k.endswith("bias"))]:
-            torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=1e-5,
+            # 1e-4 of moves of ~0.3: the summation order's float noise, through Adam, reached 2e-5 on
+            # AnomalyDiffusion's head biases with the packages of 2026-12-07 (a rank on its half alone: ~1e-2)
+            torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=1e-4,
                                        msg=f"{method} {key}: 2 processes differ from 1 process on the whole batch")
         # Adam's first steps are ~lr·sign(g): where a gradient is ~0, float noise in it (the summation
         # order depends on the batch size; the gradients agree to 2e-5 relative, see below) flips a
-        # whole step. A few such elements are expected, a rank training on its half alone moves most.
+        # whole step. A few such elements are expected (CAGen: 5.7 % on 2026-12-07's machine and packages),
+        # a rank training on its half alone moves most.
         off = sum(int(((rank0[k] - single[k]).abs() > 1e-5).sum()) for k in single)
-        assert off < 0.05 * sum(v.numel() for v in single.values()), f"{method}: {off} elements differ from one process"
+        assert off < 0.1 * sum(v.numel() for v in single.values()), f"{method}: {off} elements differ from one process"
 
 
 def test_masked_loss_of_a_batch_is_the_mean_of_its_parts():
