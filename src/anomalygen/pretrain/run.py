@@ -186,9 +186,17 @@ def autoencoder_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.
     posterior = vae.encode(pixels).latent_dist
     recon = vae.decode(posterior.sample(generator=generator)).sample
     loss = F.l1_loss(recon.float(), pixels) + kl_weight * posterior.kl().mean() / pixels[0].numel()
-    if defect_weight and masks is not None and bool(masks.any()):
-        loss = loss + defect_weight * (recon.float() - pixels).abs().mean(1)[masks.to(pixels.device)].mean()
-    return loss
+    return loss + defect_term((recon.float() - pixels).abs(), masks, defect_weight)
+
+
+def defect_term(error: torch.Tensor, masks: torch.Tensor | None, weight: float) -> torch.Tensor | float:
+    """``weight`` × the (B, C, h, w) ``error`` averaged over channels and over the cells a defect of the
+    (B, H, W) bool pixel ``masks`` touches (the masks max-pooled to the error's grid: the identity at
+    the same size); 0 without a weight or a defect pixel."""
+    if not weight or masks is None or not bool(masks.any()):
+        return 0.0
+    where = F.adaptive_max_pool2d(masks[:, None].float(), error.shape[-2:])[:, 0].bool().to(error.device)
+    return weight * error.mean(1)[where].mean()
 
 
 def _vae_stage(vae: AutoencoderKL, images: PretrainImages, config: PretrainConfig, work: Path,
@@ -251,11 +259,7 @@ def denoising_loss(pred: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor 
     """DDPM's ε loss, the MSE over every latent; with ``defect_weight`` λ > 0 (ours) and (B, H, W) bool
     pixel ``masks``, + λ × the MSE averaged over the latent pixels a defect touches (the masks
     max-pooled to the latent grid), as ``autoencoder_loss`` weighs the defect pixels."""
-    loss = F.mse_loss(pred, noise)
-    if defect_weight and masks is not None and bool(masks.any()):
-        latent = F.adaptive_max_pool2d(masks[:, None].float(), pred.shape[-2:])[:, 0].bool().to(pred.device)
-        loss = loss + defect_weight * (pred - noise).pow(2).mean(1)[latent].mean()
-    return loss
+    return F.mse_loss(pred, noise) + defect_term((pred - noise).pow(2), masks, defect_weight)
 
 
 def _unet_stage(backbone: Backbone, images: PretrainImages, states: torch.Tensor, uncond: torch.Tensor,
