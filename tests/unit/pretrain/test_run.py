@@ -501,7 +501,7 @@ class _Offsets:
 def test_the_defect_weight_adds_lambda_times_the_l1_over_the_defect_pixels_only():
     masks = torch.zeros(2, 8, 8, dtype=torch.bool)
     masks[0, 2:4, 3:6] = True  # 6 defect pixels in one image of two
-    pixels = torch.zeros(2, 3, 8, 8)
+    pixels = torch.full((2, 3, 8, 8), -0.3)  # not 0: the error is recon - pixels, not recon + pixels
 
     def loss(where, weight, given=masks):
         return float(run.autoencoder_loss(_Offsets(where), pixels, None, 1e-6, given, weight))
@@ -515,9 +515,9 @@ def test_the_defect_weight_adds_lambda_times_the_l1_over_the_defect_pixels_only(
 def test_the_unet_defect_weight_adds_lambda_times_the_loss_on_the_latents_a_defect_touches():
     masks = torch.zeros(2, 16, 16, dtype=torch.bool)
     masks[0, 5, 6] = True  # one pixel: latent (1, 1) of a 4 x 4 grid
-    noise = torch.zeros(2, 4, 4, 4)
+    noise = torch.full((2, 4, 4, 4), 0.25)  # not 0: the error is pred - noise, not pred + noise
     pred = noise.clone()
-    pred[0, :, 1, 1], pred[1, :, 2, 2] = 3.0, 1.0  # row 1's error is off every defect
+    pred[0, :, 1, 1], pred[1, :, 2, 2] = 3.25, 1.25  # row 1's error is off every defect
     base = (9 * 4 + 1 * 4) / pred.numel()
     assert float(run.denoising_loss(pred, noise)) == pytest.approx(base)
     assert float(run.denoising_loss(pred, noise, masks, 2.0)) == pytest.approx(base + 2 * 9)
