@@ -37,3 +37,13 @@ def test_draw_noised_draws_rows_then_timesteps_then_noise_whole_and_keeps_the_sh
         assert torch.equal(noise, expected_noise)
         alpha = method.backbone.noise_scheduler().alphas_cumprod[expected_t].view(-1, 1, 1, 1)
         torch.testing.assert_close(noised, alpha.sqrt() * latents[expected_picks] + (1 - alpha).sqrt() * expected_noise)
+
+
+def test_a_file_missing_from_a_model_folder_is_one_error_naming_it(tmp_path):
+    import pytest
+
+    from anomalygen.errors import DataError
+
+    with pytest.raises(DataError) as error:
+        _method().read_meta(tmp_path)
+    assert str(error.value) == f"{tmp_path / 'textual-inversion.json'}: missing: not a fitted textual-inversion model folder"
