@@ -47,3 +47,10 @@ def test_a_file_missing_from_a_model_folder_is_one_error_naming_it(tmp_path):
     with pytest.raises(DataError) as error:
         _method().read_meta(tmp_path)
     assert str(error.value) == f"{tmp_path / 'textual-inversion.json'}: missing: not a fitted textual-inversion model folder"
+
+
+def test_a_sample_costs_two_unet_rows_a_step_under_classifier_free_guidance_and_one_without():
+    """The rows ``generation_batch`` sizes a GPU chunk by (too many: half the batch a GPU could take;
+    too few: out of memory); guidance_scale 1 is no guidance (one conditional pass)."""
+    rows = {g: create("textual-inversion", model="tiny", guidance_scale=g).sampling_rows() for g in (1.0, 1.5, 2.5)}
+    assert rows == {1.0: 1, 1.5: 2, 2.5: 2}
