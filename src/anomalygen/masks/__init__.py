@@ -4,7 +4,7 @@ Masks are bool arrays of shape (H, W); every function takes its randomness from 
 ``numpy.random.Generator`` so that callers control determinism.
 """
 
-from anomalygen.masks.augment import augment_mask
+from anomalygen.masks.augment import augment_mask, augment_onto
 from anomalygen.masks.foreground import (
     FOREGROUND_MODES,
     foreground_mask,
@@ -19,6 +19,7 @@ from anomalygen.masks.shapes import brush_mask, ellipse_mask
 __all__ = [
     "FOREGROUND_MODES",
     "augment_mask",
+    "augment_onto",
     "brush_mask",
     "ellipse_mask",
     "foreground_mask",

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from anomalygen.errors import AnomalygenError
+from anomalygen.masks.foreground import foreground_mask
 
 
 def augment_mask(
@@ -66,3 +67,10 @@ def augment_mask(
         best = np.zeros(shape, bool)
         best[fy[len(fy) // 2], fx[len(fx) // 2]] = True
     return best
+
+
+def augment_onto(mask: np.ndarray, image: np.ndarray, rng: np.random.Generator, mode: str = "auto") -> np.ndarray:
+    """``augment_mask`` onto ``image``: at its size, on its ``foreground_mask(image, mode)`` (the object;
+    every pixel of a texture, where this is ``augment_mask`` on the whole canvas), so that a defect
+    painted in the mask lands on the part, as Crop-Paste's patches do."""
+    return augment_mask(mask, rng, foreground=foreground_mask(image, mode))

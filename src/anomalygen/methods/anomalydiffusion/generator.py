@@ -39,7 +39,7 @@ from anomalygen.diffusion.sampling import StepState, blended_generate, decode_la
 from anomalygen.diffusion.tokens import TypeTokens
 from anomalygen.diffusion.train import batch_share
 from anomalygen.errors import DataError
-from anomalygen.masks import augment_mask, resize_mask
+from anomalygen.masks import augment_onto, resize_mask
 from anomalygen.methods.anomalydiffusion.aar import DEFAULT_APPLY, HOOK_STAGE, dilation_scale, latent_weights, paper_weights
 from anomalygen.methods.anomalydiffusion.augment import augment_pair
 from anomalygen.methods.anomalydiffusion.config import OPTIONS
@@ -227,14 +227,14 @@ class AnomalyDiffusion(DiffusionMethod):
             out.append(None if rule(mask) else mask)
         return out
 
-    def _augmented_mask(self, defect_type: str, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    def _augmented_mask(self, defect_type: str, rng: np.random.Generator, good: np.ndarray) -> np.ndarray:
         masks = self.training_masks[defect_type]
-        return augment_mask(masks[int(rng.integers(len(masks)))], rng, shape=shape)
+        return augment_onto(masks[int(rng.integers(len(masks)))], good, rng, self.opt["foreground"])
 
-    def _masks_for(self, indices: list[int], types: list[int], good_shapes: list[tuple[int, int]],
+    def _masks_for(self, indices: list[int], types: list[int], goods: list[np.ndarray],
                    seed: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
         """Learned masks with rejection (up to ``mask_tries`` draws each, then an augmented
-        training mask: ``FALLBACK``), or augmented training masks, at each good image's size.
+        training mask: ``FALLBACK``), or augmented training masks (on each good image's foreground), at each good image's size.
         Returns the masks and each one's manifest meta (``mask_source``, ``mask_draws``)."""
         result: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
         learned = self.opt["mask_source"] == "learned"
@@ -247,13 +247,13 @@ class AnomalyDiffusion(DiffusionMethod):
                 sampled = self._sample_masks([types[j] for j in pending], seeds)
                 for j, mask in zip(pending, sampled):
                     if mask is not None:
-                        result[j] = (resize_mask(mask, good_shapes[j]), {"mask_source": "learned", "mask_draws": attempt + 1})
+                        result[j] = (resize_mask(mask, goods[j].shape[:2]), {"mask_source": "learned", "mask_draws": attempt + 1})
                 pending = [j for j in pending if j not in result]
         for j in range(len(indices)):
             if j not in result:
                 rng = np.random.default_rng(np.random.SeedSequence([seed, indices[j], 2]))
                 meta = {"mask_source": FALLBACK, "mask_draws": self.opt["mask_tries"]} if learned else {"mask_source": "augment"}
-                result[j] = (self._augmented_mask(self._defect_types[types[j]], rng, good_shapes[j]), meta)
+                result[j] = (self._augmented_mask(self._defect_types[types[j]], rng, goods[j]), meta)
         return [result[j][0] for j in range(len(indices))], [result[j][1] for j in range(len(indices))]
 
     # ----------------------------------------------------------------- generation
@@ -324,7 +324,7 @@ class AnomalyDiffusion(DiffusionMethod):
             masks = [resize_mask(m, im.shape[:2]) for m, im in zip(batch.given, batch.images)]
             mask_meta = [{"mask_source": "given"}] * len(batch)
         else:
-            masks, mask_meta = self._masks_for(batch.indices, types, [im.shape[:2] for im in batch.images], batch.seed)
+            masks, mask_meta = self._masks_for(batch.indices, types, batch.images, batch.seed)
         outputs: dict[int, np.ndarray] = {}
         for group in batch.split([image.shape for image in batch.images]):  # the core batches images of one size
             outputs.update(zip(group, self._sample_images(batch.subset(group), [masks[j] for j in group],

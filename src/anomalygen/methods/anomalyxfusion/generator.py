@@ -45,7 +45,7 @@ from anomalygen.diffusion.image_encoder import image_embeds, load_image_encoder,
 from anomalygen.diffusion.sampling import blended_generate, encode_images, to_tensor
 from anomalygen.diffusion.train import batch_share
 from anomalygen.errors import AnomalygenError, DataError
-from anomalygen.masks import augment_mask, resize_mask
+from anomalygen.masks import augment_onto, resize_mask
 from anomalygen.methods.anomalyxfusion.config import OPTIONS
 from anomalygen.methods.anomalyxfusion.ddf import DDF
 from anomalygen.methods.anomalyxfusion.mif import MIF, MaskEncoder, load_mask_encoder, semantic_embedding, texture_init
@@ -267,7 +267,7 @@ class AnomalyXFusion(DiffusionMethod):
         if batch.given is not None:
             mask, origin = resize_mask(batch.given[j], image.shape[:2]), "given"
         elif self.opt["mask_augment"]:
-            mask, origin = augment_mask(self.training_masks[name][k], rng, shape=image.shape[:2]), "augment"
+            mask, origin = augment_onto(self.training_masks[name][k], image, rng, self.opt["foreground"]), "augment"
         else:
             mask, origin = resize_mask(self.training_masks[name][k], image.shape[:2]), "training"
         return {"caption": self.captions[name][k], "mask": mask, "mask_source": origin}

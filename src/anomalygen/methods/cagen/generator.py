@@ -25,7 +25,7 @@ from anomalygen.data.captions import caption_for, load_captions
 from anomalygen.diffusion.sampling import blended_generate, encode_images, to_tensor
 from anomalygen.diffusion.train import batch_share
 from anomalygen.errors import DataError
-from anomalygen.masks import augment_mask, foreground_mask, perlin_mask, resize_mask, resolve_mode
+from anomalygen.masks import augment_onto, foreground_mask, perlin_mask, resize_mask, resolve_mode
 from anomalygen.methods.base import malformed_as_corrupt
 from anomalygen.methods.cagen.config import OPTIONS
 from anomalygen.methods.cagen.control import build_controlnet, control_image, controlled_eps
@@ -130,11 +130,11 @@ class CAGen(DiffusionMethod):
     # ----------------------------------------------------------------- generation
     def location_mask(self, good: np.ndarray, defect_type: str, rng: np.random.Generator) -> np.ndarray:
         """Where the anomaly goes: object foreground × Perlin noise (the paper; a texture: Perlin
-        alone), or an augmented training mask of the type (``mask_source="augment"``)."""
+        alone), or an augmented training mask of the type on the same foreground (``mask_source="augment"``)."""
         shape = good.shape[:2]
         if self.opt["mask_source"] == "augment":
             masks = self.training_masks[defect_type]
-            return augment_mask(masks[int(rng.integers(len(masks)))], rng, shape=shape)
+            return augment_onto(masks[int(rng.integers(len(masks)))], good, rng, self.foreground_mode)
         foreground = foreground_mask(good, self.foreground_mode)
         return perlin_mask(shape, rng, threshold=self.opt["perlin_threshold"],
                            foreground=None if foreground.all() else foreground)

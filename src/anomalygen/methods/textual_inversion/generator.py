@@ -22,7 +22,7 @@ from anomalygen.diffusion.sampling import blended_generate, encode_images, to_te
 from anomalygen.diffusion.tokens import TypeTokens
 from anomalygen.diffusion.train import batch_share
 from anomalygen.errors import AnomalygenError
-from anomalygen.masks import augment_mask
+from anomalygen.masks import augment_onto
 from anomalygen.methods.base import malformed_as_corrupt
 from anomalygen.methods.kit.batch import Batch
 from anomalygen.methods.kit.method import DiffusionMethod
@@ -110,12 +110,13 @@ class TextualInversionGenerator(DiffusionMethod):
     def fitted(self) -> bool:
         return self.embeddings is not None and super().fitted
 
-    def _mask(self, defect_type: str, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-        """An augmented real training mask of this type (flip/rotate/scale/shift), drawn from the sample's ``rng``."""
+    def _mask(self, defect_type: str, good: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """An augmented real training mask of this type (flip/rotate/scale/shift) on the ``good`` image's
+        foreground (``foreground``), drawn from the sample's ``rng``."""
         if defect_type not in self.train_masks:
             raise AnomalygenError(f"textual-inversion: no non-empty training mask of type {defect_type!r}; give masks to generate at")
         masks = self.train_masks[defect_type]
-        return augment_mask(masks[rng.integers(len(masks))], rng, shape=shape)
+        return augment_onto(masks[rng.integers(len(masks))], good, rng, self.opt["foreground"])
 
     def sample_batch(self, batch: Batch) -> list[AnomalySample]:
         """Each sample on the good image drawn from ``(seed, i)`` (as every method), inside an
@@ -124,7 +125,7 @@ class TextualInversionGenerator(DiffusionMethod):
         if batch.given is not None:
             masks = [np.asarray(m, bool) for m in batch.given]
         else:
-            masks = [self._mask(t, im.shape[:2], rng) for t, im, rng in zip(batch.types, batch.images, batch.rngs)]
+            masks = [self._mask(t, im, rng) for t, im, rng in zip(batch.types, batch.images, batch.rngs)]
         rows = self.embeddings(torch.tensor([self._defect_types.index(t) for t in batch.types], device=backbone.device))
         with torch.no_grad():
             context = self.prompts([self._prompt()] * len(batch), {TOKEN: rows}).hidden_states
