@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import anomalygen.diffusion.train as core
-from anomalygen.errors import AnomalygenError
+from anomalygen.errors import AnomalygenError, DataError
 from anomalygen.methods.base import AnomalyGenerator, available_methods, get_method
 from anomalygen.types import DefectExample
 
@@ -393,6 +393,18 @@ def test_an_interrupted_fit_resumed_equals_the_uninterrupted_fit(fitted, name, t
             assert torch.equal(p, q)
     for folder in logs:
         assert _log(folder) == _log(fit.work / folder.relative_to(work))
+
+
+@pytest.mark.parametrize("name", DIFFUSION)
+def test_generating_without_good_images_is_one_error_unless_the_method_paints_the_whole_image(fitted, name):
+    """Every method that paints on a good image refuses an empty list before anything is made (DualAnoDiff
+    without BCM draws the whole image and needs none)."""
+    fit = fitted(name)
+    if not fit.generator.needs_good():
+        assert len(list(fit.generator.generate([], 1, seed=SEED))) == 1
+        return
+    with pytest.raises(DataError, match=f"^{name}.generate needs at least one good image"):
+        next(iter(fit.generator.generate([], 1, seed=SEED)))
 
 
 # ----------------------------------------------------------------- augmented masks go on the part
