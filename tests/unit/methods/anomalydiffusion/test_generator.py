@@ -51,6 +51,9 @@ def test_fit_learns_and_generates_pairs_that_keep_the_good_image(fitted):
     assert generator.defect_types == ["crack", "hole"]
     assert len(generator.loss_log) == 2 and all(np.isfinite(generator.loss_log))
     init = generator.prompts.word_embedding("defect")
+    width, opt = init.shape[-1], generator.opt  # one row of k tokens per defect type, for e_a and e_m
+    assert generator.anomaly_tokens.tokens.shape == (2, opt["num_anomaly_tokens"], width)
+    assert generator.mask_tokens.tokens.shape == (2, opt["mask_tokens"], width)
     assert not torch.allclose(generator.anomaly_tokens.tokens[0, 0], init)  # e_a trained
     assert not torch.allclose(generator.mask_tokens.tokens[0, 0], init)  # e_m trained
     fresh = AnomalyDiffusion(**FAST)
