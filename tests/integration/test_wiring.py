@@ -462,6 +462,8 @@ def test_cagen_training_rows_get_their_image_prompt_and_mask_through_the_control
     picks = [source(rec.made(x)[0], clean) for x in call.latents]
     assert len({data[i].defect_type for i in picks}) == 2 and picks != picks[::-1]
     assert_controlled(rec, call, control_call, control_image([data[i].mask for i in picks], SIZE))
+    # t reaches both as integers: cast to the UNet's dtype, a bf16 t would round (999 -> 1000)
+    assert not call.timesteps.is_floating_point() and not control_call.timesteps.is_floating_point()
     for row, i in enumerate(picks):
         expected = generator.prompts([f"{data[i].defect_type} tile"]).hidden_states[0]
         assert torch.allclose(call.context[row], expected, atol=1e-5)
