@@ -10,8 +10,7 @@ from anomalygen.methods.anomalydiffusion.loss import NORMALISATIONS
 from anomalygen.methods.anomalydiffusion.mask_model import MASK_FILTERS, OFFICIAL_THRESHOLD
 from anomalygen.methods.anomalydiffusion.prompts import PROMPTS
 from anomalygen.methods.anomalydiffusion.spatial_encoder import PRESETS
-from anomalygen.masks import FOREGROUND_MODES
-from anomalygen.methods.kit.config import diffusion_options
+from anomalygen.methods.kit.config import diffusion_options, mask_foreground_option
 from anomalygen.options import MAX_INFERENCE_STEPS, MAX_TOKENS, Bool, Choice, Float, Int, OptionSpec, Text
 
 OPTIONS = OptionSpec(
@@ -33,7 +32,7 @@ OPTIONS = OptionSpec(
     spatial_encoder_lr=Float(None, 0, low_open=True, optional=True),  # None = lr (official: one Adam over e_a, e_m and E)
     spatial_embedding=Bool(True),
     mask_source=Choice("learned", ("learned", "augment")),  # "learned" (Eq. 9) | "augment" (augmented training masks)
-    foreground=Choice("auto", FOREGROUND_MODES, sampling=True),  # where augmented masks go (ours): the object, or anywhere on a texture
+    foreground=mask_foreground_option(),  # where augmented training masks go (ours)
     mask_tokens=Int(4, 1, MAX_TOKENS),  # k'
     num_inference_steps=Int(200, 1, MAX_INFERENCE_STEPS, sampling=True),
     eta=Float(1.0, 0, 1, sampling=True),

@@ -234,7 +234,8 @@ class AnomalyDiffusion(DiffusionMethod):
     def _masks_for(self, indices: list[int], types: list[int], goods: list[np.ndarray],
                    seed: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
         """Learned masks with rejection (up to ``mask_tries`` draws each, then an augmented
-        training mask: ``FALLBACK``), or augmented training masks (on each good image's foreground), at each good image's size.
+        training mask: ``FALLBACK``), or augmented training masks (on each good image's foreground),
+        at each good image's size.
         Returns the masks and each one's manifest meta (``mask_source``, ``mask_draws``)."""
         result: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
         learned = self.opt["mask_source"] == "learned"

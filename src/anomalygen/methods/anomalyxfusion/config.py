@@ -4,8 +4,7 @@
 
 from __future__ import annotations
 
-from anomalygen.masks import FOREGROUND_MODES
-from anomalygen.methods.kit.config import diffusion_options
+from anomalygen.methods.kit.config import diffusion_options, mask_foreground_option
 from anomalygen.options import MAX_INFERENCE_STEPS, MAX_TOKENS, Bool, Choice, Float, Int, OptionSpec, Text
 
 OPTIONS = OptionSpec(
@@ -26,7 +25,7 @@ OPTIONS = OptionSpec(
     template=Text("a photo of a *", contains="*"),  # the authors' prompt; its * stands for e_t's tokens
     mask_embedding=Int(256, 1, 4096),  # E_mask's output width when trained from scratch
     mask_augment=Bool(True, sampling=True),  # generation: flip / rotate / scale / move the training mask
-    foreground=Choice("auto", FOREGROUND_MODES, sampling=True),  # where augmented masks go (ours): the object, or anywhere on a texture
+    foreground=mask_foreground_option(),  # where augmented training masks go (ours)
     num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS, sampling=True),
     final_paste=Bool(True, sampling=True),  # the good image's pixels outside the mask (blending alone keeps its latent)
 )

@@ -5,6 +5,7 @@ and declares its own after them in its ``config.py``."""
 from __future__ import annotations
 
 from anomalygen.diffusion.sampling import SAMPLERS
+from anomalygen.masks import FOREGROUND_MODES
 from anomalygen.options import MAX_BATCH, MAX_RESOLUTION, Choice, Device, Float, Int, Option, Precision, Text
 from anomalygen.seeding import MAX_SEED
 
@@ -29,3 +30,9 @@ def diffusion_options(**changed: Option) -> dict[str, Option]:
     if unknown:
         raise ValueError(f"not shared options: {sorted(unknown)}")  # a method's own option goes after these
     return {**shared, **changed}
+
+
+def mask_foreground_option() -> Choice:
+    """``foreground`` of a method that moves augmented training masks (ours): onto the good image's object
+    (``auto`` decides per image; a texture: anywhere), ``object`` or ``texture`` (anywhere)."""
+    return Choice("auto", FOREGROUND_MODES, sampling=True)

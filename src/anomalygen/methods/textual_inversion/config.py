@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from anomalygen.masks import FOREGROUND_MODES
-from anomalygen.methods.kit.config import diffusion_options
-from anomalygen.options import MAX_INFERENCE_STEPS, Choice, Float, Int, OptionSpec, Text
+from anomalygen.methods.kit.config import diffusion_options, mask_foreground_option
+from anomalygen.options import MAX_INFERENCE_STEPS, Float, Int, OptionSpec, Text
 
 OPTIONS = OptionSpec(
     **diffusion_options(),
@@ -14,5 +13,5 @@ OPTIONS = OptionSpec(
     num_inference_steps=Int(50, 1, MAX_INFERENCE_STEPS, sampling=True),
     eta=Float(0.0, 0, 1, sampling=True),
     prompt=Text("a photo of {}", contains="{}"),
-    foreground=Choice("auto", FOREGROUND_MODES, sampling=True),  # where augmented masks go (ours): the object, or anywhere on a texture
+    foreground=mask_foreground_option(),  # where augmented training masks go (ours)
 )
