@@ -10,8 +10,9 @@ Stages, each resumable (a finished one leaves its file and is skipped on a re-ru
 2. The judges (``world_judges.py``): a family classifier, a defect segmenter and a category classifier,
    trained on fresh renders of every pair.
 3. The prior: ``anomalygen.pretrain`` on ``OUT/world/prior`` with ``include_defects`` (prompts "a photo
-   of {category}" and "a photo of {category} with {family}"; both losses weigh the defect pixels by
-   ``--prior-defect-weight``): the autoencoder (``--prior-vae-steps``),
+   of {category}" and "a photo of {category} with {family}"; the autoencoder's loss weighs the defect
+   pixels by ``--prior-defect-weight``, the UNet's by ``--prior-unet-defect-weight``): the autoencoder
+   (``--prior-vae-steps``),
    then the gate: the family classifier on real defects of every seen pair and on their
    reconstructions (``prior-autoencoder.json``; below ``--min-kept`` the run stops: nothing built on
    an autoencoder that loses the families can draw them), then the UNet (``--prior-steps``; steps,
@@ -131,7 +132,7 @@ def prior_path(args: argparse.Namespace, judges: world_judges.Judges | None = No
         def config(**stage: Any) -> PretrainConfig:
             return PretrainConfig(resolution=args.size, size=args.prior_size, device=args.device, vae_steps=args.prior_vae_steps,
                                   batch_size=args.prior_batch, include_defects=True, sample_every=10**6,
-                                  vae_defect_weight=args.prior_defect_weight, unet_defect_weight=args.prior_defect_weight, **stage)
+                                  vae_defect_weight=args.prior_defect_weight, unet_defect_weight=args.prior_unet_defect_weight, **stage)
 
         def say(line: str) -> None:
             print(f"[pretrain] {line}", flush=True)
@@ -531,8 +532,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prior-batch", type=int, default=16)
     p.add_argument("--prior-steps", type=int, default=2500, help="the prior's UNet steps")
     p.add_argument("--prior-vae-steps", type=int, default=1500, help="the prior's autoencoder steps")
-    p.add_argument("--prior-defect-weight", type=float, default=1.0, help="pretrain's vae_defect_weight and "
-                   "unet_defect_weight (0: LDM's and DDPM's losses, which lose the families: benchmarks/RESULTS.md)")
+    p.add_argument("--prior-defect-weight", type=float, default=1.0, help="pretrain's vae_defect_weight (0: LDM's "
+                   "autoencoder loss, which loses the families: benchmarks/RESULTS.md)")
+    p.add_argument("--prior-unet-defect-weight", type=float, default=0.0, help="pretrain's unet_defect_weight (0: DDPM's "
+                   "loss; 1 drew a family over the whole part and no category: benchmarks/RESULTS.md)")
     p.add_argument("--min-kept", type=float, default=0.5, help="share of recognised real defects whose family the "
                    "prior's autoencoder must keep before its UNet trains")
     p.add_argument("--gate-images", type=int, default=10, help="real defect images per seen pair in the autoencoder gate")

@@ -5,6 +5,8 @@ later callers (the diffusion core's training and sampling loops inside ``generat
 ``Bar`` is a row with the small tqdm-like interface those loops use (``update``, ``set_postfix``,
 ``close``). A bar with a time budget shows the steps that budget will allow, not ``total``: its
 end and its time left follow the budget (``pretrain --time-budget``, ``fit --time-budget``).
+Where stderr is not a terminal (a log file, ``nohup``, a batch job), rich draws the bars only when
+they end, so a row also writes a plain line every ``LOG_EVERY_S`` seconds: steps, elapsed, time left.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _active: list[Progress] = []
+LOG_EVERY_S = 60.0
 
 
 def new_progress(console: Console | None = None, transient: bool = False) -> Progress:
@@ -49,7 +52,8 @@ class Bar:
     def __init__(self, total: int, description: str, *, initial: int = 0, disable: bool = False,
                  time_budget_s: float | None = None, leave: bool = True):
         self.total, self.initial, self.done, self.budget, self.leave = total, initial, 0, time_budget_s, leave
-        self.started = time.monotonic()
+        self.description, self.postfix = description, ""
+        self.started = self._logged = time.monotonic()
         self._own = None
         self._progress = None
         if disable:
@@ -73,10 +77,21 @@ class Bar:
         self.done += n
         if self._progress is not None:
             self._progress.update(self._task, advance=n, total=self._shown_total())
+            if not self._progress.console.is_terminal and time.monotonic() - self._logged >= LOG_EVERY_S:
+                self._log()
+
+    def _log(self) -> None:
+        """A plain line for a log: ``description: done/total, elapsed, time left, postfix``."""
+        self._logged = now = time.monotonic()
+        elapsed, total = now - self.started, self._shown_total()
+        left = (total - self.initial - self.done) * elapsed / self.done
+        self._progress.console.print(f"{self.description}: {self.initial + self.done}/{total}, {_clock(elapsed)} elapsed, "
+                                     f"~{_clock(left)} left {self.postfix}".rstrip(), highlight=False, markup=False)
 
     def set_postfix(self, **values: object) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
         if self._progress is not None:
-            self._progress.update(self._task, postfix=" ".join(f"{k}={v}" for k, v in values.items()))
+            self._progress.update(self._task, postfix=self.postfix)
 
     def __enter__(self) -> Bar:
         return self
@@ -97,6 +112,11 @@ class Bar:
             self._own.stop()
             _active.remove(self._own)
         self._progress = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def bar_iter(iterable, total: int, description: str, *, leave: bool = False):

@@ -93,6 +93,32 @@ def test_a_time_budgeted_bar_shows_the_steps_its_budget_allows(monkeypatch):
     assert task.total == 4 and not progress._active
 
 
+def test_a_bar_in_a_log_writes_a_line_with_its_time_left_every_minute(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from anomalygen import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    for terminal in (False, True):
+        log = io.StringIO()
+        with progress.display(Console(file=log, force_terminal=terminal, width=200)):
+            bar = progress.Bar(100, "training", initial=10)
+            for step in range(1, 8):  # 20 s a step: a line at 60 s and at 120 s
+                clock[0] += 20.0
+                bar.set_postfix(loss=f"0.{step}")
+                bar.update(1)
+            bar.close()
+        lines = [line for line in log.getvalue().splitlines() if "elapsed" in line]
+        if terminal:
+            assert lines == []  # the live bar shows it
+        else:  # 87 steps left at 20 s, then 84
+            assert lines == ["training: 13/100, 0:01:00 elapsed, ~0:29:00 left loss=0.3",
+                             "training: 16/100, 0:02:00 elapsed, ~0:28:00 left loss=0.6"]
+
+
 def test_generate_writes_a_preview_of_every_type_and_prints_the_next_commands(tmp_path, tiny, fake_method):
     from anomalygen.data import load_image
 

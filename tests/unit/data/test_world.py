@@ -141,3 +141,18 @@ def test_beats_spread_needs_every_paired_difference_above_both_rows_seed_spread(
     args.seeds = [0]
     (delta,) = world["tables"](records((0.5,), (0.1,)), args)["deltas"]
     assert delta["family accuracy: beats spread"] == "—"  # one seed: no spread to beat
+
+
+def test_the_priors_autoencoder_and_unet_get_their_own_defect_weights(world, tmp_path, monkeypatch):
+    import anomalygen.pretrain as pretrain_module
+
+    configs = []
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda data, out, config, say: configs.append(config) or {})
+    monkeypatch.setitem(world["prior_path"].__globals__, "autoencoder_gate", lambda *_: None)
+    args = world["parse"](["--out", str(tmp_path), "--prior-defect-weight", "0.7", "--prior-unet-defect-weight", "0.2"])
+    world["prior_path"](args, judges=object())
+    assert [(c.max_steps, c.vae_defect_weight, c.unet_defect_weight) for c in configs] == [(0, 0.7, 0.2), (2500, 0.7, 0.2)]
+    configs.clear()
+    (tmp_path / "prior.json").unlink()
+    world["prior_path"](world["parse"](["--out", str(tmp_path)]), judges=object())
+    assert {(c.vae_defect_weight, c.unet_defect_weight) for c in configs} == {(1.0, 0.0)}  # the defaults
