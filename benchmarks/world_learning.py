@@ -47,6 +47,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ from anomalygen.data import load_category, load_defects, load_goods, load_image,
 from anomalygen.data.world import CATEGORIES, FAMILIES, make_world, render_defect  # noqa: E402
 from anomalygen.errors import AnomalygenError  # noqa: E402
 from anomalygen.evaluation.localization import LocalizationConfig  # noqa: E402
-from anomalygen.io import atomic_write_text, read_json, read_manifest, save_png  # noqa: E402
+from anomalygen.io import atomic_write_text, folder_lock, read_json, read_manifest, save_png  # noqa: E402
 from anomalygen.pipeline import build, parse_settings  # noqa: E402
 from anomalygen.visualize import grid  # noqa: E402
 
@@ -346,29 +347,35 @@ def cells(args: argparse.Namespace) -> list[tuple[tuple[str, str], int, str]]:
 
 
 def run_cells(args: argparse.Namespace, model: str, judges: world_judges.Judges, shard: tuple[int, int]) -> list[str]:
-    """The cells of ``shard`` (k of n: every n-th cell from the k-th); one line per cell with an ETA."""
+    """Process k of n: every cell no other process holds (each takes the next free one, so that one slow
+    method's cells do not pile up in one process); one line per cell with an ETA."""
     localization = LocalizationConfig(epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, resolution=args.size,
                                       base=args.unet_base, batch_size=8, protocol="clean")
-    mine = cells(args)[shard[0]::shard[1]]
+    queue = cells(args)
     failures, spent, ran = [], 0.0, 0
-    for i, (pair, seed, row) in enumerate(mine):
+    for i, (pair, seed, row) in enumerate(queue):
         cell = cell_dir(args.out, pair, seed, row)
         label = f"{pair_name(pair)} seed {seed} {row}"
-        try:
-            record = run_cell(cell, pair, row, seed, row_options(row, options_of(args, model, seed)), args, replace(localization, seed=seed), judges)
-        except Exception as error:  # one line here, the traceback in the cell's error.txt; the next cell runs
-            cell.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cell / "error.txt", traceback.format_exc())
-            failures.append(f"{label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-            print(f"FAILED {failures[-1]}", file=sys.stderr, flush=True)
-            continue
+        with ExitStack() as held:
+            try:
+                held.enter_context(folder_lock(cell, "world cell"))
+            except AnomalygenError:  # another process runs it
+                continue
+            try:
+                record = run_cell(cell, pair, row, seed, row_options(row, options_of(args, model, seed)), args,
+                                  replace(localization, seed=seed), judges)
+            except Exception as error:  # one line here, the traceback in the cell's error.txt; the next cell runs
+                atomic_write_text(cell / "error.txt", traceback.format_exc())
+                failures.append(f"{label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                print(f"FAILED {failures[-1]}", file=sys.stderr, flush=True)
+                continue
         if not record["resumed"]:
             spent, ran = spent + record["wall_s"], ran + 1
-        left = len(mine) - i - 1
+        left = sum(not (cell_dir(args.out, *c) / CELL_FILE).is_file() for c in queue[i + 1:]) / shard[1]
         eta = f", ETA {left * spent / ran / 60:.0f} min" if ran else ""
         shown = ", ".join(f"{METRICS[k]} {record[k]:.3f}" for k in METRICS if isinstance(record.get(k), float))
         done = "resumed" if record["resumed"] else f"{record['wall_s']:.0f} s"
-        print(f"[{shard[0] + 1}/{shard[1]}] {i + 1}/{len(mine)} {label}: {shown} ({done}{eta})", flush=True)
+        print(f"[{shard[0] + 1}/{shard[1]}] {i + 1}/{len(queue)} {label}: {shown} ({done}{eta})", flush=True)
     return failures
 
 
@@ -557,7 +564,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-attempts", type=int, default=5, help="draws per sample; the least-failing one is kept, so that "
                    "every row (an untrained control too) measures what its method draws")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--jobs", type=int, default=1, help="cell processes (1 thread each when more than 1)")
+    p.add_argument("--jobs", type=int, default=1, help="cell processes (1 thread each when more than 1), each taking the next free cell")
     p.add_argument("--shard", help=argparse.SUPPRESS)  # K/N: run the cells of shard K only (--jobs' children)
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -156,3 +156,32 @@ def test_the_priors_autoencoder_and_unet_get_their_own_defect_weights(world, tmp
     (tmp_path / "prior.json").unlink()
     world["prior_path"](world["parse"](["--out", str(tmp_path)]), judges=object())
     assert {(c.vae_defect_weight, c.unet_defect_weight) for c in configs} == {(1.0, 0.0)}  # the defaults
+
+
+def test_cell_processes_take_the_next_cell_no_other_process_holds(world, tmp_path, monkeypatch):
+    import fcntl
+
+    args = world["parse"](["--out", str(tmp_path), "--pairs", "wood:scratch", "--methods", "cutpaste,croppaste,draem",
+                           "--seeds", "0", "1"])
+    ran = []
+
+    def fake_cell(cell, pair, row, seed, *_):
+        if (cell / "cell.json").is_file():
+            return {**json.loads((cell / "cell.json").read_text()), "resumed": True}
+        ran.append((seed, row))
+        record = {"row": row, "seed": seed, "wall_s": 1.0, "pixel_ap": 0.5}
+        (cell / "cell.json").write_text(json.dumps(record))
+        return {**record, "resumed": False}
+
+    monkeypatch.setitem(world["run_cells"].__globals__, "run_cell", fake_cell)
+    cell_dir = world["cell_dir"]
+    done = cell_dir(tmp_path, ("wood", "scratch"), 0, "cutpaste")
+    done.mkdir(parents=True)
+    (done / "cell.json").write_text(json.dumps({"row": "cutpaste", "seed": 0, "wall_s": 9.0}))
+    busy = cell_dir(tmp_path, ("wood", "scratch"), 1, "croppaste")
+    busy.mkdir(parents=True)
+    with (busy / ".anomalygen.lock").open("w") as other:  # another process runs this cell
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert world["run_cells"](args, "tiny", None, (1, 2)) == []
+    assert ran == [(0, "croppaste"), (0, "draem"), (1, "cutpaste"), (1, "draem")]  # not the held one, not the done one
+    assert not (busy / "cell.json").exists()
