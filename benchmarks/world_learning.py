@@ -565,7 +565,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "every row (an untrained control too) measures what its method draws")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="cell processes (1 thread each when more than 1), each taking the next free cell")
-    p.add_argument("--shard", help=argparse.SUPPRESS)  # K/N: run the cells of shard K only (--jobs' children)
+    p.add_argument("--shard", help=argparse.SUPPRESS)  # K/N: process K of --jobs N, taking the cells no other holds
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
