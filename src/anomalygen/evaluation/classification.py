@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torchvision.models import ResNet34_Weights, resnet34
 
 from anomalygen.evaluation.inputs import EvaluationData, resize_image
 from anomalygen.evaluation.localization import BATCH, LR, POSITIVE, PROTOCOLS, RESOLUTION, diverged
 from anomalygen.options import Choice, OptionSpec
+from anomalygen.progress import Bar
 from anomalygen.seeding import check_seed
 from anomalygen.weights import find_weights, load_into, load_state_dict, missing
 
@@ -130,8 +130,7 @@ def run_classification(
     test_every_epoch = config.protocol in ("paper", "both")
     history: list[dict[str, float]] = []
     best: tuple[float, int, torch.Tensor] | None = None  # (accuracy, epoch, predictions)
-    with Progress(transient=True) as progress:
-        task = progress.add_task("ResNet-34 training", total=config.epochs)
+    with Bar(config.epochs, "ResNet-34 training", leave=False) as bar:
         for epoch in range(config.epochs):
             model.train()
             # one epoch = ``passes`` × the images, shuffled together (the official dataset's 5 × length)
@@ -159,7 +158,7 @@ def run_classification(
                 history.append({"epoch": epoch + 1, "accuracy": accuracy})
                 if best is None or accuracy > best[0]:
                     best = (accuracy, epoch + 1, predicted)
-            progress.update(task, advance=1)
+            bar.update(1)
 
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 

@@ -33,7 +33,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from anomalygen.data.images import load_image
 from anomalygen.errors import AnomalygenError, OptionError
@@ -42,6 +41,7 @@ from anomalygen.evaluation.localization import (BATCH, LR, MAX_RESOLUTION, MAX_W
                                                 tensor_images, tensor_masks)
 from anomalygen.evaluation.unet import DiscriminativeUNet, ReconstructiveNet, focal_loss
 from anomalygen.options import Choice, Float, Int, OptionSpec
+from anomalygen.progress import Bar
 from anomalygen.seeding import check_seed, sample_rng
 from anomalygen.synthesis.draem import load_textures, pick_texture, simulate
 
@@ -222,13 +222,12 @@ def train_draem(good: list[np.ndarray], pairs: list[GeneratedPair], config: Drae
     loader = torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=config.workers,
                                          collate_fn=_collate, pin_memory=device.type == "cuda")
     epoch = 0
-    with Progress(transient=True) as progress:
-        task = progress.add_task(what, total=config.epochs)
+    with Bar(config.epochs, what, leave=False) as bar:
         for indices, (sample, target, mask, has_target) in zip(batches, loader):
             if indices[0] // len(good) != epoch:
                 epoch += 1
                 scheduler.step()
-                progress.update(task, completed=epoch)
+                bar.update(1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 reconstruction, logits = model.reconstruct_and_segment(as_input(sample, device))
             loss = draem_loss(reconstruction, logits, as_input(target, device), mask.to(device), has_target.to(device))
@@ -237,6 +236,7 @@ def train_draem(good: list[np.ndarray], pairs: list[GeneratedPair], config: Drae
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        bar.update(1)  # the last epoch
     return model
 
 

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from anomalygen.errors import AnomalygenError
 from anomalygen.evaluation.inputs import EvaluationData, resize_image, resize_mask
 from anomalygen.evaluation.metrics import image_scores, localization_metrics, pr_curve
 from anomalygen.evaluation.unet import DiscriminativeUNet, focal_loss
 from anomalygen.options import MAX_BATCH, Choice, Float, Int, OptionSpec
+from anomalygen.progress import Bar
 from anomalygen.seeding import check_seed
 
 PROTOCOLS = ("paper", "clean", "both")
@@ -179,8 +179,7 @@ def run_localization(data: EvaluationData, config: LocalizationConfig, device: t
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.2)
     test_during = config.protocol in ("paper", "both")
     history: list[dict[str, float]] = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task("U-Net training", total=config.epochs)
+    with Bar(config.epochs, "U-Net training", leave=False) as bar:
         for epoch in range(config.epochs):
             loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
             for start in range(0, config.samples_per_epoch, config.batch_size):
@@ -202,7 +201,8 @@ def run_localization(data: EvaluationData, config: LocalizationConfig, device: t
             if (test_during and (epoch + 1) % config.eval_every == 0) or epoch == config.epochs - 1:
                 metrics, maps, scores = measure(model, test_images, test_masks, device, epoch + 1)
                 history.append({"epoch": epoch + 1, "loss": mean_loss, **metrics})
-            progress.update(task, advance=1, description=f"U-Net epoch {epoch + 1} loss {mean_loss:.4f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            bar.update(1)
 
     masks_np = test_masks.numpy()
     result: dict[str, object] = {
