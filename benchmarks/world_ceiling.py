@@ -98,7 +98,7 @@ def pair_rows(backbone, judges, pair: tuple[str, str], args: argparse.Namespace)
     add("real", family, defects, masks, goods)
     add("autoencoder", family, autoencoded(backbone, goods, defects, masks, args.size, False), masks, goods)
     add("latent paste", family, autoencoded(backbone, goods, defects, masks, args.size, True), masks, goods)
-    for guidance in sorted({1.0, args.guidance}):
+    for guidance in sorted({1.0, args.guidance}) if args.words else []:
         suffix = f", guidance {guidance:g}"
         for other in (family, *(f for f in FAMILIES if f != family)):
             other_goods, _, other_masks = map(list, zip(*renders(pair, other, args.renders, args.size)))
@@ -120,6 +120,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--renders", type=int, default=24, help="samples per row")
     p.add_argument("--sampling-steps", type=int, default=20, help="as world_learning.py's --sampling-steps")
     p.add_argument("--guidance", type=float, default=3.0, help="a second guidance scale for the prompted rows (besides 1)")
+    p.add_argument("--words", action=argparse.BooleanOptionalAction, default=True,
+                   help="the prompted rows (--no-words: the autoencoder rows only, e.g. before the prior's UNet is trained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge-renders", type=int, default=800, help="as world_learning.py (used only where OUT has no judges)")
     p.add_argument("--judge-steps", type=int, default=400)

@@ -82,6 +82,9 @@ def test_a_tiny_run_writes_every_row_its_table_and_grid(ceiling, tmp_path):
     assert all(r["outside_change"] == 0 for r in result["records"])  # the good image outside every mask
     assert "latent paste" in (tmp_path / "ceiling.md").read_text()
     assert (tmp_path / "ceiling-pill-stain.png").stat().st_size > 0
+    assert ceiling["main"](["--out", str(tmp_path), *TINY, "--pairs", "pill:stain", "--no-words"]) == 0
+    rows = [r["row"] for r in json.loads((tmp_path / "ceiling.json").read_text())["records"]]
+    assert rows == ["real", "autoencoder", "latent paste"]
 
 
 def test_a_prior_folder_without_a_model_is_one_line_naming_it(ceiling, tmp_path):
