@@ -1,0 +1,40 @@
+"""The one progress display (``anomalygen.progress``): what a row shows, when it leaves, where it writes."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from anomalygen import progress
+
+
+def log_console(log: io.StringIO) -> Console:
+    return Console(file=log, force_terminal=False, width=200)
+
+
+def test_bar_iter_yields_every_item_counts_it_under_its_description_and_leaves_no_row(monkeypatch):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    log = io.StringIO()
+    with progress.display(log_console(log)) as shown:
+        assert list(progress.bar_iter(iter("abc"), 3, "ddim sampling")) == ["a", "b", "c"]
+        assert shown.tasks == []  # a sampling loop's row goes when it ends
+    lines = [line.split(",")[0] for line in log.getvalue().splitlines() if " elapsed, " in line]
+    assert lines == ["ddim sampling: 1/3", "ddim sampling: 2/3", "ddim sampling: 3/3"]
+
+
+def test_a_bar_stays_in_the_display_when_closed_unless_told_not_to():
+    with progress.display(log_console(io.StringIO())) as shown:
+        kept, gone = progress.Bar(2, "fit"), progress.Bar(2, "sampling", leave=False)
+        kept.close()
+        gone.close()
+        assert [task.description for task in shown.tasks] == ["fit"]
+
+
+def test_a_bar_on_its_own_writes_its_last_state_to_stderr_when_it_ends(capsys):
+    bar = progress.Bar(2, "fitting the tokens")
+    bar.update(2)
+    bar.close()
+    captured = capsys.readouterr()
+    assert "fitting the tokens" in captured.err and "2/2" in captured.err and captured.out == ""
+    assert not progress._active
