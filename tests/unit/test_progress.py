@@ -38,3 +38,23 @@ def test_a_bar_on_its_own_writes_its_last_state_to_stderr_when_it_ends(capsys):
     captured = capsys.readouterr()
     assert "fitting the tokens" in captured.err and "2/2" in captured.err and captured.out == ""
     assert not progress._active
+
+
+def test_the_display_leaves_each_row_with_its_count_and_postfix_in_a_log_when_it_closes():
+    log = io.StringIO()
+    with progress.display(log_console(log)):
+        bar = progress.Bar(2, "fit")
+        bar.update()  # one step by default
+        bar.set_postfix(loss="0.5")
+        bar.update()
+        bar.close()
+    (row,) = [line for line in log.getvalue().splitlines() if line.startswith("fit")]
+    assert "2/2" in row and row.rstrip().endswith("loss=0.5")
+
+
+def test_a_disabled_bar_takes_every_call_and_shows_nothing(capsys):
+    bar = progress.Bar(3, "other process", disable=True)
+    bar.update()
+    bar.set_postfix(loss=1)
+    bar.close()
+    assert capsys.readouterr().err == "" and not progress._active
