@@ -58,3 +58,29 @@ def test_a_disabled_bar_takes_every_call_and_shows_nothing(capsys):
     bar.set_postfix(loss=1)
     bar.close()
     assert capsys.readouterr().err == "" and not progress._active
+
+
+def test_a_log_line_counts_from_the_bars_own_start_in_hours_and_shows_its_words_as_written(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    with progress.display(log_console(log)):
+        bar = progress.Bar(10, "DRAEM [generated]")
+        clock[0] += 3725.0  # 1 h 2 min 5 s for the first step: 9 such steps left
+        bar.set_postfix(loss="[0.5]")
+        bar.update(1)
+        clock[0] += 3475.0  # 2 h for two steps
+        bar.update(1)
+        bar.close()
+    lines = [line for line in log.getvalue().splitlines() if " elapsed, " in line]
+    assert lines == ["DRAEM [generated]: 1/10, 1:02:05 elapsed, ~9:18:45 left loss=[0.5]",
+                     "DRAEM [generated]: 2/10, 2:00:00 elapsed, ~8:00:00 left loss=[0.5]"]
+
+
+def test_a_display_opened_inside_another_adds_its_rows_to_it():
+    with progress.display(log_console(io.StringIO())) as outer:
+        with progress.display() as inner:
+            assert inner is outer
+            progress.Bar(1, "inner row")
+        assert [task.description for task in outer.tasks] == ["inner row"]
+    assert not progress._active
