@@ -7,6 +7,7 @@ good image known exactly: ``data.world.render_defect``), and for each row the ju
 ``world_learning.py`` (family accuracy on the mask's crop, alignment IoU, outside change):
 
 - ``real``: the rendered defects themselves (the judges' own ceiling);
+  (every row also gets the family judge trained through the prior's autoencoder: ``world_learning.prior_judge``)
 - ``autoencoder``: each defect image through the prior's autoencoder, pasted on its good image outside the mask;
 - ``latent paste``: the defect image's latents inside the latent mask and the good image's outside,
   decoded and pasted: a method that knew the defect's latents exactly, through AnomalyDiffusion's mask;
@@ -35,14 +36,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from world_learning import _pair, judge, judges_for, machine, pair_name  # noqa: E402
+from world_learning import _pair, autoencoded, judge, judges_for, machine, pair_name, prior_judge  # noqa: E402
 
 from anomalygen.benchmark import markdown_table  # noqa: E402
 from anomalygen.data.world import FAMILIES, render_defect  # noqa: E402
 from anomalygen.diffusion.backbone import load_backbone  # noqa: E402
 from anomalygen.diffusion.conditioning import PromptEncoder  # noqa: E402
-from anomalygen.diffusion.sampling import (blended_generate, decode_latents, encode_images, latent_mask, paste,  # noqa: E402
-                                           sample_generators, to_tensor, to_uint8)
+from anomalygen.diffusion.sampling import blended_generate, sample_generators  # noqa: E402
 from anomalygen.errors import AnomalygenError  # noqa: E402
 from anomalygen.io import atomic_write_text, save_png  # noqa: E402
 from anomalygen.visualize import grid  # noqa: E402
@@ -53,20 +53,6 @@ SHOWN = 6  # samples per row in the grid
 def renders(pair: tuple[str, str], family: str, count: int, size: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``count`` (good, defect, mask) renders of ``family`` on the pair's category, from seeds no world folder uses."""
     return [render_defect(pair[0], family, np.random.default_rng([31, FAMILIES.index(family), k]), size) for k in range(count)]
-
-
-def autoencoded(backbone, goods: list[np.ndarray], defects: list[np.ndarray], masks: list[np.ndarray], size: int,
-                latent_paste: bool) -> list[np.ndarray]:
-    """The defect images through the autoencoder (``latent_paste``: their latents inside the latent mask
-    only, the good images' outside), decoded and pasted on the good images outside the pixel masks."""
-    with torch.no_grad():
-        latents = encode_images(backbone, to_tensor(defects, (size, size)))
-        if latent_paste:
-            known = encode_images(backbone, to_tensor(goods, (size, size)))
-            mask = latent_mask(torch.from_numpy(np.stack(masks))[:, None], tuple(latents.shape[-2:])).to(latents.device)
-            latents = mask * latents + (1 - mask) * known
-        images = to_uint8(decode_latents(backbone, latents))
-    return [paste(image, good, mask) for image, good, mask in zip(images, goods, masks)]
 
 
 def prompted(backbone, prompt: str, goods: list[np.ndarray], masks: list[np.ndarray], args: argparse.Namespace,
@@ -91,8 +77,8 @@ def pair_rows(backbone, judges, pair: tuple[str, str], args: argparse.Namespace)
         records.append({"pair": pair_name(pair), "row": row, "judged_as": judged_as, **record})
         shown.append(images[:SHOWN])
         labels.append(row)
-        print(f"  {pair_name(pair)} {row}: family {record['family_accuracy']:.3f}, alignment {record['alignment_iou']:.3f}",
-              flush=True)
+        print(f"  {pair_name(pair)} {row}: family {record['family_accuracy']:.3f} (as the prior draws "
+              f"{record.get('family_accuracy_prior', float('nan')):.3f}), alignment {record['alignment_iou']:.3f}", flush=True)
 
     goods, defects, masks = map(list, zip(*renders(pair, family, args.renders, args.size)))
     add("real", family, defects, masks, goods)
@@ -138,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     judges, _ = judges_for(args)
+    prior_judge(args, args.prior, judges)
     backbone = load_backbone(args.prior)
     records = []
     for pair in args.pairs:
@@ -147,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                  grid(shown, [f"sample {k + 1}" for k in range(max(map(len, shown)))], row_labels=labels, cell=80))
     wall = time.perf_counter() - started
     table = markdown_table([{"pair": r["pair"], "row": r["row"], "family accuracy": f"{r['family_accuracy']:.3f}",
+                             "as the prior draws": f"{r['family_accuracy_prior']:.3f}",
                              "alignment IoU": f"{r['alignment_iou']:.3f}",
                              "outside change": f"{r['outside_change']:.3f}" if r["outside_change"] is not None else "—",
                              "judged": ", ".join(f"{k} {v}" for k, v in r["verdicts"].items())} for r in records])

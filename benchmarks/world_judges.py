@@ -3,7 +3,10 @@
 - ``family``: which family (or ``none``) a defect region shows: a small CNN on the square crop
   around the mask's bounding box (the image only: a mask's shape alone earns nothing);
 - ``segmenter``: which pixels of an image are defect pixels: a small fully convolutional net;
-- ``category``: which category an image shows, whole image.
+- ``category``: which category an image shows, whole image;
+- ``prior_family`` (optional, ``train_prior_family``): the family classifier trained on the same renders
+  passed through a prior's autoencoder (defect and good crops alike): which family a region shows as
+  that prior can draw it, where the plain one judges against the renderer's own look.
 
 Each trains on freshly rendered, labelled examples (``data.world.render_defect``) with blur and
 noise augmentation (generated images are blurrier than renders), and reports its accuracy on a
@@ -12,6 +15,7 @@ second, disjoint bank of renders.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -158,13 +162,14 @@ class Judges:
     family: Classifier
     segmenter: Segmenter
     category: Classifier
+    prior_family: Classifier | None = None
 
     @torch.no_grad()
-    def families(self, images: list[np.ndarray], masks: list[np.ndarray]) -> list[str]:
-        """The family (or ``none``) each image shows inside its mask's crop."""
+    def families(self, images: list[np.ndarray], masks: list[np.ndarray], prior: bool = False) -> list[str]:
+        """The family (or ``none``) each image shows inside its mask's crop (``prior``: as the prior draws it)."""
         if not images:
             return []
-        logits = self.family(_tensor(np.stack([crop(im, m) for im, m in zip(images, masks)])))
+        logits = (self.prior_family if prior else self.family)(_tensor(np.stack([crop(im, m) for im, m in zip(images, masks)])))
         return [CLASSES[i] for i in logits.argmax(1).tolist()]
 
     @torch.no_grad()
@@ -214,3 +219,18 @@ def train_judges(size: int, count: int, steps: int, seed: int = 0) -> tuple[Judg
               "category_accuracy": float(np.mean([c == CATEGORIES[i] for c, i in zip(categories, check.categories)])),
               "train_renders": count, "check_renders": n, "steps": steps}
     return judges, report
+
+
+def train_prior_family(through: Callable[[Bank], Bank], size: int, count: int, steps: int,
+                       seed: int = 0) -> tuple[Classifier, dict[str, float]]:
+    """A family classifier trained like ``train_judges``' on the same renders after ``through`` (a prior's
+    autoencoder round trip of the defect and good images, masks unchanged), and its accuracy on the
+    check renders after ``through``."""
+    train, check = (through(render_bank(n, size, seed + offset)) for n, offset in ((count, 1000), (max(16, count // 2), 2000)))
+    judges = build_judges()
+    judges.prior_family = _fit(Classifier(len(CLASSES)), *_family_examples(train), steps, seed, False)
+    masks = list(check.masks)
+    found = judges.families(list(check.images) + list(check.goods), masks + masks, prior=True)
+    truth = [FAMILIES[f] for f in check.families] + ["none"] * len(masks)
+    return judges.prior_family, {"family_accuracy": float(np.mean([a == b for a, b in zip(found, truth)])),
+                                 "train_renders": count, "check_renders": len(masks), "steps": steps}

@@ -17,13 +17,16 @@ Stages, each resumable (a finished one leaves its file and is skipped on a re-ru
    reconstructions (``prior-autoencoder.json``; below ``--min-kept`` the run stops: nothing built on
    an autoencoder that loses the families can draw them), then the UNet (``--prior-steps``; steps,
    not minutes, so that the prior does not depend on the machine's load). Then a grid of its samples
-   for every prompt, seen and held-out (``prior-samples.png``), judged like the methods' samples.
+   for every prompt, seen and held-out (``prior-samples.png``), judged like the methods' samples, and a
+   second family classifier trained on the judges' renders through this prior's autoencoder
+   (``prior_judge``, ``judges-prior.json``): the family a region shows as this prior can draw it (its
+   autoencoder turns a pill's wine-red stain dark maroon, which the renderer's judge calls crack or hole).
 4. The cells: for each held-out pair, seed and row (CutPaste, Crop-Paste, DRAEM; each diffusion method
    fitted on the pair's training third, and its untrained control: the same options with
    ``time_budget_s=1e-9``, i.e. 0 steps), one ``anomalygen.benchmark`` run (fit, ``--num-per-type``
    samples, the downstream U-Net's pixel AP / AU-PRO on the pair's real test two-thirds, the same
    ``LocalizationConfig`` for every row), then the judges on every generated sample: family accuracy
-   (the classifier on the mask's crop), alignment (IoU of the segmenter's pixels with the mask),
+   (the classifier on the mask's crop; and as the prior draws, by the second one), alignment (IoU of the segmenter's pixels with the mask),
    outside the mask (mean |generated - source good image| there, and the share of samples the category
    classifier gives the pair's category), and for diffusion rows the denoising loss of the fitted
    state on the held-out two-thirds (``heldout_loss``, reported only). ``--jobs N`` runs the cells
@@ -63,6 +66,7 @@ from cells import cell_dir as named_cell_dir  # noqa: E402
 from anomalygen.benchmark import benchmark, markdown_table  # noqa: E402
 from anomalygen.data import load_category, load_defects, load_goods, load_image, paper_split  # noqa: E402
 from anomalygen.data.world import CATEGORIES, FAMILIES, make_world, render_defect  # noqa: E402
+from anomalygen.diffusion.sampling import decode_latents, encode_images, latent_mask, paste, to_tensor, to_uint8  # noqa: E402
 from anomalygen.errors import AnomalygenError  # noqa: E402
 from anomalygen.evaluation.localization import LocalizationConfig  # noqa: E402
 from anomalygen.io import atomic_write_text, folder_lock, read_json, read_manifest, save_png  # noqa: E402
@@ -72,7 +76,8 @@ from anomalygen.visualize import grid  # noqa: E402
 DIFFUSION = ("textual-inversion", "anomalydiffusion", "dualanodiff", "cagen", "anomalyxfusion")
 # a Latin diagonal: each category and each family held out once, each family seen in the 3 other categories
 HELD_OUT = ("wood:scratch", "nut:crack", "pill:stain", "fabric:hole")
-METRICS = {"family_accuracy": "family accuracy", "alignment_iou": "alignment IoU", "outside_change": "outside change",
+METRICS = {"family_accuracy": "family accuracy", "family_accuracy_prior": "family acc. (as the prior draws)",
+           "alignment_iou": "alignment IoU", "outside_change": "outside change",
            "category_kept": "category kept", "pixel_ap": "pixel AP", "pixel_au_pro": "AU-PRO",
            "heldout_loss": "held-out loss"}
 
@@ -208,11 +213,56 @@ def judges_for(args: argparse.Namespace) -> tuple[world_judges.Judges, dict[str,
     return world_judges.build_judges().load(load_file(str(weights))), read_json(report)
 
 
+def autoencoded(backbone, goods: list[np.ndarray], defects: list[np.ndarray], masks: list[np.ndarray], size: int,
+                latent_paste: bool = False) -> list[np.ndarray]:
+    """The defect images through the prior's autoencoder (``latent_paste``: their latents inside the latent
+    mask only, the good images' outside), decoded and pasted on the good images outside the pixel masks."""
+    with torch.no_grad():
+        latents = encode_images(backbone, to_tensor(defects, (size, size)))
+        if latent_paste:
+            known = encode_images(backbone, to_tensor(goods, (size, size)))
+            mask = latent_mask(torch.from_numpy(np.stack(masks))[:, None], tuple(latents.shape[-2:])).to(latents.device)
+            latents = mask * latents + (1 - mask) * known
+        images = to_uint8(decode_latents(backbone, latents))
+    return [paste(image, good, mask) for image, good, mask in zip(images, goods, masks)]
+
+
+def prior_judge(args: argparse.Namespace, model: str, judges: world_judges.Judges) -> dict[str, Any]:
+    """``judges.prior_family``: the family classifier trained on renders through the prior's autoencoder
+    (``world_judges.train_prior_family``; each render's defect and its good image inside the mask),
+    trained once into ``OUT/judges-prior.safetensors`` / ``.json``; returns its report."""
+    from safetensors.torch import load_file, save_file
+
+    weights, report = args.out / "judges-prior.safetensors", args.out / "judges-prior.json"
+    if not report.is_file():
+        from anomalygen.diffusion.backbone import load_backbone
+
+        backbone = load_backbone(model)
+
+        def through(bank: world_judges.Bank) -> world_judges.Bank:
+            goods, masks = list(bank.goods), list(bank.masks)
+            return replace(bank, images=np.stack(autoencoded(backbone, goods, list(bank.images), masks, args.size)),
+                           goods=np.stack(autoencoded(backbone, goods, goods, masks, args.size)))
+
+        classifier, accuracy = world_judges.train_prior_family(through, args.size, args.judge_renders, args.judge_steps)
+        save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(weights))
+        atomic_write_text(report, json.dumps({**accuracy, "prior": model}, indent=2))
+    judges.prior_family = world_judges.Classifier(len(world_judges.CLASSES))
+    judges.prior_family.load_state_dict(load_file(str(weights)))
+    judges.prior_family.eval()
+    return read_json(report)
+
+
 def judge(judges: world_judges.Judges, images: list[np.ndarray], masks: list[np.ndarray], family: str, category: str,
           sources: list[np.ndarray | None]) -> dict[str, Any]:
     """The judges' metrics of image/mask pairs of a (category, family) pair (see the module docstring)."""
     if not images:
         return {}
+    as_drawn = {}
+    if judges.prior_family is not None:
+        seen = judges.families(images, masks, prior=True)
+        as_drawn = {"family_accuracy_prior": float(np.mean([v == family for v in seen])),
+                    "verdicts_prior": {c: seen.count(c) for c in world_judges.CLASSES if seen.count(c)}}
     marked = judges.segment(images)
     changes = [float(np.abs(im.astype(np.float32) - s.astype(np.float32))[~m].mean() / 255) for im, m, s in zip(images, masks, sources)
                if s is not None and s.shape == im.shape and (~m).any()]
@@ -221,7 +271,7 @@ def judge(judges: world_judges.Judges, images: list[np.ndarray], masks: list[np.
             "verdicts": {c: verdicts.count(c) for c in world_judges.CLASSES if verdicts.count(c)},
             "alignment_iou": float(np.mean([world_judges.iou(p, m) for p, m in zip(marked, masks)])),
             "outside_change": float(np.mean(changes)) if changes else None,
-            "category_kept": float(np.mean([c == category for c in judges.categories(images)])), "samples": len(images)}
+            "category_kept": float(np.mean([c == category for c in judges.categories(images)])), "samples": len(images), **as_drawn}
 
 
 def prior_samples(model: str, args: argparse.Namespace, judges: world_judges.Judges) -> dict[str, Any]:
@@ -342,6 +392,19 @@ def run_cell(cell: Path, pair: tuple[str, str], row: str, seed: int, options: di
     return {**record, "resumed": False}
 
 
+def judged_as_drawn(cell: Path, pair: tuple[str, str], row: str, judges: world_judges.Judges) -> dict[str, Any]:
+    """A finished cell's record; one run before the prior's family judge existed gets its verdicts now,
+    from the samples on disk, written back to its ``cell.json``."""
+    record = read_json(cell / CELL_FILE)
+    if "family_accuracy_prior" in record or judges.prior_family is None:
+        return record
+    images, masks, sources = generated(cell, row.removesuffix(CONTROL), pair)
+    drawn = judge(judges, images, masks, pair[1], pair[0], sources)
+    record.update({k: v for k, v in drawn.items() if k.endswith("_prior")})
+    atomic_write_text(cell / CELL_FILE, json.dumps(record, indent=2, default=str))
+    return record
+
+
 def cells(args: argparse.Namespace) -> list[tuple[tuple[str, str], int, str]]:
     return [(pair, seed, row) for pair in args.pairs for seed in args.seeds for row in rows(args.methods, DIFFUSION)]
 
@@ -415,7 +478,7 @@ def tables(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
             results.append({"pair": pair, "row": row, **{label: _mean(values(pair, row, key)) for key, label in METRICS.items()}})
         for method in (m for m in DIFFUSION if m in args.methods):
             line = {"pair": pair, "method": method}
-            for key in ("family_accuracy", "alignment_iou"):
+            for key in ("family_accuracy", "family_accuracy_prior", "alignment_iou"):
                 paired = [by[pair, method, s][key] - by[pair, method + CONTROL, s][key] for s in args.seeds
                           if isinstance(by.get((pair, method, s), {}).get(key), float)
                           and isinstance(by.get((pair, method + CONTROL, s), {}).get(key), float)]
@@ -496,13 +559,16 @@ def write_results(args, model, records, failures, judge_report, prior_report, re
     figure(records, reference, args, args.out / "world_learning.png")
     for pair in args.pairs:
         sample_grid(args, pair, args.out / f"samples-{pair_name(pair)}.png")
-    real = markdown_table([{"pair": p, **{METRICS[k]: f"{v[k]:.3f}" for k in ("family_accuracy", "alignment_iou", "category_kept")}}
+    real = markdown_table([{"pair": p, **{METRICS[k]: f"{v[k]:.3f}" for k in ("family_accuracy", "family_accuracy_prior",
+                                                                             "alignment_iou", "category_kept") if k in v}}
                            for p, v in reference.items()])
     text = [
         "# Procedural defect world (issue 31)", "", f"Command: `{command}`", "",
         f"Machine: {setup['machine']}. Wall time this run {wall_s / 60:.1f} min; cells (fit + generate + U-Net + judges, "
         f"summed) {setup['cells_compute_s'] / 60:.1f} min. Prior: {model}.", "",
-        f"Judges on fresh renders: {json.dumps({k: round(v, 3) for k, v in judge_report.items()})}. "
+        f"Judges on fresh renders: {json.dumps({k: round(v, 3) for k, v in judge_report.items() if isinstance(v, float)})}; "
+        f"the family judge as the prior draws, on fresh renders through its autoencoder: "
+        f"{judge_report.get('as_the_prior_draws', {}).get('family_accuracy')}. "
         f"Prior's samples of seen pairs judged as their family: {prior_report.get('seen_family_accuracy')}.", "",
         "Judges on the real test two-thirds of each pair (the reference):", "", real, "",
         f"Per pair and row, mean ± standard deviation over seeds {args.seeds}:", "", markdown_table(table["results"]), "",
@@ -609,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         k, n = map(int, args.shard.split("/"))
         judges, _ = judges_for(args)
+        prior_judge(args, prior_path(args), judges)
         return 1 if run_cells(args, prior_path(args), judges, (k, n)) else 0
     args.out.mkdir(parents=True, exist_ok=True)
     print("[1/5] world", flush=True)
@@ -619,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     model = timed(args, "prior", lambda: prior_path(args, judges))
     write_image_encoder(model, args)
     prior_report = timed(args, "prior_samples", lambda: prior_samples(model, args, judges)) if not args.model else {}
+    judge_report = {**judge_report, "as_the_prior_draws": timed(args, "prior_judge", lambda: prior_judge(args, model, judges))}
     print(f"[4/5] {len(cells(args))} cells in {args.jobs} process(es)", flush=True)
     if args.jobs == 1:
         failures = run_cells(args, model, judges, (0, 1))
@@ -627,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
                                      env={**os.environ, "OMP_NUM_THREADS": "1"}) for k in range(args.jobs)]
         failures = ["a cell process failed (its FAILED lines above)" for child in children if child.wait()]
     print("[5/5] results", flush=True)
-    records = [read_json(cell_dir(args.out, pair, seed, row) / CELL_FILE) for pair, seed, row in cells(args)
+    records = [judged_as_drawn(cell_dir(args.out, pair, seed, row), pair, row, judges) for pair, seed, row in cells(args)
                if (cell_dir(args.out, pair, seed, row) / CELL_FILE).is_file()]
     failures += [f"{pair_name(p)} seed {s} {r}: see {cell_dir(args.out, p, s, r) / 'error.txt'}" for p, s, r in cells(args)
                  if (cell_dir(args.out, p, s, r) / "error.txt").is_file() and not (cell_dir(args.out, p, s, r) / CELL_FILE).is_file()]

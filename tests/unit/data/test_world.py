@@ -65,6 +65,8 @@ def test_outside_change_is_measured_outside_the_mask_only(world):
     judge = world["judge"]
 
     class Stub:  # every judge answers the same; only the outside-mask arithmetic is tested here
+        prior_family = None
+
         def segment(self, images):
             return np.zeros((len(images), 8, 8), bool)
 
@@ -86,6 +88,25 @@ def test_outside_change_is_measured_outside_the_mask_only(world):
     assert result["family_accuracy"] == 1.0 and result["category_kept"] == 1.0 and result["alignment_iou"] == 0.0
 
 
+def test_the_family_as_the_prior_draws_it_is_the_prior_family_judges_verdict(world):
+    class Stub:
+        prior_family = object()  # set: the judge of the prior's autoencoder exists
+
+        def segment(self, images):
+            return np.zeros((len(images), 8, 8), bool)
+
+        def families(self, images, masks, prior=False):
+            return ["crack" if prior else "scratch", "scratch"][: len(images)]
+
+        def categories(self, images):
+            return ["wood"] * len(images)
+
+    image, mask = np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), bool)
+    result = world["judge"](Stub(), [image, image], [mask, mask], "scratch", "wood", [None, None])
+    assert result["family_accuracy"] == 1.0 and result["verdicts"] == {"scratch": 2}
+    assert result["family_accuracy_prior"] == 0.5 and result["verdicts_prior"] == {"scratch": 1, "crack": 1}
+
+
 def test_the_whole_pipeline_at_tiny_size_and_a_rerun_resumes(world, tmp_path, monkeypatch, capsys):
     argv = ["--out", str(tmp_path), "--pairs", "wood:scratch", "--methods", "croppaste,textual-inversion", *TINY]
     assert world["main"](argv) == 0
@@ -99,7 +120,8 @@ def test_the_whole_pipeline_at_tiny_size_and_a_rerun_resumes(world, tmp_path, mo
     assert "heldout_loss" not in cells["croppaste"]
     assert all(c["samples"] == 2 and 0 <= c["family_accuracy"] <= 1 and 0 <= c["pixel_ap"] <= 1 for c in cells.values())
     assert cells["croppaste"]["outside_change"] == 0.0  # Crop-Paste keeps every pixel outside its mask
-    for name in ("world_learning.md", "world_learning.png", "samples-wood-scratch.png", "judges.json"):
+    assert all(0 <= c["family_accuracy_prior"] <= 1 and sum(c["verdicts_prior"].values()) == 2 for c in cells.values())
+    for name in ("world_learning.md", "world_learning.png", "samples-wood-scratch.png", "judges.json", "judges-prior.json"):
         assert (tmp_path / name).stat().st_size > 0
 
     # the held-out loss is measured in the state of the cell's checkpoint: a scaled token moves it
@@ -120,10 +142,17 @@ def test_the_whole_pipeline_at_tiny_size_and_a_rerun_resumes(world, tmp_path, mo
     def refuse(*args, **kwargs):
         raise AssertionError("a finished cell was run again")
 
+    # a cell judged before the prior's family judge existed gets its verdicts in the report, from its samples
+    record_file = cell / world["CELL_FILE"]
+    record = json.loads(record_file.read_text())
+    drawn = {k: record.pop(k) for k in ("family_accuracy_prior", "verdicts_prior")}
+    record_file.write_text(json.dumps(record))
+
     monkeypatch.setitem(world["run_cell"].__globals__, "benchmark", refuse)
     capsys.readouterr()
     assert world["main"](argv) == 0
     assert capsys.readouterr().out.count("resumed") == 3
+    assert {k: json.loads(record_file.read_text())[k] for k in drawn} == drawn
 
 
 def test_beats_spread_needs_every_paired_difference_above_both_rows_seed_spread(world, tmp_path):
@@ -185,3 +214,31 @@ def test_cell_processes_take_the_next_cell_no_other_process_holds(world, tmp_pat
         assert world["run_cells"](args, "tiny", None, (1, 2)) == []
     assert ran == [(0, "croppaste"), (0, "draem"), (1, "cutpaste"), (1, "draem")]  # not the held one, not the done one
     assert not (busy / "cell.json").exists()
+
+
+def test_the_prior_family_judge_trains_on_renders_through_the_priors_autoencoder(world, tmp_path, monkeypatch):
+    """Each bank reaching the classifier holds every defect and every good image after the round trip
+    (a codec that adds 10 grey levels; no final paste: what the autoencoder returns reaches it)."""
+    import anomalygen.diffusion.backbone as backbone_module
+
+    glob = world["prior_judge"].__globals__
+    loaded, reached = [], []
+    monkeypatch.setattr(backbone_module, "load_backbone", lambda model: loaded.append(model) or "backbone")
+    monkeypatch.setitem(glob, "encode_images", lambda backbone, images: images + 10 / 255)
+    monkeypatch.setitem(glob, "decode_latents", lambda backbone, latents: latents)
+    monkeypatch.setitem(glob, "paste", lambda generated, good, mask: generated)
+    bank = world["world_judges"].render_bank(3, 32, 5)
+
+    def train_prior_family(through, size, count, steps, seed=0):
+        reached.append(through(bank))
+        return world["world_judges"].Classifier(5), {"family_accuracy": 0.5}
+
+    monkeypatch.setattr(world["world_judges"], "train_prior_family", train_prior_family)
+    args = world["parse"](["--out", str(tmp_path), *TINY_WORLD])
+    judges = world["world_judges"].build_judges()
+    assert world["prior_judge"](args, "PRIOR", judges)["family_accuracy"] == 0.5 and loaded == ["PRIOR"]
+    (through,) = reached
+    assert np.array_equal(through.images, np.clip(bank.images.astype(int) + 10, 0, 255))
+    assert np.array_equal(through.goods, np.clip(bank.goods.astype(int) + 10, 0, 255))
+    assert np.array_equal(through.masks, bank.masks) and np.array_equal(through.families, bank.families)
+    assert judges.prior_family is not None and not judges.prior_family.training

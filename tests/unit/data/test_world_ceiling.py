@@ -24,13 +24,13 @@ def ceiling():
     return runpy.run_path(str(SCRIPT))
 
 
-def test_latent_paste_decodes_the_defects_latents_inside_the_latent_mask_and_the_goods_outside(ceiling):
+def test_latent_paste_decodes_the_defects_latents_inside_the_latent_mask_and_the_goods_outside(ceiling, monkeypatch):
     """A codec that halves the size (2 x 2 means) and doubles it back, and no final paste: the autoencoder
     row is the defect everywhere, the latent paste the defect inside the (coarser) latent mask only."""
-    glob = ceiling["autoencoded"].__globals__
-    glob["encode_images"] = lambda backbone, images: F.avg_pool2d(images, 2)
-    glob["decode_latents"] = lambda backbone, latents: F.interpolate(latents, scale_factor=2, mode="nearest")
-    glob["paste"] = lambda generated, good, mask: generated
+    glob = ceiling["autoencoded"].__globals__  # world_learning's, where it lives
+    monkeypatch.setitem(glob, "encode_images", lambda backbone, images: F.avg_pool2d(images, 2))
+    monkeypatch.setitem(glob, "decode_latents", lambda backbone, latents: F.interpolate(latents, scale_factor=2, mode="nearest"))
+    monkeypatch.setitem(glob, "paste", lambda generated, good, mask: generated)
     good, defect = np.full((8, 8, 3), 40, np.uint8), np.full((8, 8, 3), 200, np.uint8)
     mask = np.zeros((8, 8), bool)
     mask[1, 1] = True  # latent pixel (0, 0): the pixels [0:2, 0:2]
