@@ -84,3 +84,17 @@ def test_a_display_opened_inside_another_adds_its_rows_to_it():
             progress.Bar(1, "inner row")
         assert [task.description for task in outer.tasks] == ["inner row"]
     assert not progress._active
+
+
+def test_a_spent_time_budget_shows_the_steps_done_as_the_whole(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    with progress.display(log_console(io.StringIO())):
+        bar = progress.Bar(1000, "fit", time_budget_s=10.0)
+        clock[0] = 4.0
+        bar.update(1)
+        assert bar._shown_total() == 1 + 2  # 1 step in 4 s: 6 s left allow 1.5, rounded up
+        clock[0] = 20.0
+        bar.update(1)
+        assert bar._shown_total() == 2  # past the budget: no step more
+        bar.close()
