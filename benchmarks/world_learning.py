@@ -617,7 +617,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pair-good", type=int, default=30)
     p.add_argument("--pair-test-good", type=int, default=10)
     p.add_argument("--pair-defects", type=int, default=30, help="defect images of a held-out pair (a third fits the methods)")
-    p.add_argument("--num-per-type", type=int, default=8, help="samples per cell (generation is most of a cell's cost)")
+    p.add_argument("--num-per-type", type=int, default=24, help="samples per cell (generation is most of a cell's cost; with "
+                   "8, one sample is 0.125 of family accuracy and the seed spread was that count's: benchmarks/RESULTS.md)")
     p.add_argument("--steps", type=int, default=200, help="fitting steps of every diffusion method")
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
