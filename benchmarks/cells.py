@@ -5,9 +5,12 @@ cell is one (dataset or pair, seed, row) run in its own folder."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from anomalygen.errors import AnomalygenError
 
 MODEL_FREE = ("cutpaste", "croppaste", "draem")
 CONTROL = " (untrained)"
@@ -47,3 +50,13 @@ def row_options(row: str, options_of: Callable[[str], dict[str, Any]]) -> dict[s
 
 def cell_dir(out: Path, name: str, seed: int, row: str) -> Path:
     return out / "cells" / name / f"seed-{seed}" / row.replace(CONTROL, "-untrained")
+
+
+def run_command(main: Callable[[], int]) -> None:
+    """``sys.exit(main())`` for a benchmark script: an error a user can cause (``AnomalygenError``) is one
+    line on stderr and exit code 2, never a traceback."""
+    try:
+        sys.exit(main())
+    except AnomalygenError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

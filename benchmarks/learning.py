@@ -55,7 +55,7 @@ from anomalygen.pretrain import PretrainConfig, pretrain
 from anomalygen.visualize import grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cells import CELL_FILE, CONTROL, MODEL_FREE, UNTRAINED, cell_dir, diffusion_options, row_options, rows  # noqa: E402
+from cells import CELL_FILE, CONTROL, MODEL_FREE, UNTRAINED, cell_dir, diffusion_options, row_options, rows, run_command  # noqa: E402
 
 DIFFUSION = ("textual-inversion", "anomalydiffusion", "dualanodiff")
 
@@ -325,8 +325,4 @@ def write_results(args, names, row_names, records, failures, priors, localizatio
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except AnomalygenError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

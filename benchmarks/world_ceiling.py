@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cells import run_command  # noqa: E402
 from world_learning import _pair, autoencoded, judge, judges_for, machine, pair_name, prior_judge  # noqa: E402
 
 from anomalygen.benchmark import markdown_table  # noqa: E402
@@ -148,8 +149,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except AnomalygenError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

@@ -60,7 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import world_judges  # noqa: E402
-from cells import CELL_FILE, CONTROL, MODEL_FREE, UNTRAINED, diffusion_options, row_options, rows  # noqa: E402
+from cells import CELL_FILE, CONTROL, MODEL_FREE, UNTRAINED, diffusion_options, row_options, rows, run_command  # noqa: E402
 from cells import cell_dir as named_cell_dir  # noqa: E402
 
 from anomalygen.benchmark import benchmark, markdown_table  # noqa: E402
@@ -706,8 +706,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except AnomalygenError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)
